@@ -1,0 +1,361 @@
+//! The WAL's byte format, version 1. The normative spec is `docs/wal-format.md`; this module is
+//! its only implementation, and `tests/golden.rs` pins the bytes it produces.
+//!
+//! A segment file is `SEGMENT_HEADER_BYTES` of header followed by batches. A batch starts at a
+//! `BLOCK_BYTES`-aligned offset with a `BatchHeader` record and holds records laid out at
+//! `RECORD_ALIGN`-byte offsets. Every record is a `RECORD_HEADER_BYTES` header followed by its
+//! payload; every integer is little-endian.
+
+/// Magic at offset 0 of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"RRAFTWAL";
+/// Format version written into every segment header. Bump it on any change to this module.
+pub const FORMAT_VERSION: u32 = 1;
+/// Unit of every write and of batch placement: O_DIRECT needs the device's logical block size,
+/// and 4 KiB covers every device ringraft targets.
+pub const BLOCK_BYTES: usize = 4096;
+/// The segment header occupies the whole first block so that batches start block-aligned.
+pub const SEGMENT_HEADER_BYTES: usize = BLOCK_BYTES;
+/// Bytes of the segment header that carry data (the rest of the block is zero).
+pub const SEGMENT_HEADER_USED_BYTES: usize = 36;
+/// Every record starts at a multiple of this, and so does every payload: rkyv archives with
+/// 16-byte alignment can be read in place.
+pub const RECORD_ALIGN: usize = 16;
+/// Fixed size of a record header.
+pub const RECORD_HEADER_BYTES: usize = 48;
+/// Largest payload one record may carry (and so one raft entry): it must fit in a `u32` length
+/// and, with its header, in one batch; the WAL config bounds it further.
+pub const PAYLOAD_BYTES_MAX: usize = (u32::MAX as usize) & !(RECORD_ALIGN - 1);
+/// Smallest segment: the header block plus one block of batch space.
+pub const SEGMENT_BYTES_MIN: u64 = 2 * BLOCK_BYTES as u64;
+
+const _: () = assert!(RECORD_HEADER_BYTES % RECORD_ALIGN == 0);
+const _: () = assert!(BLOCK_BYTES % RECORD_ALIGN == 0);
+const _: () = assert!(SEGMENT_HEADER_BYTES % BLOCK_BYTES == 0);
+const _: () = assert!(SEGMENT_HEADER_USED_BYTES <= SEGMENT_HEADER_BYTES);
+
+/// What a record says. The numeric values are part of the on-disk format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// First record of every batch: `index` = batch bytes (from this header to the end of the
+    /// last record's payload, unpadded), `term` = number of records that follow.
+    BatchHeader = 1,
+    /// A raft entry of `group` at `index`, `term`; `entry_type` is opaque to the WAL.
+    Entry = 2,
+    /// The group's hard state: `term`, `index` = commit, payload = vote (8 bytes).
+    HardState = 3,
+    /// Entries of `group` up to and including `index` (whose term is `term`) are discarded.
+    Compact = 4,
+    /// The group's whole log is discarded; it continues after `index` (term `term`): a snapshot
+    /// was installed.
+    Reset = 5,
+}
+
+impl RecordKind {
+    pub fn from_u8(value: u8) -> Option<RecordKind> {
+        Some(match value {
+            1 => RecordKind::BatchHeader,
+            2 => RecordKind::Entry,
+            3 => RecordKind::HardState,
+            4 => RecordKind::Compact,
+            5 => RecordKind::Reset,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded record header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub crc: u32,
+    pub payload_len: u32,
+    pub kind: RecordKind,
+    pub entry_type: u8,
+    pub batch: u64,
+    pub group: u64,
+    pub index: u64,
+    pub term: u64,
+}
+
+/// Rounds `value` up to a multiple of `align` (a power of two).
+pub const fn align_up(value: usize, align: usize) -> usize {
+    (value + align - 1) & !(align - 1)
+}
+
+/// Bytes a record with `payload_len` bytes of payload occupies, padding included.
+pub const fn record_bytes(payload_len: usize) -> usize {
+    RECORD_HEADER_BYTES + align_up(payload_len, RECORD_ALIGN)
+}
+
+/// The crc32c seed for records of the segment with sequence `segment_seq`: mixing the sequence
+/// in means bytes left over from an earlier use of a recycled file never validate.
+pub fn record_crc_seed(segment_seq: u64) -> u32 {
+    crc32c::crc32c(&segment_seq.to_le_bytes())
+}
+
+/// The checksum of a record: header bytes 4..48 and the payload, seeded by the segment.
+pub fn record_crc(segment_seq: u64, header_after_crc: &[u8], payload: &[u8]) -> u32 {
+    debug_assert_eq!(header_after_crc.len(), RECORD_HEADER_BYTES - 4);
+    let crc = crc32c::crc32c_append(record_crc_seed(segment_seq), header_after_crc);
+    crc32c::crc32c_append(crc, payload)
+}
+
+/// Writes a record header with a zero crc into `out[..RECORD_HEADER_BYTES]`; the crc is filled
+/// by [`seal_record`] once the record's segment is known.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_record_header(
+    out: &mut [u8],
+    payload_len: u32,
+    kind: RecordKind,
+    entry_type: u8,
+    batch: u64,
+    group: u64,
+    index: u64,
+    term: u64,
+) {
+    let out = &mut out[..RECORD_HEADER_BYTES];
+    out[0..4].copy_from_slice(&0u32.to_le_bytes());
+    out[4..8].copy_from_slice(&payload_len.to_le_bytes());
+    out[8] = kind as u8;
+    out[9] = entry_type;
+    out[10..16].fill(0);
+    out[16..24].copy_from_slice(&batch.to_le_bytes());
+    out[24..32].copy_from_slice(&group.to_le_bytes());
+    out[32..40].copy_from_slice(&index.to_le_bytes());
+    out[40..48].copy_from_slice(&term.to_le_bytes());
+}
+
+/// Computes and stores the crc of the record at the start of `record` (header + payload).
+pub fn seal_record(segment_seq: u64, record: &mut [u8]) {
+    let payload_len = u32::from_le_bytes(record[4..8].try_into().unwrap()) as usize;
+    let crc = record_crc(
+        segment_seq,
+        &record[4..RECORD_HEADER_BYTES],
+        &record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload_len],
+    );
+    record[0..4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why bytes at some position are not a valid record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordFault {
+    /// Fewer bytes remain than a header, or than the header's length says.
+    Truncated,
+    /// The kind byte is not a known kind.
+    UnknownKind(u8),
+    /// Reserved bytes are not zero.
+    Reserved,
+    /// The checksum does not match (torn write, corruption, or a stale recycled record).
+    Checksum { stored: u32, computed: u32 },
+}
+
+impl std::fmt::Display for RecordFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordFault::Truncated => write!(f, "record extends past the end of the data"),
+            RecordFault::UnknownKind(kind) => write!(f, "unknown record kind {kind}"),
+            RecordFault::Reserved => write!(f, "reserved header bytes are not zero"),
+            RecordFault::Checksum { stored, computed } => {
+                write!(
+                    f,
+                    "crc32c mismatch (stored {stored:#010x}, computed {computed:#010x})"
+                )
+            }
+        }
+    }
+}
+
+/// Decodes and verifies the record at the start of `bytes`, written in segment `segment_seq`.
+/// Returns the header and the payload slice.
+pub fn decode_record(segment_seq: u64, bytes: &[u8]) -> Result<(RecordHeader, &[u8]), RecordFault> {
+    if bytes.len() < RECORD_HEADER_BYTES {
+        return Err(RecordFault::Truncated);
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+    let crc = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+    let payload_len = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
+    // Checked before the length is trusted for slicing: a corrupt length must not read past the
+    // buffer, and the crc over a bogus length would fail anyway.
+    if (payload_len as usize) > bytes.len() - RECORD_HEADER_BYTES {
+        return Err(RecordFault::Truncated);
+    }
+    let payload = &bytes[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload_len as usize];
+    let computed = record_crc(segment_seq, &bytes[4..RECORD_HEADER_BYTES], payload);
+    if computed != crc {
+        return Err(RecordFault::Checksum {
+            stored: crc,
+            computed,
+        });
+    }
+    let kind = RecordKind::from_u8(bytes[8]).ok_or(RecordFault::UnknownKind(bytes[8]))?;
+    if bytes[10..16].iter().any(|&b| b != 0) {
+        return Err(RecordFault::Reserved);
+    }
+    Ok((
+        RecordHeader {
+            crc,
+            payload_len,
+            kind,
+            entry_type: bytes[9],
+            batch: u64_at(16),
+            group: u64_at(24),
+            index: u64_at(32),
+            term: u64_at(40),
+        },
+        payload,
+    ))
+}
+
+/// A decoded segment header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub seq: u64,
+    pub segment_bytes: u64,
+}
+
+/// Encodes a segment header into a whole header block.
+pub fn encode_segment_header(header: SegmentHeader, out: &mut [u8]) {
+    let out = &mut out[..SEGMENT_HEADER_BYTES];
+    out.fill(0);
+    out[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[12..16].copy_from_slice(&(SEGMENT_HEADER_BYTES as u32).to_le_bytes());
+    out[16..24].copy_from_slice(&header.seq.to_le_bytes());
+    out[24..32].copy_from_slice(&header.segment_bytes.to_le_bytes());
+    let crc = crc32c::crc32c(&out[0..32]);
+    out[32..36].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why a segment header is not valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentHeaderFault {
+    Truncated,
+    Magic,
+    Checksum,
+    /// A valid header of a format this build does not read.
+    Version(u32),
+    HeaderBytes(u32),
+}
+
+impl std::fmt::Display for SegmentHeaderFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SegmentHeaderFault::Truncated => write!(f, "file shorter than a segment header"),
+            SegmentHeaderFault::Magic => write!(f, "bad magic"),
+            SegmentHeaderFault::Checksum => write!(f, "header crc32c mismatch"),
+            SegmentHeaderFault::Version(v) => {
+                write!(f, "format version {v}, this build reads {FORMAT_VERSION}")
+            }
+            SegmentHeaderFault::HeaderBytes(n) => write!(f, "header size {n} is not {SEGMENT_HEADER_BYTES}"),
+        }
+    }
+}
+
+pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, SegmentHeaderFault> {
+    if bytes.len() < SEGMENT_HEADER_USED_BYTES {
+        return Err(SegmentHeaderFault::Truncated);
+    }
+    if bytes[0..8] != SEGMENT_MAGIC {
+        return Err(SegmentHeaderFault::Magic);
+    }
+    let stored = u32::from_le_bytes(bytes[32..36].try_into().unwrap());
+    if crc32c::crc32c(&bytes[0..32]) != stored {
+        return Err(SegmentHeaderFault::Checksum);
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if version != FORMAT_VERSION {
+        return Err(SegmentHeaderFault::Version(version));
+    }
+    let header_bytes = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
+    if header_bytes as usize != SEGMENT_HEADER_BYTES {
+        return Err(SegmentHeaderFault::HeaderBytes(header_bytes));
+    }
+    Ok(SegmentHeader {
+        seq: u64::from_le_bytes(bytes[16..24].try_into().unwrap()),
+        segment_bytes: u64::from_le_bytes(bytes[24..32].try_into().unwrap()),
+    })
+}
+
+/// File name of the segment with sequence `seq`: zero-padded so names sort by sequence.
+pub fn segment_file_name(seq: u64) -> String {
+    format!("{seq:020}.wal")
+}
+
+/// The sequence a segment file name carries, or `None` for files that are not segments.
+pub fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".wal")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_and_rejects_other_segment_seq() {
+        let mut buf = vec![0u8; record_bytes(5)];
+        encode_record_header(&mut buf, 5, RecordKind::Entry, 7, 3, 11, 42, 9);
+        buf[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + 5].copy_from_slice(b"hello");
+        seal_record(77, &mut buf);
+        let (header, payload) = decode_record(77, &buf).unwrap();
+        assert_eq!(payload, b"hello");
+        assert_eq!(
+            (
+                header.kind,
+                header.entry_type,
+                header.batch,
+                header.group,
+                header.index,
+                header.term
+            ),
+            (RecordKind::Entry, 7, 3, 11, 42, 9)
+        );
+        assert!(matches!(
+            decode_record(78, &buf),
+            Err(RecordFault::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_length_is_truncated_not_a_panic() {
+        let mut buf = vec![0u8; record_bytes(0)];
+        encode_record_header(&mut buf, 0, RecordKind::Compact, 0, 1, 1, 1, 1);
+        buf[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_record(1, &buf), Err(RecordFault::Truncated));
+    }
+
+    #[test]
+    fn zeroed_bytes_are_not_a_record() {
+        let buf = vec![0u8; 64];
+        assert!(decode_record(0, &buf).is_err());
+        assert!(decode_record(5, &buf).is_err());
+    }
+
+    #[test]
+    fn segment_names_sort_and_parse() {
+        assert_eq!(segment_file_name(12), "00000000000000000012.wal");
+        assert_eq!(
+            parse_segment_file_name(&segment_file_name(u64::MAX)),
+            Some(u64::MAX)
+        );
+        assert_eq!(parse_segment_file_name("12.wal"), None);
+        assert_eq!(parse_segment_file_name("0000000000000000001x.wal"), None);
+        assert_eq!(parse_segment_file_name(".iopoll-guard"), None);
+    }
+
+    #[test]
+    fn segment_header_round_trips_and_detects_flips() {
+        let mut block = vec![0u8; SEGMENT_HEADER_BYTES];
+        let header = SegmentHeader {
+            seq: 9,
+            segment_bytes: 1 << 20,
+        };
+        encode_segment_header(header, &mut block);
+        assert_eq!(decode_segment_header(&block), Ok(header));
+        block[17] ^= 1;
+        assert_eq!(decode_segment_header(&block), Err(SegmentHeaderFault::Checksum));
+    }
+}

@@ -1,0 +1,408 @@
+//! The real backend: segment files opened with O_DIRECT through glommio's io_uring rings, and a
+//! small runner ([`GlommioWal`]) that performs the WAL's jobs on the current executor. This is
+//! the only module of the crate that knows about glommio.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
+
+use crate::disk::Disk;
+use crate::error::WalError;
+use crate::wal::{perform, IoDone, IoJob, Ticket, Wal, WalConfig};
+
+/// How a write is made durable. Both are correct; `ringraft-bench wal` measures which is faster
+/// on a given device, and the default follows the measurement recorded in BENCHMARKS.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SyncMode {
+    /// Segment files are opened with O_DSYNC: each write returns only once durable, with no
+    /// separate sync call (one io_uring operation per batch).
+    Dsync,
+    /// Plain O_DIRECT writes followed by fdatasync (two operations per batch).
+    Fdatasync,
+}
+
+impl std::str::FromStr for SyncMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<SyncMode, String> {
+        match text {
+            "dsync" => Ok(SyncMode::Dsync),
+            "fdatasync" => Ok(SyncMode::Fdatasync),
+            other => Err(format!(
+                "unknown sync mode {other:?}: expected dsync or fdatasync"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncMode::Dsync => "dsync",
+            SyncMode::Fdatasync => "fdatasync",
+        })
+    }
+}
+
+/// Name of the small file opened first on every executor; see [`GlommioDisk::open`].
+pub const IOPOLL_GUARD_FILE: &str = ".iopoll-guard";
+const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+
+/// A WAL directory on a real file system, used from one glommio executor.
+#[derive(Clone, Debug)]
+pub struct GlommioDisk {
+    dir: Rc<PathBuf>,
+    sync_mode: SyncMode,
+}
+
+fn dma_error(error: glommio::GlommioError<()>) -> io::Error {
+    io::Error::from(error)
+}
+
+impl GlommioDisk {
+    /// Opens (creating if needed) a WAL directory for use on the current executor.
+    ///
+    /// glommio 0.9 decides once per device and thread whether the device supports polled IO, by
+    /// reading the first block of the first `DmaFile` opened there. If that file is empty or
+    /// write-only the probe wrongly succeeds and every later read fails with EOPNOTSUPP (upstream
+    /// issues 605 and 670). So before any segment is opened, this opens a non-empty guard file
+    /// read-write, which makes the probe read real data.
+    pub async fn open(dir: impl AsRef<Path>, sync_mode: SyncMode) -> Result<GlommioDisk, WalError> {
+        let dir = dir.as_ref().to_path_buf();
+        let shown = dir.display().to_string();
+        std::fs::create_dir_all(&dir).map_err(|e| WalError::io("create directory", shown.clone(), e))?;
+        let guard = dir.join(IOPOLL_GUARD_FILE);
+        let guard_ok = std::fs::metadata(&guard).is_ok_and(|m| m.len() >= 4096);
+        if !guard_ok {
+            let file =
+                std::fs::File::create(&guard).map_err(|e| WalError::io("create", IOPOLL_GUARD_FILE, e))?;
+            file.write_all_at(&[0x5a; 4096], 0)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| WalError::io("write", IOPOLL_GUARD_FILE, e))?;
+        }
+        let probe = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&guard)
+            .await
+            .map_err(|e| WalError::io("open", IOPOLL_GUARD_FILE, dma_error(e)))?;
+        probe
+            .read_at(0, 4096)
+            .await
+            .map_err(|e| WalError::io("read", IOPOLL_GUARD_FILE, dma_error(e)))?;
+        let _ = probe.close().await;
+        Ok(GlommioDisk {
+            dir: Rc::new(dir),
+            sync_mode,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn sync_mode(&self) -> SyncMode {
+        self.sync_mode
+    }
+
+    async fn sync_dir(&self) -> io::Result<()> {
+        let dir = glommio::io::Directory::open(&*self.dir)
+            .await
+            .map_err(dma_error)?;
+        dir.sync().await.map_err(dma_error)?;
+        let _ = dir.close().await;
+        Ok(())
+    }
+
+    async fn open_file(&self, name: &str, sync_mode: Option<SyncMode>) -> io::Result<DmaFile> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if sync_mode == Some(SyncMode::Dsync) {
+            options.custom_flags(libc::O_DSYNC);
+        }
+        options.dma_open(self.dir.join(name)).await.map_err(dma_error)
+    }
+}
+
+impl Disk for GlommioDisk {
+    type File = Rc<DmaFile>;
+    type Buffer = DmaBuffer;
+    type ReadBuf = ReadResult;
+
+    fn alloc_buffer(&self, len: usize) -> DmaBuffer {
+        let mut buffer = glommio::allocate_dma_buffer(len);
+        buffer.as_bytes_mut().fill(0);
+        buffer
+    }
+
+    fn truncate_buffer(&self, buffer: &mut DmaBuffer, len: usize) {
+        buffer.trim_to_size(len);
+    }
+
+    async fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&*self.dir)? {
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    async fn open(&self, name: &str) -> io::Result<(Rc<DmaFile>, u64)> {
+        let file = self.open_file(name, Some(self.sync_mode)).await?;
+        let size = file.file_size().await.map_err(dma_error)?;
+        Ok((Rc::new(file), size))
+    }
+
+    async fn create(&self, name: &str, len: u64) -> io::Result<Rc<DmaFile>> {
+        // Written in full with zeros (not fallocated): writes into unwritten extents sync ~3x
+        // slower, and the WAL must never grow a file on its sync path.
+        let temporary = format!("{name}.creating");
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(true);
+        let file = options
+            .dma_open(self.dir.join(&temporary))
+            .await
+            .map_err(dma_error)?;
+        let mut at = 0u64;
+        while at < len {
+            let chunk = ZERO_FILL_CHUNK_BYTES.min((len - at) as usize);
+            let buffer = self.alloc_buffer(chunk);
+            let written = file.write_at(buffer, at).await.map_err(dma_error)?;
+            if written != chunk {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "short write while zero-filling",
+                ));
+            }
+            at += chunk as u64;
+        }
+        file.fdatasync().await.map_err(dma_error)?;
+        let _ = file.close().await;
+        glommio::io::rename(self.dir.join(&temporary), self.dir.join(name))
+            .await
+            .map_err(dma_error)?;
+        self.sync_dir().await?;
+        Ok(self.open(name).await?.0)
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        glommio::io::rename(self.dir.join(from), self.dir.join(to))
+            .await
+            .map_err(dma_error)?;
+        self.sync_dir().await
+    }
+
+    async fn remove(&self, name: &str) -> io::Result<()> {
+        glommio::io::remove(self.dir.join(name))
+            .await
+            .map_err(dma_error)?;
+        self.sync_dir().await
+    }
+
+    async fn read_at(&self, file: &Rc<DmaFile>, offset: u64, len: usize) -> io::Result<ReadResult> {
+        file.read_at(offset, len).await.map_err(dma_error)
+    }
+
+    async fn write_at(&self, file: &Rc<DmaFile>, offset: u64, buffer: DmaBuffer) -> io::Result<()> {
+        let len = buffer.len();
+        let written = file.write_at(buffer, offset).await.map_err(dma_error)?;
+        if written != len {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short write: {written} of {len} bytes at {offset}"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn sync(&self, file: &Rc<DmaFile>) -> io::Result<()> {
+        match self.sync_mode {
+            // The write itself was durable (O_DSYNC).
+            SyncMode::Dsync => Ok(()),
+            SyncMode::Fdatasync => file.fdatasync().await.map_err(dma_error),
+        }
+    }
+}
+
+/// A WAL driven on the current glommio executor: appends are made through [`GlommioWal::with`],
+/// a background task performs the IO (one write in flight, the next batch accumulating), and
+/// [`GlommioWal::wait_durable`] resolves once a sync covers a ticket.
+pub struct GlommioWal {
+    wal: RefCell<Wal<GlommioDisk>>,
+    disk: GlommioDisk,
+    io_waker: Cell<Option<Waker>>,
+    kicked: Cell<bool>,
+    durable_waiters: RefCell<Vec<Waker>>,
+    closing: Cell<bool>,
+    closed: Cell<bool>,
+}
+
+impl std::fmt::Debug for GlommioWal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlommioWal")
+            .field("wal", &self.wal)
+            .field("disk", &self.disk)
+            .finish()
+    }
+}
+
+impl GlommioWal {
+    /// Opens (recovering) the WAL in `dir` and starts its IO task on the current executor.
+    pub async fn open(
+        dir: impl AsRef<Path>,
+        sync_mode: SyncMode,
+        config: WalConfig,
+    ) -> Result<Rc<GlommioWal>, WalError> {
+        let disk = GlommioDisk::open(dir, sync_mode).await?;
+        let wal = Wal::open(disk.clone(), config).await?;
+        let this = Rc::new(GlommioWal {
+            wal: RefCell::new(wal),
+            disk,
+            io_waker: Cell::new(None),
+            kicked: Cell::new(true),
+            durable_waiters: RefCell::new(Vec::new()),
+            closing: Cell::new(false),
+            closed: Cell::new(false),
+        });
+        glommio::spawn_local(this.clone().io_task()).detach();
+        Ok(this)
+    }
+
+    /// Runs `f` on the WAL (to append, compact, read...) and wakes the IO task.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Wal<GlommioDisk>) -> R) -> R {
+        let result = f(&mut self.wal.borrow_mut());
+        self.kick();
+        result
+    }
+
+    fn kick(&self) {
+        self.kicked.set(true);
+        if let Some(waker) = self.io_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once `ticket` is durable, or with the WAL's failure.
+    pub async fn wait_durable(&self, ticket: Ticket) -> Result<(), WalError> {
+        WaitDurable { wal: self, ticket }.await
+    }
+
+    /// Waits until everything appended is durable, then stops the IO task.
+    pub async fn close(&self) -> Result<(), WalError> {
+        let last = self.wal.borrow().last_ticket();
+        let result = self.wait_durable(last).await;
+        self.closing.set(true);
+        self.kick();
+        result
+    }
+
+    async fn io_task(self: Rc<Self>) {
+        loop {
+            // Let every task that is ready to append run first, so the batch sealed next is as
+            // full as it will get without waiting on a timer.
+            YieldNow(false).await;
+            let job = self.wal.borrow_mut().poll_io();
+            match job {
+                Some(IoJob::Write(write)) => {
+                    let done = perform(&self.disk, IoJob::Write(write)).await;
+                    // A failure is recorded in the WAL; waiters see it through `failure()`.
+                    let _ = self.wal.borrow_mut().io_done(done);
+                    for waker in self.durable_waiters.borrow_mut().drain(..) {
+                        waker.wake();
+                    }
+                }
+                Some(job) => {
+                    let this = self.clone();
+                    glommio::spawn_local(async move {
+                        let done: IoDone<GlommioDisk> = perform(&this.disk, job).await;
+                        // Failing to delete a spare segment costs space, not data; a failed
+                        // prepare fails the WAL and wakes waiters below.
+                        let _ = this.wal.borrow_mut().io_done(done);
+                        for waker in this.durable_waiters.borrow_mut().drain(..) {
+                            waker.wake();
+                        }
+                        this.kick();
+                    })
+                    .detach();
+                }
+                None => {
+                    if self.closing.get() && !self.wal.borrow().has_pending() {
+                        self.closed.set(true);
+                        return;
+                    }
+                    if self.wal.borrow().failure().is_some() {
+                        for waker in self.durable_waiters.borrow_mut().drain(..) {
+                            waker.wake();
+                        }
+                    }
+                    Kicked(&self).await;
+                }
+            }
+        }
+    }
+}
+
+struct Kicked<'a>(&'a GlommioWal);
+
+impl Future for Kicked<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        if self.0.kicked.replace(false) {
+            Poll::Ready(())
+        } else {
+            self.0.io_waker.set(Some(context.waker().clone()));
+            Poll::Pending
+        }
+    }
+}
+
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        context.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+struct WaitDurable<'a> {
+    wal: &'a GlommioWal,
+    ticket: Ticket,
+}
+
+impl Future for WaitDurable<'_> {
+    type Output = Result<(), WalError>;
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
+        let wal = self.wal.wal.borrow();
+        if wal.durable_ticket() >= self.ticket {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(cause) = wal.failure() {
+            return Poll::Ready(Err(WalError::Failed {
+                op: "wait_durable",
+                cause: cause.to_string(),
+            }));
+        }
+        if self.wal.closed.get() {
+            panic!("wait_durable on a closed WAL for a ticket it never wrote");
+        }
+        self.wal
+            .durable_waiters
+            .borrow_mut()
+            .push(context.waker().clone());
+        Poll::Pending
+    }
+}
