@@ -22,15 +22,33 @@ use crate::format::{
 };
 use crate::wal::{EntryLoc, HardState, Placement, Segment, Wal, WalConfig};
 
-/// A segment file as read at open.
-struct Image<F, R> {
+/// A segment file as found at open (its body is read one segment at a time, so recovery holds
+/// at most one segment in memory).
+struct Image<F> {
     seq: u64,
     name: String,
     file: F,
     size: u64,
-    bytes: R,
     /// Why the header is not usable, if it is not.
     header_fault: Option<String>,
+}
+
+async fn load<D: Disk>(disk: &D, image: &Image<D::File>) -> Result<D::ReadBuf, WalError> {
+    let bytes = disk
+        .read_at(&image.file, 0, image.size as usize)
+        .await
+        .map_err(|e| WalError::io("read", image.name.clone(), e))?;
+    if bytes.len() as u64 != image.size {
+        return Err(WalError::io(
+            "read",
+            image.name.clone(),
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("short read: {} of {} bytes", bytes.len(), image.size),
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A fully valid batch found by the walk.
@@ -137,12 +155,13 @@ impl<D: Disk> Wal<D> {
                 .open(&name)
                 .await
                 .map_err(|e| WalError::io("open", name.clone(), e))?;
+            let head = (size as usize).min(SEGMENT_HEADER_BYTES);
             let bytes = disk
-                .read_at(&file, 0, size as usize)
+                .read_at(&file, 0, head)
                 .await
                 .map_err(|e| WalError::io("read", name.clone(), e))?;
-            let header_fault = if bytes.len() as u64 != size {
-                Some(format!("short read: {} of {size} bytes", bytes.len()))
+            let header_fault = if bytes.len() != head {
+                Some(format!("short read: {} of {head} bytes", bytes.len()))
             } else if size < SEGMENT_BYTES_MIN || size % BLOCK_BYTES as u64 != 0 {
                 Some(format!("size {size} is not a whole number of blocks"))
             } else {
@@ -161,7 +180,6 @@ impl<D: Disk> Wal<D> {
                 name,
                 file,
                 size,
-                bytes,
                 header_fault,
             });
         }
@@ -174,6 +192,8 @@ impl<D: Disk> Wal<D> {
         // Chain segments end at `tail_image` (exclusive when the chain is empty).
         let mut chain_len = 0;
         let mut tail_pos = SEGMENT_HEADER_BYTES;
+        // The body of the segment the walk is in (the tail segment once the walk ends).
+        let mut current: Option<D::ReadBuf> = None;
         let mut i = 0;
         while i < images.len() && stop.is_none() {
             if let Some(fault) = &images[i].header_fault {
@@ -188,15 +208,17 @@ impl<D: Disk> Wal<D> {
                 bytes: images[i].size,
                 max_index: HashMap::new(),
             });
+            drop(current.take()); // free the previous segment before reading the next
+            let bytes = load(&disk, &images[i]).await?;
             let mut pos = SEGMENT_HEADER_BYTES;
             loop {
                 let image = &images[i];
-                let fault = if pos + RECORD_HEADER_BYTES > image.bytes.len() {
+                let fault = if pos + RECORD_HEADER_BYTES > bytes.len() {
                     BatchFault::NoHeader("segment full".into())
                 } else {
-                    match scan_batch(image.seq, &image.bytes, pos, last.map(|l| l + 1)) {
+                    match scan_batch(image.seq, &bytes, pos, last.map(|l| l + 1)) {
                         Ok(batch) => {
-                            wal.replay_batch(image, pos, &batch)?;
+                            wal.replay_batch(image, &bytes, pos, &batch)?;
                             last = Some(batch.number);
                             pos = align_up(pos + batch.len, BLOCK_BYTES);
                             continue;
@@ -215,16 +237,18 @@ impl<D: Disk> Wal<D> {
                     }
                     BatchFault::NoHeader(reason) => {
                         // Rollover: the next batch went to the start of the next segment.
-                        let next_continues = last.is_some()
-                            && images.get(i + 1).is_some_and(|next| {
-                                next.header_fault.is_none()
-                                    && decode_record(next.seq, &next.bytes[SEGMENT_HEADER_BYTES..]).is_ok_and(
-                                        |(h, _)| {
-                                            h.kind == RecordKind::BatchHeader
-                                                && Some(h.batch) == last.map(|l| l + 1)
-                                        },
-                                    )
-                            });
+                        let mut next_continues = false;
+                        if let (Some(last), Some(next)) = (last, images.get(i + 1)) {
+                            if next.header_fault.is_none() {
+                                let head = disk
+                                    .read_at(&next.file, SEGMENT_HEADER_BYTES as u64, BLOCK_BYTES)
+                                    .await
+                                    .map_err(|e| WalError::io("read", next.name.clone(), e))?;
+                                next_continues = decode_record(next.seq, &head).is_ok_and(|(h, _)| {
+                                    h.kind == RecordKind::BatchHeader && h.batch == last + 1
+                                });
+                            }
+                        }
                         if !next_continues {
                             stop = Some((i, pos, reason));
                         }
@@ -232,6 +256,7 @@ impl<D: Disk> Wal<D> {
                 }
                 break;
             }
+            current = Some(bytes);
             i += 1;
         }
 
@@ -243,7 +268,15 @@ impl<D: Disk> Wal<D> {
                 } else {
                     0
                 };
-                if let Some((offset, number)) = later_batch(image.seq, &image.bytes, from, last) {
+                let loaded;
+                let bytes: &[u8] = match &current {
+                    Some(bytes) if j + 1 == chain_len => bytes,
+                    _ => {
+                        loaded = load(&disk, image).await?;
+                        &loaded
+                    }
+                };
+                if let Some((offset, number)) = later_batch(image.seq, bytes, from, last) {
                     return Err(WalError::Corrupt {
                         file: images[*stop_image].name.clone(),
                         offset: *stop_pos as u64,
@@ -271,10 +304,9 @@ impl<D: Disk> Wal<D> {
         // batch header there can never be mistaken for a later batch.
         if chain_len > 0 {
             let tail = &images[chain_len - 1];
+            let bytes = current.as_deref().expect("the tail segment is loaded");
             if (tail_pos + BLOCK_BYTES) as u64 <= tail.size
-                && tail.bytes[tail_pos..tail_pos + BLOCK_BYTES]
-                    .iter()
-                    .any(|&b| b != 0)
+                && bytes[tail_pos..tail_pos + BLOCK_BYTES].iter().any(|&b| b != 0)
             {
                 let zero = disk.alloc_buffer(BLOCK_BYTES);
                 disk.write_at(&tail.file, tail_pos as u64, zero)
@@ -285,6 +317,7 @@ impl<D: Disk> Wal<D> {
                     .map_err(|e| WalError::io("sync truncated tail", tail.name.clone(), e))?;
             }
         }
+        drop(current);
         wal.write_offset = tail_pos as u64;
         wal.next_batch_number = last.map_or(1, |l| l + 1);
 
@@ -323,9 +356,10 @@ impl<D: Disk> Wal<D> {
         Ok(wal)
     }
 
-    fn replay_batch<R: std::ops::Deref<Target = [u8]>>(
+    fn replay_batch(
         &mut self,
-        image: &Image<D::File, R>,
+        image: &Image<D::File>,
+        bytes: &[u8],
         pos: usize,
         batch: &ScannedBatch,
     ) -> Result<(), WalError> {
@@ -339,7 +373,7 @@ impl<D: Disk> Wal<D> {
         });
         let segment = self.segments.back_mut().unwrap();
         for &at in &batch.records {
-            let (header, payload) = decode_record(image.seq, &image.bytes[at..]).expect("scanned");
+            let (header, payload) = decode_record(image.seq, &bytes[at..]).expect("scanned");
             let group = header.group;
             let log = self.groups.entry(group).or_default();
             match header.kind {

@@ -260,3 +260,48 @@ fn long_history_recycles_segments_and_stays_consistent() {
     drop(wal);
     assert_eq!(state_of(&open(&disk, &config), &disk), before);
 }
+
+#[test]
+fn a_group_that_never_compacts_pins_the_oldest_segment_and_is_reported() {
+    let disk = MemDisk::new(43);
+    let config = small_config();
+    let mut wal: Wal<MemDisk> = open(&disk, &config);
+    for _ in 0..60u64 {
+        for group in [1, 2] {
+            let index = wal.last_index(group) + 1;
+            wal.append(group, &[entry(index, 1, &[9; 300])]).unwrap();
+        }
+        drive(&mut wal, &disk);
+        // Group 1 keeps up with compaction; group 2 never compacts.
+        let last = wal.last_index(1);
+        wal.compact(1, last - 1).unwrap();
+    }
+    drive(&mut wal, &disk);
+    let live = wal.stats().segments_live;
+    assert!(live > 3, "group 2 keeps every segment alive: {live}");
+    let pins = wal.pinning_groups();
+    assert_eq!(pins.len(), 1, "{pins:?}");
+    assert_eq!(pins[0].0, 2);
+    // Compacting group 2 through the reported index releases that segment: the next one pins.
+    let through = pins[0].1;
+    let free_before = wal.stats().segments_free;
+    wal.compact(2, through).unwrap();
+    drive(&mut wal, &disk);
+    assert!(wal.stats().segments_free > free_before, "{:?}", wal.stats());
+    assert!(wal
+        .pinning_groups()
+        .iter()
+        .all(|&(group, index)| group == 2 && index > through));
+    // Compacting everything but the tail releases all but the newest segments.
+    let last = wal.last_index(2);
+    wal.compact(2, last - 1).unwrap();
+    drive(&mut wal, &disk);
+    assert!(wal.stats().segments_live <= 2, "{:?}", wal.stats());
+    // What still pins is only retained (uncompacted) entries.
+    for (group, index) in wal.pinning_groups() {
+        assert!(
+            index >= wal.first_index(group),
+            "group {group} pins at compacted index {index}"
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! The benchmark's command line: argument validation gives clear errors, and the JSON keys stay
+//! stable (a short real run on a temporary directory, with tiny limits).
+
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ringraft-bench"))
+}
+
+fn stderr_of(args: &[&str]) -> String {
+    let output = bench().args(args).output().expect("run ringraft-bench");
+    assert!(!output.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn help_explains_every_wal_option() {
+    let output = bench().args(["wal", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for option in [
+        "--dir",
+        "--groups",
+        "--writers",
+        "--payload-bytes",
+        "--duration-s",
+        "--sync-mode",
+        "--json",
+        "--no-probe",
+    ] {
+        assert!(help.contains(option), "help lacks {option}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    assert!(stderr_of(&["wal", "--writers", "0"]).contains("--writers"));
+    assert!(stderr_of(&["wal", "--duration-s", "-1"]).contains("--duration-s"));
+    assert!(stderr_of(&["wal", "--sync-mode", "sometimes"]).contains("dsync"));
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().to_str().unwrap();
+    let error = stderr_of(&[
+        "wal",
+        "--dir",
+        dir,
+        "--no-probe",
+        "--payload-bytes",
+        "2000000",
+        "--batch-kib",
+        "64",
+    ]);
+    assert!(error.contains("--payload-bytes"), "{error}");
+    let error = stderr_of(&[
+        "wal",
+        "--dir",
+        dir,
+        "--no-probe",
+        "--segment-mib",
+        "1",
+        "--batch-kib",
+        "2048",
+    ]);
+    assert!(error.contains("wal.batch_bytes_max"), "{error}");
+    let error = stderr_of(&["wal", "--dir", dir, "--no-probe", "--cpu", "4096"]);
+    assert!(error.contains("not an online CPU"), "{error}");
+}
+
+fn keys(value: &serde_json::Value) -> Vec<String> {
+    let mut keys: Vec<String> = value.as_object().expect("object").keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn wal_json_keys_are_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bench()
+        .args(["wal", "--dir", dir.path().to_str().unwrap(), "--json"])
+        .args([
+            "--duration-s",
+            "0.3",
+            "--warmup-s",
+            "0.1",
+            "--writers",
+            "4",
+            "--groups",
+            "2",
+        ])
+        .args([
+            "--probe-seconds",
+            "0.05",
+            "--probe-file-mib",
+            "4",
+            "--segment-mib",
+            "1",
+            "--batch-kib",
+            "64",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    assert_eq!(keys(&json), ["command", "disk", "machine", "wal", "wal_runs"]);
+    assert_eq!(
+        keys(&json["disk"]),
+        [
+            "file_bytes",
+            "seconds_per_test",
+            "sequential_mb_per_s",
+            "write_1m_latency_us_p50",
+            "write_1m_latency_us_p99",
+            "write_1m_mb_per_s",
+            "write_1m_rounds_per_s",
+            "write_4k_latency_us_p50",
+            "write_4k_latency_us_p99",
+            "write_4k_rounds_per_s",
+            "write_64k_latency_us_p50",
+            "write_64k_latency_us_p99",
+            "write_64k_mb_per_s",
+            "write_64k_rounds_per_s",
+        ]
+    );
+    assert_eq!(
+        keys(&json["wal"]),
+        [
+            "disk",
+            "duration_s",
+            "entries",
+            "entries_per_s",
+            "entries_per_sync_mean",
+            "groups",
+            "latency_p50_vs_probe_4k_p50",
+            "latency_us_max",
+            "latency_us_p50",
+            "latency_us_p99",
+            "latency_us_p999",
+            "mb_per_s",
+            "mb_per_s_vs_probe_1m",
+            "payload_bytes",
+            "recovery_mb_per_s",
+            "recovery_s",
+            "rss_bytes_max",
+            "segment_files",
+            "sync_mode",
+            "syncs_per_s",
+            "write_bytes_mean",
+            "writers",
+        ]
+    );
+    assert_eq!(
+        keys(&json["machine"]),
+        [
+            "cpu_model",
+            "cpus_online",
+            "date_unix_s",
+            "disk",
+            "kernel",
+            "memory_bytes",
+            "ringraft_version"
+        ]
+    );
+    assert_eq!(
+        json["wal_runs"].as_array().unwrap().len(),
+        2,
+        "both sync modes by default"
+    );
+    let wal = &json["wal"];
+    assert!(wal["entries"].as_u64().unwrap() > 0, "the run made progress");
+    assert!(wal["entries_per_sync_mean"].as_f64().unwrap() >= 1.0);
+    assert_eq!(
+        wal["disk"], json["disk"],
+        "the wal object carries the same run's probe"
+    );
+}
