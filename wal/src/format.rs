@@ -165,6 +165,23 @@ impl std::fmt::Display for RecordFault {
     }
 }
 
+/// Reads the header fields of a record this process just encoded, without verifying its crc
+/// (the batch being placed is our own memory; recovery and reads use [`decode_record`]).
+/// Panics on an unknown kind: that would be a bug in the encoder.
+pub fn peek_own_record_header(bytes: &[u8]) -> RecordHeader {
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+    RecordHeader {
+        crc: u32::from_le_bytes(bytes[0..4].try_into().unwrap()),
+        payload_len: u32::from_le_bytes(bytes[4..8].try_into().unwrap()),
+        kind: RecordKind::from_u8(bytes[8]).expect("own record has a known kind"),
+        entry_type: bytes[9],
+        batch: u64_at(16),
+        group: u64_at(24),
+        index: u64_at(32),
+        term: u64_at(40),
+    }
+}
+
 /// Decodes and verifies the record at the start of `bytes`, written in segment `segment_seq`.
 /// Returns the header and the payload slice.
 pub fn decode_record(segment_seq: u64, bytes: &[u8]) -> Result<(RecordHeader, &[u8]), RecordFault> {
