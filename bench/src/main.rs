@@ -99,10 +99,10 @@ struct WalArgs {
     /// Pin the benchmark's executor to this (online) CPU; unpinned by default.
     #[arg(long)]
     cpu: Option<usize>,
-    /// glommio io_memory per executor in MiB (registered in three rings: keep 3x within
-    /// `ulimit -l` unless running as root).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    io_memory_mib: u64,
+    /// glommio io_memory of the executor in MiB. Default: sized from the locked-memory limit
+    /// (raised soft to hard first), as the node does; glommio registers it in three rings.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    io_memory_mib: Option<u64>,
     /// Skip the device probe (no ratios are printed).
     #[arg(long)]
     no_probe: bool,
@@ -243,6 +243,16 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
             ));
         }
     }
+    let memlock = ringraft_tuning::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    let requested = match args.io_memory_mib {
+        Some(mib) => ringraft_tuning::IoMemory::Bytes(mib << 20),
+        None => ringraft_tuning::IoMemory::Auto(ringraft_tuning::AutoKeyword::Auto),
+    };
+    let io_memory =
+        ringraft_tuning::plan_io_memory(&requested, memlock.effective(), 1).map_err(|e| e.to_string())?;
+    if let Some(warning) = &io_memory.warning {
+        eprintln!("warning: {warning}");
+    }
     let machine = machine::detect_after_create(&common.dir)?;
     let probe = if args.no_probe {
         None
@@ -271,7 +281,7 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
             config: config.clone(),
             retain_entries: args.retain_entries,
             cpu: args.cpu,
-            io_memory_bytes: (args.io_memory_mib << 20) as usize,
+            io_memory_bytes: io_memory.per_shard_bytes as usize,
         };
         runs.push(wal_bench::run(options, probe.clone())?);
     }

@@ -37,6 +37,7 @@ pub struct WalBenchOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct WalResult {
     pub sync_mode: String,
+    pub io_memory_bytes: u64,
     pub groups: u64,
     pub writers: u64,
     pub payload_bytes: usize,
@@ -215,6 +216,7 @@ async fn run_on_executor(options: WalBenchOptions, wal_dir: PathBuf) -> Result<W
     let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(WalResult {
         sync_mode: options.sync_mode.to_string(),
+        io_memory_bytes: options.io_memory_bytes as u64,
         groups: options.groups,
         writers: options.writers,
         payload_bytes: options.payload_bytes,

@@ -132,6 +132,7 @@ fn wal_json_keys_are_stable() {
             "entries_per_s",
             "entries_per_sync_mean",
             "groups",
+            "io_memory_bytes",
             "latency_p50_vs_probe_4k_p50",
             "latency_us_max",
             "latency_us_p50",

@@ -1,0 +1,373 @@
+//! The configuration file: one TOML document, every key documented in `docs/config.md` with its
+//! default, unit and reason. Unknown keys are errors (a typo must not fall back to a default).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The whole configuration of one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub cluster: ClusterConfig,
+    pub shards: ShardsConfig,
+    pub batching: BatchingConfig,
+    pub wal: WalConfig,
+    pub sm: SmConfig,
+    pub raft: RaftConfig,
+    pub glommio: GlommioConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id; must appear in `cluster.nodes`.
+    pub id: u64,
+    /// Where the WALs and state machine files live (one subdirectory per shard).
+    pub data_dir: PathBuf,
+    /// Address the shards listen on.
+    pub listen_host: IpAddr,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: 1,
+            data_dir: PathBuf::from("ringraft-data"),
+            listen_host: IpAddr::from([127, 0, 0, 1]),
+        }
+    }
+}
+
+/// One member of the cluster. Shard `s` of the node listens for peers on `peer_port + s` and for
+/// clients on `client_port + s`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddress {
+    pub id: u64,
+    pub host: IpAddr,
+    pub peer_port: u16,
+    pub client_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Identifies the cluster in peer handshakes: nodes of another cluster are refused.
+    pub id: u64,
+    /// Pre-shared key authenticating peers (HMAC). Required when listening on a non-loopback
+    /// address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub nodes: Vec<NodeAddress>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            id: 1,
+            key: None,
+            nodes: vec![NodeAddress {
+                id: 1,
+                host: IpAddr::from([127, 0, 0, 1]),
+                peer_port: 7400,
+                client_port: 7500,
+            }],
+        }
+    }
+}
+
+/// Which CPUs run shards: `"auto"` or an explicit list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "\"auto\" or a list of CPU numbers such as [2, 3]")]
+pub enum CpuList {
+    Auto(AutoKeyword),
+    List(Vec<usize>),
+}
+
+/// The literal string `"auto"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoKeyword {
+    Auto,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardsConfig {
+    /// CPUs to run one shard executor each on: `"auto"` (every online CPU) or a list.
+    pub cpus: CpuList,
+    /// Pin each shard's executor to its CPU. Off for tests on small machines, where executors
+    /// share CPUs.
+    pub pin: bool,
+    /// Raft groups per shard; group `g` lives on shard `g % shards` on every node.
+    pub groups_per_shard: u64,
+}
+
+impl Default for ShardsConfig {
+    fn default() -> Self {
+        ShardsConfig {
+            cpus: CpuList::Auto(AutoKeyword::Auto),
+            pin: true,
+            groups_per_shard: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// Largest batch of commands in one raft entry.
+    pub entry_bytes_max: u64,
+    /// Most commands in one raft entry.
+    pub entry_commands_max: u64,
+    /// How long a batch may wait for more commands; 0 = flush as soon as the loop is idle.
+    pub wait_us_max: u64,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            // The largest command (4 KiB key + 1 MiB value) plus batch framing must fit one entry.
+            entry_bytes_max: (1 << 20) + (64 << 10),
+            entry_commands_max: 4096,
+            wait_us_max: 0,
+        }
+    }
+}
+
+/// How WAL writes are made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// O_DSYNC segment files: the write is the sync.
+    Dsync,
+    /// O_DIRECT write, then fdatasync.
+    Fdatasync,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    pub segment_bytes: u64,
+    pub batch_bytes_max: u64,
+    pub sync_mode: SyncMode,
+    pub cache_bytes: u64,
+    pub segments_recycled_max: u64,
+    /// Entries kept below the state machine's checkpoint for slow followers.
+    pub retain_entries: u64,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            segment_bytes: 64 << 20,
+            // One WAL write must hold at least one full entry (batching.entry_bytes_max).
+            batch_bytes_max: 2 << 20,
+            sync_mode: SyncMode::Dsync,
+            cache_bytes: 64 << 20,
+            segments_recycled_max: 2,
+            retain_entries: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmConfig {
+    /// Values up to this size are kept in memory in the index instead of in data files.
+    pub inline_value_bytes_max: u64,
+    pub cache_bytes: u64,
+    /// How often the state machine writes a checkpoint (which lets the WAL compact).
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for SmConfig {
+    fn default() -> Self {
+        SmConfig {
+            inline_value_bytes_max: 64,
+            cache_bytes: 64 << 20,
+            checkpoint_interval_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub tick_interval_ms: u64,
+    pub election_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub max_inflight_msgs: u64,
+    pub max_size_per_msg_bytes: u64,
+    pub max_uncommitted_bytes: u64,
+    pub max_committed_size_per_ready_bytes: u64,
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            tick_interval_ms: 10,
+            election_timeout_ms: 500,
+            heartbeat_interval_ms: 50,
+            max_inflight_msgs: 256,
+            max_size_per_msg_bytes: 1 << 20,
+            max_uncommitted_bytes: 64 << 20,
+            max_committed_size_per_ready_bytes: 16 << 20,
+            pre_vote: true,
+            check_quorum: true,
+        }
+    }
+}
+
+impl RaftConfig {
+    /// raft-rs `election_tick`.
+    pub fn election_ticks(&self) -> u64 {
+        self.election_timeout_ms / self.tick_interval_ms.max(1)
+    }
+
+    /// raft-rs `heartbeat_tick`.
+    pub fn heartbeat_ticks(&self) -> u64 {
+        self.heartbeat_interval_ms / self.tick_interval_ms.max(1)
+    }
+}
+
+/// `"auto"` (sized from the memlock limit) or a byte count.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "\"auto\" or a number of bytes")]
+pub enum IoMemory {
+    Auto(AutoKeyword),
+    Bytes(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GlommioConfig {
+    /// Registered DMA buffer arena per shard.
+    pub io_memory_bytes: IoMemory,
+    /// io_uring submission queue depth per ring.
+    pub ring_depth: u64,
+}
+
+impl Default for GlommioConfig {
+    fn default() -> Self {
+        GlommioConfig {
+            io_memory_bytes: IoMemory::Auto(AutoKeyword::Auto),
+            ring_depth: 128,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub key_bytes_max: u64,
+    pub value_bytes_max: u64,
+    pub frame_bytes_max: u64,
+    /// Requests one client connection may have in flight.
+    pub client_queue_depth: u64,
+    /// Commands waiting to be proposed, per group.
+    pub group_queue_commands_max: u64,
+    /// Bytes of commands waiting to be proposed, per group.
+    pub group_queue_bytes_max: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            key_bytes_max: 4096,
+            value_bytes_max: 1 << 20,
+            frame_bytes_max: 16 << 20,
+            client_queue_depth: 1024,
+            group_queue_commands_max: 65_536,
+            group_queue_bytes_max: 64 << 20,
+        }
+    }
+}
+
+/// Environment variables that override keys for one run.
+pub const ENV_NODE_ID: &str = "RINGRAFT_NODE_ID";
+pub const ENV_DATA_DIR: &str = "RINGRAFT_DATA_DIR";
+
+impl Config {
+    /// Parses a TOML document; unknown keys and wrong types are errors naming the key.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::parse(e.message(), e.span().map(|s| line_of(text, s.start))))
+    }
+
+    /// Reads and parses a config file, then applies the environment overrides.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                "(file)",
+                format!("cannot read {}: {e}", path.display()),
+                "check the path",
+            )
+        })?;
+        let mut config = Config::from_toml(&text).map_err(|e| e.in_file(path))?;
+        config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    /// Applies `RINGRAFT_NODE_ID` and `RINGRAFT_DATA_DIR`, read through `env`.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(id) = env(ENV_NODE_ID) {
+            self.node.id = id.trim().parse().map_err(|_| {
+                ConfigError::new(
+                    "node.id",
+                    format!("{ENV_NODE_ID}={id:?} is not a node id"),
+                    "set it to a positive integer listed in cluster.nodes",
+                )
+            })?;
+        }
+        if let Some(dir) = env(ENV_DATA_DIR) {
+            if dir.is_empty() {
+                return Err(ConfigError::new(
+                    "node.data_dir",
+                    format!("{ENV_DATA_DIR} is empty"),
+                    "unset it or name a directory",
+                ));
+            }
+            self.node.data_dir = PathBuf::from(dir);
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (defaults filled in, overrides applied).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a Config always serializes")
+    }
+
+    /// A local cluster of `nodes` nodes on 127.0.0.1 (the benchmark's default), seen from node
+    /// `id`. Node `n` uses peer ports from `7400 + 100 n` and client ports from `7450 + 100 n`.
+    pub fn local_cluster(nodes: u64, id: u64) -> Config {
+        let mut config = Config::default();
+        config.node.id = id;
+        config.cluster.nodes = (1..=nodes)
+            .map(|n| NodeAddress {
+                id: n,
+                host: IpAddr::from([127, 0, 0, 1]),
+                peer_port: 7400 + 100 * n as u16,
+                client_port: 7450 + 100 * n as u16,
+            })
+            .collect();
+        config
+    }
+
+    /// This node's entry in `cluster.nodes`.
+    pub fn this_node(&self) -> Option<&NodeAddress> {
+        self.cluster.nodes.iter().find(|n| n.id == self.node.id)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
