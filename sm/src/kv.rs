@@ -1,0 +1,1255 @@
+//! `KvStore`, the built-in state machine: an in-memory hash index over log-structured data files.
+//!
+//! - Values up to `inline_value_bytes_max` live in the index; larger ones are appended as
+//!   records to the active data file (`data-{id}.kv`) through a block-aligned tail buffer, and
+//!   read back with O_DIRECT, verified against their crc, key and version, through a bounded
+//!   cache. The store never serves bytes that fail verification.
+//! - Apply is not durable by itself (the WAL replays it). [`KvStore::checkpoint`] writes out the
+//!   tail, syncs every data file written since the last checkpoint, then writes the whole index
+//!   and applied index to `checkpoint.tmp`, syncs it and renames it to
+//!   `checkpoint-{applied}.ck` (rename and directory sync are durable). The last
+//!   `checkpoints_kept` checkpoints are kept; recovery loads the newest valid one and reports
+//!   damaged ones by name.
+//! - Compaction rewrites the live records of the emptiest sealed file into the active one, a
+//!   bounded number of bytes per step; a fully rewritten file is deleted once no kept checkpoint
+//!   and no open snapshot references it.
+//! - Snapshots stream the live keys in key order as numbered, checksummed chunks that can be
+//!   produced again from any number; restore stages the new state beside the old and switches
+//!   with one checkpoint.
+//!
+//! Formats: `docs/kv-format.md`.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::rc::Rc;
+
+use crate::command::{ArchivedBatch, ArchivedCommand, CommandResult};
+use crate::disk::{SmDisk, SM_BLOCK_BYTES};
+use crate::error::SmError;
+use crate::machine::StateMachine;
+
+/// Limits of one store. `tuning` maps the operator's `[sm]` section onto it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvConfig {
+    /// Values up to this size stay in memory: no read IO for small values. Default 64.
+    pub inline_value_bytes_max: usize,
+    /// Read cache for values in data files. Default 64 MiB.
+    pub cache_bytes_max: usize,
+    /// A data file is sealed and a new one started past this size. Default 64 MiB.
+    pub data_file_bytes_max: u64,
+    /// The tail is written out whenever it holds this much. Default 1 MiB.
+    pub write_buffer_bytes: usize,
+    /// Sealed files whose live bytes are below this percentage of their size are compacted.
+    /// Default 50.
+    pub compaction_live_percent_max: u64,
+    /// Checkpoints kept (the newest is used; older ones are fallbacks). Default 2.
+    pub checkpoints_kept: usize,
+    /// Target size of a snapshot chunk (a chunk holds at least one record). Default 1 MiB.
+    pub snapshot_chunk_bytes: usize,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        KvConfig {
+            inline_value_bytes_max: 64,
+            cache_bytes_max: 64 << 20,
+            data_file_bytes_max: 64 << 20,
+            write_buffer_bytes: 1 << 20,
+            compaction_live_percent_max: 50,
+            checkpoints_kept: 2,
+            snapshot_chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+const RECORD_HEADER_BYTES: usize = 24;
+const CHECKPOINT_MAGIC: [u8; 8] = *b"RRKVCKP1";
+const CHECKPOINT_HEADER_BYTES: usize = 64;
+const CHECKPOINT_TMP: &str = "checkpoint.tmp";
+const SNAPSHOT_MAGIC: [u8; 8] = *b"RRKVSNP1";
+const SNAPSHOT_HEADER_BYTES: usize = 40;
+const FORMAT_VERSION: u32 = 1;
+
+fn data_file_name(id: u32) -> String {
+    format!("data-{id:010}.kv")
+}
+
+fn parse_data_file_name(name: &str) -> Option<u32> {
+    name.strip_prefix("data-")?.strip_suffix(".kv")?.parse().ok()
+}
+
+fn checkpoint_name(applied: u64) -> String {
+    format!("checkpoint-{applied:020}.ck")
+}
+
+fn parse_checkpoint_name(name: &str) -> Option<u64> {
+    name.strip_prefix("checkpoint-")?
+        .strip_suffix(".ck")?
+        .parse()
+        .ok()
+}
+
+fn record_bytes(key_len: usize, value_len: usize) -> u64 {
+    ((RECORD_HEADER_BYTES + key_len + value_len).div_ceil(8) * 8) as u64
+}
+
+fn align_down(value: u64) -> u64 {
+    value & !(SM_BLOCK_BYTES as u64 - 1)
+}
+
+/// Encodes a data-file record: crc32c over everything after it, key and value lengths, version.
+fn encode_record(out: &mut Vec<u8>, key: &[u8], value: &[u8], version: u64) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    let crc = crc32c::crc32c(&out[start + 4..]);
+    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+    out.resize(start + record_bytes(key.len(), value.len()) as usize, 0);
+}
+
+/// A decoded record: (key, value, version), or why the bytes are not one.
+fn decode_record(bytes: &[u8]) -> Result<(&[u8], &[u8], u64), String> {
+    if bytes.len() < RECORD_HEADER_BYTES {
+        return Err("truncated record header".into());
+    }
+    let key_len = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+    let value_len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let end = RECORD_HEADER_BYTES
+        .checked_add(key_len)
+        .and_then(|n| n.checked_add(value_len))
+        .filter(|&end| end <= bytes.len())
+        .ok_or("record lengths exceed the data")?;
+    let stored = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+    if crc32c::crc32c(&bytes[4..end]) != stored {
+        return Err("crc32c mismatch".into());
+    }
+    let version = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+    Ok((&bytes[24..24 + key_len], &bytes[24 + key_len..end], version))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Loc {
+    Inline(Box<[u8]>),
+    File { file: u32, offset: u64, value_len: u32 },
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    version: u64,
+    loc: Loc,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct FileStats {
+    len: u64,
+    live: u64,
+}
+
+/// Values read from data files, bounded by bytes, evicted oldest first.
+#[derive(Debug, Default)]
+struct ReadCache {
+    values: HashMap<(u32, u64), Rc<[u8]>>,
+    order: VecDeque<(u32, u64)>,
+    bytes: usize,
+}
+
+impl ReadCache {
+    fn insert(&mut self, key: (u32, u64), value: Rc<[u8]>, limit: usize) {
+        if value.len() > limit || self.values.contains_key(&key) {
+            return;
+        }
+        self.bytes += value.len();
+        self.values.insert(key, value);
+        self.order.push_back(key);
+        while self.bytes > limit {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(value) = self.values.remove(&old) {
+                self.bytes -= value.len();
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = ReadCache::default();
+    }
+}
+
+/// A checkpoint as loaded or written: its applied index, file name and referenced data files.
+#[derive(Clone, Debug)]
+struct CheckpointInfo {
+    applied: u64,
+    name: String,
+    files: BTreeSet<u32>,
+}
+
+/// A restore in progress.
+#[derive(Debug)]
+struct Restore {
+    applied: u64,
+    next_chunk: u64,
+    chunks: u64,
+    index: HashMap<Box<[u8]>, Slot>,
+}
+
+/// The built-in key-value state machine. See the module docs.
+pub struct KvStore<D: SmDisk> {
+    disk: D,
+    config: KvConfig,
+    index: HashMap<Box<[u8]>, Slot>,
+    applied: u64,
+    durable: u64,
+    active_file: u32,
+    active_len: u64,
+    /// Bytes of the active file from `tail_start` (block aligned) to `active_len`.
+    tail_start: u64,
+    tail: Vec<u8>,
+    files: BTreeMap<u32, FileStats>,
+    dirty: BTreeSet<u32>,
+    cache: ReadCache,
+    checkpoints: VecDeque<CheckpointInfo>,
+    pins: Rc<RefCell<BTreeMap<u32, usize>>>,
+    garbage: BTreeSet<u32>,
+    /// Ids are never reused (cached reads are keyed by file id and offset).
+    next_file: u32,
+    compaction: Option<(u32, u64)>,
+    restore: Option<Restore>,
+    failure: Option<String>,
+    warnings: Vec<String>,
+}
+
+impl<D: SmDisk> std::fmt::Debug for KvStore<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore")
+            .field("keys", &self.index.len())
+            .field("applied", &self.applied)
+            .field("durable", &self.durable)
+            .field("active_file", &self.active_file)
+            .field("files", &self.files.len())
+            .finish()
+    }
+}
+
+/// Counters for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvStats {
+    pub keys: usize,
+    pub data_files: usize,
+    pub data_bytes: u64,
+    pub live_bytes: u64,
+    pub cache_bytes: usize,
+}
+
+impl<D: SmDisk> KvStore<D> {
+    /// Opens the store in `disk`: loads the newest valid checkpoint (reporting damaged ones in
+    /// [`KvStore::warnings`]) or starts empty. The engine then replays the log from
+    /// `durable_index() + 1`.
+    pub async fn open(disk: D, config: KvConfig) -> Result<KvStore<D>, SmError> {
+        assert!(
+            config.checkpoints_kept > 0 && config.write_buffer_bytes >= SM_BLOCK_BYTES,
+            "KvConfig limits"
+        );
+        let names = disk
+            .list()
+            .await
+            .map_err(|e| SmError::io("list", "state machine directory", e))?;
+        let mut store = KvStore {
+            disk: disk.clone(),
+            config,
+            index: HashMap::new(),
+            applied: 0,
+            durable: 0,
+            active_file: 0,
+            active_len: 0,
+            tail_start: 0,
+            tail: Vec::new(),
+            files: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            cache: ReadCache::default(),
+            checkpoints: VecDeque::new(),
+            pins: Rc::new(RefCell::new(BTreeMap::new())),
+            garbage: BTreeSet::new(),
+            next_file: 1,
+            compaction: None,
+            restore: None,
+            failure: None,
+            warnings: Vec::new(),
+        };
+        if names.iter().any(|n| n == CHECKPOINT_TMP) {
+            let _ = disk.remove(CHECKPOINT_TMP).await;
+        }
+        let mut checkpoints: Vec<(u64, String)> = names
+            .iter()
+            .filter_map(|n| parse_checkpoint_name(n).map(|a| (a, n.clone())))
+            .collect();
+        checkpoints.sort_unstable();
+        let mut loaded = None;
+        let mut valid = Vec::new();
+        for (applied, name) in checkpoints.iter().rev() {
+            let len = disk
+                .len(name)
+                .await
+                .map_err(|e| SmError::io("stat", name.clone(), e))?;
+            let bytes = disk
+                .read_at(name, 0, len as usize)
+                .await
+                .map_err(|e| SmError::io("read", name.clone(), e))?;
+            match parse_checkpoint(&bytes) {
+                Ok(parsed) if parsed.applied == *applied => {
+                    valid.push(CheckpointInfo {
+                        applied: *applied,
+                        name: name.clone(),
+                        files: parsed.files.keys().copied().collect(),
+                    });
+                    if loaded.is_none() {
+                        loaded = Some(parsed);
+                    }
+                }
+                Ok(parsed) => store
+                    .warnings
+                    .push(format!("{name}: names applied index {}", parsed.applied)),
+                Err(reason) => store.warnings.push(format!("{name}: {reason}")),
+            }
+        }
+        if loaded.is_none() && !checkpoints.is_empty() {
+            let (_, newest) = checkpoints.last().unwrap();
+            return Err(SmError::Corrupt {
+                file: newest.clone(),
+                offset: 0,
+                reason: format!(
+                    "no valid checkpoint to recover from: {}",
+                    store.warnings.join("; ")
+                ),
+            });
+        }
+        valid.reverse();
+        store.checkpoints = valid.into();
+        let referenced: BTreeSet<u32> = store
+            .checkpoints
+            .iter()
+            .flat_map(|c| c.files.iter().copied())
+            .collect();
+        if let Some(checkpoint) = loaded {
+            for (&id, &len) in &checkpoint.files {
+                let name = data_file_name(id);
+                let actual = disk.len(&name).await.map_err(|e| SmError::Corrupt {
+                    file: name.clone(),
+                    offset: 0,
+                    reason: format!("data file named by the checkpoint cannot be opened: {e}"),
+                })?;
+                if actual < len {
+                    return Err(SmError::Corrupt {
+                        file: name,
+                        offset: actual,
+                        reason: format!("data file is {actual} bytes, the checkpoint needs {len}"),
+                    });
+                }
+                store.files.insert(id, FileStats { len, live: 0 });
+            }
+            store.applied = checkpoint.applied;
+            store.durable = checkpoint.applied;
+            store.active_file = checkpoint.active_file;
+            store.active_len = checkpoint.active_len;
+            store.index = checkpoint.index;
+            store.files.entry(store.active_file).or_default().len = store.active_len;
+        }
+        // Data files no kept checkpoint needs (written after the last checkpoint, or garbage).
+        for name in &names {
+            if let Some(id) = parse_data_file_name(name) {
+                if !referenced.contains(&id) && !(store.files.contains_key(&id)) {
+                    disk.remove(name)
+                        .await
+                        .map_err(|e| SmError::io("remove stale data file", name.clone(), e))?;
+                }
+            }
+        }
+        // Files only older kept checkpoints list: deleted once those checkpoints are.
+        for &file in &referenced {
+            if !store.files.contains_key(&file) {
+                store.garbage.insert(file);
+            }
+        }
+        store.next_file = referenced
+            .iter()
+            .chain(store.files.keys())
+            .max()
+            .map_or(0, |&m| m)
+            + 1;
+        store.next_file = store.next_file.max(store.active_file + 1);
+        store.recount_live();
+        store.tail_start = align_down(store.active_len);
+        if store.active_len > store.tail_start {
+            let name = data_file_name(store.active_file);
+            let len = (store.active_len - store.tail_start) as usize;
+            let block = disk
+                .read_at(&name, store.tail_start, len)
+                .await
+                .map_err(|e| SmError::io("read", name.clone(), e))?;
+            if block.len() != len {
+                return Err(SmError::Corrupt {
+                    file: name,
+                    offset: store.tail_start,
+                    reason: "active data file is shorter than its tail".into(),
+                });
+            }
+            store.tail = block;
+        }
+        Ok(store)
+    }
+
+    /// Damaged checkpoints skipped at open, each with its file name and the reason.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    pub fn stats(&self) -> KvStats {
+        KvStats {
+            keys: self.index.len(),
+            data_files: self.files.len(),
+            data_bytes: self.files.values().map(|f| f.len).sum(),
+            live_bytes: self.files.values().map(|f| f.live).sum(),
+            cache_bytes: self.cache.bytes,
+        }
+    }
+
+    fn recount_live(&mut self) {
+        for stats in self.files.values_mut() {
+            stats.live = 0;
+        }
+        for (key, slot) in &self.index {
+            if let Loc::File { file, value_len, .. } = slot.loc {
+                self.files.entry(file).or_default().live += record_bytes(key.len(), value_len as usize);
+            }
+        }
+    }
+
+    fn check_usable(&self, op: &'static str) -> Result<(), SmError> {
+        match &self.failure {
+            Some(cause) => Err(SmError::Failed {
+                op,
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, error: SmError) -> SmError {
+        if self.failure.is_none() {
+            self.failure = Some(error.to_string());
+        }
+        error
+    }
+
+    /// Writes the tail's blocks to the active file (the partial last block is written again
+    /// next time, with more bytes).
+    async fn flush_tail(&mut self) -> Result<(), SmError> {
+        if self.tail.is_empty() {
+            return Ok(());
+        }
+        let padded = self.tail.len().div_ceil(SM_BLOCK_BYTES) * SM_BLOCK_BYTES;
+        let mut buffer = self.disk.alloc_buffer(padded);
+        buffer.as_mut()[..self.tail.len()].copy_from_slice(&self.tail);
+        let name = data_file_name(self.active_file);
+        self.disk
+            .write_at(&name, self.tail_start, buffer)
+            .await
+            .map_err(|e| SmError::io("write", name.clone(), e))?;
+        self.dirty.insert(self.active_file);
+        let full = (self.tail.len() / SM_BLOCK_BYTES) * SM_BLOCK_BYTES;
+        self.tail.drain(..full);
+        self.tail_start += full as u64;
+        Ok(())
+    }
+
+    /// Appends a record for `key` to the active file; returns its location.
+    async fn append_record(&mut self, key: &[u8], value: &[u8], version: u64) -> Result<Loc, SmError> {
+        let bytes = record_bytes(key.len(), value.len());
+        if self.active_len > 0 && self.active_len + bytes > self.config.data_file_bytes_max {
+            // Seal the active file and start the next one.
+            self.flush_tail().await?;
+            let next = self.next_file;
+            self.next_file += 1;
+            self.active_file = next;
+            self.active_len = 0;
+            self.tail_start = 0;
+            self.tail.clear();
+            self.files.insert(next, FileStats::default());
+        }
+        let offset = self.active_len;
+        encode_record(&mut self.tail, key, value, version);
+        self.active_len += bytes;
+        let stats = self.files.entry(self.active_file).or_default();
+        stats.len = self.active_len;
+        if self.tail.len() >= self.config.write_buffer_bytes {
+            self.flush_tail().await?;
+        }
+        Ok(Loc::File {
+            file: self.active_file,
+            offset,
+            value_len: value.len() as u32,
+        })
+    }
+
+    fn release(&mut self, key_len: usize, slot: &Slot) {
+        if let Loc::File { file, value_len, .. } = slot.loc {
+            if let Some(stats) = self.files.get_mut(&file) {
+                stats.live = stats
+                    .live
+                    .saturating_sub(record_bytes(key_len, value_len as usize));
+            }
+        }
+    }
+
+    async fn put(&mut self, key: &[u8], value: &[u8], version: u64) -> Result<(), SmError> {
+        let loc = if value.len() <= self.config.inline_value_bytes_max {
+            Loc::Inline(value.into())
+        } else {
+            self.append_record(key, value, version).await?
+        };
+        if let Loc::File { file, .. } = loc {
+            self.files.entry(file).or_default().live += record_bytes(key.len(), value.len());
+        }
+        if let Some(old) = self.index.insert(key.into(), Slot { version, loc }) {
+            self.release(key.len(), &old);
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &[u8]) -> bool {
+        match self.index.remove(key) {
+            Some(old) => {
+                self.release(key.len(), &old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Reads a value at a location, verifying it.
+    async fn load(&mut self, key: &[u8], slot: &Slot) -> Result<Rc<[u8]>, SmError> {
+        let (file, offset, value_len) = match &slot.loc {
+            Loc::Inline(value) => return Ok(Rc::from(&value[..])),
+            Loc::File {
+                file,
+                offset,
+                value_len,
+            } => (*file, *offset, *value_len as usize),
+        };
+        if let Some(value) = self.cache.values.get(&(file, offset)) {
+            return Ok(value.clone());
+        }
+        let len = RECORD_HEADER_BYTES + key.len() + value_len;
+        let name = data_file_name(file);
+        let bytes = if file == self.active_file && offset >= self.tail_start {
+            let at = (offset - self.tail_start) as usize;
+            self.tail[at..at + len].to_vec()
+        } else {
+            self.disk
+                .read_at(&name, offset, len)
+                .await
+                .map_err(|e| SmError::io("read", name.clone(), e))?
+        };
+        let corrupt = |reason: String| SmError::Corrupt {
+            file: name.clone(),
+            offset,
+            reason,
+        };
+        let (stored_key, value, version) = decode_record(&bytes).map_err(corrupt)?;
+        if stored_key != key || version != slot.version || value.len() != value_len {
+            return Err(corrupt(format!(
+                "record is for another key or version (version {version}, expected {})",
+                slot.version
+            )));
+        }
+        let value: Rc<[u8]> = Rc::from(value);
+        self.cache
+            .insert((file, offset), value.clone(), self.config.cache_bytes_max);
+        Ok(value)
+    }
+
+    /// The current value of `key`.
+    pub async fn get(&mut self, key: &[u8]) -> Result<Option<Rc<[u8]>>, SmError> {
+        let Some(slot) = self.index.get(key).cloned() else {
+            return Ok(None);
+        };
+        self.load(key, &slot).await.map(Some)
+    }
+
+    async fn apply_batch(
+        &mut self,
+        index: u64,
+        batch: &ArchivedBatch,
+        results: &mut Vec<CommandResult>,
+    ) -> Result<(), SmError> {
+        for command in batch.commands.iter() {
+            let result = match command {
+                ArchivedCommand::Put { key, value } => {
+                    self.put(key.as_slice(), value.as_slice(), index).await?;
+                    CommandResult::Ok
+                }
+                ArchivedCommand::Delete { key } => {
+                    if self.delete(key.as_slice()) {
+                        CommandResult::Ok
+                    } else {
+                        CommandResult::NotFound
+                    }
+                }
+                ArchivedCommand::CompareAndSwap { key, expected, new } => {
+                    let current = self.get(key.as_slice()).await?;
+                    if current.as_deref() == expected.as_ref().map(|e| e.as_slice()) {
+                        match new.as_ref() {
+                            Some(value) => self.put(key.as_slice(), value.as_slice(), index).await?,
+                            None => {
+                                self.delete(key.as_slice());
+                            }
+                        }
+                        CommandResult::Ok
+                    } else {
+                        CommandResult::CasMismatch {
+                            current: current.map(|v| v.to_vec()),
+                        }
+                    }
+                }
+                ArchivedCommand::Get { key } => match self.get(key.as_slice()).await? {
+                    Some(value) => CommandResult::Value(value.to_vec()),
+                    None => CommandResult::NotFound,
+                },
+            };
+            results.push(result);
+        }
+        Ok(())
+    }
+
+    /// Writes the index and applied index durably (see the module docs for the sequence).
+    pub async fn checkpoint_now(&mut self) -> Result<u64, SmError> {
+        self.check_usable("checkpoint")?;
+        if self.durable == self.applied && !self.checkpoints.is_empty() {
+            return Ok(self.durable);
+        }
+        match self.write_checkpoint().await {
+            Ok(()) => Ok(self.durable),
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
+    async fn write_checkpoint(&mut self) -> Result<(), SmError> {
+        self.flush_tail().await?;
+        // Every data file written since the last checkpoint is synced before the checkpoint
+        // that points into it can exist.
+        for file in std::mem::take(&mut self.dirty) {
+            let name = data_file_name(file);
+            self.disk
+                .sync(&name)
+                .await
+                .map_err(|e| SmError::io("sync", name.clone(), e))?;
+        }
+        let bytes = encode_checkpoint(self);
+        let padded = bytes.len().div_ceil(SM_BLOCK_BYTES) * SM_BLOCK_BYTES;
+        let mut buffer = self.disk.alloc_buffer(padded);
+        buffer.as_mut()[..bytes.len()].copy_from_slice(&bytes);
+        let name = checkpoint_name(self.applied);
+        let io = |op| move |e| SmError::io(op, CHECKPOINT_TMP, e);
+        if self
+            .disk
+            .list()
+            .await
+            .map_err(io("list"))?
+            .iter()
+            .any(|n| n == CHECKPOINT_TMP)
+        {
+            self.disk.remove(CHECKPOINT_TMP).await.map_err(io("remove"))?;
+        }
+        self.disk
+            .write_at(CHECKPOINT_TMP, 0, buffer)
+            .await
+            .map_err(io("write"))?;
+        self.disk.sync(CHECKPOINT_TMP).await.map_err(io("sync"))?;
+        // The switch: the rename is durable when it returns (the directory is synced).
+        self.disk
+            .rename(CHECKPOINT_TMP, &name)
+            .await
+            .map_err(io("rename"))?;
+        self.durable = self.applied;
+        self.checkpoints.retain(|c| c.name != name);
+        self.checkpoints.push_back(CheckpointInfo {
+            applied: self.applied,
+            name,
+            files: self.files.keys().copied().collect(),
+        });
+        while self.checkpoints.len() > self.config.checkpoints_kept {
+            let old = self.checkpoints.pop_front().unwrap();
+            self.disk
+                .remove(&old.name)
+                .await
+                .map_err(|e| SmError::io("remove", old.name.clone(), e))?;
+        }
+        self.delete_garbage().await
+    }
+
+    /// Deletes fully compacted files no kept checkpoint or open snapshot references.
+    async fn delete_garbage(&mut self) -> Result<(), SmError> {
+        let referenced: BTreeSet<u32> = self
+            .checkpoints
+            .iter()
+            .flat_map(|c| c.files.iter().copied())
+            .collect();
+        let pinned: BTreeSet<u32> = self
+            .pins
+            .borrow()
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(&f, _)| f)
+            .collect();
+        for file in self.garbage.clone() {
+            if referenced.contains(&file) || pinned.contains(&file) || file == self.active_file {
+                continue;
+            }
+            let name = data_file_name(file);
+            self.disk
+                .remove(&name)
+                .await
+                .map_err(|e| SmError::io("remove", name.clone(), e))?;
+            self.garbage.remove(&file);
+            self.cache.values.retain(|&(f, _), _| f != file);
+        }
+        Ok(())
+    }
+
+    /// Moves live records out of the emptiest sealed file, reading at most about `budget_bytes`
+    /// of it; returns the bytes processed (0: nothing to compact). Call it between applies; its
+    /// budget bounds how long it holds the shard.
+    pub async fn compact_step(&mut self, budget_bytes: u64) -> Result<u64, SmError> {
+        self.check_usable("compact")?;
+        if self.compaction.is_none() {
+            let candidate = self
+                .files
+                .iter()
+                .filter(|(&id, s)| id != self.active_file && !self.garbage.contains(&id) && s.len > 0)
+                .filter(|(_, s)| s.live * 100 < s.len * self.config.compaction_live_percent_max)
+                .min_by_key(|(_, s)| s.live * 1000 / s.len.max(1))
+                .map(|(&id, _)| id);
+            match candidate {
+                Some(file) => self.compaction = Some((file, 0)),
+                None => return Ok(0),
+            }
+        }
+        let (file, start) = self.compaction.unwrap();
+        let name = data_file_name(file);
+        let len = self.files.get(&file).map_or(0, |s| s.len);
+        let want = budget_bytes.max(RECORD_HEADER_BYTES as u64).min(len - start) as usize;
+        let bytes = self
+            .disk
+            .read_at(&name, start, want)
+            .await
+            .map_err(|e| SmError::io("read", name.clone(), e))?;
+        let mut at = 0usize;
+        while (at as u64) < want as u64 && start + (at as u64) < len {
+            let offset = start + at as u64;
+            // The record, from the window when it lies inside, else read on its own (its header
+            // first when even that straddles the window's end).
+            let header = if bytes.len() >= at + RECORD_HEADER_BYTES {
+                bytes[at..at + RECORD_HEADER_BYTES].to_vec()
+            } else {
+                self.disk
+                    .read_at(&name, offset, RECORD_HEADER_BYTES)
+                    .await
+                    .map_err(|e| SmError::io("read", name.clone(), e))?
+            };
+            if header.len() < RECORD_HEADER_BYTES {
+                return Err(SmError::Corrupt {
+                    file: name,
+                    offset,
+                    reason: "truncated record header".into(),
+                });
+            }
+            let key_len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
+            let value_len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+            let total = RECORD_HEADER_BYTES
+                .saturating_add(key_len)
+                .saturating_add(value_len);
+            let record = if bytes.len() >= at.saturating_add(total) {
+                bytes[at..at + total].to_vec()
+            } else {
+                self.disk
+                    .read_at(&name, offset, total)
+                    .await
+                    .map_err(|e| SmError::io("read", name.clone(), e))?
+            };
+            let (key, value, version) = decode_record(&record).map_err(|reason| SmError::Corrupt {
+                file: name.clone(),
+                offset,
+                reason,
+            })?;
+            let live = self.index.get(key).is_some_and(|slot| {
+                slot.version == version
+                    && matches!(slot.loc, Loc::File { file: f, offset: o, .. } if f == file && o == offset)
+            });
+            if live {
+                let (key, value) = (key.to_vec(), value.to_vec());
+                let loc = self.append_record(&key, &value, version).await?;
+                self.files.entry(self.active_file).or_default().live += record_bytes(key.len(), value.len());
+                let slot = self.index.get_mut(&key[..]).unwrap();
+                let old = std::mem::replace(slot, Slot { version, loc });
+                self.release(key.len(), &old);
+            }
+            at += record_bytes(key.len(), value.len()) as usize;
+        }
+        let next = start + at as u64;
+        if next >= len {
+            // Fully rewritten: new checkpoints no longer list it; it is deleted once the kept
+            // checkpoints that do list it are gone.
+            self.compaction = None;
+            self.files.remove(&file);
+            self.garbage.insert(file);
+        } else {
+            self.compaction = Some((file, next));
+        }
+        Ok(at as u64)
+    }
+}
+
+/// A checkpoint's contents.
+struct ParsedCheckpoint {
+    applied: u64,
+    active_file: u32,
+    active_len: u64,
+    files: BTreeMap<u32, u64>,
+    index: HashMap<Box<[u8]>, Slot>,
+}
+
+fn encode_checkpoint<D: SmDisk>(store: &KvStore<D>) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (&id, stats) in &store.files {
+        body.extend_from_slice(&id.to_le_bytes());
+        body.extend_from_slice(&stats.len.to_le_bytes());
+    }
+    for (key, slot) in &store.index {
+        body.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        body.push(matches!(slot.loc, Loc::File { .. }) as u8);
+        body.extend_from_slice(&[0; 3]);
+        body.extend_from_slice(&slot.version.to_le_bytes());
+        body.extend_from_slice(key);
+        match &slot.loc {
+            Loc::Inline(value) => {
+                body.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                body.extend_from_slice(value);
+            }
+            Loc::File {
+                file,
+                offset,
+                value_len,
+            } => {
+                body.extend_from_slice(&file.to_le_bytes());
+                body.extend_from_slice(&offset.to_le_bytes());
+                body.extend_from_slice(&value_len.to_le_bytes());
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(CHECKPOINT_HEADER_BYTES + body.len());
+    out.extend_from_slice(&CHECKPOINT_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(store.files.len() as u32).to_le_bytes());
+    out.extend_from_slice(&store.applied.to_le_bytes());
+    out.extend_from_slice(&(store.index.len() as u64).to_le_bytes());
+    out.extend_from_slice(&store.active_file.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&store.active_len.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    let header_crc = crc32c::crc32c(&out[..60]);
+    out.extend_from_slice(&header_crc.to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A bounds-checked little-endian reader.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| format!("truncated at byte {}", self.at))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+}
+
+fn parse_checkpoint(bytes: &[u8]) -> Result<ParsedCheckpoint, String> {
+    if bytes.len() < CHECKPOINT_HEADER_BYTES {
+        return Err("shorter than a checkpoint header".into());
+    }
+    if bytes[0..8] != CHECKPOINT_MAGIC {
+        return Err("bad magic".into());
+    }
+    let header_crc = u32::from_le_bytes(bytes[60..64].try_into().unwrap());
+    if crc32c::crc32c(&bytes[..60]) != header_crc {
+        return Err("header crc32c mismatch".into());
+    }
+    let mut header = Reader {
+        bytes: &bytes[..60],
+        at: 8,
+    };
+    let version = header.u32()?;
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}, this build reads {FORMAT_VERSION}"
+        ));
+    }
+    let file_count = header.u32()? as usize;
+    let applied = header.u64()?;
+    let entries = header.u64()?;
+    let active_file = header.u32()?;
+    header.u32()?;
+    let active_len = header.u64()?;
+    let body_len = header.u64()? as usize;
+    let body_crc = header.u32()?;
+    let body = bytes
+        .get(CHECKPOINT_HEADER_BYTES..CHECKPOINT_HEADER_BYTES.saturating_add(body_len))
+        .ok_or("body extends past the end of the file")?;
+    if crc32c::crc32c(body) != body_crc {
+        return Err("body crc32c mismatch".into());
+    }
+    let mut r = Reader { bytes: body, at: 0 };
+    let mut files = BTreeMap::new();
+    for _ in 0..file_count {
+        let id = r.u32()?;
+        files.insert(id, r.u64()?);
+    }
+    let mut index = HashMap::with_capacity(entries.min(1 << 24) as usize);
+    for _ in 0..entries {
+        let key_len = r.u32()? as usize;
+        let kind = r.take(4)?[0];
+        let version = r.u64()?;
+        let key: Box<[u8]> = r.take(key_len)?.into();
+        let loc = match kind {
+            0 => {
+                let len = r.u32()? as usize;
+                Loc::Inline(r.take(len)?.into())
+            }
+            1 => {
+                let file = r.u32()?;
+                let offset = r.u64()?;
+                let value_len = r.u32()?;
+                // Checked: a damaged offset must be an error, not an overflow.
+                let end = offset.checked_add(record_bytes(key_len, value_len as usize));
+                if files
+                    .get(&file)
+                    .is_none_or(|&len| end.is_none_or(|end| end > len))
+                {
+                    return Err(format!("an entry points past data file {file}"));
+                }
+                Loc::File {
+                    file,
+                    offset,
+                    value_len,
+                }
+            }
+            other => return Err(format!("unknown entry kind {other}")),
+        };
+        index.insert(key, Slot { version, loc });
+    }
+    if r.at != body.len() {
+        return Err("trailing bytes after the last entry".into());
+    }
+    Ok(ParsedCheckpoint {
+        applied,
+        active_file,
+        active_len,
+        files,
+        index,
+    })
+}
+
+/// A consistent snapshot of a [`KvStore`]: the live keys in key order at one applied index.
+/// Data files it reads stay on disk while it is alive.
+#[derive(Debug)]
+pub struct KvSnapshot {
+    applied: u64,
+    items: Vec<(Box<[u8]>, Slot)>,
+    chunk_starts: Vec<usize>,
+    pins: Rc<RefCell<BTreeMap<u32, usize>>>,
+    pinned: BTreeSet<u32>,
+}
+
+impl KvSnapshot {
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.chunk_starts.len() as u64
+    }
+}
+
+impl Drop for KvSnapshot {
+    fn drop(&mut self) {
+        let mut pins = self.pins.borrow_mut();
+        for file in &self.pinned {
+            if let Some(count) = pins.get_mut(file) {
+                *count -= 1;
+            }
+        }
+    }
+}
+
+impl<D: SmDisk> StateMachine for KvStore<D> {
+    type Snapshot = KvSnapshot;
+
+    async fn apply(
+        &mut self,
+        index: u64,
+        batch: &ArchivedBatch,
+        results: &mut Vec<CommandResult>,
+    ) -> Result<(), SmError> {
+        self.check_usable("apply")?;
+        if index <= self.applied {
+            return Ok(());
+        }
+        match self.apply_batch(index, batch, results).await {
+            Ok(()) => {
+                self.applied = index;
+                Ok(())
+            }
+            // Part of the batch may be applied: only a reopen (checkpoint + replay) is sound.
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
+    async fn read(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, SmError> {
+        self.check_usable("read")?;
+        Ok(self.get(key).await?.map(|v| v.to_vec()))
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    fn durable_index(&self) -> u64 {
+        self.durable
+    }
+
+    async fn checkpoint(&mut self) -> Result<u64, SmError> {
+        self.checkpoint_now().await
+    }
+
+    fn snapshot(&mut self) -> Result<KvSnapshot, SmError> {
+        self.check_usable("snapshot")?;
+        let mut items: Vec<(Box<[u8]>, Slot)> =
+            self.index.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        items.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut chunk_starts = Vec::new();
+        let mut size = usize::MAX;
+        for (i, (key, slot)) in items.iter().enumerate() {
+            let value_len = match &slot.loc {
+                Loc::Inline(v) => v.len(),
+                Loc::File { value_len, .. } => *value_len as usize,
+            };
+            let bytes = 16 + key.len() + value_len;
+            if size.saturating_add(bytes) > self.config.snapshot_chunk_bytes {
+                chunk_starts.push(i);
+                size = 0;
+            }
+            size += bytes;
+        }
+        if chunk_starts.is_empty() {
+            chunk_starts.push(0); // an empty store is one empty chunk
+        }
+        let pinned: BTreeSet<u32> = items
+            .iter()
+            .filter_map(|(_, s)| match s.loc {
+                Loc::File { file, .. } => Some(file),
+                Loc::Inline(_) => None,
+            })
+            .collect();
+        {
+            let mut pins = self.pins.borrow_mut();
+            for &file in &pinned {
+                *pins.entry(file).or_insert(0) += 1;
+            }
+        }
+        Ok(KvSnapshot {
+            applied: self.applied,
+            items,
+            chunk_starts,
+            pins: self.pins.clone(),
+            pinned,
+        })
+    }
+
+    async fn snapshot_chunk(
+        &mut self,
+        snapshot: &KvSnapshot,
+        number: u64,
+    ) -> Result<Option<Vec<u8>>, SmError> {
+        let Some(&start) = snapshot.chunk_starts.get(number as usize) else {
+            return Ok(None);
+        };
+        let end = snapshot
+            .chunk_starts
+            .get(number as usize + 1)
+            .copied()
+            .unwrap_or(snapshot.items.len());
+        let mut body = Vec::new();
+        for (key, slot) in &snapshot.items[start..end] {
+            let value = self.load(key, slot).await?;
+            body.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            body.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            body.extend_from_slice(&slot.version.to_le_bytes());
+            body.extend_from_slice(key);
+            body.extend_from_slice(&value);
+        }
+        let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + body.len());
+        out.extend_from_slice(&SNAPSHOT_MAGIC);
+        out.extend_from_slice(&snapshot.applied.to_le_bytes());
+        out.extend_from_slice(&number.to_le_bytes());
+        out.extend_from_slice(&((end - start) as u32).to_le_bytes());
+        out.extend_from_slice(&(snapshot.chunk_starts.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        let header_crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&header_crc.to_le_bytes());
+        out.extend_from_slice(&body);
+        Ok(Some(out))
+    }
+
+    async fn restore_chunk(&mut self, chunk: &[u8]) -> Result<(), SmError> {
+        self.check_usable("restore")?;
+        let bad = |number: u64, reason: String| SmError::BadChunk {
+            chunk: number,
+            reason,
+        };
+        if chunk.len() < SNAPSHOT_HEADER_BYTES || chunk[0..8] != SNAPSHOT_MAGIC {
+            return Err(bad(0, "not a snapshot chunk".into()));
+        }
+        let mut header = Reader {
+            bytes: &chunk[..SNAPSHOT_HEADER_BYTES],
+            at: 8,
+        };
+        let applied = header.u64().map_err(|e| bad(0, e))?;
+        let number = header.u64().map_err(|e| bad(0, e))?;
+        let records = header.u32().map_err(|e| bad(number, e))?;
+        let chunks = header.u32().map_err(|e| bad(number, e))? as u64;
+        let body_crc = header.u32().map_err(|e| bad(number, e))?;
+        let header_crc = header.u32().map_err(|e| bad(number, e))?;
+        if crc32c::crc32c(&chunk[..36]) != header_crc {
+            return Err(bad(number, "header crc32c mismatch".into()));
+        }
+        let body = &chunk[SNAPSHOT_HEADER_BYTES..];
+        if crc32c::crc32c(body) != body_crc {
+            return Err(bad(number, "body crc32c mismatch".into()));
+        }
+        if number >= chunks {
+            return Err(bad(
+                number,
+                format!("numbered past the snapshot's {chunks} chunks"),
+            ));
+        }
+        if self.restore.is_none() {
+            if number != 0 {
+                return Err(bad(number, "a restore starts at chunk 0".into()));
+            }
+            self.restore = Some(Restore {
+                applied,
+                next_chunk: 0,
+                chunks,
+                index: HashMap::new(),
+            });
+        }
+        let restore = self.restore.as_mut().unwrap();
+        if restore.applied != applied || restore.chunks != chunks {
+            return Err(bad(
+                number,
+                format!("belongs to the snapshot at {applied}, not {}", restore.applied),
+            ));
+        }
+        if number < restore.next_chunk {
+            return Ok(()); // already have it: the sender resumed from an earlier boundary
+        }
+        if number > restore.next_chunk {
+            return Err(bad(number, format!("chunk {} is missing", restore.next_chunk)));
+        }
+        let mut r = Reader { bytes: body, at: 0 };
+        let mut parsed = Vec::with_capacity(records as usize);
+        for _ in 0..records {
+            let key_len = r.u32().map_err(|e| bad(number, e))? as usize;
+            let value_len = r.u32().map_err(|e| bad(number, e))? as usize;
+            let version = r.u64().map_err(|e| bad(number, e))?;
+            let key = r.take(key_len).map_err(|e| bad(number, e))?;
+            let value = r.take(value_len).map_err(|e| bad(number, e))?;
+            parsed.push((key, value, version));
+        }
+        if r.at != body.len() {
+            return Err(bad(number, "trailing bytes after the last record".into()));
+        }
+        // Values are written beside the current state; nothing of it changes until the finish.
+        let mut staged = Vec::with_capacity(parsed.len());
+        for (key, value, version) in parsed {
+            let loc = if value.len() <= self.config.inline_value_bytes_max {
+                Loc::Inline(value.into())
+            } else {
+                self.append_record(key, value, version)
+                    .await
+                    .map_err(|e| self.fail(e))?
+            };
+            staged.push((Box::<[u8]>::from(key), Slot { version, loc }));
+        }
+        let restore = self.restore.as_mut().unwrap();
+        restore.index.extend(staged);
+        restore.next_chunk += 1;
+        Ok(())
+    }
+
+    async fn restore_finish(&mut self) -> Result<u64, SmError> {
+        self.check_usable("restore")?;
+        let Some(restore) = self.restore.take_if(|r| r.next_chunk == r.chunks) else {
+            let reason = match &self.restore {
+                Some(r) => format!("only {} of {} chunks received", r.next_chunk, r.chunks),
+                None => "no restore in progress".into(),
+            };
+            return Err(SmError::BadChunk {
+                chunk: self.restore.as_ref().map_or(0, |r| r.next_chunk),
+                reason,
+            });
+        };
+        let previous: BTreeSet<u32> = self
+            .files
+            .keys()
+            .copied()
+            .filter(|&f| f != self.active_file)
+            .collect();
+        self.index = restore.index;
+        self.applied = restore.applied;
+        self.cache.clear();
+        self.recount_live();
+        // Files that held only the old state become garbage once no checkpoint needs them.
+        let dead: Vec<u32> = self
+            .files
+            .iter()
+            .filter(|(file, stats)| stats.live == 0 && previous.contains(file))
+            .map(|(&file, _)| file)
+            .collect();
+        for file in dead {
+            self.files.remove(&file);
+            self.garbage.insert(file);
+        }
+        self.durable = 0; // force the checkpoint: the switch is durable when it returns
+        self.checkpoints.retain(|c| c.applied != self.applied);
+        self.checkpoint_now().await
+    }
+}

@@ -1,0 +1,63 @@
+//! The `StateMachine` trait: what the engine drives on every replica.
+
+use crate::command::{ArchivedBatch, CommandResult};
+use crate::error::SmError;
+
+/// A replicated state machine. Runs on its shard's thread (futures are not `Send`).
+///
+/// The contract:
+/// - [`apply`](StateMachine::apply) need not be durable: the WAL holds every committed entry and
+///   the engine replays from [`durable_index`](StateMachine::durable_index) + 1 after a restart.
+/// - [`checkpoint`](StateMachine::checkpoint) makes everything applied so far durable. The engine
+///   compacts the log only up to the last durable checkpoint, so no committed entry is ever lost.
+/// - Applying an index at or below [`applied_index`](StateMachine::applied_index) is a no-op that
+///   yields no results (replay after a crash is idempotent).
+/// - Apply is deterministic: every replica that applies the same entries reaches the same state.
+///   A command it cannot honour yields a result (e.g. `CasMismatch`); apply never panics on
+///   validated input.
+/// - Snapshots are consistent at one applied index, produced as numbered chunks that can be
+///   produced again from any chunk number (resumable), and restored chunk by chunk.
+#[allow(async_fn_in_trait)] // single-threaded executors: no Send bound is wanted
+pub trait StateMachine {
+    /// A snapshot being streamed out.
+    type Snapshot;
+
+    /// Applies the batch committed at `index`, pushing one result per command, in batch order.
+    async fn apply(
+        &mut self,
+        index: u64,
+        batch: &ArchivedBatch,
+        results: &mut Vec<CommandResult>,
+    ) -> Result<(), SmError>;
+
+    /// The value of `key` as applied so far (a local read; the engine adds linearizability).
+    async fn read(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, SmError>;
+
+    /// The last index applied (in memory).
+    fn applied_index(&self) -> u64;
+
+    /// The last index made durable by a checkpoint.
+    fn durable_index(&self) -> u64;
+
+    /// Makes the state at `applied_index()` durable; returns that index.
+    async fn checkpoint(&mut self) -> Result<u64, SmError>;
+
+    /// Starts a consistent snapshot at `applied_index()`.
+    fn snapshot(&mut self) -> Result<Self::Snapshot, SmError>;
+
+    /// Chunk `number` of `snapshot` (numbers start at 0), or `None` past the last one. Any chunk
+    /// can be asked for again (resuming after a dropped connection).
+    async fn snapshot_chunk(
+        &mut self,
+        snapshot: &Self::Snapshot,
+        number: u64,
+    ) -> Result<Option<Vec<u8>>, SmError>;
+
+    /// Replaces the whole state with a snapshot, given its chunks in order (a chunk already
+    /// received is ignored, so a sender may resume from an earlier boundary). The state switches
+    /// atomically and durably at [`StateMachine::restore_finish`].
+    async fn restore_chunk(&mut self, chunk: &[u8]) -> Result<(), SmError>;
+
+    /// Completes a restore; returns the snapshot's applied index, now durable.
+    async fn restore_finish(&mut self) -> Result<u64, SmError>;
+}

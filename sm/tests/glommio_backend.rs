@@ -1,0 +1,85 @@
+//! The store on real files: O_DIRECT through glommio, checkpoint, reopen on a fresh executor,
+//! compaction, snapshot to another directory.
+
+use glommio::{LocalExecutorBuilder, Placement};
+use ringraft_sm::{encode_batch, BatchView, Command, GlommioSmDisk, KvConfig, KvStore, StateMachine};
+
+fn on_executor<T: Send + 'static, F>(f: impl FnOnce() -> F + Send + 'static) -> T
+where
+    F: std::future::Future<Output = T> + 'static,
+{
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .io_memory(2 << 20)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+fn config() -> KvConfig {
+    KvConfig {
+        data_file_bytes_max: 256 << 10,
+        snapshot_chunk_bytes: 64 << 10,
+        ..KvConfig::default()
+    }
+}
+
+fn value(key: u64, round: u64) -> Vec<u8> {
+    vec![(key * 7 + round) as u8; 100 + (key as usize * 37) % 3000]
+}
+
+#[test]
+fn store_survives_reopen_and_streams_a_snapshot_to_another_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, copy) = (dir.path().join("data"), dir.path().join("copy"));
+    let (data2, copy2) = (data.clone(), copy.clone());
+    on_executor(move || async move {
+        let disk = GlommioSmDisk::open(&data2).await.unwrap();
+        let mut store = KvStore::open(disk, config()).await.unwrap();
+        let mut index = 0;
+        for round in 0..5u64 {
+            let commands = (0..200u64)
+                .map(|k| Command::Put {
+                    key: format!("k{k}").into_bytes(),
+                    value: value(k, round),
+                })
+                .collect();
+            index += 1;
+            let bytes = encode_batch(commands);
+            store
+                .apply(index, BatchView::new(&bytes).unwrap().batch(), &mut Vec::new())
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.checkpoint().await.unwrap(), 5);
+        while store.compact_step(1 << 20).await.unwrap() > 0 {}
+        store.checkpoint().await.unwrap();
+        // Snapshot into a fresh store in another directory.
+        let snapshot = store.snapshot().unwrap();
+        let mut target = KvStore::open(GlommioSmDisk::open(&copy2).await.unwrap(), config())
+            .await
+            .unwrap();
+        let mut number = 0;
+        while let Some(chunk) = store.snapshot_chunk(&snapshot, number).await.unwrap() {
+            target.restore_chunk(&chunk).await.unwrap();
+            number += 1;
+        }
+        assert!(number > 1, "several chunks");
+        assert_eq!(target.restore_finish().await.unwrap(), 5);
+    });
+    for dir in [data, copy] {
+        on_executor(move || async move {
+            let mut store = KvStore::open(GlommioSmDisk::open(&dir).await.unwrap(), config())
+                .await
+                .unwrap();
+            assert_eq!(store.durable_index(), 5);
+            for k in 0..200u64 {
+                assert_eq!(
+                    store.read(format!("k{k}").as_bytes()).await.unwrap(),
+                    Some(value(k, 4)),
+                    "{dir:?} k{k}"
+                );
+            }
+        });
+    }
+}
