@@ -345,7 +345,9 @@ impl<D: Disk> Wal<D> {
             if log.hard_state != HardState::default() {
                 wal.placed_hard_state.insert(group, log.hard_state);
             }
-            if log.first > 1 {
+            // Any compaction point, including a reset to index 0 with a non-zero term, must be
+            // restated by the next rollover checkpoint.
+            if log.first > 1 || log.snapshot_term != 0 {
                 wal.placed_compaction
                     .insert(group, (log.first - 1, log.snapshot_term));
             }

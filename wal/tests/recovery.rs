@@ -372,3 +372,29 @@ fn bad_config_is_rejected_with_the_key() {
     let error = complete_now(Wal::open(disk, config)).unwrap_err();
     assert!(error.to_string().contains("wal.segment_bytes"), "{error}");
 }
+
+#[test]
+fn reset_to_index_zero_keeps_its_term_across_recovery_and_recycling() {
+    // Found by the property test: a reset at index 0 with term 3 leaves first = 1; after a
+    // recovery the next rollover checkpoints must still restate it, or recycling the segment
+    // holding the reset loses the term.
+    let disk = MemDisk::new(16);
+    let config = small_config();
+    let mut wal = open(&disk, &config);
+    wal.reset(7, 0, 3).unwrap();
+    drive(&mut wal, &disk);
+    drop(wal);
+    let mut wal = open(&disk, &config);
+    assert_eq!(wal.term(7, 0), Ok(3));
+    write_batches(&mut wal, &disk, 30); // roll over several segments
+    wal.compact(1, 30).unwrap(); // lets the oldest segments go
+    drive(&mut wal, &disk);
+    write_batches(&mut wal, &disk, 10);
+    drop(wal);
+    let wal = open(&disk, &config);
+    assert!(
+        !disk.names().contains(&first_segment()),
+        "the segment holding the reset was recycled"
+    );
+    assert_eq!(wal.term(7, 0), Ok(3));
+}
