@@ -335,6 +335,11 @@ impl<D: SmDisk> KvStore<D> {
             .collect();
         if let Some(checkpoint) = loaded {
             for (&id, &len) in &checkpoint.files {
+                if len == 0 {
+                    // An active file nothing was written to yet: it may never have been created.
+                    store.files.insert(id, FileStats::default());
+                    continue;
+                }
                 let name = data_file_name(id);
                 let actual = disk.len(&name).await.map_err(|e| SmError::Corrupt {
                     file: name.clone(),
@@ -513,7 +518,15 @@ impl<D: SmDisk> KvStore<D> {
         if let Loc::File { file, .. } = loc {
             self.files.entry(file).or_default().live += record_bytes(key.len(), value.len());
         }
-        if let Some(old) = self.index.insert(key.into(), Slot { version, loc }) {
+        // Overwrites reuse the existing key allocation.
+        let old = match self.index.get_mut(key) {
+            Some(slot) => Some(std::mem::replace(slot, Slot { version, loc })),
+            None => {
+                self.index.insert(key.into(), Slot { version, loc });
+                None
+            }
+        };
+        if let Some(old) = old {
             self.release(key.len(), &old);
         }
         Ok(())
