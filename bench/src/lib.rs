@@ -7,4 +7,5 @@
 
 pub mod machine;
 pub mod probe;
+pub mod sm_bench;
 pub mod wal_bench;

@@ -34,6 +34,40 @@ enum Command {
     /// The write-ahead log: N closed-loop appenders over G groups on one shard, each waiting for
     /// durability before its next append.
     Wal(WalArgs),
+    /// The state machine: apply throughput of validated batches of puts on one core with
+    /// checkpoints on, reads from the index, and a mixed put/get workload.
+    Sm(SmArgs),
+}
+
+#[derive(Args, Debug)]
+struct SmArgs {
+    /// Directory for the store's files.
+    #[arg(long, default_value = "ringraft-bench-data")]
+    dir: PathBuf,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Commands per batch (one raft entry).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    batch_commands: u64,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    key_bytes: u64,
+    /// Value size in bytes (values up to 64 bytes are kept inline in the index).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=(1 << 20)))]
+    value_bytes: u64,
+    /// Distinct keys written.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    keys: u64,
+    /// Seconds of put batches (reads and the mixed workload run half as long each).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_f64)]
+    duration_s: f64,
+    /// Seconds between checkpoints during the put phase.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
+    checkpoint_interval_s: f64,
+    /// Pin the executor to this (online) CPU; unpinned by default.
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -207,7 +241,94 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Wal(args) => run_wal(args),
+        Command::Sm(args) => run_sm(args),
     }
+}
+
+fn check_cpu(cpu: Option<usize>) -> Result<(), String> {
+    if let Some(cpu) = cpu {
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpu >= online {
+            return Err(format!(
+                "--cpu {cpu} is not an online CPU (this machine has {online}: 0..{})",
+                online - 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// glommio io_memory per executor: `requested_mib`, or sized from the memlock limit (raised soft
+/// to hard first) as the node does; refused when it cannot fit.
+fn io_memory(requested_mib: Option<u64>, shards: u64) -> Result<u64, String> {
+    let memlock = ringraft_tuning::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    let requested = match requested_mib {
+        Some(mib) => ringraft_tuning::IoMemory::Bytes(mib << 20),
+        None => ringraft_tuning::IoMemory::Auto(ringraft_tuning::AutoKeyword::Auto),
+    };
+    let plan = ringraft_tuning::plan_io_memory(&requested, memlock.effective(), shards)
+        .map_err(|e| e.to_string())?;
+    if let Some(warning) = &plan.warning {
+        eprintln!("warning: {warning}");
+    }
+    Ok(plan.per_shard_bytes)
+}
+
+fn run_sm(args: SmArgs) -> Result<(), String> {
+    check_cpu(args.cpu)?;
+    let machine = machine::detect_after_create(&args.dir)?;
+    eprintln!(
+        "sm: batches of {} puts ({} B keys, {} B values) over {} keys, {} s...",
+        args.batch_commands, args.key_bytes, args.value_bytes, args.keys, args.duration_s
+    );
+    let result = ringraft_bench::sm_bench::run(ringraft_bench::sm_bench::SmBenchOptions {
+        dir: args.dir.clone(),
+        batch_commands: args.batch_commands as usize,
+        key_bytes: args.key_bytes as usize,
+        value_bytes: args.value_bytes as usize,
+        keys: args.keys,
+        duration: Duration::from_secs_f64(args.duration_s),
+        checkpoint_interval: Duration::from_secs_f64(args.checkpoint_interval_s),
+        cpu: args.cpu,
+        io_memory_bytes: io_memory(None, 1)? as usize,
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            json!({ "command": command_line(), "machine": machine, "sm": result })
+        );
+        return Ok(());
+    }
+    print_machine(&machine);
+    println!(
+        "sm: batches of {} puts, {} B keys, {} B values, {} keys, one core",
+        result.batch_commands, result.key_bytes, result.value_bytes, result.keys
+    );
+    println!(
+        "  applied commands/s (validated, checkpoints on): {:>12.0}",
+        result.commands_per_s
+    );
+    println!(
+        "  batches/s:                                     {:>12.0}",
+        result.batches_per_s
+    );
+    println!(
+        "  checkpoints: {} (slowest {:.1} ms)",
+        result.checkpoints, result.checkpoint_ms_max
+    );
+    println!(
+        "  reads/s from the index:                        {:>12.0}",
+        result.reads_per_s
+    );
+    println!(
+        "  mixed put/get commands/s:                      {:>12.0}",
+        result.mixed_commands_per_s
+    );
+    println!(
+        "  peak RSS {:.1} MiB",
+        result.rss_bytes_max as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }
 
 fn print_machine(machine: &machine::Machine) {
@@ -234,25 +355,8 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
             args.batch_kib
         ));
     }
-    if let Some(cpu) = args.cpu {
-        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cpu >= online {
-            return Err(format!(
-                "--cpu {cpu} is not an online CPU (this machine has {online}: 0..{})",
-                online - 1
-            ));
-        }
-    }
-    let memlock = ringraft_tuning::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
-    let requested = match args.io_memory_mib {
-        Some(mib) => ringraft_tuning::IoMemory::Bytes(mib << 20),
-        None => ringraft_tuning::IoMemory::Auto(ringraft_tuning::AutoKeyword::Auto),
-    };
-    let io_memory =
-        ringraft_tuning::plan_io_memory(&requested, memlock.effective(), 1).map_err(|e| e.to_string())?;
-    if let Some(warning) = &io_memory.warning {
-        eprintln!("warning: {warning}");
-    }
+    check_cpu(args.cpu)?;
+    let io_memory_bytes = io_memory(args.io_memory_mib, 1)?;
     let machine = machine::detect_after_create(&common.dir)?;
     let probe = if args.no_probe {
         None
@@ -281,7 +385,7 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
             config: config.clone(),
             retain_entries: args.retain_entries,
             cpu: args.cpu,
-            io_memory_bytes: io_memory.per_shard_bytes as usize,
+            io_memory_bytes: io_memory_bytes as usize,
         };
         runs.push(wal_bench::run(options, probe.clone())?);
     }

@@ -176,3 +176,51 @@ fn wal_json_keys_are_stable() {
         "the wal object carries the same run's probe"
     );
 }
+
+#[test]
+fn sm_json_keys_are_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bench()
+        .args(["sm", "--dir", dir.path().to_str().unwrap(), "--json"])
+        .args([
+            "--duration-s",
+            "0.3",
+            "--checkpoint-interval-s",
+            "0.1",
+            "--batch-commands",
+            "64",
+            "--keys",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    assert_eq!(keys(&json), ["command", "machine", "sm"]);
+    assert_eq!(
+        keys(&json["sm"]),
+        [
+            "batch_commands",
+            "batches_per_s",
+            "checkpoint_ms_max",
+            "checkpoints",
+            "commands_per_s",
+            "duration_s",
+            "key_bytes",
+            "keys",
+            "mixed_commands_per_s",
+            "reads_per_s",
+            "rss_bytes_max",
+            "value_bytes",
+        ]
+    );
+    assert!(json["sm"]["commands_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        json["sm"]["checkpoints"].as_u64().unwrap() >= 1,
+        "checkpoints ran"
+    );
+}
