@@ -364,6 +364,9 @@ pub struct Wal<D: Disk> {
     pub(crate) cache_bytes: usize,
     /// Entries in append order, for cache eviction: (group, index, ticket).
     pub(crate) cache_order: VecDeque<(u64, u64, u64)>,
+    /// Per group, entries at or above this index are never evicted (the engine sets it to the
+    /// first unapplied index: raft reads those synchronously).
+    pub(crate) cache_floor: HashMap<u64, u64>,
     failure: Option<String>,
     stats: WalStats,
 }
@@ -405,6 +408,7 @@ impl<D: Disk> Wal<D> {
             durable_ticket: 0,
             cache_bytes: 0,
             cache_order: VecDeque::new(),
+            cache_floor: HashMap::new(),
             failure: None,
             stats: WalStats::default(),
         }
@@ -931,6 +935,9 @@ impl<D: Disk> Wal<D> {
             if ticket > self.durable_ticket {
                 break; // not on disk yet: must stay readable from memory
             }
+            if self.cache_floor.get(&group).is_some_and(|&floor| index >= floor) {
+                break; // not applied yet: raft will read it synchronously
+            }
             self.cache_order.pop_front();
             let Some(log) = self.groups.get_mut(&group) else {
                 continue;
@@ -957,6 +964,35 @@ impl<D: Disk> Wal<D> {
                 break;
             }
             self.cache_order.pop_front();
+        }
+    }
+
+    /// Keeps a group's entries from `index` on in the cache: raft-rs reads unapplied committed
+    /// entries synchronously, so they must not need a disk read. Raise it as entries are applied.
+    pub fn set_cache_floor(&mut self, group: u64, index: u64) {
+        self.cache_floor.insert(group, index);
+        self.evict_cache();
+    }
+
+    /// Puts entries read from disk (through a [`ReadPlan`]) back into the cache, so a retried
+    /// synchronous read finds them. Entries that were replaced meanwhile are ignored.
+    pub fn insert_cached(&mut self, group: u64, entries: &[Entry]) {
+        let Some(log) = self.groups.get_mut(&group) else {
+            return;
+        };
+        for entry in entries {
+            if entry.index < log.first || entry.index > log.last() {
+                continue;
+            }
+            let loc = &mut log.entries[(entry.index - log.first) as usize];
+            if loc.term == entry.term
+                && loc.cached.is_none()
+                && loc.payload_len as usize == entry.payload.len()
+            {
+                loc.cached = Some(entry.payload.clone());
+                self.cache_bytes += entry.payload.len();
+                self.cache_order.push_back((group, entry.index, loc.ticket));
+            }
         }
     }
 
