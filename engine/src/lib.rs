@@ -1,4 +1,26 @@
-//! `ringraft-engine`: shards, the raft driver, batching, apply, the embedded API and the node
-//! binary.
+//! `ringraft-engine`: shards, the raft driver, batching, apply.
 //!
-//! Not built yet: issue 5 fills this crate.
+//! **Owns**: the raft-driving logic of a shard ([`ShardCore`], free of IO), the raft-rs
+//! `Storage` over the shard's WAL ([`GroupStorage`]), proposal batching, bounded queues and
+//! backpressure, apply and answers, ReadIndex reads. **Runs on**: one shard's executor; the
+//! deterministic simulator (`tests/sim.rs`) runs many shards of many nodes in one thread.
+//!
+//! **Invariants**: a client is answered ok only after its command was applied, hence committed
+//! (in a quorum's synced WALs; the leader counts itself only after `on_persist_ready`); a
+//! proposal whose entry was replaced is answered `UnknownOutcome`, never ok; followers' responses
+//! go out only after the WAL batch holding the entries they acknowledge is durable; apply never
+//! runs ahead of the local durable log (raft-rs 0.7 caps committed entries at the persisted
+//! index); every queue is bounded and a full one answers `Busy` at once.
+//!
+//! Not built yet (issue 5 continues): the glommio runner and `Engine::start`, the embedded
+//! `Client`, the in-process transport, log compaction after state machine checkpoints, metrics.
+
+mod core;
+mod storage;
+
+pub use crate::core::{
+    raft_entries, Answer, Consistency, EngineError, Envelope, Fetch, RequestId, ShardConfig, ShardCore,
+    ShardStats,
+};
+pub use crate::storage::GroupStorage;
+pub use raft;
