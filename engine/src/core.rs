@@ -165,6 +165,8 @@ struct Group<D: Disk, S: StateMachine> {
     queue_bytes: usize,
     proposals: VecDeque<Proposal>,
     committed: VecDeque<Entry>,
+    /// Last index applied, empty entries included (the state machine sees only batches).
+    applied: u64,
     /// Linearizable reads not yet sent as a ReadIndex request.
     reads_unsent: Vec<ReadRequest>,
     /// ReadIndex requests in flight: context -> (reads, tick issued).
@@ -263,6 +265,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     queue_bytes: 0,
                     proposals: VecDeque::new(),
                     committed: VecDeque::new(),
+                    applied,
                     reads_unsent: Vec::new(),
                     reads_inflight: BTreeMap::new(),
                     reads_ready: VecDeque::new(),
@@ -284,6 +287,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             logger,
             applied_log: None,
         })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> u64 {
+        self.config.node
     }
 
     /// The shard's WAL, for the runner to perform its IO jobs.
@@ -782,10 +790,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             }
         }
         if let Some(index) = last_applied {
+            g.applied = index;
             g.raw.advance_apply_to(index);
             self.wal.borrow_mut().set_cache_floor(group, index + 1);
         }
-        let applied = g.sm.applied_index().max(last_applied.unwrap_or(0));
+        let applied = g.applied;
         while g.reads_ready.front().is_some_and(|(index, _)| *index <= applied) {
             let (_, reads) = g.reads_ready.pop_front().unwrap();
             g.reads_local.extend(reads);

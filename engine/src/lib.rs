@@ -12,15 +12,23 @@
 //! runs ahead of the local durable log (raft-rs 0.7 caps committed entries at the persisted
 //! index); every queue is bounded and a full one answers `Busy` at once.
 //!
-//! Not built yet (issue 5 continues): the glommio runner and `Engine::start`, the embedded
-//! `Client`, the in-process transport, log compaction after state machine checkpoints, metrics.
+//! The glommio runner (`runtime.rs`, the only glommio code here) runs one executor per shard;
+//! [`Engine::start_in_process`] starts a whole cluster in one process with channels between
+//! nodes (the TCP transport is the `net` crate's); [`Client`] is the embedded API.
+//!
+//! Not built yet (issue 5 continues): metrics, a linearizability checker in the simulator, the
+//! cluster benchmark.
 
+mod client;
 mod core;
+mod runtime;
 mod storage;
 
+pub use crate::client::{group_of, Client};
 pub use crate::core::{
     raft_entries, Answer, Consistency, EngineError, Envelope, Fetch, RequestId, ShardConfig, ShardCore,
     ShardStats,
 };
+pub use crate::runtime::{Engine, GroupStatus};
 pub use crate::storage::GroupStorage;
 pub use raft;

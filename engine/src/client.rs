@@ -1,0 +1,252 @@
+//! The embedded client: a `Send + Sync + Clone` handle usable from any thread or async runtime.
+//! It routes a key to its group (`crc32c(key) % groups`), the group to its shard
+//! (`group % shards`, the same on every node), follows `NotLeader` to the leader, and returns
+//! every other answer as it is (`Busy` at once; the caller decides when to retry).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use ringraft_sm::{Command, CommandResult};
+
+use crate::core::{Consistency, EngineError};
+use crate::runtime::ShardInput;
+
+/// Where each node's shards take requests.
+#[derive(Clone)]
+pub(crate) struct Route {
+    pub(crate) nodes: BTreeMap<u64, Vec<flume::Sender<ShardInput>>>,
+    pub(crate) groups: u64,
+}
+
+struct Inner {
+    route: Route,
+    leaders: Mutex<BTreeMap<u64, u64>>,
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("nodes", &self.inner.route.nodes.len())
+            .field("groups", &self.inner.route.groups)
+            .finish()
+    }
+}
+
+/// The group a key belongs to, out of `groups`: crc32c of the key, modulo the group count.
+pub fn group_of(key: &[u8], groups: u64) -> u64 {
+    crc32c::crc32c(key) as u64 % groups.max(1)
+}
+
+impl Client {
+    pub(crate) fn new(route: Route) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                route,
+                leaders: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    pub fn groups(&self) -> u64 {
+        self.inner.route.groups
+    }
+
+    /// The group `key` belongs to.
+    pub fn group_of(&self, key: &[u8]) -> u64 {
+        group_of(key, self.inner.route.groups)
+    }
+
+    fn candidates(&self, group: u64) -> Vec<u64> {
+        let leader = self.inner.leaders.lock().unwrap().get(&group).copied();
+        let mut nodes: Vec<u64> = self.inner.route.nodes.keys().copied().collect();
+        if let Some(leader) = leader {
+            nodes.retain(|&n| n != leader);
+            nodes.insert(0, leader);
+        }
+        nodes
+    }
+
+    async fn call(
+        &self,
+        group: u64,
+        make: impl Fn(crate::runtime::Reply) -> ShardInput,
+        to_leader: bool,
+    ) -> Result<Vec<CommandResult>, EngineError> {
+        if group >= self.inner.route.groups {
+            return Err(EngineError::UnknownGroup(group));
+        }
+        let mut tried = Vec::new();
+        let mut next = self.candidates(group);
+        while let Some(node) = next.first().copied() {
+            next.remove(0);
+            if tried.contains(&node) {
+                continue;
+            }
+            tried.push(node);
+            let senders = &self.inner.route.nodes[&node];
+            let (tx, rx) = flume::bounded(1);
+            match senders[(group % senders.len() as u64) as usize].try_send(make(tx)) {
+                Ok(()) => {}
+                Err(flume::TrySendError::Full(_)) => {
+                    return Err(EngineError::Busy("the shard's input queue"))
+                }
+                Err(flume::TrySendError::Disconnected(_)) => continue, // node stopped: try another
+            }
+            match rx.recv_async().await {
+                Ok(Err(EngineError::NotLeader { leader })) if to_leader => {
+                    if let Some(leader) = leader {
+                        self.inner.leaders.lock().unwrap().insert(group, leader);
+                        if !tried.contains(&leader) {
+                            next.insert(0, leader);
+                        }
+                    }
+                }
+                Ok(result) => {
+                    if to_leader && result.is_ok() {
+                        self.inner.leaders.lock().unwrap().insert(group, node);
+                    }
+                    return result;
+                }
+                // The shard stopped with the request in hand.
+                Err(_) => return Err(EngineError::UnknownOutcome),
+            }
+        }
+        Err(EngineError::NotLeader { leader: None })
+    }
+
+    /// Proposes commands to one group (for callers that batch themselves); one result per
+    /// command, in order, once they are committed and applied.
+    pub async fn submit(
+        &self,
+        group: u64,
+        commands: Vec<Command>,
+    ) -> Result<Vec<CommandResult>, EngineError> {
+        self.call(
+            group,
+            |reply| ShardInput::Submit {
+                group,
+                commands: commands.clone(),
+                reply,
+            },
+            true,
+        )
+        .await
+    }
+
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
+        let group = self.group_of(key);
+        let results = self
+            .submit(
+                group,
+                vec![Command::Put {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                }],
+            )
+            .await?;
+        expect_one(results, |r| matches!(r, CommandResult::Ok).then_some(()))
+    }
+
+    /// Deletes `key`; `false` if it was absent.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, EngineError> {
+        let group = self.group_of(key);
+        let results = self
+            .submit(group, vec![Command::Delete { key: key.to_vec() }])
+            .await?;
+        expect_one(results, |r| match r {
+            CommandResult::Ok => Some(true),
+            CommandResult::NotFound => Some(false),
+            _ => None,
+        })
+    }
+
+    /// Writes `new` (`None` deletes) if the value is `expected`; otherwise returns the current
+    /// value as `Err`.
+    pub async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<Result<(), Option<Vec<u8>>>, EngineError> {
+        let group = self.group_of(key);
+        let command = Command::CompareAndSwap {
+            key: key.to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            new: new.map(<[u8]>::to_vec),
+        };
+        let results = self.submit(group, vec![command]).await?;
+        expect_one(results, |r| match r {
+            CommandResult::Ok => Some(Ok(())),
+            CommandResult::CasMismatch { current } => Some(Err(current)),
+            _ => None,
+        })
+    }
+
+    pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, EngineError> {
+        let group = self.group_of(key);
+        let to_leader = consistency == Consistency::Linearizable;
+        let results = self
+            .call(
+                group,
+                |reply| ShardInput::Read {
+                    group,
+                    key: key.to_vec(),
+                    consistency,
+                    reply,
+                },
+                to_leader,
+            )
+            .await?;
+        expect_one(results, |r| match r {
+            CommandResult::Value(value) => Some(Some(value)),
+            CommandResult::NotFound => Some(None),
+            _ => None,
+        })
+    }
+
+    /// Blocking variants, for plain threads.
+    pub fn put_blocking(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
+        futures_lite::future::block_on(self.put(key, value))
+    }
+
+    pub fn delete_blocking(&self, key: &[u8]) -> Result<bool, EngineError> {
+        futures_lite::future::block_on(self.delete(key))
+    }
+
+    pub fn compare_and_swap_blocking(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<Result<(), Option<Vec<u8>>>, EngineError> {
+        futures_lite::future::block_on(self.compare_and_swap(key, expected, new))
+    }
+
+    pub fn get_blocking(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, EngineError> {
+        futures_lite::future::block_on(self.get(key, consistency))
+    }
+
+    pub fn submit_blocking(
+        &self,
+        group: u64,
+        commands: Vec<Command>,
+    ) -> Result<Vec<CommandResult>, EngineError> {
+        futures_lite::future::block_on(self.submit(group, commands))
+    }
+}
+
+fn expect_one<T>(
+    results: Vec<CommandResult>,
+    pick: impl Fn(CommandResult) -> Option<T>,
+) -> Result<T, EngineError> {
+    let [result] = <[CommandResult; 1]>::try_from(results)
+        .map_err(|r| EngineError::BadRequest(format!("expected one result, got {}", r.len())))?;
+    let shown = format!("{result:?}");
+    pick(result).ok_or_else(|| EngineError::BadRequest(format!("unexpected result {shown}")))
+}

@@ -1,0 +1,494 @@
+//! The glommio runner: one executor per shard (pinned to its CPU unless the config says not to),
+//! each running the [`ShardCore`] loop with the WAL's IO as its own tasks, a ticker, and
+//! channels for client requests and peer messages. This is the only module of the engine that
+//! knows about glommio or threads.
+//!
+//! One loop iteration: take every waiting input (client requests, peer messages, WAL
+//! completions, ticks), then `propose`, `collect_ready`, start the next WAL write if none is in
+//! flight (group commit: everything appended since the last write goes in it), `apply`, and send
+//! the output. The loop sleeps only when it has nothing to do.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use glommio::{LocalExecutorBuilder, Placement};
+use ringraft_sm::{Command, CommandResult, GlommioSmDisk, KvConfig, KvStore, StateMachine};
+use ringraft_tuning::{Config, SyncMode, Topology};
+use ringraft_wal::{perform, GlommioDisk, IoDone, IoJob, Wal, WalConfig};
+
+use crate::client::{Client, Route};
+use crate::core::{Consistency, EngineError, Envelope, RequestId, ShardConfig, ShardCore};
+
+/// A reply channel for one request.
+pub(crate) type Reply = flume::Sender<Result<Vec<CommandResult>, EngineError>>;
+
+/// What a shard receives from other threads.
+pub(crate) enum ShardInput {
+    Submit {
+        group: u64,
+        commands: Vec<Command>,
+        reply: Reply,
+    },
+    Read {
+        group: u64,
+        key: Vec<u8>,
+        consistency: Consistency,
+        reply: Reply,
+    },
+    Peer(Box<Envelope>),
+    Status {
+        reply: flume::Sender<Vec<GroupStatus>>,
+    },
+    Shutdown {
+        done: flume::Sender<()>,
+    },
+}
+
+/// One group as its shard sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub node: u64,
+    pub group: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+}
+
+/// Peer messages a shard queues for another node's shard before dropping (raft resends).
+const PEER_QUEUE_MAX: usize = 4096;
+/// Inputs a shard takes per loop iteration before doing its work.
+const INPUTS_PER_LOOP_MAX: usize = 8192;
+
+/// A running node: one executor per shard.
+pub struct Engine {
+    node: u64,
+    inputs: Vec<flume::Sender<ShardInput>>,
+    threads: Vec<glommio::ExecutorJoinHandle<Result<(), String>>>,
+    groups: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node", &self.node)
+            .field("shards", &self.inputs.len())
+            .finish()
+    }
+}
+
+/// Where a node's shards send messages for other nodes (the transport seam).
+#[derive(Clone)]
+pub(crate) struct Peers {
+    /// node -> one sender per shard.
+    pub(crate) shards: Arc<BTreeMap<u64, Vec<flume::Sender<ShardInput>>>>,
+}
+
+fn wal_config(config: &Config) -> WalConfig {
+    WalConfig {
+        segment_bytes: config.wal.segment_bytes,
+        batch_bytes_max: config.wal.batch_bytes_max as usize,
+        cache_bytes_max: config.wal.cache_bytes as usize,
+        segments_recycled_max: config.wal.segments_recycled_max as usize,
+    }
+}
+
+fn kv_config(config: &Config) -> KvConfig {
+    KvConfig {
+        inline_value_bytes_max: config.sm.inline_value_bytes_max as usize,
+        cache_bytes_max: config.sm.cache_bytes as usize,
+        ..KvConfig::default()
+    }
+}
+
+impl Engine {
+    /// Starts every node of an in-process cluster (nodes exchange messages through channels).
+    /// `configs` holds one validated config per node, all with the same cluster section.
+    pub fn start_in_process(configs: Vec<Config>) -> Result<(Vec<Engine>, Client), EngineError> {
+        let topology = Topology::detect();
+        let mut channels = BTreeMap::new();
+        let mut receivers = BTreeMap::new();
+        for config in &configs {
+            ringraft_tuning::validate(config, &topology)
+                .map_err(|e| EngineError::BadRequest(e.to_string()))?;
+            let shards = ringraft_tuning::resolve_cpus(config, &topology).len();
+            let (senders, rx): (Vec<_>, Vec<_>) = (0..shards)
+                .map(|_| flume::bounded(config.limits.client_queue_depth as usize + PEER_QUEUE_MAX))
+                .unzip();
+            channels.insert(config.node.id, senders);
+            receivers.insert(config.node.id, rx);
+        }
+        let peers = Peers {
+            shards: Arc::new(channels),
+        };
+        // Every shard of every node in this process shares one locked-memory limit.
+        let memlock = ringraft_tuning::raise_memlock()
+            .map_err(|e| EngineError::Failed(format!("RLIMIT_MEMLOCK: {e}")))?;
+        let shards_in_process: u64 = peers.shards.values().map(|s| s.len() as u64).sum();
+        let io_memory = ringraft_tuning::plan_io_memory(
+            &configs[0].glommio.io_memory_bytes,
+            memlock.effective(),
+            shards_in_process,
+        )
+        .map_err(|e| EngineError::Failed(e.to_string()))?;
+        let mut engines = Vec::new();
+        for config in configs {
+            let rx = receivers.remove(&config.node.id).unwrap();
+            engines.push(Engine::spawn(
+                config,
+                &topology,
+                io_memory.per_shard_bytes,
+                peers.clone(),
+                rx,
+            )?);
+        }
+        let groups = engines[0].groups;
+        let routes = peers
+            .shards
+            .iter()
+            .map(|(&node, senders)| (node, senders.clone()))
+            .collect();
+        Ok((
+            engines,
+            Client::new(Route {
+                nodes: routes,
+                groups,
+            }),
+        ))
+    }
+
+    fn spawn(
+        config: Config,
+        topology: &Topology,
+        io_memory_bytes: u64,
+        peers: Peers,
+        receivers: Vec<flume::Receiver<ShardInput>>,
+    ) -> Result<Engine, EngineError> {
+        let cpus = ringraft_tuning::resolve_cpus(&config, topology);
+        let shards = cpus.len() as u64;
+        let groups = shards * config.shards.groups_per_shard;
+        let mut threads = Vec::new();
+        let inputs = peers.shards[&config.node.id].clone();
+        for (shard, rx) in receivers.into_iter().enumerate() {
+            let placement = if config.shards.pin {
+                Placement::Fixed(cpus[shard])
+            } else {
+                Placement::Unbound
+            };
+            let config = config.clone();
+            let peers = peers.clone();
+            let handle = LocalExecutorBuilder::new(placement)
+                .name(&format!("ringraft-n{}-s{shard}", config.node.id))
+                .io_memory(io_memory_bytes as usize)
+                .ring_depth(config.glommio.ring_depth as usize)
+                .spawn(move || async move { run_shard(config, shard as u64, shards, rx, peers).await })
+                .map_err(|e| EngineError::Failed(format!("cannot start shard {shard}: {e}")))?;
+            threads.push(handle);
+        }
+        Ok(Engine {
+            node: config.node.id,
+            inputs,
+            threads,
+            groups,
+        })
+    }
+
+    /// Per-group status of this node.
+    pub fn status(&self) -> Vec<GroupStatus> {
+        let mut out = Vec::new();
+        for input in &self.inputs {
+            let (tx, rx) = flume::bounded(1);
+            if input.send(ShardInput::Status { reply: tx }).is_ok() {
+                out.extend(rx.recv().unwrap_or_default());
+            }
+        }
+        out.sort_by_key(|s| s.group);
+        out
+    }
+
+    /// Stops cleanly: no new requests, in-flight ones answered, the WAL synced, state machines
+    /// checkpointed, files closed. Returns the first shard error, if any.
+    pub fn shutdown(self) -> Result<(), String> {
+        for input in &self.inputs {
+            let (tx, rx) = flume::bounded(1);
+            if input.send(ShardInput::Shutdown { done: tx }).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+        let mut first = Ok(());
+        for thread in self.threads {
+            let result = thread
+                .join()
+                .map_err(|e| format!("shard thread: {e:?}"))
+                .and_then(|r| r);
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
+    }
+}
+
+/// Wakes the shard loop from its own tasks (WAL completions, ticks).
+#[derive(Default)]
+struct Kick {
+    kicked: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Kick {
+    fn kick(&self) {
+        self.kicked.set(true);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+}
+
+struct Kicked<'a>(&'a Kick);
+
+impl Future for Kicked<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        if self.0.kicked.replace(false) {
+            Poll::Ready(())
+        } else {
+            *self.0.waker.borrow_mut() = Some(context.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+async fn run_shard(
+    config: Config,
+    shard: u64,
+    shards: u64,
+    inbox: flume::Receiver<ShardInput>,
+    peers: Peers,
+) -> Result<(), String> {
+    let dir: PathBuf = config.node.data_dir.join(format!("shard-{shard}"));
+    let sync_mode = match config.wal.sync_mode {
+        SyncMode::Dsync => ringraft_wal::SyncMode::Dsync,
+        SyncMode::Fdatasync => ringraft_wal::SyncMode::Fdatasync,
+    };
+    let wal_disk = GlommioDisk::open(dir.join("wal"), sync_mode)
+        .await
+        .map_err(|e| e.to_string())?;
+    let wal = Wal::open(wal_disk.clone(), wal_config(&config))
+        .await
+        .map_err(|e| e.to_string())?;
+    let groups: Vec<u64> = (0..shards * config.shards.groups_per_shard)
+        .filter(|g| g % shards == shard)
+        .collect();
+    let mut machines = Vec::new();
+    for &group in &groups {
+        let disk = GlommioSmDisk::open(dir.join(format!("group-{group}")))
+            .await
+            .map_err(|e| e.to_string())?;
+        let store = KvStore::open(disk, kv_config(&config))
+            .await
+            .map_err(|e| e.to_string())?;
+        machines.push((group, store));
+    }
+    let mut core =
+        ShardCore::new(ShardConfig::from_tuning(&config), wal, machines).map_err(|e| e.to_string())?;
+    let kick = Rc::new(Kick::default());
+    let ticks = Rc::new(Cell::new(0u64));
+    let done: Rc<RefCell<Vec<IoDone<GlommioDisk>>>> = Rc::new(RefCell::new(Vec::new()));
+    let writing = Rc::new(Cell::new(false));
+    let stop = Rc::new(Cell::new(false));
+    {
+        let (kick, ticks, stop) = (kick.clone(), ticks.clone(), stop.clone());
+        let interval = Duration::from_millis(config.raft.tick_interval_ms);
+        glommio::spawn_local(async move {
+            while !stop.get() {
+                glommio::timer::sleep(interval).await;
+                ticks.set(ticks.get() + 1);
+                kick.kick();
+            }
+        })
+        .detach();
+    }
+    let mut replies: BTreeMap<RequestId, Reply> = BTreeMap::new();
+    let mut next_request: RequestId = 1;
+    let mut shutdown: Option<flume::Sender<()>> = None;
+    let mut last_checkpoint = std::time::Instant::now();
+    let checkpoint_every = Duration::from_millis(config.sm.checkpoint_interval_ms);
+    loop {
+        // Wait for work unless some is already there.
+        if inbox.is_empty() && !kick.kicked.get() && !core.has_ready() {
+            let inbox_ready = async { inbox.recv_async().await.ok() };
+            let kicked = async {
+                Kicked(&kick).await;
+                None
+            };
+            if let Some(input) = futures_lite::future::or(inbox_ready, kicked).await {
+                handle_input(input, &mut core, &mut replies, &mut next_request, &mut shutdown);
+            }
+        }
+        kick.kicked.set(false);
+        for _ in 0..INPUTS_PER_LOOP_MAX {
+            match inbox.try_recv() {
+                Ok(input) => handle_input(input, &mut core, &mut replies, &mut next_request, &mut shutdown),
+                Err(_) => break,
+            }
+        }
+        for completion in done.borrow_mut().drain(..) {
+            if let IoDone::Written { .. } = completion {
+                writing.set(false);
+            }
+            // A failure is recorded in the WAL and reaches the core through on_durable.
+            let _ = core.wal().borrow_mut().io_done(completion);
+            core.on_durable();
+        }
+        for _ in 0..ticks.replace(0) {
+            core.tick();
+        }
+        core.propose();
+        core.collect_ready();
+        for fetch in core.take_fetches() {
+            let entries = match fetch.plan {
+                Some(plan) => plan.execute(&wal_disk).await.ok(),
+                None => None,
+            };
+            core.fetched(fetch.group, entries, fetch.context);
+        }
+        // Start WAL IO: at most one write in flight; segment jobs beside it.
+        loop {
+            if writing.get() {
+                break;
+            }
+            let job = core.wal().borrow_mut().poll_io();
+            let Some(job) = job else { break };
+            if matches!(job, IoJob::Write(_)) {
+                writing.set(true);
+            }
+            let (disk, done, kick) = (wal_disk.clone(), done.clone(), kick.clone());
+            glommio::spawn_local(async move {
+                let completion = perform(&disk, job).await;
+                done.borrow_mut().push(completion);
+                kick.kick();
+            })
+            .detach();
+        }
+        core.apply().await;
+        let (messages, answers) = core.take_output();
+        for envelope in messages {
+            let to = envelope.message.to;
+            if let Some(senders) = peers.shards.get(&to) {
+                // Full or gone: dropped; raft resends (and check-quorum notices a dead peer).
+                let _ = senders[shard as usize].try_send(ShardInput::Peer(Box::new(envelope)));
+            }
+        }
+        for answer in answers {
+            if let Some(reply) = replies.remove(&answer.request) {
+                let _ = reply.send(answer.result);
+            }
+        }
+        if last_checkpoint.elapsed() >= checkpoint_every {
+            checkpoint(&mut core, &groups, config.wal.retain_entries).await?;
+            last_checkpoint = std::time::Instant::now();
+        }
+        if let Some(done) = &shutdown {
+            // Stop once nothing is waiting: every reply sent, the WAL idle.
+            let idle = replies.is_empty() && !core.wal().borrow().has_pending() && !writing.get();
+            if idle || core.failure().is_some() {
+                checkpoint(&mut core, &groups, config.wal.retain_entries).await?;
+                stop.set(true);
+                let _ = done.send(());
+                return match core.failure() {
+                    Some(cause) => Err(cause.to_string()),
+                    None => Ok(()),
+                };
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Checkpoints every state machine, then lets the WAL drop what they made durable (keeping
+/// `retain` entries for slow followers).
+async fn checkpoint(
+    core: &mut ShardCore<GlommioDisk, KvStore<GlommioSmDisk>>,
+    groups: &[u64],
+    retain: u64,
+) -> Result<(), String> {
+    for &group in groups {
+        let durable = core
+            .machine(group)
+            .unwrap()
+            .checkpoint()
+            .await
+            .map_err(|e| e.to_string())?;
+        let through = durable.saturating_sub(retain);
+        let mut wal = core.wal().borrow_mut();
+        if through >= wal.first_index(group) && through <= wal.last_index(group) {
+            wal.compact(group, through).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn handle_input(
+    input: ShardInput,
+    core: &mut ShardCore<GlommioDisk, KvStore<GlommioSmDisk>>,
+    replies: &mut BTreeMap<RequestId, Reply>,
+    next_request: &mut RequestId,
+    shutdown: &mut Option<flume::Sender<()>>,
+) {
+    let mut register = |reply: Reply| {
+        let request = *next_request;
+        *next_request += 1;
+        replies.insert(request, reply);
+        request
+    };
+    match input {
+        ShardInput::Submit { reply, .. } | ShardInput::Read { reply, .. } if shutdown.is_some() => {
+            let _ = reply.send(Err(EngineError::Failed("shutting down".into())));
+        }
+        ShardInput::Submit {
+            group,
+            commands,
+            reply,
+        } => {
+            let request = register(reply);
+            core.submit(group, request, commands);
+        }
+        ShardInput::Read {
+            group,
+            key,
+            consistency,
+            reply,
+        } => {
+            let request = register(reply);
+            core.read(group, request, key, consistency);
+        }
+        ShardInput::Peer(envelope) => core.step(*envelope),
+        ShardInput::Status { reply } => {
+            let groups: Vec<u64> = core.groups().collect();
+            let status = groups
+                .into_iter()
+                .map(|group| {
+                    let (term, commit, applied) = core.progress(group).unwrap_or_default();
+                    GroupStatus {
+                        node: core.node(),
+                        group,
+                        leader: core.leader(group),
+                        term,
+                        commit,
+                        applied,
+                    }
+                })
+                .collect();
+            let _ = reply.send(status);
+        }
+        ShardInput::Shutdown { done } => *shutdown = Some(done),
+    }
+}
