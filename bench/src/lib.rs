@@ -5,6 +5,7 @@
 //! targets live here, never in timed tests. **Runs on**: its own threads and glommio executors;
 //! the probe uses io_uring directly, with no glommio in the way.
 
+pub mod cluster_bench;
 pub mod machine;
 pub mod probe;
 pub mod sm_bench;

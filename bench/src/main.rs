@@ -34,9 +34,61 @@ enum Command {
     /// The write-ahead log: N closed-loop appenders over G groups on one shard, each waiting for
     /// durability before its next append.
     Wal(WalArgs),
+    /// A whole cluster: nodes started in this process (today with the in-process transport),
+    /// loaded by client executors keeping puts in flight; fsync on.
+    Cluster(ClusterArgs),
     /// The state machine: apply throughput of validated batches of puts on one core with
     /// checkpoints on, reads from the index, and a mixed put/get workload.
     Sm(SmArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Transport {
+    /// Nodes in this process, messages through channels.
+    Inproc,
+}
+
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// Directory for the nodes' files.
+    #[arg(long, default_value = "ringraft-bench-data")]
+    dir: PathBuf,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// How nodes talk to each other.
+    #[arg(long, value_enum, default_value_t = Transport::Inproc)]
+    transport: Transport,
+    /// Nodes (the replication factor).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
+    nodes: u64,
+    /// Shards (executors) per node.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    shards: u64,
+    /// Raft groups per shard.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    groups_per_shard: u64,
+    /// Client executors.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
+    clients: u64,
+    /// Puts each client executor keeps in flight.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    in_flight: u64,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    key_bytes: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=(1 << 20)))]
+    value_bytes: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    keys: u64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_f64)]
+    duration_s: f64,
+    /// Unmeasured warm-up seconds.
+    #[arg(long, default_value_t = 2.0, value_parser = non_negative_f64)]
+    warmup_s: f64,
 }
 
 #[derive(Args, Debug)]
@@ -242,6 +294,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Wal(args) => run_wal(args),
         Command::Sm(args) => run_sm(args),
+        Command::Cluster(args) => run_cluster(args),
     }
 }
 
@@ -272,6 +325,54 @@ fn io_memory(requested_mib: Option<u64>, shards: u64) -> Result<u64, String> {
         eprintln!("warning: {warning}");
     }
     Ok(plan.per_shard_bytes)
+}
+
+fn run_cluster(args: ClusterArgs) -> Result<(), String> {
+    let Transport::Inproc = args.transport;
+    let machine = machine::detect_after_create(&args.dir)?;
+    eprintln!(
+        "cluster: {} nodes in process, {} shard(s) each, {} clients x {} in flight, {} B values, {} s (+{} s warm-up)...",
+        args.nodes, args.shards, args.clients, args.in_flight, args.value_bytes, args.duration_s, args.warmup_s
+    );
+    let result = ringraft_bench::cluster_bench::run(ringraft_bench::cluster_bench::ClusterBenchOptions {
+        dir: args.dir.clone(),
+        nodes: args.nodes,
+        shards: args.shards as usize,
+        groups_per_shard: args.groups_per_shard,
+        clients: args.clients,
+        in_flight: args.in_flight,
+        key_bytes: args.key_bytes as usize,
+        value_bytes: args.value_bytes as usize,
+        keys: args.keys,
+        duration: Duration::from_secs_f64(args.duration_s),
+        warmup: Duration::from_secs_f64(args.warmup_s),
+    })?;
+    if args.json {
+        println!(
+            "{}",
+            json!({ "command": command_line(), "machine": machine, "cluster": result })
+        );
+        return Ok(());
+    }
+    print_machine(&machine);
+    println!(
+        "cluster ({} transport): {} nodes x {} shard(s), {} groups, {} clients x {} in flight, {} B keys, {} B values, fsync on",
+        result.transport, result.nodes, result.shards_per_node, result.groups, result.clients, result.in_flight, result.key_bytes, result.value_bytes
+    );
+    println!("  acknowledged puts/s: {:>12.0}", result.ops_per_s);
+    println!(
+        "  latency us: p50 {:.0}  p99 {:.0}  p999 {:.0}  max {:.0}",
+        result.latency_us_p50, result.latency_us_p99, result.latency_us_p999, result.latency_us_max
+    );
+    println!(
+        "  commands per entry: {:.1}   syncs/s (all nodes): {:.0}   errors: {}",
+        result.commands_per_entry_mean, result.syncs_per_s, result.errors
+    );
+    println!(
+        "  peak RSS {:.1} MiB",
+        result.rss_bytes_max as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }
 
 fn run_sm(args: SmArgs) -> Result<(), String> {

@@ -224,3 +224,66 @@ fn sm_json_keys_are_stable() {
         "checkpoints ran"
     );
 }
+
+#[test]
+fn cluster_json_keys_are_stable() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bench()
+        .args([
+            "cluster",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--json",
+            "--nodes",
+            "1",
+        ])
+        .args([
+            "--duration-s",
+            "0.5",
+            "--warmup-s",
+            "0.2",
+            "--clients",
+            "1",
+            "--in-flight",
+            "4",
+            "--keys",
+            "100",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    assert_eq!(keys(&json), ["cluster", "command", "machine"]);
+    assert_eq!(
+        keys(&json["cluster"]),
+        [
+            "clients",
+            "commands_per_entry_mean",
+            "duration_s",
+            "errors",
+            "groups",
+            "in_flight",
+            "key_bytes",
+            "latency_us_max",
+            "latency_us_p50",
+            "latency_us_p99",
+            "latency_us_p999",
+            "nodes",
+            "ops",
+            "ops_per_s",
+            "rss_bytes_max",
+            "shards_per_node",
+            "syncs_per_s",
+            "transport",
+            "value_bytes",
+        ]
+    );
+    assert!(
+        json["cluster"]["ops"].as_u64().unwrap() > 0,
+        "puts were acknowledged"
+    );
+}

@@ -29,6 +29,6 @@ pub use crate::core::{
     raft_entries, Answer, Consistency, EngineError, Envelope, Fetch, RequestId, ShardConfig, ShardCore,
     ShardStats,
 };
-pub use crate::runtime::{Engine, GroupStatus};
+pub use crate::runtime::{Engine, GroupStatus, NodeStats};
 pub use crate::storage::GroupStorage;
 pub use raft;

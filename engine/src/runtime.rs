@@ -43,6 +43,9 @@ pub(crate) enum ShardInput {
         reply: Reply,
     },
     Peer(Box<Envelope>),
+    Stats {
+        reply: flume::Sender<NodeStats>,
+    },
     Status {
         reply: flume::Sender<Vec<GroupStatus>>,
     },
@@ -60,6 +63,28 @@ pub struct GroupStatus {
     pub term: u64,
     pub commit: u64,
     pub applied: u64,
+}
+
+/// Counters of a node, summed over its shards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    pub proposals: u64,
+    pub commands_proposed: u64,
+    pub entries_applied: u64,
+    pub busy_answers: u64,
+    pub wal_writes: u64,
+    pub wal_bytes_written: u64,
+}
+
+impl NodeStats {
+    fn add(&mut self, other: NodeStats) {
+        self.proposals += other.proposals;
+        self.commands_proposed += other.commands_proposed;
+        self.entries_applied += other.entries_applied;
+        self.busy_answers += other.busy_answers;
+        self.wal_writes += other.wal_writes;
+        self.wal_bytes_written += other.wal_bytes_written;
+    }
 }
 
 /// Peer messages a shard queues for another node's shard before dropping (raft resends).
@@ -211,6 +236,18 @@ impl Engine {
         }
         out.sort_by_key(|s| s.group);
         out
+    }
+
+    /// Counters summed over this node's shards.
+    pub fn stats(&self) -> NodeStats {
+        let mut total = NodeStats::default();
+        for input in &self.inputs {
+            let (tx, rx) = flume::bounded(1);
+            if input.send(ShardInput::Stats { reply: tx }).is_ok() {
+                total.add(rx.recv().unwrap_or_default());
+            }
+        }
+        total
     }
 
     /// Stops cleanly: no new requests, in-flight ones answered, the WAL synced, state machines
@@ -488,6 +525,18 @@ fn handle_input(
                 })
                 .collect();
             let _ = reply.send(status);
+        }
+        ShardInput::Stats { reply } => {
+            let shard = core.stats();
+            let wal = core.wal().borrow().stats();
+            let _ = reply.send(NodeStats {
+                proposals: shard.proposals,
+                commands_proposed: shard.commands_proposed,
+                entries_applied: shard.entries_applied,
+                busy_answers: shard.busy_answers,
+                wal_writes: wal.writes,
+                wal_bytes_written: wal.bytes_written,
+            });
         }
         ShardInput::Shutdown { done } => *shutdown = Some(done),
     }
