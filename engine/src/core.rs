@@ -722,7 +722,19 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     pub fn has_ready(&self) -> bool {
         self.groups
             .values()
-            .any(|g| g.raw.has_ready() || !g.committed.is_empty() || !g.queue.is_empty())
+            .any(|g| g.raw.has_ready() || !g.committed.is_empty())
+    }
+
+    /// Bytes of commands queued, not yet proposed, over all groups.
+    pub fn queued_bytes(&self) -> usize {
+        self.groups.values().map(|g| g.queue_bytes).sum()
+    }
+
+    /// Whether any group has commands or linearizable reads waiting to be proposed.
+    pub fn has_queued(&self) -> bool {
+        self.groups
+            .values()
+            .any(|g| !g.queue.is_empty() || !g.reads_unsent.is_empty())
     }
 
     /// Applies committed entries and answers their proposers; serves reads whose index is

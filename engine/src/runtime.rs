@@ -353,6 +353,7 @@ async fn run_shard(
         })
         .detach();
     }
+    let entry_bytes_max = config.batching.entry_bytes_max as usize;
     let mut replies: BTreeMap<RequestId, Reply> = BTreeMap::new();
     let mut next_request: RequestId = 1;
     let mut shutdown: Option<flume::Sender<()>> = None;
@@ -360,7 +361,8 @@ async fn run_shard(
     let checkpoint_every = Duration::from_millis(config.sm.checkpoint_interval_ms);
     loop {
         // Wait for work unless some is already there.
-        if inbox.is_empty() && !kick.kicked.get() && !core.has_ready() {
+        let proposable = core.has_queued() && (!writing.get() || core.queued_bytes() >= entry_bytes_max);
+        if inbox.is_empty() && !kick.kicked.get() && !core.has_ready() && !proposable {
             let inbox_ready = async { inbox.recv_async().await.ok() };
             let kicked = async {
                 Kicked(&kick).await;
@@ -388,7 +390,12 @@ async fn run_shard(
         for _ in 0..ticks.replace(0) {
             core.tick();
         }
-        core.propose();
+        // Group commit for proposals too: while a WAL write is in flight, commands keep queueing
+        // and go out as one entry when it completes (or once a full entry is queued). They would
+        // wait for that write's completion in the WAL's open batch anyway.
+        if !writing.get() || core.queued_bytes() >= entry_bytes_max {
+            core.propose();
+        }
         core.collect_ready();
         for fetch in core.take_fetches() {
             let entries = match fetch.plan {
