@@ -527,7 +527,7 @@ fn seeds() -> Vec<u64> {
     let count = std::env::var("RINGRAFT_SIM_SEEDS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(200);
     (0..count).collect()
 }
 
