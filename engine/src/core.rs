@@ -83,6 +83,10 @@ pub struct ShardConfig {
     pub voters: Vec<u64>,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
+    /// raft-rs draws each election timeout from `[min, max)` ticks with a thread-local random
+    /// generator; `None` keeps its default `[election, 2 x election)`. The deterministic
+    /// simulator sets a one-tick range per node so a seed replays exactly.
+    pub election_ticks_range: Option<(usize, usize)>,
     pub max_size_per_msg: u64,
     pub max_inflight_msgs: usize,
     pub max_uncommitted_bytes: u64,
@@ -103,6 +107,7 @@ impl ShardConfig {
             voters: config.cluster.nodes.iter().map(|n| n.id).collect(),
             election_ticks: config.raft.election_ticks() as usize,
             heartbeat_ticks: config.raft.heartbeat_ticks() as usize,
+            election_ticks_range: None,
             max_size_per_msg: config.raft.max_size_per_msg_bytes,
             max_inflight_msgs: config.raft.max_inflight_msgs as usize,
             max_uncommitted_bytes: config.raft.max_uncommitted_bytes,
@@ -226,6 +231,8 @@ fn raft_config(config: &ShardConfig, applied: u64) -> raft::Config {
         max_committed_size_per_ready: config.max_committed_size_per_ready,
         pre_vote: config.pre_vote,
         check_quorum: config.check_quorum,
+        min_election_tick: config.election_ticks_range.map_or(0, |r| r.0),
+        max_election_tick: config.election_ticks_range.map_or(0, |r| r.1),
         ..Default::default()
     }
 }

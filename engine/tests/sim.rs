@@ -6,16 +6,22 @@
 //!
 //! Checked after every step: at most one leader per term per group; an entry applied at an index
 //! never differs between nodes or across restarts. At the end, after faults stop: every group
-//! elects a leader and serves a write, every acknowledged write is on every node, and all nodes
-//! hold the same state.
+//! elects a leader and serves a write, every acknowledged write is on every node, all nodes hold
+//! the same state, and the client history (puts and linearizable reads, including requests whose
+//! outcome stayed unknown) is linearizable, key by key, per porcupine-rs (memoized WGL search).
 //!
-//! `RINGRAFT_SIM_SEED=n` replays one seed; `RINGRAFT_SIM_SEEDS=n` runs n seeds (long mode).
+//! Determinism: everything random comes from the seed. raft-rs draws election timeouts from a
+//! thread-local generator, so each node gets a fixed, distinct timeout instead.
+//!
+//! `RINGRAFT_SIM_SEED=n` replays one seed; `RINGRAFT_SIM_SEEDS=n` runs n seeds (long mode);
+//! `RINGRAFT_SIM_DEBUG=1` prints the linearizability check per key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
+use porcupine_rs::{Model, Operation};
 use ringraft_engine::{Answer, Consistency, EngineError, Envelope, ShardConfig, ShardCore};
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
 use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFileHandle, SplitMix64, Wal, WalConfig};
@@ -42,6 +48,9 @@ fn shard_config(node: u64) -> ShardConfig {
         voters: (1..=NODES).collect(),
         election_ticks: 20,
         heartbeat_ticks: 3,
+        // raft-rs would draw timeouts from a thread-local generator: give each node its own
+        // fixed timeout instead, so the run depends on the seed alone.
+        election_ticks_range: Some((20 + 4 * node as usize, 21 + 4 * node as usize)),
         max_size_per_msg: 64 << 10,
         max_inflight_msgs: 32,
         max_uncommitted_bytes: 8 << 20,
@@ -116,6 +125,68 @@ struct Pending {
     group: u64,
     key: Vec<u8>,
     value: Vec<u8>,
+    read: bool,
+}
+
+/// Shared keys per group (at a time) that many writes and reads touch, for the
+/// linearizability check.
+const HOT_KEYS: u64 = 2;
+
+type Value = Option<Vec<u8>>;
+
+/// What a request did to a key, as the client saw it.
+#[derive(Clone, Debug)]
+enum RegisterOp {
+    Write(Value),
+    Read,
+}
+
+#[derive(Clone, Debug)]
+enum RegisterRet {
+    WriteOk,
+    ReadOk(Value),
+}
+
+/// The client history, in the order the simulation observed it.
+#[derive(Clone, Debug)]
+enum Event {
+    Invoke {
+        request: u64,
+        key: Vec<u8>,
+        op: RegisterOp,
+    },
+    Return {
+        request: u64,
+        ret: RegisterRet,
+    },
+}
+
+/// A register (one key) for porcupine: values are numbered per key; 0 is "absent".
+#[derive(Clone)]
+struct Register;
+
+#[derive(Clone, Debug)]
+enum RegisterStep {
+    Write(u64),
+    /// A read and the value it returned.
+    Read(u64),
+}
+
+impl Model for Register {
+    type State = u64;
+    type Op = RegisterStep;
+    type Metadata = ();
+
+    fn init() -> u64 {
+        0
+    }
+
+    fn step(state: &u64, op: &RegisterStep) -> (bool, u64) {
+        match op {
+            RegisterStep::Write(value) => (true, *value),
+            RegisterStep::Read(seen) => (seen == state, *state),
+        }
+    }
 }
 
 struct Sim {
@@ -136,6 +207,9 @@ struct Sim {
     applied: BTreeMap<(u64, u64), (u64, u32)>,
     writes: u64,
     reads_ok: u64,
+    history: Vec<Event>,
+    /// Requests refused before anything happened (NotLeader, Busy...): left out of the history.
+    refused: BTreeSet<u64>,
 }
 
 impl Sim {
@@ -169,6 +243,8 @@ impl Sim {
             applied: BTreeMap::new(),
             writes: 0,
             reads_ok: 0,
+            history: Vec::new(),
+            refused: BTreeSet::new(),
         };
         for node in &mut sim.nodes {
             node.start();
@@ -265,20 +341,133 @@ impl Sim {
                 continue;
             };
             match answer.result {
-                Ok(results) if results == vec![CommandResult::Ok] => self.acked.push(request),
-                Ok(results)
-                    if matches!(
-                        results.as_slice(),
-                        [CommandResult::Value(_)] | [CommandResult::NotFound]
-                    ) =>
-                {
-                    self.reads_ok += 1
+                Ok(results) if !request.read && results == vec![CommandResult::Ok] => {
+                    self.history.push(Event::Return {
+                        request: answer.request,
+                        ret: RegisterRet::WriteOk,
+                    });
+                    self.acked.push(request);
+                }
+                Ok(results) if request.read => {
+                    let value = match results.as_slice() {
+                        [CommandResult::Value(value)] => Some(value.clone()),
+                        [CommandResult::NotFound] => None,
+                        other => self.fail(format!("unexpected read results {other:?}")),
+                    };
+                    self.reads_ok += 1;
+                    self.history.push(Event::Return {
+                        request: answer.request,
+                        ret: RegisterRet::ReadOk(value),
+                    });
                 }
                 Ok(other) => self.fail(format!("unexpected results {other:?}")),
-                Err(EngineError::NotLeader { leader: Some(leader) }) => {
-                    self.leader_hint.insert(request.group, leader);
+                // Nothing happened: these are answered before the request enters the log.
+                Err(EngineError::NotLeader { leader }) => {
+                    self.refused.insert(answer.request);
+                    if let Some(leader) = leader {
+                        self.leader_hint.insert(request.group, leader);
+                    }
                 }
-                Err(_) => {}
+                Err(
+                    EngineError::Busy(_)
+                    | EngineError::TooLarge(_)
+                    | EngineError::BadRequest(_)
+                    | EngineError::UnknownGroup(_),
+                ) => {
+                    self.refused.insert(answer.request);
+                }
+                // May or may not have happened: stays in flight in the history.
+                Err(EngineError::UnknownOutcome | EngineError::Failed(_)) => {}
+            }
+        }
+    }
+
+    /// Checks every key's history with a linearizability tester (linearizability is
+    /// compositional, so keys are checked one by one).
+    fn check_linearizable(&self) {
+        let mut by_key: BTreeMap<Vec<u8>, Vec<&Event>> = BTreeMap::new();
+        let mut key_of = BTreeMap::new();
+        for event in &self.history {
+            match event {
+                Event::Invoke { request, key, .. } => {
+                    if !self.refused.contains(request) {
+                        key_of.insert(*request, key.clone());
+                        by_key.entry(key.clone()).or_default().push(event);
+                    }
+                }
+                Event::Return { request, .. } => {
+                    if let Some(key) = key_of.get(request) {
+                        by_key.get_mut(key).unwrap().push(event);
+                    }
+                }
+            }
+        }
+        for (key, events) in by_key {
+            let name = String::from_utf8_lossy(&key).into_owned();
+            // Values numbered per key (0 = absent) keep the model's state small.
+            let mut ids: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            let mut id_of = |value: &Value| match value {
+                None => 0,
+                Some(bytes) => {
+                    let next = ids.len() as u64 + 1;
+                    *ids.entry(bytes.clone()).or_insert(next)
+                }
+            };
+            // Time is the position in the observed event order. An operation that never
+            // returned (its outcome unknown) gets an infinite return time: it may take effect at
+            // any point after its call, including after everything (that is, not at all).
+            let mut calls: BTreeMap<u64, (i64, RegisterOp)> = BTreeMap::new();
+            let mut operations = Vec::new();
+            for (time, event) in events.iter().enumerate() {
+                match event {
+                    Event::Invoke { request, op, .. } => {
+                        calls.insert(*request, (time as i64, op.clone()));
+                    }
+                    Event::Return { request, ret } => {
+                        let (call_time, op) = calls.remove(request).expect("a return follows its call");
+                        let step = match (op, ret) {
+                            (RegisterOp::Write(value), RegisterRet::WriteOk) => {
+                                RegisterStep::Write(id_of(&value))
+                            }
+                            (RegisterOp::Read, RegisterRet::ReadOk(value)) => {
+                                RegisterStep::Read(id_of(value))
+                            }
+                            (op, ret) => self.fail(format!("key {name}: {op:?} returned {ret:?}")),
+                        };
+                        operations.push(Operation {
+                            client_id: None,
+                            call_time,
+                            return_time: time as i64,
+                            op: step,
+                            metadata: None,
+                        });
+                    }
+                }
+            }
+            for (_, (call_time, op)) in calls {
+                // Unanswered reads have no effect; unanswered writes may have.
+                if let RegisterOp::Write(value) = op {
+                    let step = RegisterStep::Write(id_of(&value));
+                    operations.push(Operation {
+                        client_id: None,
+                        call_time,
+                        return_time: i64::MAX,
+                        op: step,
+                        metadata: None,
+                    });
+                }
+            }
+            let began = std::time::Instant::now();
+            let linearizable = porcupine_rs::check_operations::<Register>(&operations);
+            if std::env::var_os("RINGRAFT_SIM_DEBUG").is_some() {
+                eprintln!(
+                    "key {name}: {} operations checked in {:?}",
+                    operations.len(),
+                    began.elapsed()
+                );
+            }
+            if !linearizable {
+                self.fail(format!("key {name} is not linearizable: {events:?}"));
             }
         }
     }
@@ -297,32 +486,58 @@ impl Sim {
         self.next_request += 1;
         let node = &mut self.nodes[(target - 1) as usize];
         let Some(core) = node.core.as_mut() else { return };
-        if self.rng.below(5) == 0 {
-            // A linearizable read of an earlier key.
-            let key = format!("g{group}-w{}", self.rng.below(self.writes.max(1))).into_bytes();
-            self.pending.insert(
-                request,
-                Pending {
-                    group,
+        // Hot keys rotate every 250 simulated ms: each key's history stays short enough for an
+        // exhaustive linearizability check even with writes whose outcome stays unknown.
+        let hot = format!("g{group}-hot{}-{}", self.clock / 250, self.rng.below(HOT_KEYS)).into_bytes();
+        match self.rng.below(10) {
+            0..=2 => {
+                // A linearizable read: mostly of a hot key, sometimes of an earlier unique key.
+                let key = if self.rng.below(4) == 0 {
+                    format!("g{group}-w{}", self.rng.below(self.writes.max(1))).into_bytes()
+                } else {
+                    hot
+                };
+                self.pending.insert(
+                    request,
+                    Pending {
+                        group,
+                        key: key.clone(),
+                        value: Vec::new(),
+                        read: true,
+                    },
+                );
+                self.history.push(Event::Invoke {
+                    request,
                     key: key.clone(),
-                    value: Vec::new(),
-                },
-            );
-            core.read(group, request, key, Consistency::Linearizable);
-            return;
+                    op: RegisterOp::Read,
+                });
+                core.read(group, request, key, Consistency::Linearizable);
+            }
+            choice => {
+                self.writes += 1;
+                let key = if choice <= 5 {
+                    hot
+                } else {
+                    format!("g{group}-w{}", self.writes).into_bytes()
+                };
+                let value = format!("v{}", self.writes).into_bytes();
+                self.pending.insert(
+                    request,
+                    Pending {
+                        group,
+                        key: key.clone(),
+                        value: value.clone(),
+                        read: false,
+                    },
+                );
+                self.history.push(Event::Invoke {
+                    request,
+                    key: key.clone(),
+                    op: RegisterOp::Write(Some(value.clone())),
+                });
+                core.submit(group, request, vec![Command::Put { key, value }]);
+            }
         }
-        self.writes += 1;
-        let key = format!("g{group}-w{}", self.writes).into_bytes();
-        let value = vec![(self.writes % 251) as u8; 1 + (self.writes % 40) as usize];
-        self.pending.insert(
-            request,
-            Pending {
-                group,
-                key: key.clone(),
-                value: value.clone(),
-            },
-        );
-        core.submit(group, request, vec![Command::Put { key, value }]);
     }
 
     fn faults(&mut self) {
@@ -483,7 +698,13 @@ impl Sim {
                 ));
             }
         }
-        let acked = self.acked.clone();
+        self.check_linearizable();
+        let acked: Vec<Pending> = self
+            .acked
+            .iter()
+            .filter(|w| !w.key.windows(3).any(|x| x == b"hot"))
+            .cloned()
+            .collect();
         for node in &mut self.nodes {
             let core = node.core.as_mut().unwrap();
             for write in &acked {
