@@ -17,6 +17,8 @@ use ringraft_sm::Command;
 use ringraft_tuning::{Config, CpuList};
 use serde::Serialize;
 
+use crate::key;
+
 #[derive(Clone, Debug)]
 pub struct ClusterBenchOptions {
     pub dir: PathBuf,
@@ -56,13 +58,6 @@ pub struct ClusterResult {
     pub rss_bytes_max: u64,
     /// Requests answered with an error (Busy, NotLeader during elections, ...).
     pub errors: u64,
-}
-
-fn key(index: u64, key_bytes: usize) -> Vec<u8> {
-    let mixed = index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut text = format!("{mixed:0width$x}", width = key_bytes);
-    text.truncate(key_bytes);
-    text.into_bytes()
 }
 
 fn configs(o: &ClusterBenchOptions) -> Vec<Config> {

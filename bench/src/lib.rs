@@ -10,3 +10,12 @@ pub mod machine;
 pub mod probe;
 pub mod sm_bench;
 pub mod wal_bench;
+
+/// A deterministic key of `key_bytes` hex characters for `index`, spread over the key space
+/// (the same keys in every run, so results compare).
+pub fn key(index: u64, key_bytes: usize) -> Vec<u8> {
+    let mixed = index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut text = format!("{mixed:0width$x}", width = key_bytes);
+    text.truncate(key_bytes);
+    text.into_bytes()
+}

@@ -8,6 +8,8 @@ use glommio::{LocalExecutorBuilder, Placement};
 use ringraft_sm::{encode_batch, BatchView, Command, GlommioSmDisk, KvConfig, KvStore, StateMachine};
 use serde::Serialize;
 
+use crate::key;
+
 #[derive(Clone, Debug)]
 pub struct SmBenchOptions {
     pub dir: PathBuf,
@@ -39,14 +41,6 @@ pub struct SmResult {
     /// Batches of half puts, half gets (gets through the log).
     pub mixed_commands_per_s: f64,
     pub rss_bytes_max: u64,
-}
-
-/// A deterministic key: `index` spread over the key space, printed to `key_bytes`.
-fn key(index: u64, key_bytes: usize) -> Vec<u8> {
-    let mixed = index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut text = format!("{mixed:0width$x}", width = key_bytes);
-    text.truncate(key_bytes);
-    text.into_bytes()
 }
 
 pub fn run(options: SmBenchOptions) -> Result<SmResult, String> {
