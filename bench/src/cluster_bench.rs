@@ -60,9 +60,28 @@ pub struct ClusterResult {
     pub errors: u64,
 }
 
-fn configs(o: &ClusterBenchOptions) -> Vec<Config> {
+/// Registered IO memory of each client executor (it only waits on channels and timers).
+const CLIENT_IO_MEMORY_BYTES: u64 = 128 << 10;
+
+fn configs(o: &ClusterBenchOptions) -> Result<Vec<Config>, String> {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (1..=o.nodes)
+    // The nodes' arenas share the locked-memory limit with the client executors: size them
+    // from what the clients leave.
+    let memlock = ringraft_tuning::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    let clients_locked = o.clients * ringraft_tuning::RINGS_PER_EXECUTOR * CLIENT_IO_MEMORY_BYTES;
+    let limit = match memlock.effective() {
+        ringraft_tuning::Limit::Unlimited => ringraft_tuning::Limit::Unlimited,
+        ringraft_tuning::Limit::Bytes(bytes) => {
+            ringraft_tuning::Limit::Bytes(bytes.saturating_sub(clients_locked))
+        }
+    };
+    let auto = ringraft_tuning::IoMemory::Auto(ringraft_tuning::AutoKeyword::Auto);
+    let plan = ringraft_tuning::plan_io_memory(&auto, limit, o.nodes * o.shards as u64)
+        .map_err(|e| e.to_string())?;
+    if let Some(warning) = &plan.warning {
+        eprintln!("warning: {warning}");
+    }
+    Ok((1..=o.nodes)
         .map(|id| {
             let mut config = Config::local_cluster(o.nodes, id);
             config.node.data_dir = o.dir.join("cluster").join(format!("node{id}"));
@@ -70,9 +89,10 @@ fn configs(o: &ClusterBenchOptions) -> Vec<Config> {
             // Several nodes (or more shards than CPUs) on one machine share CPUs: no pinning.
             config.shards.pin = o.nodes == 1 && o.shards <= online;
             config.shards.groups_per_shard = o.groups_per_shard;
+            config.glommio.io_memory_bytes = ringraft_tuning::IoMemory::Bytes(plan.per_shard_bytes);
             config
         })
-        .collect()
+        .collect())
 }
 
 fn sum(stats: &[NodeStats]) -> NodeStats {
@@ -109,7 +129,7 @@ fn wait_for_leaders(client: &Client) -> Result<(), String> {
 
 pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
     let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
-    let (engines, client) = Engine::start_in_process(configs(&o)).map_err(|e| e.to_string())?;
+    let (engines, client) = Engine::start_in_process(configs(&o)?).map_err(|e| e.to_string())?;
     let outcome = load(&o, &engines, &client);
     let mut shutdown = Ok(());
     for engine in engines {
@@ -136,7 +156,7 @@ fn load(o: &ClusterBenchOptions, engines: &[Engine], client: &Client) -> Result<
         let (in_flight, keys, key_bytes, value_bytes) = (o.in_flight, o.keys, o.key_bytes, o.value_bytes);
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("ringraft-bench-client-{c}"))
-            .io_memory(256 << 10)
+            .io_memory(CLIENT_IO_MEMORY_BYTES as usize)
             .spawn(move || async move {
                 let histogram = Rc::new(RefCell::new(
                     Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap(),

@@ -19,7 +19,9 @@ fn configs(dir: &std::path::Path) -> Vec<Config> {
             config.wal.batch_bytes_max = 256 << 10;
             config.batching.entry_bytes_max = 128 << 10;
             config.limits.value_bytes_max = 64 << 10;
-            config.glommio.io_memory_bytes = IoMemory::Bytes(1 << 20);
+            // 3 nodes x 1 shard x 3 rings x 512 KiB fits the common 8 MiB memlock limit of a
+            // non-root user.
+            config.glommio.io_memory_bytes = IoMemory::Bytes(512 << 10);
             config.raft.tick_interval_ms = 10;
             config.raft.election_timeout_ms = 300;
             config.raft.heartbeat_interval_ms = 30;

@@ -9,7 +9,7 @@ where
     F: std::future::Future<Output = T> + 'static,
 {
     LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(2 << 20)
+        .io_memory(512 << 10) // tests run in parallel: stay within an 8 MiB memlock limit
         .spawn(f)
         .unwrap()
         .join()
