@@ -95,12 +95,11 @@ fn configs(o: &ClusterBenchOptions) -> Result<Vec<Config>, String> {
         .collect())
 }
 
-fn sum(stats: &[NodeStats]) -> NodeStats {
+/// Counters summed over every node.
+fn cluster_stats(engines: &[Engine]) -> NodeStats {
     let mut total = NodeStats::default();
-    for s in stats {
-        total.proposals += s.proposals;
-        total.commands_proposed += s.commands_proposed;
-        total.wal_writes += s.wal_writes;
+    for engine in engines {
+        total.add(engine.stats());
     }
     total
 }
@@ -206,13 +205,13 @@ fn load(o: &ClusterBenchOptions, engines: &[Engine], client: &Client) -> Result<
         executors.push(handle);
     }
     std::thread::sleep(o.warmup);
-    let before = sum(&engines.iter().map(Engine::stats).collect::<Vec<_>>());
+    let before = cluster_stats(engines);
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
     std::thread::sleep(o.duration);
     measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
-    let after = sum(&engines.iter().map(Engine::stats).collect::<Vec<_>>());
+    let after = cluster_stats(engines);
     stop.store(true, Ordering::Relaxed);
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
     for handle in executors {

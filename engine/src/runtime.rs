@@ -77,7 +77,8 @@ pub struct NodeStats {
 }
 
 impl NodeStats {
-    fn add(&mut self, other: NodeStats) {
+    /// Adds another node's (or shard's) counters.
+    pub fn add(&mut self, other: NodeStats) {
         self.proposals += other.proposals;
         self.commands_proposed += other.commands_proposed;
         self.entries_applied += other.entries_applied;
