@@ -25,7 +25,7 @@ use raft::{GetEntriesContext, RawNode, StateRole, Storage};
 use ringraft_sm::{encode_batch, BatchView, Command, CommandLimits, CommandResult, StateMachine};
 use ringraft_wal::{Disk, Ticket, Wal};
 
-use crate::storage::{entry_type_code, to_raft_entry, FetchQueue, GroupStorage};
+use crate::storage::{entry_type_code, FetchQueue, GroupStorage};
 
 /// Identifies a client request within a shard; chosen by the runner.
 pub type RequestId = u64;
@@ -126,6 +126,11 @@ impl ShardConfig {
     }
 }
 
+/// raft-rs's leader id, or `None` for its "no leader" sentinel.
+fn known_leader(id: u64) -> Option<u64> {
+    (id != raft::INVALID_ID).then_some(id)
+}
+
 /// A proposal in the log, waiting to be applied: which requests own which commands.
 #[derive(Debug)]
 struct Proposal {
@@ -204,7 +209,6 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     next_read_context: u64,
     failure: Option<String>,
     stats: ShardStats,
-    logger: slog::Logger,
     /// When on, every applied entry is recorded as (group, index, term, crc32c of its data).
     applied_log: Option<Vec<(u64, u64, u64, u32)>>,
 }
@@ -291,7 +295,6 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             next_read_context: 1,
             failure: None,
             stats: ShardStats::default(),
-            logger,
             applied_log: None,
         })
     }
@@ -331,7 +334,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// The group's leader as this node knows it.
     pub fn leader(&self, group: u64) -> Option<u64> {
         let raft = &self.groups.get(&group)?.raw.raft;
-        (raft.leader_id != raft::INVALID_ID).then_some(raft.leader_id)
+        known_leader(raft.leader_id)
     }
 
     pub fn is_leader(&self, group: u64) -> bool {
@@ -395,7 +398,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         if g.raw.raft.state != StateRole::Leader {
             let leader = g.raw.raft.leader_id;
             return Err(EngineError::NotLeader {
-                leader: (leader != raft::INVALID_ID).then_some(leader),
+                leader: known_leader(leader),
             });
         }
         if commands.is_empty() {
@@ -450,7 +453,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 self.answers.push(Answer {
                     request,
                     result: Err(EngineError::NotLeader {
-                        leader: (leader != raft::INVALID_ID).then_some(leader),
+                        leader: known_leader(leader),
                     }),
                 });
             }
@@ -498,7 +501,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     self.answers.push(Answer {
                         request,
                         result: Err(EngineError::NotLeader {
-                            leader: (leader != raft::INVALID_ID).then_some(leader),
+                            leader: known_leader(leader),
                         }),
                     });
                 }
@@ -506,7 +509,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     self.answers.push(Answer {
                         request: read.request,
                         result: Err(EngineError::NotLeader {
-                            leader: (leader != raft::INVALID_ID).then_some(leader),
+                            leader: known_leader(leader),
                         }),
                     });
                 }
@@ -568,7 +571,6 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     .insert(ctx, (std::mem::take(&mut g.reads_unsent), self.ticks));
             }
         }
-        let _ = &self.logger;
     }
 
     /// Collects every group's `Ready`: sends leader messages now, writes entries and hard
@@ -599,7 +601,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             self.stats.leader_changes += 1;
             if ss.raft_state != StateRole::Leader {
                 // Reads waiting for a ReadIndex from a former leader can no longer be confirmed.
-                let leader = (ss.leader_id != raft::INVALID_ID).then_some(ss.leader_id);
+                let leader = known_leader(ss.leader_id);
                 for (_, (reads, _)) in std::mem::take(&mut g.reads_inflight) {
                     for read in reads {
                         self.answers.push(Answer {
@@ -874,9 +876,4 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             g.reads_inflight.clear();
         }
     }
-}
-
-/// Converts stored entries for tests and status.
-pub fn raft_entries(entries: Vec<ringraft_wal::Entry>) -> Vec<Entry> {
-    entries.into_iter().map(to_raft_entry).collect()
 }

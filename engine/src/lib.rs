@@ -26,8 +26,7 @@ mod storage;
 
 pub use crate::client::{group_of, Client};
 pub use crate::core::{
-    raft_entries, Answer, Consistency, EngineError, Envelope, Fetch, RequestId, ShardConfig, ShardCore,
-    ShardStats,
+    Answer, Consistency, EngineError, Envelope, Fetch, RequestId, ShardConfig, ShardCore, ShardStats,
 };
 pub use crate::runtime::{Engine, GroupStatus, NodeStats};
 pub use crate::storage::GroupStorage;
