@@ -469,6 +469,14 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
     }
 
+    /// The transport could not deliver a message of `group` to node `to` (no connection, or its
+    /// queue was full): raft-rs stops pipelining to it and probes instead.
+    pub fn report_unreachable(&mut self, group: u64, to: u64) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.raw.report_unreachable(to);
+        }
+    }
+
     /// Advances every group's logical clock by one tick.
     pub fn tick(&mut self) {
         self.ticks += 1;

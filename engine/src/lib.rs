@@ -13,16 +13,18 @@
 //! index); every queue is bounded and a full one answers `Busy` at once.
 //!
 //! The glommio runner (`runtime.rs`, the only glommio code here) runs one executor per shard;
-//! [`Engine::start_in_process`] starts a whole cluster in one process with channels between
-//! nodes (the TCP transport is the `net` crate's); [`Client`] is the embedded API.
+//! [`Engine::start`] starts one node whose peers are reached through a [`Transport`] (the TCP
+//! one is the `net` crate's); [`Engine::start_in_process`] starts a whole cluster in one process
+//! with channels between nodes; [`Client`] is the embedded API and [`NodeHandle`] a node's own
+//! shards, for network servers.
 //!
-//! Not built yet (issue 5 continues): metrics, a linearizability checker in the simulator, the
-//! cluster benchmark.
+//! Not built yet (issue 5 continues): histogram metrics, user state machines in the runtime.
 
 mod client;
 mod core;
 mod runtime;
 mod storage;
+mod transport;
 
 pub use crate::client::{group_of, Client};
 pub use crate::core::{
@@ -30,4 +32,5 @@ pub use crate::core::{
 };
 pub use crate::runtime::{Engine, GroupStatus, NodeStats};
 pub use crate::storage::GroupStorage;
+pub use crate::transport::{Inbound, NodeHandle, Pending, ShardLink, ShardNet, Transport};
 pub use raft;

@@ -25,6 +25,7 @@ use ringraft_wal::{perform, GlommioDisk, IoDone, IoJob, Wal, WalConfig};
 
 use crate::client::{Client, Route};
 use crate::core::{Consistency, EngineError, Envelope, RequestId, ShardConfig, ShardCore};
+use crate::transport::{InProcess, Inbound, NodeHandle, ShardNet, Transport};
 
 /// A reply channel for one request.
 pub(crate) type Reply = flume::Sender<Result<Vec<CommandResult>, EngineError>>;
@@ -93,6 +94,20 @@ const PEER_QUEUE_MAX: usize = 4096;
 /// Inputs a shard takes per loop iteration before doing its work.
 const INPUTS_PER_LOOP_MAX: usize = 8192;
 
+/// One shard's input channel: client requests and peer messages.
+fn inbox(config: &Config) -> (flume::Sender<ShardInput>, flume::Receiver<ShardInput>) {
+    flume::bounded(config.limits.client_queue_depth as usize + PEER_QUEUE_MAX)
+}
+
+/// Raises RLIMIT_MEMLOCK and divides it among `shards` executors of this process.
+fn plan_memory(config: &Config, shards: u64) -> Result<u64, EngineError> {
+    let memlock =
+        ringraft_tuning::raise_memlock().map_err(|e| EngineError::Failed(format!("RLIMIT_MEMLOCK: {e}")))?;
+    let plan = ringraft_tuning::plan_io_memory(&config.glommio.io_memory_bytes, memlock.effective(), shards)
+        .map_err(|e| EngineError::Failed(e.to_string()))?;
+    Ok(plan.per_shard_bytes)
+}
+
 /// A running node: one executor per shard.
 pub struct Engine {
     node: u64,
@@ -108,13 +123,6 @@ impl std::fmt::Debug for Engine {
             .field("shards", &self.inputs.len())
             .finish()
     }
-}
-
-/// Where a node's shards send messages for other nodes (the transport seam).
-#[derive(Clone)]
-pub(crate) struct Peers {
-    /// node -> one sender per shard.
-    pub(crate) shards: Arc<BTreeMap<u64, Vec<flume::Sender<ShardInput>>>>,
 }
 
 fn wal_config(config: &Config) -> WalConfig {
@@ -135,6 +143,18 @@ fn kv_config(config: &Config) -> KvConfig {
 }
 
 impl Engine {
+    /// Starts one node of a cluster whose peers are reached through `transport` (the TCP one
+    /// is `ringraft-net`'s). Validates the config, raises RLIMIT_MEMLOCK and sizes glommio's
+    /// registered memory for this node's shards.
+    pub fn start(config: Config, transport: Arc<dyn Transport>) -> Result<Engine, EngineError> {
+        let topology = Topology::detect();
+        ringraft_tuning::validate(&config, &topology).map_err(|e| EngineError::BadRequest(e.to_string()))?;
+        let shards = ringraft_tuning::resolve_cpus(&config, &topology).len();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| inbox(&config)).unzip();
+        let io_memory = plan_memory(&config, shards as u64)?;
+        Engine::spawn(config, &topology, io_memory, transport, senders, receivers)
+    }
+
     /// Starts every node of an in-process cluster (nodes exchange messages through channels).
     /// `configs` holds one validated config per node, all with the same cluster section.
     pub fn start_in_process(configs: Vec<Config>) -> Result<(Vec<Engine>, Client), EngineError> {
@@ -145,38 +165,32 @@ impl Engine {
             ringraft_tuning::validate(config, &topology)
                 .map_err(|e| EngineError::BadRequest(e.to_string()))?;
             let shards = ringraft_tuning::resolve_cpus(config, &topology).len();
-            let (senders, rx): (Vec<_>, Vec<_>) = (0..shards)
-                .map(|_| flume::bounded(config.limits.client_queue_depth as usize + PEER_QUEUE_MAX))
-                .unzip();
+            let (senders, rx): (Vec<_>, Vec<_>) = (0..shards).map(|_| inbox(config)).unzip();
             channels.insert(config.node.id, senders);
             receivers.insert(config.node.id, rx);
         }
-        let peers = Peers {
+        let transport = InProcess {
             shards: Arc::new(channels),
         };
         // Every shard of every node in this process shares one locked-memory limit.
-        let memlock = ringraft_tuning::raise_memlock()
-            .map_err(|e| EngineError::Failed(format!("RLIMIT_MEMLOCK: {e}")))?;
-        let shards_in_process: u64 = peers.shards.values().map(|s| s.len() as u64).sum();
-        let io_memory = ringraft_tuning::plan_io_memory(
-            &configs[0].glommio.io_memory_bytes,
-            memlock.effective(),
-            shards_in_process,
-        )
-        .map_err(|e| EngineError::Failed(e.to_string()))?;
+        let shards_in_process: u64 = transport.shards.values().map(|s| s.len() as u64).sum();
+        let io_memory = plan_memory(&configs[0], shards_in_process)?;
+        let shared: Arc<dyn Transport> = Arc::new(transport.clone());
         let mut engines = Vec::new();
         for config in configs {
             let rx = receivers.remove(&config.node.id).unwrap();
+            let senders = transport.shards[&config.node.id].clone();
             engines.push(Engine::spawn(
                 config,
                 &topology,
-                io_memory.per_shard_bytes,
-                peers.clone(),
+                io_memory,
+                shared.clone(),
+                senders,
                 rx,
             )?);
         }
         let groups = engines[0].groups;
-        let routes = peers
+        let routes = transport
             .shards
             .iter()
             .map(|(&node, senders)| (node, senders.clone()))
@@ -194,14 +208,19 @@ impl Engine {
         config: Config,
         topology: &Topology,
         io_memory_bytes: u64,
-        peers: Peers,
+        transport: Arc<dyn Transport>,
+        senders: Vec<flume::Sender<ShardInput>>,
         receivers: Vec<flume::Receiver<ShardInput>>,
     ) -> Result<Engine, EngineError> {
         let cpus = ringraft_tuning::resolve_cpus(&config, topology);
         let shards = cpus.len() as u64;
         let groups = shards * config.shards.groups_per_shard;
+        let handle = NodeHandle {
+            node: config.node.id,
+            groups,
+            shards: senders.clone(),
+        };
         let mut threads = Vec::new();
-        let inputs = peers.shards[&config.node.id].clone();
         for (shard, rx) in receivers.into_iter().enumerate() {
             let placement = if config.shards.pin {
                 Placement::Fixed(cpus[shard])
@@ -209,21 +228,48 @@ impl Engine {
                 Placement::Unbound
             };
             let config = config.clone();
-            let peers = peers.clone();
-            let handle = LocalExecutorBuilder::new(placement)
+            let net = ShardNet {
+                node: config.node.id,
+                shard: shard as u64,
+                inbound: Inbound(senders[shard].clone()),
+                handle: handle.clone(),
+            };
+            let transport = transport.clone();
+            let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("ringraft-n{}-s{shard}", config.node.id))
                 .io_memory(io_memory_bytes as usize)
                 .ring_depth(config.glommio.ring_depth as usize)
-                .spawn(move || async move { run_shard(config, shard as u64, shards, rx, peers).await })
-                .map_err(|e| EngineError::Failed(format!("cannot start shard {shard}: {e}")))?;
-            threads.push(handle);
+                .spawn(move || async move { run_shard(config, net, shards, rx, transport).await });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // Stop the shards already running before reporting.
+                    let started = Engine {
+                        node: handle.node,
+                        inputs: senders[..threads.len()].to_vec(),
+                        threads,
+                        groups,
+                    };
+                    let _ = started.shutdown();
+                    return Err(EngineError::Failed(format!("cannot start shard {shard}: {e}")));
+                }
+            }
         }
         Ok(Engine {
             node: config.node.id,
-            inputs,
+            inputs: senders,
             threads,
             groups,
         })
+    }
+
+    /// This node's shards, for a server taking client requests.
+    pub fn handle(&self) -> NodeHandle {
+        NodeHandle {
+            node: self.node,
+            groups: self.groups,
+            shards: self.inputs.clone(),
+        }
     }
 
     /// Per-group status of this node.
@@ -306,11 +352,12 @@ impl Future for Kicked<'_> {
 
 async fn run_shard(
     config: Config,
-    shard: u64,
+    net: ShardNet,
     shards: u64,
     inbox: flume::Receiver<ShardInput>,
-    peers: Peers,
+    transport: Arc<dyn Transport>,
 ) -> Result<(), String> {
+    let shard = net.shard;
     let dir: PathBuf = config.node.data_dir.join(format!("shard-{shard}"));
     let sync_mode = match config.wal.sync_mode {
         SyncMode::Dsync => ringraft_wal::SyncMode::Dsync,
@@ -337,6 +384,7 @@ async fn run_shard(
     }
     let mut core =
         ShardCore::new(ShardConfig::from_tuning(&config), wal, machines).map_err(|e| e.to_string())?;
+    let mut link = transport.start_shard(net)?;
     let kick = Rc::new(Kick::default());
     let ticks = Rc::new(Cell::new(0u64));
     let done: Rc<RefCell<Vec<IoDone<GlommioDisk>>>> = Rc::new(RefCell::new(Vec::new()));
@@ -358,6 +406,7 @@ async fn run_shard(
     let mut replies: BTreeMap<RequestId, Reply> = BTreeMap::new();
     let mut next_request: RequestId = 1;
     let mut shutdown: Option<flume::Sender<()>> = None;
+    let mut closed = false;
     let mut last_checkpoint = std::time::Instant::now();
     let checkpoint_every = Duration::from_millis(config.sm.checkpoint_interval_ms);
     loop {
@@ -426,12 +475,13 @@ async fn run_shard(
         core.apply().await;
         let (messages, answers) = core.take_output();
         for envelope in messages {
-            let to = envelope.message.to;
-            if let Some(senders) = peers.shards.get(&to) {
-                // Full or gone: dropped; raft resends (and check-quorum notices a dead peer).
-                let _ = senders[shard as usize].try_send(ShardInput::Peer(Box::new(envelope)));
+            let (to, group) = (envelope.message.to, envelope.group);
+            // Dropped (no connection, queue full): raft probes the peer and resends.
+            if !link.send(to, envelope) {
+                core.report_unreachable(group, to);
             }
         }
+        link.flush();
         for answer in answers {
             if let Some(reply) = replies.remove(&answer.request) {
                 let _ = reply.send(answer.result);
@@ -442,6 +492,11 @@ async fn run_shard(
             last_checkpoint = std::time::Instant::now();
         }
         if let Some(done) = &shutdown {
+            if !closed {
+                // Stop accepting connections and requests; answer what is in flight.
+                link.close();
+                closed = true;
+            }
             // Stop once nothing is waiting: every reply sent, the WAL idle.
             let idle = replies.is_empty() && !core.wal().borrow().has_pending() && !writing.get();
             if idle || core.failure().is_some() {

@@ -32,6 +32,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Address the shards listen on.
     pub listen_host: IpAddr,
+    /// Log filter for the `ringraft` binary (tracing `EnvFilter` syntax); `RUST_LOG` overrides.
+    pub log_level: String,
 }
 
 impl Default for NodeConfig {
@@ -40,6 +42,7 @@ impl Default for NodeConfig {
             id: 1,
             data_dir: PathBuf::from("ringraft-data"),
             listen_host: IpAddr::from([127, 0, 0, 1]),
+            log_level: "info".into(),
         }
     }
 }
@@ -277,6 +280,10 @@ pub struct LimitsConfig {
     pub group_queue_commands_max: u64,
     /// Bytes of commands waiting to be proposed, per group.
     pub group_queue_bytes_max: u64,
+    /// Raft messages queued per peer connection before new ones are dropped (raft resends).
+    pub peer_queue_messages: u64,
+    /// How long the server waits for a client request's answer before replying `Timeout`.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -288,6 +295,8 @@ impl Default for LimitsConfig {
             client_queue_depth: 1024,
             group_queue_commands_max: 65_536,
             group_queue_bytes_max: 64 << 20,
+            peer_queue_messages: 4096,
+            request_timeout_ms: 10_000,
         }
     }
 }

@@ -140,7 +140,7 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
 
     // Limits that must not be zero.
     let c = config;
-    let nonzero: [(&str, u64); 21] = [
+    let nonzero: [(&str, u64); 23] = [
         ("shards.groups_per_shard", c.shards.groups_per_shard),
         ("batching.entry_bytes_max", c.batching.entry_bytes_max),
         ("batching.entry_commands_max", c.batching.entry_commands_max),
@@ -168,6 +168,8 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
             "limits.group_queue_commands_max",
             c.limits.group_queue_commands_max,
         ),
+        ("limits.peer_queue_messages", c.limits.peer_queue_messages),
+        ("limits.request_timeout_ms", c.limits.request_timeout_ms),
     ];
     let mut zero = BTreeSet::new();
     for (key, value) in nonzero

@@ -207,6 +207,8 @@ fn a_limit_of_zero_is_rejected_naming_the_key() {
         ("limits", "key_bytes_max"),
         ("limits", "client_queue_depth"),
         ("limits", "group_queue_bytes_max"),
+        ("limits", "peer_queue_messages"),
+        ("limits", "request_timeout_ms"),
     ] {
         errors_naming(&format!("[{section}]\n{key} = 0\n"), &format!("{section}.{key}"));
     }

@@ -1,0 +1,217 @@
+//! The transport seam: how a shard's raft messages reach the same shard of other nodes, and how
+//! a network server hands client requests to the node's shards.
+//!
+//! A [`Transport`] is created once per node and shared by its shards. Each shard calls
+//! [`Transport::start_shard`] on its own executor at start; the transport may spawn its tasks
+//! there (listeners, connections) and returns the shard's [`ShardLink`]. The shard loop then
+//! calls [`ShardLink::send`] for every outgoing message and [`ShardLink::flush`] once per loop,
+//! so a transport can put all of one loop's messages for a destination into one write. Inbound
+//! messages go to the shard through [`Inbound::deliver`] (bounded; a full inbox drops, and raft
+//! resends).
+//!
+//! Two implementations: the in-process one here (channels between nodes of one process, used by
+//! [`crate::Engine::start_in_process`]) and the TCP one in `ringraft-net`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ringraft_sm::{Command, CommandResult};
+
+use crate::core::{Consistency, EngineError, Envelope};
+use crate::runtime::{GroupStatus, NodeStats, ShardInput};
+
+/// Creates each shard's link. Shared by the node's shards (`Send + Sync`).
+pub trait Transport: Send + Sync + 'static {
+    /// Runs on the shard's executor (glommio tasks may be spawned). An error stops the shard.
+    fn start_shard(&self, shard: ShardNet) -> Result<Box<dyn ShardLink>, String>;
+}
+
+/// Where one shard's outgoing messages go. Lives on the shard's executor.
+pub trait ShardLink {
+    /// Queues one message for the same shard of node `to`. `false` when it was dropped (no
+    /// connection, queue full): the shard reports the peer unreachable to raft, which resends.
+    fn send(&mut self, to: u64, envelope: Envelope) -> bool;
+    /// Called once per loop after its sends: a transport may write now.
+    fn flush(&mut self) {}
+    /// The node is shutting down: stop accepting new work.
+    fn close(&mut self) {}
+}
+
+/// What a transport gets for one shard.
+#[derive(Clone, Debug)]
+pub struct ShardNet {
+    pub node: u64,
+    pub shard: u64,
+    /// Delivers inbound raft messages to this shard.
+    pub inbound: Inbound,
+    /// The node's shards, for client requests.
+    pub handle: NodeHandle,
+}
+
+/// Delivers raft messages to one shard.
+#[derive(Clone)]
+pub struct Inbound(pub(crate) flume::Sender<ShardInput>);
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound").finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    /// `false` when the shard's inbox is full or the shard stopped (the message is dropped).
+    pub fn deliver(&self, envelope: Envelope) -> bool {
+        self.0.try_send(ShardInput::Peer(Box::new(envelope))).is_ok()
+    }
+}
+
+/// A node's own shards, for a server taking client requests: `Send + Sync + Clone`. Unlike
+/// [`crate::Client`] it never follows redirects; `NotLeader` goes back to the caller.
+#[derive(Clone)]
+pub struct NodeHandle {
+    pub(crate) node: u64,
+    pub(crate) groups: u64,
+    pub(crate) shards: Vec<flume::Sender<ShardInput>>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("node", &self.node)
+            .field("groups", &self.groups)
+            .field("shards", &self.shards.len())
+            .finish()
+    }
+}
+
+/// A request handed to a shard; its answer arrives through [`Pending::result`].
+#[derive(Debug)]
+pub struct Pending(flume::Receiver<Result<Vec<CommandResult>, EngineError>>);
+
+impl Pending {
+    /// The shard's answer. A shard that stopped with the request in hand answers
+    /// `UnknownOutcome` (the request may have been applied).
+    pub async fn result(self) -> Result<Vec<CommandResult>, EngineError> {
+        self.0
+            .recv_async()
+            .await
+            .unwrap_or(Err(EngineError::UnknownOutcome))
+    }
+}
+
+impl NodeHandle {
+    pub fn node(&self) -> u64 {
+        self.node
+    }
+
+    pub fn groups(&self) -> u64 {
+        self.groups
+    }
+
+    pub fn shards(&self) -> u64 {
+        self.shards.len() as u64
+    }
+
+    fn shard_of(&self, group: u64) -> Result<&flume::Sender<ShardInput>, EngineError> {
+        if group >= self.groups {
+            return Err(EngineError::UnknownGroup(group));
+        }
+        Ok(&self.shards[(group % self.shards.len() as u64) as usize])
+    }
+
+    fn send(&self, group: u64, input: ShardInput) -> Result<(), EngineError> {
+        match self.shard_of(group)?.try_send(input) {
+            Ok(()) => Ok(()),
+            Err(flume::TrySendError::Full(_)) => Err(EngineError::Busy("the shard's input queue")),
+            Err(flume::TrySendError::Disconnected(_)) => {
+                Err(EngineError::Failed("the shard has stopped".into()))
+            }
+        }
+    }
+
+    /// Hands commands to the group's shard; `Busy` at once when its input queue is full.
+    pub fn submit(&self, group: u64, commands: Vec<Command>) -> Result<Pending, EngineError> {
+        let (reply, rx) = flume::bounded(1);
+        self.send(
+            group,
+            ShardInput::Submit {
+                group,
+                commands,
+                reply,
+            },
+        )?;
+        Ok(Pending(rx))
+    }
+
+    /// Hands a read to the group's shard.
+    pub fn read(&self, group: u64, key: Vec<u8>, consistency: Consistency) -> Result<Pending, EngineError> {
+        let (reply, rx) = flume::bounded(1);
+        self.send(
+            group,
+            ShardInput::Read {
+                group,
+                key,
+                consistency,
+                reply,
+            },
+        )?;
+        Ok(Pending(rx))
+    }
+
+    /// Every group's status on this node, by group.
+    pub async fn status(&self) -> Vec<GroupStatus> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let (reply, rx) = flume::bounded(1);
+            if shard.send_async(ShardInput::Status { reply }).await.is_ok() {
+                out.extend(rx.recv_async().await.unwrap_or_default());
+            }
+        }
+        out.sort_by_key(|s| s.group);
+        out
+    }
+
+    /// Counters summed over this node's shards.
+    pub async fn stats(&self) -> NodeStats {
+        let mut total = NodeStats::default();
+        for shard in &self.shards {
+            let (reply, rx) = flume::bounded(1);
+            if shard.send_async(ShardInput::Stats { reply }).await.is_ok() {
+                total.add(rx.recv_async().await.unwrap_or_default());
+            }
+        }
+        total
+    }
+}
+
+/// Channels between the nodes of one process.
+#[derive(Clone)]
+pub(crate) struct InProcess {
+    /// node -> one sender per shard.
+    pub(crate) shards: Arc<BTreeMap<u64, Vec<flume::Sender<ShardInput>>>>,
+}
+
+impl Transport for InProcess {
+    fn start_shard(&self, shard: ShardNet) -> Result<Box<dyn ShardLink>, String> {
+        Ok(Box::new(InProcessLink {
+            shard: shard.shard as usize,
+            shards: self.shards.clone(),
+        }))
+    }
+}
+
+struct InProcessLink {
+    shard: usize,
+    shards: Arc<BTreeMap<u64, Vec<flume::Sender<ShardInput>>>>,
+}
+
+impl ShardLink for InProcessLink {
+    fn send(&mut self, to: u64, envelope: Envelope) -> bool {
+        match self.shards.get(&to) {
+            Some(senders) => senders[self.shard]
+                .try_send(ShardInput::Peer(Box::new(envelope)))
+                .is_ok(),
+            None => false,
+        }
+    }
+}
