@@ -1,0 +1,590 @@
+//! The client library: an async client (plus blocking calls) for a ringraft cluster over the
+//! client protocol. `Send + Sync + Clone`; its futures need no particular runtime (they work
+//! under glommio, tokio, or `block_on` on a plain thread).
+//!
+//! - Learns the cluster's layout (members, client ports, shards, groups) from any seed address.
+//! - Routes each key to its group (`crc32c(key) % groups`) and the group to the client port of
+//!   the shard owning it on the node it believes leads the group.
+//! - Follows `NotLeader` redirects, retries `Busy` and leaderless moments with exponential
+//!   backoff, and returns every other answer as it is.
+//! - Pipelines: any number of requests share one connection per (node, shard); each connection
+//!   has a writer thread that puts everything queued into one write, and a reader thread that
+//!   matches answers to requests by id.
+//!
+//! A write whose connection is lost after it was sent, or that times out, is reported as such:
+//! its outcome is unknown (it may have been applied). Reads are retried on another node.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_lite::FutureExt;
+use ringraft_engine::{Consistency, GroupStatus};
+use ringraft_sm::{Command, CommandResult};
+
+use crate::frame::{self, kind, FrameError};
+use crate::protocol::{self, Body, ClusterInfo, Failure, Request, Response};
+
+/// How the client behaves.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Addresses (`host:port`, any node's client port) to learn the cluster from.
+    pub seeds: Vec<String>,
+    /// How long one request may wait for its answer.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Attempts per call across redirects, `Busy` and leaderless periods.
+    pub attempts_max: u32,
+    /// Backoff between attempts: first delay and cap (doubling).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Largest frame accepted from a server.
+    pub frame_bytes_max: u64,
+}
+
+impl ClientConfig {
+    pub fn new(seeds: impl IntoIterator<Item = impl Into<String>>) -> ClientConfig {
+        ClientConfig {
+            seeds: seeds.into_iter().map(Into::into).collect(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(1),
+            attempts_max: 40,
+            backoff_min: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(200),
+            frame_bytes_max: 64 << 20,
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The server's answer.
+    #[error(transparent)]
+    Server(#[from] Failure),
+    /// No connection could carry the request; it was not sent.
+    #[error("cannot reach {addr}: {message}")]
+    Unreachable { addr: String, message: String },
+    /// The connection broke with the request in flight: it may or may not have been applied.
+    #[error("outcome unknown: the connection to {addr} broke with the request in flight")]
+    Lost { addr: String },
+    /// No answer in time: the request may or may not take effect.
+    #[error("no answer within {0:?}; the request may still take effect")]
+    Timeout(Duration),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Redirects, `Busy` or leaderless periods used up every attempt.
+    #[error("gave up after {attempts} attempts; last: {last}")]
+    GaveUp { attempts: u32, last: Box<ClientError> },
+}
+
+impl ClientError {
+    /// True when the request may have been applied although no ok came back.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            ClientError::Lost { .. } | ClientError::Timeout(_) => true,
+            ClientError::Server(Failure::UnknownOutcome(_) | Failure::Timeout(_)) => true,
+            ClientError::GaveUp { last, .. } => last.outcome_unknown(),
+            _ => false,
+        }
+    }
+}
+
+/// A blocking reader as an `AsyncRead` that is always ready (the reader thread blocks in it).
+struct Blocking<R>(R);
+
+impl<R: std::io::Read + Unpin> futures_lite::AsyncRead for Blocking<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(self.0.read(buf))
+    }
+}
+
+type Waiter = flume::Sender<Result<Response, ClientError>>;
+
+/// One pipelined connection.
+struct Conn {
+    addr: String,
+    frames: flume::Sender<Vec<u8>>,
+    pending: Arc<Mutex<HashMap<u64, Waiter>>>,
+    next_id: AtomicU64,
+    dead: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn open(addr: &str, config: &ClientConfig) -> Result<Arc<Conn>, ClientError> {
+        let unreachable = |message: String| ClientError::Unreachable {
+            addr: addr.to_string(),
+            message,
+        };
+        let socket = addr
+            .to_socket_addrs()
+            .map_err(|e| unreachable(e.to_string()))?
+            .next()
+            .ok_or_else(|| unreachable("no address".into()))?;
+        let stream = TcpStream::connect_timeout(&socket, config.connect_timeout)
+            .map_err(|e| unreachable(e.to_string()))?;
+        stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
+        let read_stream = stream.try_clone().map_err(|e| unreachable(e.to_string()))?;
+        let (frames, queued) = flume::unbounded::<Vec<u8>>();
+        let pending: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
+        let dead = Arc::new(AtomicBool::new(false));
+        let fail_all = {
+            let (pending, dead, addr) = (pending.clone(), dead.clone(), addr.to_string());
+            move |error: Option<ClientError>| {
+                dead.store(true, Ordering::SeqCst);
+                for (_, waiter) in pending.lock().unwrap().drain() {
+                    let error = error.clone().unwrap_or(ClientError::Lost { addr: addr.clone() });
+                    let _ = waiter.send(Err(error));
+                }
+            }
+        };
+        {
+            let fail_all = fail_all.clone();
+            let mut stream = stream;
+            std::thread::Builder::new()
+                .name(format!("ringraft-client-w {addr}"))
+                .spawn(move || {
+                    let mut buf = Vec::new();
+                    while let Ok(first) = queued.recv() {
+                        buf.clear();
+                        buf.extend_from_slice(&first);
+                        while buf.len() < (1 << 20) {
+                            match queued.try_recv() {
+                                Ok(more) => buf.extend_from_slice(&more),
+                                Err(_) => break,
+                            }
+                        }
+                        if stream.write_all(&buf).is_err() {
+                            break;
+                        }
+                    }
+                    // The client dropped the connection, or it broke.
+                    let _ = stream.shutdown(Shutdown::Both);
+                    fail_all(None);
+                })
+                .map_err(|e| unreachable(format!("thread: {e}")))?;
+        }
+        {
+            let pending = pending.clone();
+            let max = config.frame_bytes_max;
+            std::thread::Builder::new()
+                .name(format!("ringraft-client-r {addr}"))
+                .spawn(move || {
+                    let mut reader = Blocking(BufReader::with_capacity(64 << 10, read_stream));
+                    loop {
+                        let frame = match futures_lite::future::block_on(frame::read(&mut reader, max)) {
+                            Ok(frame) => frame,
+                            Err(FrameError::Closed | FrameError::Io(_)) => break,
+                            Err(e) => {
+                                fail_all(Some(ClientError::Protocol(format!(
+                                    "server sent a bad frame: {e}"
+                                ))));
+                                break;
+                            }
+                        };
+                        if frame.kind == kind::ERROR {
+                            let message = frame::Cursor::new(&frame.payload)
+                                .string("error")
+                                .unwrap_or_else(|e| e.to_string());
+                            fail_all(Some(ClientError::Protocol(format!(
+                                "server refused the connection: {message}"
+                            ))));
+                            break;
+                        }
+                        let response = match frame.kind {
+                            kind::RESPONSE => protocol::decode_response(&frame.payload),
+                            other => Err(frame::Malformed(format!("unexpected frame kind {other:#04x}"))),
+                        };
+                        match response {
+                            Ok(response) => {
+                                if let Some(waiter) = pending.lock().unwrap().remove(&response.id) {
+                                    let _ = waiter.send(Ok(response));
+                                }
+                            }
+                            Err(e) => {
+                                fail_all(Some(ClientError::Protocol(e.to_string())));
+                                break;
+                            }
+                        }
+                    }
+                    fail_all(None);
+                })
+                .map_err(|e| unreachable(format!("thread: {e}")))?;
+        }
+        Ok(Arc::new(Conn {
+            addr: addr.to_string(),
+            frames,
+            pending,
+            next_id: AtomicU64::new(1),
+            dead,
+        }))
+    }
+
+    async fn call(&self, request: &Request, timeout: Duration) -> Result<Result<Body, Failure>, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = flume::bounded(1);
+        self.pending.lock().unwrap().insert(id, tx);
+        let not_sent = || ClientError::Unreachable {
+            addr: self.addr.clone(),
+            message: "connection closed".into(),
+        };
+        if self.dead.load(Ordering::SeqCst) {
+            self.pending.lock().unwrap().remove(&id);
+            return Err(not_sent());
+        }
+        let mut buf = Vec::new();
+        protocol::encode_request(&mut buf, id, request);
+        if self.frames.send(buf).is_err() {
+            self.pending.lock().unwrap().remove(&id);
+            return Err(not_sent());
+        }
+        let answer = async {
+            rx.recv_async().await.unwrap_or(Err(ClientError::Lost {
+                addr: self.addr.clone(),
+            }))
+        }
+        .or(async {
+            futures_timer::Delay::new(timeout).await;
+            Err(ClientError::Timeout(timeout))
+        })
+        .await;
+        if answer.is_err() {
+            self.pending.lock().unwrap().remove(&id);
+        }
+        Ok(answer?.outcome)
+    }
+}
+
+struct Inner {
+    config: ClientConfig,
+    info: ClusterInfo,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    leaders: Mutex<HashMap<u64, u64>>,
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct NetClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NetClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetClient")
+            .field("cluster", &self.inner.info)
+            .finish()
+    }
+}
+
+/// Asks one address for the cluster's layout.
+pub fn fetch_cluster(addr: &str, config: &ClientConfig) -> Result<ClusterInfo, ClientError> {
+    let conn = Conn::open(addr, config)?;
+    match futures_lite::future::block_on(conn.call(&Request::Cluster, config.request_timeout))? {
+        Ok(Body::Cluster(info)) if info.groups > 0 && info.shards > 0 => Ok(info),
+        Ok(other) => Err(ClientError::Protocol(format!(
+            "unexpected cluster answer {other:?}"
+        ))),
+        Err(failure) => Err(failure.into()),
+    }
+}
+
+/// Asks one node (any of its client ports) for its per-group status.
+pub fn fetch_status(addr: &str, config: &ClientConfig) -> Result<Vec<GroupStatus>, ClientError> {
+    let conn = Conn::open(addr, config)?;
+    match futures_lite::future::block_on(conn.call(&Request::Status, config.request_timeout))? {
+        Ok(Body::Status(groups)) => Ok(groups),
+        Ok(other) => Err(ClientError::Protocol(format!(
+            "unexpected status answer {other:?}"
+        ))),
+        Err(failure) => Err(failure.into()),
+    }
+}
+
+impl NetClient {
+    /// Connects: learns the cluster from the first seed that answers.
+    pub fn connect(config: ClientConfig) -> Result<NetClient, ClientError> {
+        let mut last = ClientError::Unreachable {
+            addr: String::new(),
+            message: "no seed addresses given".into(),
+        };
+        for seed in &config.seeds {
+            match fetch_cluster(seed, &config) {
+                Ok(info) => {
+                    return Ok(NetClient {
+                        inner: Arc::new(Inner {
+                            config,
+                            info,
+                            conns: Mutex::default(),
+                            leaders: Mutex::default(),
+                        }),
+                    })
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    pub fn cluster(&self) -> &ClusterInfo {
+        &self.inner.info
+    }
+
+    pub fn group_of(&self, key: &[u8]) -> u64 {
+        self.inner.info.group_of(key)
+    }
+
+    /// The node this client believes leads `group`, if any.
+    pub fn leader_of(&self, group: u64) -> Option<u64> {
+        self.inner.leaders.lock().unwrap().get(&group).copied()
+    }
+
+    fn conn(&self, addr: &str) -> Result<Arc<Conn>, ClientError> {
+        let mut conns = self.inner.conns.lock().unwrap();
+        if let Some(conn) = conns.get(addr) {
+            if !conn.dead.load(Ordering::SeqCst) {
+                return Ok(conn.clone());
+            }
+        }
+        let conn = Conn::open(addr, &self.inner.config)?;
+        conns.insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    fn next_member(&self, after: u64) -> u64 {
+        let members = &self.inner.info.members;
+        let at = members.iter().position(|m| m.id == after).unwrap_or(0);
+        members[(at + 1) % members.len()].id
+    }
+
+    /// Sends `request` for `group`: to the believed leader when `to_leader`, following
+    /// redirects; otherwise to `node` (or the believed leader) as it is.
+    async fn route(
+        &self,
+        group: u64,
+        request: Request,
+        to_leader: bool,
+        retry_lost: bool,
+        node: Option<u64>,
+    ) -> Result<Body, ClientError> {
+        let config = &self.inner.config;
+        if group >= self.inner.info.groups {
+            return Err(Failure::UnknownGroup(format!("group {group}")).into());
+        }
+        let mut target = node
+            .or_else(|| self.leader_of(group))
+            .unwrap_or(self.inner.info.members[group as usize % self.inner.info.members.len()].id);
+        let mut backoff = config.backoff_min;
+        let mut last = None;
+        for attempt in 0..config.attempts_max {
+            if attempt > 0 {
+                let pause = match &last {
+                    // A redirect to a known leader goes at once.
+                    Some(ClientError::Server(Failure::NotLeader { leader: Some(_), .. })) => Duration::ZERO,
+                    _ => backoff,
+                };
+                if !pause.is_zero() {
+                    futures_timer::Delay::new(pause).await;
+                    backoff = (backoff * 2).min(config.backoff_max);
+                }
+            }
+            let addr = self
+                .inner
+                .info
+                .address(target, group)
+                .ok_or_else(|| ClientError::Protocol(format!("node {target} is not in the cluster")))?;
+            let outcome = match self.conn(&addr) {
+                Ok(conn) => conn.call(&request, config.request_timeout).await,
+                Err(e) => Err(e),
+            };
+            let error = match outcome {
+                Ok(Ok(body)) => {
+                    if to_leader {
+                        self.inner.leaders.lock().unwrap().insert(group, target);
+                    }
+                    return Ok(body);
+                }
+                Ok(Err(failure)) => ClientError::Server(failure),
+                Err(e) => e,
+            };
+            match &error {
+                ClientError::Server(Failure::NotLeader { leader, .. }) if to_leader && node.is_none() => {
+                    match leader {
+                        Some(leader) if *leader != target => {
+                            self.inner.leaders.lock().unwrap().insert(group, *leader);
+                            target = *leader;
+                        }
+                        _ => {
+                            self.inner.leaders.lock().unwrap().remove(&group);
+                            target = self.next_member(target);
+                        }
+                    }
+                }
+                ClientError::Server(Failure::Busy(_)) => {}
+                ClientError::Unreachable { .. } if node.is_none() => {
+                    self.inner.leaders.lock().unwrap().remove(&group);
+                    target = self.next_member(target);
+                }
+                ClientError::Lost { .. } | ClientError::Timeout(_) if retry_lost && node.is_none() => {
+                    target = self.next_member(target);
+                }
+                _ => return Err(error),
+            }
+            last = Some(error);
+        }
+        Err(ClientError::GaveUp {
+            attempts: config.attempts_max,
+            last: Box::new(last.expect("at least one attempt")),
+        })
+    }
+
+    /// Commands for one group (all keys must belong to it), applied in order.
+    pub async fn submit(
+        &self,
+        group: u64,
+        commands: Vec<Command>,
+    ) -> Result<Vec<CommandResult>, ClientError> {
+        match self
+            .route(group, Request::Submit { group, commands }, true, false, None)
+            .await?
+        {
+            Body::Results(results) => Ok(results),
+            other => Err(ClientError::Protocol(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn one(&self, command: Command) -> Result<CommandResult, ClientError> {
+        let group = self.group_of(command.key());
+        let results = self.submit(group, vec![command]).await?;
+        <[CommandResult; 1]>::try_from(results)
+            .map(|[r]| r)
+            .map_err(|r| ClientError::Protocol(format!("expected one result, got {}", r.len())))
+    }
+
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        match self
+            .one(Command::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            })
+            .await?
+        {
+            CommandResult::Ok => Ok(()),
+            other => Err(ClientError::Protocol(format!("unexpected put result {other:?}"))),
+        }
+    }
+
+    /// `false` if the key was absent.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
+        match self.one(Command::Delete { key: key.to_vec() }).await? {
+            CommandResult::Ok => Ok(true),
+            CommandResult::NotFound => Ok(false),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected delete result {other:?}"
+            ))),
+        }
+    }
+
+    /// Writes `new` (`None` deletes) if the value is `expected`; else `Err(current value)`.
+    pub async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<Result<(), Option<Vec<u8>>>, ClientError> {
+        let command = Command::CompareAndSwap {
+            key: key.to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            new: new.map(<[u8]>::to_vec),
+        };
+        match self.one(command).await? {
+            CommandResult::Ok => Ok(Ok(())),
+            CommandResult::CasMismatch { current } => Ok(Err(current)),
+            other => Err(ClientError::Protocol(format!("unexpected CAS result {other:?}"))),
+        }
+    }
+
+    /// Reads a key: `Linearizable` from the leader (ReadIndex), `Local` from whichever replica
+    /// is asked (possibly stale).
+    pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, ClientError> {
+        self.get_at(None, key, consistency).await
+    }
+
+    /// Reads a key from one particular node (`Local`: that replica's applied state).
+    pub async fn get_from(
+        &self,
+        node: u64,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        self.get_at(Some(node), key, consistency).await
+    }
+
+    async fn get_at(
+        &self,
+        node: Option<u64>,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let group = self.group_of(key);
+        let request = Request::Get {
+            group,
+            consistency,
+            key: key.to_vec(),
+        };
+        let to_leader = consistency == Consistency::Linearizable;
+        match self.route(group, request, to_leader, true, node).await? {
+            Body::Results(results) => match results.as_slice() {
+                [CommandResult::Value(v)] => Ok(Some(v.clone())),
+                [CommandResult::NotFound] => Ok(None),
+                other => Err(ClientError::Protocol(format!("unexpected get result {other:?}"))),
+            },
+            other => Err(ClientError::Protocol(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Blocking variants, for plain threads.
+    pub fn put_blocking(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        futures_lite::future::block_on(self.put(key, value))
+    }
+
+    pub fn delete_blocking(&self, key: &[u8]) -> Result<bool, ClientError> {
+        futures_lite::future::block_on(self.delete(key))
+    }
+
+    pub fn compare_and_swap_blocking(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<Result<(), Option<Vec<u8>>>, ClientError> {
+        futures_lite::future::block_on(self.compare_and_swap(key, expected, new))
+    }
+
+    pub fn get_blocking(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, ClientError> {
+        futures_lite::future::block_on(self.get(key, consistency))
+    }
+
+    pub fn get_from_blocking(
+        &self,
+        node: u64,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        futures_lite::future::block_on(self.get_from(node, key, consistency))
+    }
+
+    pub fn submit_blocking(
+        &self,
+        group: u64,
+        commands: Vec<Command>,
+    ) -> Result<Vec<CommandResult>, ClientError> {
+        futures_lite::future::block_on(self.submit(group, commands))
+    }
+}

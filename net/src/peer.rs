@@ -1,0 +1,459 @@
+//! The TCP transport: [`TcpTransport`] implements the engine's [`Transport`] seam.
+//!
+//! Shard `s` of every node listens for peers on `peer_port + s` and for clients on
+//! `client_port + s` (`server.rs`). Shard `s` talks only to shard `s` of other nodes, over one
+//! connection per pair: the node with the smaller id dials, the other accepts (an authenticated
+//! connection from either side is used; a newer one replaces an older one). Replication never
+//! crosses cores.
+//!
+//! Sending: [`ShardLink::send`] queues a message on the peer's bounded queue
+//! (`limits.peer_queue_messages`) and returns `false` when the peer is not connected or the
+//! queue is full: the shard then tells raft (`report_unreachable`), which resends. After each
+//! shard loop, the peer's writer task drains its queue into one `RAFT` frame (one write per
+//! destination per loop). A slow or dead peer only ever costs its own bounded queue.
+//!
+//! Receiving: a reader task per connection reads frames (length checked against
+//! `limits.frame_bytes_max` before allocating), decodes messages with entry data as slices of the
+//! frame buffer, drops any whose `from` is not the authenticated peer, and delivers the rest to
+//! the shard's bounded inbox.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures_lite::io::{BufReader, ReadHalf, WriteHalf};
+use futures_lite::{AsyncWriteExt, FutureExt};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::task::JoinHandle;
+use ringraft_engine::{Envelope, Inbound, ShardLink, ShardNet, Transport};
+use ringraft_tuning::Config;
+use tracing::{debug, info, warn};
+
+use crate::frame::{self, kind, FrameError};
+use crate::handshake::{HandshakeError, Hello, Local, HELLO_BYTES, PROOF_BYTES};
+use crate::raft_wire;
+use crate::server;
+
+/// How long a handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnect backoff: first delay and cap.
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Read buffer per connection.
+const READ_BUFFER_BYTES: usize = 256 << 10;
+
+/// The TCP transport of one node.
+#[derive(Clone, Debug)]
+pub struct TcpTransport {
+    config: Arc<Config>,
+}
+
+impl TcpTransport {
+    /// A transport for the node `config.node.id` (the config must be valid: `tuning::validate`).
+    pub fn new(config: &Config) -> TcpTransport {
+        TcpTransport {
+            config: Arc::new(config.clone()),
+        }
+    }
+}
+
+/// Binds a listening socket without SO_REUSEPORT (glommio's `bind` sets it, which would let a
+/// second instance of a node share the port) but with SO_REUSEADDR (std's default), so a
+/// restarted node can listen again at once.
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let std = StdListener::bind(addr)?;
+    std.set_nonblocking(true)?;
+    // SAFETY: the descriptor is a bound, listening TCP socket we own; ownership moves over.
+    Ok(unsafe { TcpListener::from_raw_fd(std.into_raw_fd()) })
+}
+
+impl Transport for TcpTransport {
+    fn start_shard(&self, net: ShardNet) -> Result<Box<dyn ShardLink>, String> {
+        let config = &self.config;
+        let me = config
+            .this_node()
+            .ok_or_else(|| format!("node {} is not in cluster.nodes", config.node.id))?;
+        let host = config.node.listen_host;
+        let peer_addr = SocketAddr::new(host, me.peer_port + net.shard as u16);
+        let client_addr = SocketAddr::new(host, me.client_port + net.shard as u16);
+        let peer_listener =
+            listen(peer_addr).map_err(|e| format!("cannot listen for peers on {peer_addr}: {e}"))?;
+        let client_listener =
+            listen(client_addr).map_err(|e| format!("cannot listen for clients on {client_addr}: {e}"))?;
+        let peers = config
+            .cluster
+            .nodes
+            .iter()
+            .filter(|n| n.id != config.node.id)
+            .map(|n| {
+                let addr = SocketAddr::new(n.host, n.peer_port + net.shard as u16);
+                (n.id, Rc::new(Peer::new(n.id, addr)))
+            })
+            .collect();
+        let state = Rc::new(ShardState {
+            local: Local {
+                cluster: config.cluster.id,
+                node: config.node.id,
+                shard: net.shard,
+                members: config.cluster.nodes.iter().map(|n| n.id).collect(),
+                key: config.cluster.key.clone().unwrap_or_default().into_bytes(),
+            },
+            config: config.clone(),
+            peers,
+            inbound: net.inbound,
+            handle: net.handle,
+            closed: Cell::new(false),
+            queue_max: config.limits.peer_queue_messages as usize,
+            frame_max: config.limits.frame_bytes_max,
+        });
+        info!(node = config.node.id, shard = net.shard, %peer_addr, %client_addr, "listening");
+        let mut tasks = vec![
+            glommio::spawn_local(accept_peers(state.clone(), peer_listener)).detach(),
+            glommio::spawn_local(server::serve(state.clone(), client_listener)).detach(),
+        ];
+        for peer in state.peers.values() {
+            if peer.id > config.node.id {
+                tasks.push(glommio::spawn_local(dial(state.clone(), peer.clone())).detach());
+            }
+        }
+        Ok(Box::new(TcpLink { state, tasks }))
+    }
+}
+
+/// What a shard's network tasks share.
+pub(crate) struct ShardState {
+    pub(crate) local: Local,
+    pub(crate) config: Arc<Config>,
+    peers: BTreeMap<u64, Rc<Peer>>,
+    inbound: Inbound,
+    pub(crate) handle: ringraft_engine::NodeHandle,
+    pub(crate) closed: Cell<bool>,
+    queue_max: usize,
+    pub(crate) frame_max: u64,
+}
+
+/// Wakes every task waiting on it.
+#[derive(Default)]
+pub(crate) struct Signal {
+    set: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Signal {
+    pub(crate) fn notify(&self) {
+        self.set.set(true);
+        for waker in self.wakers.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Resolves at the next `notify` (or at once if one came since the last wait).
+    pub(crate) fn wait(&self) -> Wait<'_> {
+        Wait(self)
+    }
+}
+
+pub(crate) struct Wait<'a>(&'a Signal);
+
+impl Future for Wait<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        if self.0.set.replace(false) {
+            // Others waiting on the same notify must see it too.
+            for waker in self.0.wakers.borrow_mut().drain(..) {
+                waker.wake();
+            }
+            Poll::Ready(())
+        } else {
+            self.0.wakers.borrow_mut().push(context.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+/// One peer node, as seen from one shard.
+struct Peer {
+    id: u64,
+    addr: SocketAddr,
+    queue: RefCell<VecDeque<Envelope>>,
+    connected: Cell<bool>,
+    /// Bumped by each new connection; an older connection's tasks stop when they see it.
+    generation: Cell<u64>,
+    signal: Signal,
+}
+
+impl Peer {
+    fn new(id: u64, addr: SocketAddr) -> Peer {
+        Peer {
+            id,
+            addr,
+            queue: RefCell::new(VecDeque::new()),
+            connected: Cell::new(false),
+            generation: Cell::new(0),
+            signal: Signal::default(),
+        }
+    }
+}
+
+struct TcpLink {
+    state: Rc<ShardState>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ShardLink for TcpLink {
+    fn send(&mut self, to: u64, envelope: Envelope) -> bool {
+        let Some(peer) = self.state.peers.get(&to) else {
+            return false;
+        };
+        if !peer.connected.get() {
+            return false;
+        }
+        let mut queue = peer.queue.borrow_mut();
+        if queue.len() >= self.state.queue_max {
+            return false;
+        }
+        queue.push_back(envelope);
+        true
+    }
+
+    fn flush(&mut self) {
+        for peer in self.state.peers.values() {
+            if !peer.queue.borrow().is_empty() {
+                peer.signal.notify();
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        self.state.closed.set(true);
+        for task in self.tasks.drain(..) {
+            task.cancel();
+        }
+        for peer in self.state.peers.values() {
+            peer.signal.notify();
+        }
+    }
+}
+
+/// Runs `future` unless `limit` passes first.
+pub(crate) async fn within<T>(limit: Duration, future: impl Future<Output = T>) -> Option<T> {
+    async { Some(future.await) }
+        .or(async {
+            glommio::timer::sleep(limit).await;
+            None
+        })
+        .await
+}
+
+async fn write_frame(stream: &mut TcpStream, frame_kind: u8, payload: &[u8]) -> Result<(), String> {
+    let mut out = Vec::with_capacity(frame::HEADER_BYTES + payload.len());
+    frame::encode(&mut out, frame_kind, payload);
+    stream.write_all(&out).await.map_err(|e| e.to_string())
+}
+
+async fn read_frame(stream: &mut TcpStream, expected: u8, max: usize) -> Result<frame::Frame, String> {
+    let frame = frame::read(stream, max as u64).await.map_err(|e| e.to_string())?;
+    if frame.kind != expected {
+        return Err(HandshakeError::UnexpectedFrame(frame.kind).to_string());
+    }
+    Ok(frame)
+}
+
+/// Runs the handshake; returns the authenticated peer's node id.
+async fn handshake(stream: &mut TcpStream, local: &Local, dialed: Option<u64>) -> Result<u64, String> {
+    let mine = Hello::new(local.cluster, local.node, local.shard);
+    let dialing = dialed.is_some();
+    let theirs = if dialing {
+        write_frame(stream, kind::HELLO, &mine.encode()).await?;
+        let frame = read_frame(stream, kind::HELLO, HELLO_BYTES).await?;
+        local.check(&frame.payload, dialed).map_err(|e| e.to_string())?
+    } else {
+        let frame = read_frame(stream, kind::HELLO, HELLO_BYTES).await?;
+        let theirs = local.check(&frame.payload, None).map_err(|e| e.to_string())?;
+        write_frame(stream, kind::HELLO, &mine.encode()).await?;
+        theirs
+    };
+    let (dialer, acceptor) = if dialing { (mine, theirs) } else { (theirs, mine) };
+    write_frame(stream, kind::AUTH, &local.proof(dialing, &dialer, &acceptor)).await?;
+    let proof = read_frame(stream, kind::AUTH, PROOF_BYTES).await?;
+    local
+        .verify(dialing, &dialer, &acceptor, &proof.payload)
+        .map_err(|e| e.to_string())?;
+    Ok(theirs.node)
+}
+
+async fn dial(state: Rc<ShardState>, peer: Rc<Peer>) {
+    let mut backoff = BACKOFF_MIN;
+    while !state.closed.get() {
+        match TcpStream::connect_timeout(peer.addr, Duration::from_secs(1)).await {
+            Ok(mut stream) => {
+                let _ = stream.set_nodelay(true);
+                match within(
+                    HANDSHAKE_TIMEOUT,
+                    handshake(&mut stream, &state.local, Some(peer.id)),
+                )
+                .await
+                {
+                    Some(Ok(_)) => {
+                        backoff = BACKOFF_MIN;
+                        run_connection(&state, &peer, stream).await;
+                    }
+                    Some(Err(e)) => warn!(peer = peer.id, addr = %peer.addr, "handshake refused: {e}"),
+                    None => warn!(peer = peer.id, addr = %peer.addr, "handshake timed out"),
+                }
+            }
+            Err(e) => debug!(peer = peer.id, addr = %peer.addr, "connect: {e}"),
+        }
+        glommio::timer::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn accept_peers(state: Rc<ShardState>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(mut stream) => {
+                let state = state.clone();
+                glommio::spawn_local(async move {
+                    let _ = stream.set_nodelay(true);
+                    let from = stream.peer_addr().ok();
+                    match within(HANDSHAKE_TIMEOUT, handshake(&mut stream, &state.local, None)).await {
+                        Some(Ok(node)) => match state.peers.get(&node).cloned() {
+                            Some(peer) => run_connection(&state, &peer, stream).await,
+                            None => warn!(?from, node, "peer is not a cluster member"),
+                        },
+                        Some(Err(e)) => warn!(?from, "peer handshake refused: {e}"),
+                        None => warn!(?from, "peer handshake timed out"),
+                    }
+                })
+                .detach();
+            }
+            Err(e) => {
+                warn!("accepting a peer connection: {e}");
+                glommio::timer::sleep(BACKOFF_MIN).await;
+            }
+        }
+    }
+}
+
+/// Serves one authenticated connection until it fails, is replaced or the shard closes.
+async fn run_connection(state: &Rc<ShardState>, peer: &Rc<Peer>, stream: TcpStream) {
+    let generation = peer.generation.get() + 1;
+    peer.generation.set(generation);
+    // Wake an older connection's writer so it sees it was replaced.
+    peer.signal.notify();
+    peer.queue.borrow_mut().clear();
+    peer.connected.set(true);
+    info!(peer = peer.id, addr = %peer.addr, shard = state.local.shard, "peer connected");
+    let (reader, writer) = futures_lite::io::split(stream);
+    let end = read_side(state, peer, reader)
+        .or(write_side(state, peer, writer, generation))
+        .await;
+    if peer.generation.get() == generation {
+        peer.connected.set(false);
+        peer.queue.borrow_mut().clear();
+    }
+    info!(
+        peer = peer.id,
+        shard = state.local.shard,
+        "peer connection ended: {end}"
+    );
+}
+
+async fn read_side(state: &ShardState, peer: &Peer, reader: ReadHalf<TcpStream>) -> String {
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    loop {
+        let frame = match frame::read(&mut reader, state.frame_max).await {
+            Ok(frame) => frame,
+            Err(FrameError::Closed) => return "closed by the peer".into(),
+            Err(e) => return format!("read: {e}"),
+        };
+        if frame.kind != kind::RAFT {
+            return format!("unexpected frame kind {:#04x}", frame.kind);
+        }
+        let envelopes = match raft_wire::decode(&frame.payload) {
+            Ok(envelopes) => envelopes,
+            Err(e) => return format!("bad raft frame: {e}"),
+        };
+        for envelope in envelopes {
+            if envelope.message.from != peer.id {
+                warn!(
+                    peer = peer.id,
+                    from = envelope.message.from,
+                    "dropped a message with a forged sender"
+                );
+                continue;
+            }
+            // A full inbox drops the message; raft resends.
+            let _ = state.inbound.deliver(envelope);
+        }
+    }
+}
+
+async fn write_side(
+    state: &ShardState,
+    peer: &Peer,
+    mut writer: WriteHalf<TcpStream>,
+    generation: u64,
+) -> String {
+    let max = state.frame_max as usize;
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        loop {
+            if state.closed.get() {
+                return "shard closing".into();
+            }
+            if peer.generation.get() != generation {
+                return "replaced by a newer connection".into();
+            }
+            if !peer.queue.borrow().is_empty() {
+                break;
+            }
+            peer.signal.wait().await;
+        }
+        out.clear();
+        let start = frame::begin(&mut out, kind::RAFT);
+        let base = raft_wire::begin(&mut out);
+        let mut count = 0u32;
+        loop {
+            let Some(envelope) = peer.queue.borrow_mut().pop_front() else {
+                break;
+            };
+            let before = out.len();
+            raft_wire::put_message(&mut out, base, &envelope);
+            if out.len() - start - frame::HEADER_BYTES > max {
+                out.truncate(before);
+                if count == 0 {
+                    warn!(
+                        peer = peer.id,
+                        group = envelope.group,
+                        "dropped a raft message larger than limits.frame_bytes_max"
+                    );
+                } else {
+                    peer.queue.borrow_mut().push_front(envelope);
+                    break;
+                }
+            } else {
+                count += 1;
+            }
+        }
+        if count == 0 {
+            continue;
+        }
+        raft_wire::finish(&mut out, base, count);
+        frame::finish(&mut out, start);
+        if let Err(e) = writer.write_all(&out).await {
+            return format!("write: {e}");
+        }
+        if let Err(e) = writer.flush().await {
+            return format!("write: {e}");
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The client protocol's messages (frame payloads on the client port). Specified, for clients in
+//! any language, in `docs/client-protocol.md`. All integers little-endian; `blob` is a u32
+//! length and bytes, `string` a u16 length and UTF-8 bytes, `option<blob>` a u8 flag (0 absent,
+//! 1 present) and, if present, a blob.
+
+use ringraft_engine::{Consistency, EngineError, GroupStatus};
+use ringraft_sm::{Command, CommandResult};
+
+use crate::frame::{self, kind, put_blob, put_string, Cursor, Malformed};
+
+/// A client request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Commands for one group, applied in order as one unit of the group's log.
+    Submit { group: u64, commands: Vec<Command> },
+    Get {
+        group: u64,
+        consistency: Consistency,
+        key: Vec<u8>,
+    },
+    /// The cluster's layout: members, client addresses, shards, groups.
+    Cluster,
+    /// This node's per-group status.
+    Status,
+}
+
+/// Error codes of a response.
+pub mod code {
+    pub const OK: u8 = 0;
+    pub const NOT_LEADER: u8 = 1;
+    pub const BUSY: u8 = 2;
+    pub const TOO_LARGE: u8 = 3;
+    pub const UNKNOWN_GROUP: u8 = 4;
+    pub const TIMEOUT: u8 = 5;
+    pub const UNKNOWN_OUTCOME: u8 = 6;
+    pub const BAD_REQUEST: u8 = 7;
+    pub const FAILED: u8 = 8;
+}
+
+/// One member as the `Cluster` response lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    pub host: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+/// The `Cluster` response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterInfo {
+    pub cluster: u64,
+    pub groups: u64,
+    pub shards: u64,
+    pub members: Vec<Member>,
+}
+
+impl ClusterInfo {
+    /// The group a key belongs to: crc32c (Castagnoli) of the key bytes, modulo the group count.
+    pub fn group_of(&self, key: &[u8]) -> u64 {
+        ringraft_engine::group_of(key, self.groups)
+    }
+
+    /// `host:port` of the client port serving `group` on `node`.
+    pub fn address(&self, node: u64, group: u64) -> Option<String> {
+        let m = self.members.iter().find(|m| m.id == node)?;
+        let port = m.client_port as u64 + group % self.shards.max(1);
+        Some(format_address(&m.host, port))
+    }
+}
+
+fn format_address(host: &str, port: u64) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A response body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    Results(Vec<CommandResult>),
+    Cluster(ClusterInfo),
+    Status(Vec<GroupStatus>),
+}
+
+/// A failed request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// `leader` and its client `address` for this group, when known.
+    #[error("not the leader (leader: {leader:?} at {address:?})")]
+    NotLeader {
+        leader: Option<u64>,
+        address: Option<String>,
+    },
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("too large: {0}")]
+    TooLarge(String),
+    #[error("unknown group: {0}")]
+    UnknownGroup(String),
+    /// The server gave up waiting; the request may or may not take effect.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("outcome unknown: {0}")]
+    UnknownOutcome(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("failed: {0}")]
+    Failed(String),
+}
+
+impl Failure {
+    /// The wire form of an engine error; `address` resolves a leader id.
+    pub fn from_engine(error: EngineError, address: impl Fn(u64) -> Option<String>) -> Failure {
+        match error {
+            EngineError::NotLeader { leader } => Failure::NotLeader {
+                leader,
+                address: leader.and_then(address),
+            },
+            EngineError::Busy(what) => Failure::Busy(format!("{what} is full")),
+            EngineError::TooLarge(m) => Failure::TooLarge(m),
+            EngineError::UnknownGroup(g) => Failure::UnknownGroup(format!("group {g}")),
+            e @ EngineError::UnknownOutcome => Failure::UnknownOutcome(e.to_string()),
+            EngineError::BadRequest(m) => Failure::BadRequest(m),
+            EngineError::Failed(m) => Failure::Failed(m),
+        }
+    }
+
+    fn code(&self) -> u8 {
+        match self {
+            Failure::NotLeader { .. } => code::NOT_LEADER,
+            Failure::Busy(_) => code::BUSY,
+            Failure::TooLarge(_) => code::TOO_LARGE,
+            Failure::UnknownGroup(_) => code::UNKNOWN_GROUP,
+            Failure::Timeout(_) => code::TIMEOUT,
+            Failure::UnknownOutcome(_) => code::UNKNOWN_OUTCOME,
+            Failure::BadRequest(_) => code::BAD_REQUEST,
+            Failure::Failed(_) => code::FAILED,
+        }
+    }
+}
+
+/// A response: the request id it answers and its outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub id: u64,
+    pub outcome: Result<Body, Failure>,
+}
+
+fn put_option(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            put_blob(out, v);
+        }
+    }
+}
+
+fn get_option(c: &mut Cursor<'_>, what: &str) -> Result<Option<Vec<u8>>, Malformed> {
+    match c.u8(what)? {
+        0 => Ok(None),
+        1 => Ok(Some(c.blob(what)?.to_vec())),
+        other => Err(Malformed(format!("{what}: option flag {other}"))),
+    }
+}
+
+const OP_PUT: u8 = 1;
+const OP_DELETE: u8 = 2;
+const OP_CAS: u8 = 3;
+const OP_GET: u8 = 4;
+
+/// Appends a request frame.
+pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
+    let frame_kind = match request {
+        Request::Submit { .. } => kind::SUBMIT,
+        Request::Get { .. } => kind::GET,
+        Request::Cluster => kind::CLUSTER,
+        Request::Status => kind::STATUS,
+    };
+    let start = frame::begin(out, frame_kind);
+    out.extend_from_slice(&id.to_le_bytes());
+    match request {
+        Request::Submit { group, commands } => {
+            out.extend_from_slice(&group.to_le_bytes());
+            out.extend_from_slice(&(commands.len() as u32).to_le_bytes());
+            for command in commands {
+                match command {
+                    Command::Put { key, value } => {
+                        out.push(OP_PUT);
+                        put_blob(out, key);
+                        put_blob(out, value);
+                    }
+                    Command::Delete { key } => {
+                        out.push(OP_DELETE);
+                        put_blob(out, key);
+                    }
+                    Command::CompareAndSwap { key, expected, new } => {
+                        out.push(OP_CAS);
+                        put_blob(out, key);
+                        put_option(out, expected.as_deref());
+                        put_option(out, new.as_deref());
+                    }
+                    Command::Get { key } => {
+                        out.push(OP_GET);
+                        put_blob(out, key);
+                    }
+                }
+            }
+        }
+        Request::Get {
+            group,
+            consistency,
+            key,
+        } => {
+            out.extend_from_slice(&group.to_le_bytes());
+            out.push(match consistency {
+                Consistency::Linearizable => 0,
+                Consistency::Local => 1,
+            });
+            put_blob(out, key);
+        }
+        Request::Cluster | Request::Status => {}
+    }
+    frame::finish(out, start);
+}
+
+/// Decodes a request frame: its id (0 when even that is unreadable) and the request.
+pub fn decode_request(frame_kind: u8, payload: &[u8]) -> (u64, Result<Request, Malformed>) {
+    let mut c = Cursor::new(payload);
+    let id = match c.u64("request id") {
+        Ok(id) => id,
+        Err(e) => return (0, Err(e)),
+    };
+    (id, decode_request_body(frame_kind, &mut c))
+}
+
+fn decode_request_body(frame_kind: u8, c: &mut Cursor<'_>) -> Result<Request, Malformed> {
+    let request = match frame_kind {
+        kind::SUBMIT => {
+            let group = c.u64("group")?;
+            let count = c.u32("command count")? as usize;
+            // Every command takes at least 5 bytes: never allocate for a count that cannot fit.
+            if count > c.remaining() / 5 {
+                return Err(Malformed(format!("{count} commands cannot fit the payload")));
+            }
+            let mut commands = Vec::with_capacity(count);
+            for _ in 0..count {
+                let op = c.u8("command op")?;
+                let key = c.blob("key")?.to_vec();
+                commands.push(match op {
+                    OP_PUT => Command::Put {
+                        key,
+                        value: c.blob("value")?.to_vec(),
+                    },
+                    OP_DELETE => Command::Delete { key },
+                    OP_CAS => Command::CompareAndSwap {
+                        key,
+                        expected: get_option(c, "expected")?,
+                        new: get_option(c, "new")?,
+                    },
+                    OP_GET => Command::Get { key },
+                    other => return Err(Malformed(format!("unknown command op {other}"))),
+                });
+            }
+            Request::Submit { group, commands }
+        }
+        kind::GET => {
+            let group = c.u64("group")?;
+            let consistency = match c.u8("consistency")? {
+                0 => Consistency::Linearizable,
+                1 => Consistency::Local,
+                other => return Err(Malformed(format!("unknown consistency {other}"))),
+            };
+            Request::Get {
+                group,
+                consistency,
+                key: c.blob("key")?.to_vec(),
+            }
+        }
+        kind::CLUSTER => Request::Cluster,
+        kind::STATUS => Request::Status,
+        other => return Err(Malformed(format!("unknown request kind {other:#04x}"))),
+    };
+    c.finish("request")?;
+    Ok(request)
+}
+
+const RESULT_OK: u8 = 0;
+const RESULT_NOT_FOUND: u8 = 1;
+const RESULT_CAS_MISMATCH: u8 = 2;
+const RESULT_VALUE: u8 = 3;
+
+/// Appends a response frame.
+pub fn encode_response(out: &mut Vec<u8>, response: &Response) {
+    let start = frame::begin(out, kind::RESPONSE);
+    out.extend_from_slice(&response.id.to_le_bytes());
+    match &response.outcome {
+        Ok(body) => {
+            out.push(code::OK);
+            match body {
+                Body::Results(results) => {
+                    out.push(0);
+                    out.extend_from_slice(&(results.len() as u32).to_le_bytes());
+                    for result in results {
+                        match result {
+                            CommandResult::Ok => out.push(RESULT_OK),
+                            CommandResult::NotFound => out.push(RESULT_NOT_FOUND),
+                            CommandResult::CasMismatch { current } => {
+                                out.push(RESULT_CAS_MISMATCH);
+                                put_option(out, current.as_deref());
+                            }
+                            CommandResult::Value(v) => {
+                                out.push(RESULT_VALUE);
+                                put_blob(out, v);
+                            }
+                        }
+                    }
+                }
+                Body::Cluster(info) => {
+                    out.push(1);
+                    out.extend_from_slice(&info.cluster.to_le_bytes());
+                    out.extend_from_slice(&info.groups.to_le_bytes());
+                    out.extend_from_slice(&info.shards.to_le_bytes());
+                    out.extend_from_slice(&(info.members.len() as u32).to_le_bytes());
+                    for m in &info.members {
+                        out.extend_from_slice(&m.id.to_le_bytes());
+                        put_string(out, &m.host);
+                        out.extend_from_slice(&m.client_port.to_le_bytes());
+                        out.extend_from_slice(&m.peer_port.to_le_bytes());
+                    }
+                }
+                Body::Status(groups) => {
+                    out.push(2);
+                    out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
+                    for g in groups {
+                        for v in [
+                            g.node,
+                            g.group,
+                            g.leader.unwrap_or(0),
+                            g.term,
+                            g.commit,
+                            g.applied,
+                        ] {
+                            out.extend_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+        Err(failure) => {
+            out.push(failure.code());
+            match failure {
+                Failure::NotLeader { leader, address } => {
+                    out.extend_from_slice(&leader.unwrap_or(0).to_le_bytes());
+                    put_string(out, address.as_deref().unwrap_or(""));
+                }
+                Failure::Busy(m)
+                | Failure::TooLarge(m)
+                | Failure::UnknownGroup(m)
+                | Failure::Timeout(m)
+                | Failure::UnknownOutcome(m)
+                | Failure::BadRequest(m)
+                | Failure::Failed(m) => put_string(out, m),
+            }
+        }
+    }
+    frame::finish(out, start);
+}
+
+/// Decodes a response payload.
+pub fn decode_response(payload: &[u8]) -> Result<Response, Malformed> {
+    let mut c = Cursor::new(payload);
+    let id = c.u64("request id")?;
+    let code = c.u8("code")?;
+    let outcome = match code {
+        code::OK => Ok(match c.u8("body kind")? {
+            0 => {
+                let count = c.u32("result count")? as usize;
+                if count > c.remaining() {
+                    return Err(Malformed(format!("{count} results cannot fit the payload")));
+                }
+                let mut results = Vec::with_capacity(count);
+                for _ in 0..count {
+                    results.push(match c.u8("result tag")? {
+                        RESULT_OK => CommandResult::Ok,
+                        RESULT_NOT_FOUND => CommandResult::NotFound,
+                        RESULT_CAS_MISMATCH => CommandResult::CasMismatch {
+                            current: get_option(&mut c, "current")?,
+                        },
+                        RESULT_VALUE => CommandResult::Value(c.blob("value")?.to_vec()),
+                        other => return Err(Malformed(format!("unknown result tag {other}"))),
+                    });
+                }
+                Body::Results(results)
+            }
+            1 => {
+                let cluster = c.u64("cluster id")?;
+                let groups = c.u64("groups")?;
+                let shards = c.u64("shards")?;
+                let count = c.u32("member count")? as usize;
+                if count > c.remaining() / 14 {
+                    return Err(Malformed(format!("{count} members cannot fit the payload")));
+                }
+                let mut members = Vec::with_capacity(count);
+                for _ in 0..count {
+                    members.push(Member {
+                        id: c.u64("member id")?,
+                        host: c.string("host")?,
+                        client_port: c.u16("client port")?,
+                        peer_port: c.u16("peer port")?,
+                    });
+                }
+                Body::Cluster(ClusterInfo {
+                    cluster,
+                    groups,
+                    shards,
+                    members,
+                })
+            }
+            2 => {
+                let count = c.u32("group count")? as usize;
+                if count > c.remaining() / 48 {
+                    return Err(Malformed(format!("{count} groups cannot fit the payload")));
+                }
+                let mut groups = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let node = c.u64("node")?;
+                    let group = c.u64("group")?;
+                    let leader = c.u64("leader")?;
+                    groups.push(GroupStatus {
+                        node,
+                        group,
+                        leader: (leader != 0).then_some(leader),
+                        term: c.u64("term")?,
+                        commit: c.u64("commit")?,
+                        applied: c.u64("applied")?,
+                    });
+                }
+                Body::Status(groups)
+            }
+            other => return Err(Malformed(format!("unknown body kind {other}"))),
+        }),
+        code::NOT_LEADER => {
+            let leader = c.u64("leader")?;
+            let address = c.string("leader address")?;
+            Err(Failure::NotLeader {
+                leader: (leader != 0).then_some(leader),
+                address: (!address.is_empty()).then_some(address),
+            })
+        }
+        code::BUSY => Err(Failure::Busy(c.string("message")?)),
+        code::TOO_LARGE => Err(Failure::TooLarge(c.string("message")?)),
+        code::UNKNOWN_GROUP => Err(Failure::UnknownGroup(c.string("message")?)),
+        code::TIMEOUT => Err(Failure::Timeout(c.string("message")?)),
+        code::UNKNOWN_OUTCOME => Err(Failure::UnknownOutcome(c.string("message")?)),
+        code::BAD_REQUEST => Err(Failure::BadRequest(c.string("message")?)),
+        code::FAILED => Err(Failure::Failed(c.string("message")?)),
+        other => return Err(Malformed(format!("unknown response code {other}"))),
+    };
+    c.finish("response")?;
+    Ok(Response { id, outcome })
+}
+
+/// Appends an `ERROR` frame: the connection sent something that is not a frame; it is closed
+/// after this.
+pub fn encode_error(out: &mut Vec<u8>, message: &str) {
+    let start = frame::begin(out, kind::ERROR);
+    put_string(out, message);
+    frame::finish(out, start);
+}

@@ -1,0 +1,212 @@
+//! The client port of one shard: `client_port + shard`. Requests for any group are taken (each
+//! goes to the shard owning it); clients that route well send each group's requests to its own
+//! shard's port and so never cross cores.
+//!
+//! Per connection: a reader takes frames (length checked before allocating); each request runs
+//! as its own task, so many are in flight (pipelining) and answers go back in completion order,
+//! matched by request id. At most `limits.client_queue_depth` requests are in flight per
+//! connection; more are answered `Busy` at once. A request waits at most
+//! `limits.request_timeout_ms` for its answer, then gets `Timeout`. Anything that is not a
+//! valid frame or request gets an `ERROR` frame (or a `BadRequest` answer) and the connection is
+//! closed; the shard and every other connection carry on.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::io::{BufReader, WriteHalf};
+use futures_lite::AsyncWriteExt;
+use glommio::net::{TcpListener, TcpStream};
+use ringraft_engine::EngineError;
+use ringraft_sm::Command;
+use tracing::{debug, warn};
+
+use crate::frame::{self, FrameError};
+use crate::peer::{within, ShardState, Signal};
+use crate::protocol::{self, Body, ClusterInfo, Failure, Member, Request, Response};
+
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
+pub(crate) async fn serve(state: Rc<ShardState>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(connection(state.clone(), stream)).detach();
+            }
+            Err(e) => {
+                warn!("accepting a client connection: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+struct Connection {
+    out: RefCell<Vec<u8>>,
+    in_flight: Cell<usize>,
+    reading_done: Cell<bool>,
+    signal: Signal,
+}
+
+impl Connection {
+    fn respond(&self, response: &Response) {
+        protocol::encode_response(&mut self.out.borrow_mut(), response);
+        self.signal.notify();
+    }
+}
+
+async fn connection(state: Rc<ShardState>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let from = stream.peer_addr().ok();
+    let (reader, writer) = futures_lite::io::split(stream);
+    let conn = Rc::new(Connection {
+        out: RefCell::new(Vec::new()),
+        in_flight: Cell::new(0),
+        reading_done: Cell::new(false),
+        signal: Signal::default(),
+    });
+    let writing = glommio::spawn_local(write_out(conn.clone(), writer));
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    let depth = state.config.limits.client_queue_depth as usize;
+    loop {
+        if state.closed.get() {
+            break;
+        }
+        let frame = match frame::read(&mut reader, state.frame_max).await {
+            Ok(frame) => frame,
+            Err(FrameError::Closed) => break,
+            Err(e) => {
+                debug!(?from, "client sent a bad frame: {e}");
+                protocol::encode_error(&mut conn.out.borrow_mut(), &e.to_string());
+                conn.signal.notify();
+                break;
+            }
+        };
+        let (id, request) = protocol::decode_request(frame.kind, &frame.payload);
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => {
+                debug!(?from, "client sent a bad request: {e}");
+                conn.respond(&Response {
+                    id,
+                    outcome: Err(Failure::BadRequest(e.to_string())),
+                });
+                break;
+            }
+        };
+        if conn.in_flight.get() >= depth {
+            conn.respond(&Response {
+                id,
+                outcome: Err(Failure::Busy(format!(
+                    "{depth} requests in flight on this connection (limits.client_queue_depth)"
+                ))),
+            });
+            continue;
+        }
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        let (state, conn) = (state.clone(), conn.clone());
+        glommio::spawn_local(async move {
+            let outcome = handle(&state, request).await;
+            conn.in_flight.set(conn.in_flight.get() - 1);
+            conn.respond(&Response { id, outcome });
+        })
+        .detach();
+    }
+    conn.reading_done.set(true);
+    conn.signal.notify();
+    writing.await;
+}
+
+/// Writes answers as they come: everything queued since the last write goes in one write.
+async fn write_out(conn: Rc<Connection>, mut writer: WriteHalf<TcpStream>) {
+    let mut buf = Vec::new();
+    loop {
+        if conn.out.borrow().is_empty() {
+            if conn.reading_done.get() && conn.in_flight.get() == 0 {
+                let _ = writer.close().await;
+                return;
+            }
+            conn.signal.wait().await;
+            continue;
+        }
+        std::mem::swap(&mut buf, &mut conn.out.borrow_mut());
+        if writer.write_all(&buf).await.is_err() || writer.flush().await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+}
+
+fn cluster_info(state: &ShardState) -> ClusterInfo {
+    let config = &state.config;
+    ClusterInfo {
+        cluster: config.cluster.id,
+        groups: state.handle.groups(),
+        shards: state.handle.shards(),
+        members: config
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| Member {
+                id: n.id,
+                host: n.host.to_string(),
+                client_port: n.client_port,
+                peer_port: n.peer_port,
+            })
+            .collect(),
+    }
+}
+
+fn check_keys<'a>(
+    info: &ClusterInfo,
+    group: u64,
+    keys: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<(), Failure> {
+    if group >= info.groups {
+        return Err(Failure::UnknownGroup(format!(
+            "group {group}; the cluster has {} groups",
+            info.groups
+        )));
+    }
+    for key in keys {
+        let belongs = info.group_of(key);
+        if belongs != group {
+            return Err(Failure::BadRequest(format!(
+                "a key belongs to group {belongs}, not {group} (group = crc32c(key) % {})",
+                info.groups
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
+    let info = cluster_info(state);
+    let (group, pending) = match request {
+        Request::Cluster => return Ok(Body::Cluster(info)),
+        Request::Status => return Ok(Body::Status(state.handle.status().await)),
+        Request::Submit { group, commands } => {
+            check_keys(&info, group, commands.iter().map(Command::key))?;
+            (group, state.handle.submit(group, commands))
+        }
+        Request::Get {
+            group,
+            consistency,
+            key,
+        } => {
+            check_keys(&info, group, [&key[..]])?;
+            (group, state.handle.read(group, key, consistency))
+        }
+    };
+    let to_failure = |e: EngineError| Failure::from_engine(e, |leader| info.address(leader, group));
+    let pending = pending.map_err(to_failure)?;
+    let limit = Duration::from_millis(state.config.limits.request_timeout_ms);
+    match within(limit, pending.result()).await {
+        Some(Ok(results)) => Ok(Body::Results(results)),
+        Some(Err(e)) => Err(to_failure(e)),
+        None => Err(Failure::Timeout(format!(
+            "no answer within {} ms (limits.request_timeout_ms); the request may still take effect",
+            limit.as_millis()
+        ))),
+    }
+}

@@ -1,0 +1,515 @@
+//! Real multi-process clusters on 127.0.0.1: `ringraft run` processes, the client library, kill
+//! -9, restarts, a wrong-key peer and a garbage-sending client.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use porcupine_rs::{Model, Operation};
+use ringraft_engine::Consistency;
+use ringraft_net::client::{fetch_status, ClientConfig, ClientError, NetClient};
+use ringraft_net::frame;
+
+/// Free TCP ports (bound to 0, then released).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+struct Node {
+    id: u64,
+    config: PathBuf,
+    log: PathBuf,
+    client_port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ringraft"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("ringraft starts");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM; returns whether it exited 0.
+    fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes configs for `keys.len()` nodes (one shard each, 2 groups per shard) into `dir`.
+fn cluster(dir: &Path, keys: &[&str]) -> Vec<Node> {
+    let ports = free_ports(2 * keys.len());
+    let members: Vec<String> = (0..keys.len())
+        .map(|i| {
+            format!(
+                "  {{ id = {}, host = \"127.0.0.1\", peer_port = {}, client_port = {} }},",
+                i + 1,
+                ports[2 * i],
+                ports[2 * i + 1]
+            )
+        })
+        .collect();
+    keys.iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let id = i as u64 + 1;
+            let text = format!(
+                "[node]\nid = {id}\ndata_dir = \"{}\"\n\n[cluster]\nid = 42\nkey = \"{key}\"\nnodes = [\n{}\n]\n\n\
+                 [shards]\ncpus = [0]\npin = false\ngroups_per_shard = 2\n\n\
+                 [wal]\nsegment_bytes = 4194304\nbatch_bytes_max = 1179648\n\n[batching]\nentry_bytes_max = 1114112\n\n\
+                 [glommio]\nio_memory_bytes = 1048576\n\n[raft]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 30\n",
+                dir.join(format!("data-{id}")).display(),
+                members.join("\n")
+            );
+            let config = dir.join(format!("node-{id}.toml"));
+            std::fs::write(&config, text).unwrap();
+            Node {
+                id,
+                config,
+                log: dir.join(format!("node-{id}.log")),
+                client_port: ports[2 * i + 1],
+                child: None,
+            }
+        })
+        .collect()
+}
+
+fn client_config(nodes: &[Node]) -> ClientConfig {
+    let mut config = ClientConfig::new(nodes.iter().map(Node::addr));
+    config.request_timeout = Duration::from_secs(5);
+    config.backoff_max = Duration::from_millis(100);
+    config.attempts_max = 60;
+    config
+}
+
+fn connect(nodes: &[Node]) -> NetClient {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match NetClient::connect(client_config(nodes)) {
+            Ok(client) => return client,
+            Err(e) if Instant::now() > deadline => panic!("cannot connect: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Retries `put` until it succeeds; returns how long that took.
+fn put_until_ok(client: &NetClient, key: &[u8], value: &[u8], limit: Duration) -> Duration {
+    let began = Instant::now();
+    loop {
+        match client.put_blocking(key, value) {
+            Ok(()) => return began.elapsed(),
+            Err(e) if began.elapsed() > limit => panic!("no successful put within {limit:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// A register for porcupine: write ids are unique per write; 0 is "absent".
+#[derive(Clone)]
+struct Register;
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write(u64),
+    Read(u64),
+}
+
+impl Model for Register {
+    type State = u64;
+    type Op = Step;
+    type Metadata = ();
+
+    fn init() -> u64 {
+        0
+    }
+
+    fn step(state: &u64, op: &Step) -> (bool, u64) {
+        match op {
+            Step::Write(v) => (true, *v),
+            Step::Read(seen) => (seen == state, *state),
+        }
+    }
+}
+
+fn value_id(value: Option<&[u8]>) -> u64 {
+    value.map_or(0, |v| u64::from_le_bytes(v.try_into().expect("8-byte values")))
+}
+
+#[derive(Default)]
+struct History {
+    /// Shared key -> operations on it.
+    ops: BTreeMap<u8, Vec<Operation<Register>>>,
+    /// Unique keys whose put was acknowledged.
+    acked_unique: Vec<Vec<u8>>,
+    acked_writes: u64,
+    unknown_writes: u64,
+}
+
+const SHARED_KEYS: u8 = 6;
+
+fn load(client: NetClient, thread: u64, epoch: Instant, stop: Arc<AtomicBool>, history: Arc<Mutex<History>>) {
+    let mut rng = thread.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let now = || epoch.elapsed().as_nanos() as i64;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let choice = next() % 10;
+        if choice < 3 {
+            let key = format!("unique-{thread}-{n}").into_bytes();
+            if client.put_blocking(&key, &n.to_le_bytes()).is_ok() {
+                history.lock().unwrap().acked_unique.push(key);
+            }
+            continue;
+        }
+        let shared = (next() % SHARED_KEYS as u64) as u8;
+        let key = format!("shared-{shared}").into_bytes();
+        let call_time = now();
+        let (op, return_time) = if choice < 7 {
+            let id = (thread << 40) | n;
+            match client.put_blocking(&key, &id.to_le_bytes()) {
+                Ok(()) => {
+                    history.lock().unwrap().acked_writes += 1;
+                    (Step::Write(id), now())
+                }
+                Err(e) if e.outcome_unknown() => {
+                    history.lock().unwrap().unknown_writes += 1;
+                    (Step::Write(id), i64::MAX)
+                }
+                Err(_) => continue, // refused: never applied
+            }
+        } else {
+            match client.get_blocking(&key, Consistency::Linearizable) {
+                Ok(value) => (Step::Read(value_id(value.as_deref())), now()),
+                Err(_) => continue,
+            }
+        };
+        history
+            .lock()
+            .unwrap()
+            .ops
+            .entry(shared)
+            .or_default()
+            .push(Operation {
+                client_id: None,
+                call_time,
+                return_time,
+                op,
+                metadata: None,
+            });
+    }
+}
+
+fn leader_of(nodes: &[Node], group: u64) -> Option<u64> {
+    for node in nodes.iter().filter(|n| n.child.is_some()) {
+        if let Ok(groups) = fetch_status(&node.addr(), &ClientConfig::new([node.addr()])) {
+            if let Some(leader) = groups.iter().find(|g| g.group == group).and_then(|g| g.leader) {
+                return Some(leader);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn three_processes_survive_killing_the_leader_and_lose_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["secret", "secret", "secret"]);
+    for node in &mut nodes {
+        node.start();
+    }
+    let client = connect(&nodes);
+    for group in 0..client.cluster().groups {
+        // One key per group, so every group has a leader before the load starts.
+        let key = (0u32..)
+            .map(|i| format!("warm-{i}").into_bytes())
+            .find(|k| client.group_of(k) == group)
+            .unwrap();
+        put_until_ok(&client, &key, b"warm", Duration::from_secs(30));
+    }
+
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(History::default()));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (client, stop, history) = (client.clone(), stop.clone(), history.clone());
+            std::thread::spawn(move || load(client, t + 1, epoch, stop, history))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Kill -9 the leader of the group of shared-0, under load.
+    let victim_key = b"shared-0";
+    let group = client.group_of(victim_key);
+    let victim = leader_of(&nodes, group).expect("group has a leader");
+    let killed_at = Instant::now();
+    nodes[victim as usize - 1].kill();
+    let probe = connect(&nodes);
+    let recovered = put_until_ok(&probe, b"after-kill", b"x", Duration::from_secs(30));
+    let probe_group = probe.group_of(b"after-kill");
+    eprintln!(
+        "leader {victim} of group {group} killed; a write to group {probe_group} succeeded {:?} later",
+        killed_at.elapsed().min(recovered)
+    );
+    let served = put_until_ok(
+        &probe,
+        victim_key,
+        &u64::MAX.to_le_bytes(),
+        Duration::from_secs(30),
+    );
+    eprintln!("group {group} served a write {served:?} after the kill");
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // Restart it under load; it catches up.
+    nodes[victim as usize - 1].start();
+    std::thread::sleep(Duration::from_millis(2000));
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+
+    let history = std::mem::take(&mut *history.lock().unwrap());
+    eprintln!(
+        "{} acknowledged shared writes, {} unknown, {} acknowledged unique writes",
+        history.acked_writes,
+        history.unknown_writes,
+        history.acked_unique.len()
+    );
+    assert!(history.acked_writes > 10, "the load made progress");
+
+    // Every acknowledged write is on all three nodes (local reads, waiting for catch-up).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for key in &history.acked_unique {
+        for node in &nodes {
+            loop {
+                match client.get_from_blocking(node.id, key, Consistency::Local) {
+                    Ok(Some(_)) => break,
+                    other if Instant::now() > deadline => panic!(
+                        "acknowledged key {} missing on node {}: {other:?}",
+                        String::from_utf8_lossy(key),
+                        node.id
+                    ),
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+    // Shared keys: all replicas converge on the linearizable value.
+    for shared in 0..SHARED_KEYS {
+        let key = format!("shared-{shared}").into_bytes();
+        let value = client.get_blocking(&key, Consistency::Linearizable).unwrap();
+        for node in &nodes {
+            loop {
+                let local = client.get_from_blocking(node.id, &key, Consistency::Local);
+                if local.as_ref().ok() == Some(&value) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} diverges on {shared}: {local:?} vs {value:?}",
+                    node.id
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // The client history is linearizable, key by key (the probe's write to shared-0 included).
+    for (shared, mut ops) in history.ops {
+        if shared == 0 {
+            ops.push(Operation {
+                client_id: None,
+                call_time: 0,
+                return_time: i64::MAX,
+                op: Step::Write(u64::MAX),
+                metadata: None,
+            });
+        }
+        assert!(
+            porcupine_rs::check_operations::<Register>(&ops),
+            "history of shared-{shared} is not linearizable ({} operations)",
+            ops.len()
+        );
+    }
+
+    // SIGTERM: every node stops cleanly with exit code 0.
+    for node in &mut nodes {
+        let id = node.id;
+        assert!(
+            node.terminate(),
+            "node {id} did not exit 0 on SIGTERM:\n{}",
+            node.log_text()
+        );
+    }
+}
+
+#[test]
+fn a_peer_with_the_wrong_key_cannot_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["right", "wrong", "right"]);
+    nodes[0].start();
+    nodes[1].start();
+    let client = connect(&nodes[..1]);
+    // Two of three members, but one cannot authenticate: no quorum, no leader.
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut config = client_config(&nodes[..1]);
+    config.attempts_max = 3;
+    let lone = NetClient::connect(config).unwrap();
+    assert!(lone.put_blocking(b"k", b"v").is_err(), "no quorum without node 2");
+    assert!(
+        nodes[0].log_text().contains("authentication failed"),
+        "{}",
+        nodes[0].log_text()
+    );
+    // The third member has the right key: node 1 and 3 form a quorum.
+    nodes[2].start();
+    put_until_ok(&client, b"k", b"v", Duration::from_secs(30));
+    assert!(
+        fetch_status(&nodes[1].addr(), &ClientConfig::new([nodes[1].addr()]))
+            .unwrap()
+            .iter()
+            .all(|g| g.commit <= 1),
+        "node 2 received no log"
+    );
+}
+
+fn read_frame(stream: &mut TcpStream) -> Option<frame::Frame> {
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    frame::decode(&buf, 1 << 20).ok().flatten().map(|(f, _)| f)
+}
+
+#[test]
+fn a_client_sending_garbage_does_not_disturb_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k"]);
+    nodes[0].start();
+    let client = connect(&nodes);
+    put_until_ok(&client, b"before", b"1", Duration::from_secs(30));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let worker = {
+        let (client, stop, done) = (client.clone(), stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                client
+                    .put_blocking(format!("k{n}").as_bytes(), b"v")
+                    .expect("well-behaved client served");
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let timeout = Some(Duration::from_secs(10));
+    // Garbage: an ERROR frame, then the connection closes.
+    let mut garbage = TcpStream::connect(nodes[0].addr()).unwrap();
+    garbage.set_read_timeout(timeout).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_frame(&mut garbage).map(|f| f.kind), Some(frame::kind::ERROR));
+    // An oversized frame: refused from its header alone.
+    let mut big = TcpStream::connect(nodes[0].addr()).unwrap();
+    big.set_read_timeout(timeout).unwrap();
+    let mut head = vec![b'R', b'F', frame::VERSION, frame::kind::SUBMIT];
+    head.extend_from_slice(&u32::MAX.to_le_bytes());
+    head.extend_from_slice(&[0; 8]);
+    big.write_all(&head).unwrap();
+    let answer = read_frame(&mut big).expect("an error frame");
+    assert_eq!(answer.kind, frame::kind::ERROR);
+    assert!(String::from_utf8_lossy(&answer.payload).contains("exceeds the maximum"));
+    // A valid frame of an unknown kind: a BadRequest answer, then close.
+    let mut odd = TcpStream::connect(nodes[0].addr()).unwrap();
+    odd.set_read_timeout(timeout).unwrap();
+    let mut out = Vec::new();
+    frame::encode(&mut out, 0x7f, &7u64.to_le_bytes());
+    odd.write_all(&out).unwrap();
+    let answer = read_frame(&mut odd).expect("an answer");
+    let response = ringraft_net::protocol::decode_response(&answer.payload).unwrap();
+    assert_eq!(response.id, 7);
+    assert!(matches!(
+        response.outcome,
+        Err(ringraft_net::protocol::Failure::BadRequest(_))
+    ));
+    // A truncated frame, then the client vanishes.
+    let mut cut = TcpStream::connect(nodes[0].addr()).unwrap();
+    cut.write_all(&out[..10]).unwrap();
+    drop(cut);
+    let before = done.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    assert!(
+        done.load(Ordering::Relaxed) > before,
+        "the other client kept being served"
+    );
+    assert_eq!(
+        client.get_blocking(b"before", Consistency::Linearizable).unwrap(),
+        Some(b"1".to_vec())
+    );
+    match client.put_blocking(&[0u8; 5000], b"v") {
+        Err(ClientError::Server(ringraft_net::protocol::Failure::TooLarge(_))) => {}
+        other => panic!("a too-large key: {other:?}"),
+    }
+    assert!(nodes[0].terminate());
+}
