@@ -141,6 +141,10 @@ impl Disk for GlommioDisk {
         buffer
     }
 
+    fn alloc_buffer_uninit(&self, len: usize) -> DmaBuffer {
+        glommio::allocate_dma_buffer(len)
+    }
+
     fn truncate_buffer(&self, buffer: &mut DmaBuffer, len: usize) {
         buffer.trim_to_size(len);
     }

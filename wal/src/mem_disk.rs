@@ -155,6 +155,12 @@ impl Disk for MemDisk {
         vec![0; len]
     }
 
+    /// Garbage, not zeroes: any byte the WAL forgets to write shows up in the golden and
+    /// recovery tests.
+    fn alloc_buffer_uninit(&self, len: usize) -> Vec<u8> {
+        vec![0xA5; len]
+    }
+
     fn truncate_buffer(&self, buffer: &mut Vec<u8>, len: usize) {
         buffer.truncate(len);
     }

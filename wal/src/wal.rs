@@ -614,7 +614,9 @@ impl<D: Disk> Wal<D> {
     }
 
     fn new_batch(&self, ticket: Option<u64>, capacity: usize) -> Batch<D::Buffer> {
-        let buffer = self.disk.alloc_buffer(align_up(capacity, BLOCK_BYTES));
+        // Every byte up to the padded length is written: record headers, payloads and their
+        // padding by the appends, the batch header and the tail padding by `place`.
+        let buffer = self.disk.alloc_buffer_uninit(align_up(capacity, BLOCK_BYTES));
         Batch {
             ticket,
             buffer,
@@ -772,6 +774,7 @@ impl<D: Disk> Wal<D> {
                 );
                 record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + 8]
                     .copy_from_slice(&hard_state.vote.to_le_bytes());
+                record[RECORD_HEADER_BYTES + 8..].fill(0);
                 batch.len += small;
                 batch.records += 1;
             }
