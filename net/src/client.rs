@@ -21,8 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_lite::FutureExt;
-use ringraft_engine::{Consistency, GroupStatus};
+use ringraft_engine::{Consistency, GroupStatus, NodeStats};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::frame::{self, kind, FrameError};
@@ -106,7 +105,15 @@ impl<R: std::io::Read + Unpin> futures_lite::AsyncRead for Blocking<R> {
     }
 }
 
-type Waiter = flume::Sender<Result<Response, ClientError>>;
+/// Where a request's answer goes, and when it stops waiting.
+type Waiter = (
+    flume::Sender<Result<Response, ClientError>>,
+    std::time::Instant,
+    Duration,
+);
+
+/// How often a connection's sweeper times out requests (a timeout may fire this much late).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
 /// One pipelined connection.
 struct Conn {
@@ -139,7 +146,7 @@ impl Conn {
             let (pending, dead, addr) = (pending.clone(), dead.clone(), addr.to_string());
             move |error: Option<ClientError>| {
                 dead.store(true, Ordering::SeqCst);
-                for (_, waiter) in pending.lock().unwrap().drain() {
+                for (_, (waiter, _, _)) in pending.lock().unwrap().drain() {
                     let error = error.clone().unwrap_or(ClientError::Lost { addr: addr.clone() });
                     let _ = waiter.send(Err(error));
                 }
@@ -204,7 +211,7 @@ impl Conn {
                         };
                         match response {
                             Ok(response) => {
-                                if let Some(waiter) = pending.lock().unwrap().remove(&response.id) {
+                                if let Some((waiter, _, _)) = pending.lock().unwrap().remove(&response.id) {
                                     let _ = waiter.send(Ok(response));
                                 }
                             }
@@ -215,6 +222,29 @@ impl Conn {
                         }
                     }
                     fail_all(None);
+                })
+                .map_err(|e| unreachable(format!("thread: {e}")))?;
+        }
+        {
+            // One timer per connection instead of one per request: requests past their
+            // deadline get `Timeout`. Stops when the connection is gone.
+            let (pending, dead) = (Arc::downgrade(&pending), dead.clone());
+            std::thread::Builder::new()
+                .name(format!("ringraft-client-t {addr}"))
+                .spawn(move || loop {
+                    std::thread::sleep(SWEEP_INTERVAL);
+                    let Some(pending) = pending.upgrade() else { return };
+                    if dead.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let now = std::time::Instant::now();
+                    pending.lock().unwrap().retain(|_, (waiter, deadline, timeout)| {
+                        if now < *deadline {
+                            return true;
+                        }
+                        let _ = waiter.send(Err(ClientError::Timeout(*timeout)));
+                        false
+                    });
                 })
                 .map_err(|e| unreachable(format!("thread: {e}")))?;
         }
@@ -230,7 +260,8 @@ impl Conn {
     async fn call(&self, request: &Request, timeout: Duration) -> Result<Result<Body, Failure>, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = flume::bounded(1);
-        self.pending.lock().unwrap().insert(id, tx);
+        let deadline = std::time::Instant::now() + timeout;
+        self.pending.lock().unwrap().insert(id, (tx, deadline, timeout));
         let not_sent = || ClientError::Unreachable {
             addr: self.addr.clone(),
             message: "connection closed".into(),
@@ -245,19 +276,10 @@ impl Conn {
             self.pending.lock().unwrap().remove(&id);
             return Err(not_sent());
         }
-        let answer = async {
-            rx.recv_async().await.unwrap_or(Err(ClientError::Lost {
-                addr: self.addr.clone(),
-            }))
-        }
-        .or(async {
-            futures_timer::Delay::new(timeout).await;
-            Err(ClientError::Timeout(timeout))
-        })
-        .await;
-        if answer.is_err() {
-            self.pending.lock().unwrap().remove(&id);
-        }
+        // The reader answers it, the sweeper times it out, or the connection's end fails it.
+        let answer = rx.recv_async().await.unwrap_or(Err(ClientError::Lost {
+            addr: self.addr.clone(),
+        }));
         Ok(answer?.outcome)
     }
 }
@@ -302,6 +324,18 @@ pub fn fetch_status(addr: &str, config: &ClientConfig) -> Result<Vec<GroupStatus
         Ok(Body::Status(groups)) => Ok(groups),
         Ok(other) => Err(ClientError::Protocol(format!(
             "unexpected status answer {other:?}"
+        ))),
+        Err(failure) => Err(failure.into()),
+    }
+}
+
+/// Asks one node for its counters (summed over its shards).
+pub fn fetch_stats(addr: &str, config: &ClientConfig) -> Result<NodeStats, ClientError> {
+    let conn = Conn::open(addr, config)?;
+    match futures_lite::future::block_on(conn.call(&Request::Stats, config.request_timeout))? {
+        Ok(Body::Stats(stats)) => Ok(stats),
+        Ok(other) => Err(ClientError::Protocol(format!(
+            "unexpected stats answer {other:?}"
         ))),
         Err(failure) => Err(failure.into()),
     }

@@ -18,6 +18,7 @@
 pub mod client;
 pub mod frame;
 pub mod handshake;
+pub mod node;
 mod peer;
 pub mod protocol;
 pub mod raft_wire;

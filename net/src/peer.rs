@@ -106,6 +106,7 @@ impl Transport for TcpTransport {
                 key: config.cluster.key.clone().unwrap_or_default().into_bytes(),
             },
             config: config.clone(),
+            info: server::cluster_info(config, &net.handle),
             peers,
             inbound: net.inbound,
             handle: net.handle,
@@ -131,6 +132,8 @@ impl Transport for TcpTransport {
 pub(crate) struct ShardState {
     pub(crate) local: Local,
     pub(crate) config: Arc<Config>,
+    /// The `CLUSTER` answer, computed once.
+    pub(crate) info: crate::protocol::ClusterInfo,
     peers: BTreeMap<u64, Rc<Peer>>,
     inbound: Inbound,
     pub(crate) handle: ringraft_engine::NodeHandle,

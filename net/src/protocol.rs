@@ -3,7 +3,7 @@
 //! length and bytes, `string` a u16 length and UTF-8 bytes, `option<blob>` a u8 flag (0 absent,
 //! 1 present) and, if present, a blob.
 
-use ringraft_engine::{Consistency, EngineError, GroupStatus};
+use ringraft_engine::{Consistency, EngineError, GroupStatus, NodeStats};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::frame::{self, kind, put_blob, put_string, Cursor, Malformed};
@@ -22,6 +22,8 @@ pub enum Request {
     Cluster,
     /// This node's per-group status.
     Status,
+    /// This node's counters.
+    Stats,
 }
 
 /// Error codes of a response.
@@ -83,6 +85,7 @@ pub enum Body {
     Results(Vec<CommandResult>),
     Cluster(ClusterInfo),
     Status(Vec<GroupStatus>),
+    Stats(NodeStats),
 }
 
 /// A failed request.
@@ -149,6 +152,17 @@ pub struct Response {
     pub outcome: Result<Body, Failure>,
 }
 
+fn stats_fields(s: &NodeStats) -> [u64; 6] {
+    [
+        s.proposals,
+        s.commands_proposed,
+        s.entries_applied,
+        s.busy_answers,
+        s.wal_writes,
+        s.wal_bytes_written,
+    ]
+}
+
 fn put_option(out: &mut Vec<u8>, value: Option<&[u8]>) {
     match value {
         None => out.push(0),
@@ -179,6 +193,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
         Request::Get { .. } => kind::GET,
         Request::Cluster => kind::CLUSTER,
         Request::Status => kind::STATUS,
+        Request::Stats => kind::STATS,
     };
     let start = frame::begin(out, frame_kind);
     out.extend_from_slice(&id.to_le_bytes());
@@ -222,7 +237,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
             });
             put_blob(out, key);
         }
-        Request::Cluster | Request::Status => {}
+        Request::Cluster | Request::Status | Request::Stats => {}
     }
     frame::finish(out, start);
 }
@@ -282,6 +297,7 @@ fn decode_request_body(frame_kind: u8, c: &mut Cursor<'_>) -> Result<Request, Ma
         }
         kind::CLUSTER => Request::Cluster,
         kind::STATUS => Request::Status,
+        kind::STATS => Request::Stats,
         other => return Err(Malformed(format!("unknown request kind {other:#04x}"))),
     };
     c.finish("request")?;
@@ -330,6 +346,12 @@ pub fn encode_response(out: &mut Vec<u8>, response: &Response) {
                         put_string(out, &m.host);
                         out.extend_from_slice(&m.client_port.to_le_bytes());
                         out.extend_from_slice(&m.peer_port.to_le_bytes());
+                    }
+                }
+                Body::Stats(stats) => {
+                    out.push(3);
+                    for v in stats_fields(stats) {
+                        out.extend_from_slice(&v.to_le_bytes());
                     }
                 }
                 Body::Status(groups) => {
@@ -441,6 +463,14 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, Malformed> {
                 }
                 Body::Status(groups)
             }
+            3 => Body::Stats(NodeStats {
+                proposals: c.u64("proposals")?,
+                commands_proposed: c.u64("commands proposed")?,
+                entries_applied: c.u64("entries applied")?,
+                busy_answers: c.u64("busy answers")?,
+                wal_writes: c.u64("wal writes")?,
+                wal_bytes_written: c.u64("wal bytes written")?,
+            }),
             other => return Err(Malformed(format!("unknown body kind {other}"))),
         }),
         code::NOT_LEADER => {

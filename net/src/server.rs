@@ -17,8 +17,9 @@ use std::time::Duration;
 use futures_lite::io::{BufReader, WriteHalf};
 use futures_lite::AsyncWriteExt;
 use glommio::net::{TcpListener, TcpStream};
-use ringraft_engine::EngineError;
+use ringraft_engine::{EngineError, NodeHandle};
 use ringraft_sm::Command;
+use ringraft_tuning::Config;
 use tracing::{debug, warn};
 
 use crate::frame::{self, FrameError};
@@ -137,12 +138,12 @@ async fn write_out(conn: Rc<Connection>, mut writer: WriteHalf<TcpStream>) {
     }
 }
 
-fn cluster_info(state: &ShardState) -> ClusterInfo {
-    let config = &state.config;
+/// The cluster's layout as the `CLUSTER` request answers it.
+pub(crate) fn cluster_info(config: &Config, handle: &NodeHandle) -> ClusterInfo {
     ClusterInfo {
         cluster: config.cluster.id,
-        groups: state.handle.groups(),
-        shards: state.handle.shards(),
+        groups: handle.groups(),
+        shards: handle.shards(),
         members: config
             .cluster
             .nodes
@@ -181,12 +182,13 @@ fn check_keys<'a>(
 }
 
 async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
-    let info = cluster_info(state);
+    let info = &state.info;
     let (group, pending) = match request {
-        Request::Cluster => return Ok(Body::Cluster(info)),
+        Request::Cluster => return Ok(Body::Cluster(info.clone())),
         Request::Status => return Ok(Body::Status(state.handle.status().await)),
+        Request::Stats => return Ok(Body::Stats(state.handle.stats().await)),
         Request::Submit { group, commands } => {
-            check_keys(&info, group, commands.iter().map(Command::key))?;
+            check_keys(info, group, commands.iter().map(Command::key))?;
             (group, state.handle.submit(group, commands))
         }
         Request::Get {
@@ -194,7 +196,7 @@ async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
             consistency,
             key,
         } => {
-            check_keys(&info, group, [&key[..]])?;
+            check_keys(info, group, [&key[..]])?;
             (group, state.handle.read(group, key, consistency))
         }
     };

@@ -1,0 +1,291 @@
+//! The wire formats: golden bytes (any change shows up as a diff of `tests/golden/wire-v1.hex`
+//! in review; regenerate deliberately with `RINGRAFT_BLESS=1 cargo test -p ringraft-net --test
+//! wire` and bump the version), and property tests that arbitrary bytes never panic a decoder
+//! nor make it allocate beyond its limit.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use raft::eraftpb::{Entry, Message, MessageType};
+use ringraft_engine::{Consistency, Envelope, GroupStatus, NodeStats};
+use ringraft_net::frame::{self, kind};
+use ringraft_net::handshake::{Hello, Local};
+use ringraft_net::protocol::{
+    decode_request, decode_response, encode_request, encode_response, Body, ClusterInfo, Failure, Member,
+    Request, Response,
+};
+use ringraft_net::raft_wire;
+use ringraft_sm::{Command, CommandResult};
+
+fn dump(name: &str, bytes: &[u8], out: &mut String) {
+    out.push_str(&format!("# {name} ({} bytes)\n", bytes.len()));
+    for (line, chunk) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:04x}:", line * 16));
+        for byte in chunk {
+            out.push_str(&format!(" {byte:02x}"));
+        }
+        out.push('\n');
+    }
+}
+
+fn raft_messages() -> Vec<Envelope> {
+    let mut append = Message::default();
+    append.set_msg_type(MessageType::MsgAppend);
+    append.from = 1;
+    append.to = 2;
+    append.term = 3;
+    append.log_term = 3;
+    append.index = 41;
+    append.commit = 40;
+    for (index, data) in [(42u64, &b"batch-one"[..]), (43, &b"second batch, longer"[..])] {
+        let mut entry = Entry {
+            index,
+            term: 3,
+            ..Default::default()
+        };
+        entry.set_data(Bytes::copy_from_slice(data));
+        append.entries.push(entry);
+    }
+    let mut heartbeat = Message::default();
+    heartbeat.set_msg_type(MessageType::MsgHeartbeat);
+    heartbeat.from = 1;
+    heartbeat.to = 2;
+    heartbeat.term = 3;
+    vec![
+        Envelope {
+            group: 4,
+            message: append,
+        },
+        Envelope {
+            group: 6,
+            message: heartbeat,
+        },
+    ]
+}
+
+fn requests() -> Vec<(u64, Request)> {
+    vec![
+        (
+            1,
+            Request::Submit {
+                group: 2,
+                commands: vec![
+                    Command::Put {
+                        key: b"k1".to_vec(),
+                        value: b"v1".to_vec(),
+                    },
+                    Command::Delete { key: b"k2".to_vec() },
+                    Command::CompareAndSwap {
+                        key: b"k3".to_vec(),
+                        expected: None,
+                        new: Some(b"n".to_vec()),
+                    },
+                    Command::Get { key: b"k4".to_vec() },
+                ],
+            },
+        ),
+        (
+            2,
+            Request::Get {
+                group: 1,
+                consistency: Consistency::Local,
+                key: b"key".to_vec(),
+            },
+        ),
+        (3, Request::Cluster),
+        (4, Request::Status),
+        (5, Request::Stats),
+    ]
+}
+
+fn responses() -> Vec<Response> {
+    vec![
+        Response {
+            id: 1,
+            outcome: Ok(Body::Results(vec![
+                CommandResult::Ok,
+                CommandResult::NotFound,
+                CommandResult::CasMismatch {
+                    current: Some(b"c".to_vec()),
+                },
+                CommandResult::Value(b"value".to_vec()),
+            ])),
+        },
+        Response {
+            id: 2,
+            outcome: Err(Failure::NotLeader {
+                leader: Some(3),
+                address: Some("10.0.0.3:7750".into()),
+            }),
+        },
+        Response {
+            id: 3,
+            outcome: Ok(Body::Cluster(ClusterInfo {
+                cluster: 42,
+                groups: 4,
+                shards: 2,
+                members: vec![Member {
+                    id: 1,
+                    host: "10.0.0.1".into(),
+                    client_port: 7550,
+                    peer_port: 7500,
+                }],
+            })),
+        },
+        Response {
+            id: 4,
+            outcome: Ok(Body::Status(vec![GroupStatus {
+                node: 1,
+                group: 0,
+                leader: Some(2),
+                term: 5,
+                commit: 100,
+                applied: 99,
+            }])),
+        },
+        Response {
+            id: 5,
+            outcome: Ok(Body::Stats(NodeStats {
+                proposals: 1,
+                commands_proposed: 2,
+                entries_applied: 3,
+                busy_answers: 4,
+                wal_writes: 5,
+                wal_bytes_written: 6,
+            })),
+        },
+        Response {
+            id: 6,
+            outcome: Err(Failure::Busy("queue".into())),
+        },
+    ]
+}
+
+#[test]
+fn wire_bytes_match_the_golden_file() {
+    let mut text = String::new();
+    let mut out = Vec::new();
+    frame::encode(&mut out, kind::RAFT, &raft_wire::encode(&raft_messages()));
+    dump(
+        "RAFT frame: MsgAppend with two entries, MsgHeartbeat",
+        &out,
+        &mut text,
+    );
+    let hello = Hello {
+        version: 1,
+        cluster: 42,
+        node: 1,
+        shard: 0,
+        nonce: [0xab; 32],
+    };
+    out.clear();
+    frame::encode(&mut out, kind::HELLO, &hello.encode());
+    dump("HELLO frame", &out, &mut text);
+    let local = Local {
+        cluster: 42,
+        node: 1,
+        shard: 0,
+        members: vec![1, 2],
+        key: b"cluster key".to_vec(),
+    };
+    let acceptor = Hello {
+        node: 2,
+        nonce: [0xcd; 32],
+        ..hello
+    };
+    out.clear();
+    frame::encode(&mut out, kind::AUTH, &local.proof(true, &hello, &acceptor));
+    dump(
+        "AUTH frame (dialer's proof, key \"cluster key\")",
+        &out,
+        &mut text,
+    );
+    for (id, request) in requests() {
+        out.clear();
+        encode_request(&mut out, id, &request);
+        dump(&format!("request {id}"), &out, &mut text);
+    }
+    for response in responses() {
+        out.clear();
+        encode_response(&mut out, &response);
+        dump(&format!("response {}", response.id), &out, &mut text);
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/wire-v1.hex");
+    if std::env::var_os("RINGRAFT_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &text).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        expected == text,
+        "the wire format differs from the golden file:\n{text}"
+    );
+}
+
+#[test]
+fn every_message_round_trips() {
+    let payload = Bytes::from(raft_wire::encode(&raft_messages()));
+    assert_eq!(raft_wire::decode(&payload).unwrap(), raft_messages());
+    for (id, request) in requests() {
+        let mut out = Vec::new();
+        encode_request(&mut out, id, &request);
+        let (frame, _) = frame::decode(&out, 1 << 20).unwrap().unwrap();
+        assert_eq!(decode_request(frame.kind, &frame.payload), (id, Ok(request)));
+    }
+    for response in responses() {
+        let mut out = Vec::new();
+        encode_response(&mut out, &response);
+        let (frame, _) = frame::decode(&out, 1 << 20).unwrap().unwrap();
+        assert_eq!(frame.kind, kind::RESPONSE);
+        assert_eq!(decode_response(&frame.payload), Ok(response));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic_a_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..512), k in any::<u8>()) {
+        let _ = frame::decode(&bytes, 1 << 16);
+        let _ = raft_wire::decode(&Bytes::from(bytes.clone()));
+        let _ = Hello::decode(&bytes);
+        let _ = decode_request(k, &bytes);
+        let _ = decode_response(&bytes);
+    }
+
+    #[test]
+    fn a_valid_frame_around_arbitrary_payload_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..512), k in any::<u8>()) {
+        let mut out = Vec::new();
+        frame::encode(&mut out, k, &payload);
+        let (frame, used) = frame::decode(&out, 1 << 16).unwrap().unwrap();
+        prop_assert_eq!(used, out.len());
+        let _ = raft_wire::decode(&frame.payload);
+        let _ = decode_request(frame.kind, &frame.payload);
+        let _ = decode_response(&frame.payload);
+    }
+
+    #[test]
+    fn mutated_valid_messages_never_panic(at in any::<prop::sample::Index>(), to in any::<u8>(), which in 0usize..3) {
+        let mut payload = match which {
+            0 => raft_wire::encode(&raft_messages()),
+            1 => { let mut o = Vec::new(); encode_request(&mut o, 1, &requests()[0].1); o[16..].to_vec() }
+            _ => { let mut o = Vec::new(); encode_response(&mut o, &responses()[2]); o[16..].to_vec() }
+        };
+        let i = at.index(payload.len());
+        payload[i] = to;
+        let _ = raft_wire::decode(&Bytes::from(payload.clone()));
+        let _ = decode_request(kind::SUBMIT, &payload);
+        let _ = decode_response(&payload);
+    }
+
+    #[test]
+    fn a_frame_header_never_admits_more_than_the_limit(head in proptest::collection::vec(any::<u8>(), 16), max in 0u64..1 << 20) {
+        let mut bytes = head.clone();
+        bytes[0] = b'R';
+        bytes[1] = b'F';
+        bytes[2] = frame::VERSION;
+        if let Ok(header) = frame::parse_header(&bytes.clone().try_into().unwrap(), max) {
+            prop_assert!(header.len as u64 <= max);
+        }
+    }
+}
