@@ -1,7 +1,9 @@
-//! The cluster benchmark with the in-process transport: a whole cluster in this process (one
-//! glommio executor per shard per node, channels between nodes), loaded by client executors
-//! that each keep a number of puts in flight (closed loop). fsync is on: every acknowledged put
-//! is in a quorum's synced WALs.
+//! The cluster benchmark. Three ways to get a cluster ([`Target`]): node processes on loopback
+//! talking TCP (the default: this executable re-run as `ringraft-bench node`, which is
+//! `ringraft run`), a whole cluster inside this process with channels between nodes (`inproc`),
+//! or an existing cluster (`--connect`). Client executors each keep a number of puts in flight
+//! (closed loop); over TCP each has its own client connections. fsync is on: every acknowledged
+//! put is in a quorum's synced WALs.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -13,14 +15,27 @@ use std::time::{Duration, Instant};
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use ringraft_engine::{Client, Engine, EngineError, NodeStats};
+use ringraft_net::client::{fetch_stats, ClientConfig, NetClient};
 use ringraft_sm::Command;
-use ringraft_tuning::{Config, CpuList};
+use ringraft_tuning::{Config, CpuList, IoMemory};
 use serde::Serialize;
 
 use crate::key;
 
+/// Where the cluster comes from.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// Nodes in this process, messages through channels.
+    InProcess,
+    /// One process per node on 127.0.0.1 (`exe node --config FILE`), TCP between them.
+    Processes { exe: PathBuf },
+    /// A cluster started elsewhere: client addresses (`host:port`) to learn it from.
+    Connect(Vec<String>),
+}
+
 #[derive(Clone, Debug)]
 pub struct ClusterBenchOptions {
+    pub target: Target,
     pub dir: PathBuf,
     pub nodes: u64,
     pub shards: usize,
@@ -55,7 +70,13 @@ pub struct ClusterResult {
     pub commands_per_entry_mean: f64,
     /// WAL writes (each one sync) per second, summed over every node.
     pub syncs_per_s: f64,
+    /// Peak RSS: of this process (inproc), else the largest of the node processes.
     pub rss_bytes_max: u64,
+    /// Per node process (empty when the nodes are not this machine's children): CPU used
+    /// during the measured window, in percent of one CPU.
+    pub node_cpu_percent: Vec<f64>,
+    /// Per node process: peak RSS.
+    pub node_rss_bytes_max: Vec<u64>,
     /// Requests answered with an error (Busy, NotLeader during elections, ...).
     pub errors: u64,
 }
@@ -63,7 +84,7 @@ pub struct ClusterResult {
 /// Registered IO memory of each client executor (it only waits on channels and timers).
 const CLIENT_IO_MEMORY_BYTES: u64 = 128 << 10;
 
-fn configs(o: &ClusterBenchOptions) -> Result<Vec<Config>, String> {
+fn configs_in_process(o: &ClusterBenchOptions) -> Result<Vec<Config>, String> {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The nodes' arenas share the locked-memory limit with the client executors: size them
     // from what the clients leave.
@@ -95,63 +116,312 @@ fn configs(o: &ClusterBenchOptions) -> Result<Vec<Config>, String> {
         .collect())
 }
 
-/// Counters summed over every node.
-fn cluster_stats(engines: &[Engine]) -> NodeStats {
-    let mut total = NodeStats::default();
-    for engine in engines {
-        total.add(engine.stats());
-    }
-    total
+/// A client of whichever kind the target needs.
+#[derive(Clone)]
+enum BenchClient {
+    InProcess(Client),
+    Tcp(NetClient),
 }
 
-/// Waits until every group accepts a write.
-fn wait_for_leaders(client: &Client) -> Result<(), String> {
+impl BenchClient {
+    async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), String> {
+        match self {
+            BenchClient::InProcess(c) => c.put(key, value).await.map_err(|e| e.to_string()),
+            BenchClient::Tcp(c) => c.put(key, value).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    fn groups(&self) -> u64 {
+        match self {
+            BenchClient::InProcess(c) => c.groups(),
+            BenchClient::Tcp(c) => c.cluster().groups,
+        }
+    }
+
+    /// A read through the log of `group`: succeeds once the group has a leader.
+    fn probe(&self, group: u64) -> Result<(), (bool, String)> {
+        let commands = vec![Command::Get {
+            key: b"warmup".to_vec(),
+        }];
+        match self {
+            BenchClient::InProcess(c) => match c.submit_blocking(group, commands) {
+                Ok(_) => Ok(()),
+                Err(e @ (EngineError::NotLeader { .. } | EngineError::Busy(_))) => Err((true, e.to_string())),
+                Err(e) => Err((false, e.to_string())),
+            },
+            BenchClient::Tcp(c) => c
+                .submit_blocking(group, commands)
+                .map(|_| ())
+                .map_err(|e| (true, e.to_string())),
+        }
+    }
+}
+
+/// Waits until every group answers a write-path request.
+fn wait_for_leaders(client: &BenchClient) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for group in 0..client.groups() {
         loop {
-            match client.submit_blocking(
-                group,
-                vec![Command::Get {
-                    key: b"warmup".to_vec(),
-                }],
-            ) {
-                Ok(_) => break,
-                Err(EngineError::NotLeader { .. } | EngineError::Busy(_)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(error) => return Err(format!("group {group} did not elect a leader: {error}")),
+            match client.probe(group) {
+                Ok(()) => break,
+                Err((true, _)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err((_, error)) => return Err(format!("group {group} did not elect a leader: {error}")),
             }
         }
     }
     Ok(())
 }
 
-pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
-    let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
-    let (engines, client) = Engine::start_in_process(configs(&o)?).map_err(|e| e.to_string())?;
-    let outcome = load(&o, &engines, &client);
-    let mut shutdown = Ok(());
-    for engine in engines {
-        if let Err(error) = engine.shutdown() {
-            shutdown = Err(error);
-        }
-    }
-    let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
-    let mut result = outcome?;
-    shutdown?;
-    result.rss_bytes_max = crate::wal_bench::rss_bytes_max();
-    Ok(result)
+/// A node process started by the benchmark.
+struct NodeProcess {
+    id: u64,
+    child: std::process::Child,
+    log: PathBuf,
+    client_addr: String,
 }
 
-fn load(o: &ClusterBenchOptions, engines: &[Engine], client: &Client) -> Result<ClusterResult, String> {
-    wait_for_leaders(client)?;
+impl NodeProcess {
+    /// (user + system CPU seconds, peak RSS bytes) from /proc.
+    fn usage(&self) -> (f64, u64) {
+        let pid = self.child.id();
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // Fields after the command name (which may hold spaces): state is field 3.
+                let rest = stat.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let utime: f64 = fields.get(11)?.parse().ok()?;
+                let stime: f64 = fields.get(12)?.parse().ok()?;
+                Some((utime + stime) / ticks)
+            })
+            .unwrap_or(0.0);
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024);
+        (cpu, rss)
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn stop(mut self) -> Result<(), String> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "node {} exited with {status}; see {}",
+                        self.id,
+                        self.log.display()
+                    ))
+                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(format!("node {} did not stop within 30 s; killed", self.id));
+                }
+            }
+        }
+    }
+}
+
+/// A base port with `count` consecutive free ports on 127.0.0.1.
+fn free_port_range(count: u16) -> Result<u16, String> {
+    for _ in 0..200 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+        let base = first.local_addr().map_err(|e| e.to_string())?.port();
+        if base.checked_add(count).is_none() {
+            continue;
+        }
+        let rest: Result<Vec<_>, _> = (1..count)
+            .map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)))
+            .collect();
+        if rest.is_ok() {
+            return Ok(base);
+        }
+    }
+    Err(format!("found no {count} consecutive free ports on 127.0.0.1"))
+}
+
+/// Writes each node's config and starts `exe node --config FILE` for it.
+fn start_processes(o: &ClusterBenchOptions, exe: &std::path::Path) -> Result<Vec<NodeProcess>, String> {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let root = o.dir.join("cluster");
+    std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let mut nodes = Vec::new();
+    for id in 1..=o.nodes {
+        let mut address = ringraft_tuning::NodeAddress {
+            id,
+            host: std::net::IpAddr::from([127, 0, 0, 1]),
+            peer_port: 0,
+            client_port: 0,
+        };
+        address.peer_port = free_port_range(o.shards as u16)?;
+        address.client_port = free_port_range(o.shards as u16)?;
+        nodes.push(address);
+    }
+    let mut processes = Vec::new();
+    for address in &nodes {
+        let mut config = Config::local_cluster(o.nodes, address.id);
+        config.cluster.nodes = nodes.clone();
+        config.node.data_dir = root.join(format!("node{}", address.id));
+        config.node.log_level = "warn".into();
+        config.shards.cpus = CpuList::List((0..o.shards).map(|s| s % online).collect());
+        config.shards.pin = o.nodes == 1 && o.shards <= online;
+        config.shards.groups_per_shard = o.groups_per_shard;
+        config.glommio.io_memory_bytes = IoMemory::Auto(ringraft_tuning::AutoKeyword::Auto);
+        let path = root.join(format!("node{}.toml", address.id));
+        std::fs::write(&path, config.to_toml())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let log = root.join(format!("node{}.log", address.id));
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let child = std::process::Command::new(exe)
+            .args(["node", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        processes.push(NodeProcess {
+            id: address.id,
+            child,
+            log,
+            client_addr: format!("127.0.0.1:{}", address.client_port),
+        });
+    }
+    Ok(processes)
+}
+
+/// Connects, retrying for `wait` (nodes that were just started need a moment to listen).
+fn net_client(seeds: &[String], wait: Duration) -> Result<NetClient, String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match NetClient::connect(ClientConfig::new(seeds.iter().cloned())) {
+            Ok(client) => return Ok(client),
+            Err(e) if Instant::now() > deadline => return Err(format!("cannot reach the cluster: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Where the counters of every node come from.
+enum Nodes<'a> {
+    InProcess(&'a [Engine]),
+    Remote(Vec<String>),
+}
+
+impl Nodes<'_> {
+    fn stats(&self) -> Result<NodeStats, String> {
+        let mut total = NodeStats::default();
+        match self {
+            Nodes::InProcess(engines) => engines.iter().for_each(|e| total.add(e.stats())),
+            Nodes::Remote(addrs) => {
+                for addr in addrs {
+                    let stats = fetch_stats(addr, &ClientConfig::new([addr.clone()]))
+                        .map_err(|e| format!("stats from {addr}: {e}"))?;
+                    total.add(stats);
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
+    match &o.target {
+        Target::InProcess => {
+            let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
+            let (engines, client) =
+                Engine::start_in_process(configs_in_process(&o)?).map_err(|e| e.to_string())?;
+            let clients = vec![BenchClient::InProcess(client); o.clients as usize];
+            let outcome = load(&o, &Nodes::InProcess(&engines), &clients, &[]);
+            let mut shutdown = Ok(());
+            for engine in engines {
+                if let Err(error) = engine.shutdown() {
+                    shutdown = Err(error);
+                }
+            }
+            let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
+            let mut result = outcome?;
+            shutdown?;
+            result.transport = "inproc".into();
+            result.rss_bytes_max = crate::wal_bench::rss_bytes_max();
+            Ok(result)
+        }
+        Target::Processes { exe } => {
+            let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
+            let processes = start_processes(&o, exe)?;
+            let seeds: Vec<String> = processes.iter().map(|p| p.client_addr.clone()).collect();
+            let outcome = (|| {
+                let clients = (0..o.clients)
+                    .map(|_| net_client(&seeds, Duration::from_secs(30)).map(BenchClient::Tcp))
+                    .collect::<Result<Vec<_>, _>>()?;
+                load(&o, &Nodes::Remote(seeds.clone()), &clients, &processes)
+            })();
+            let mut stopped = Ok(());
+            for process in processes {
+                if let Err(e) = process.stop() {
+                    stopped = stopped.and(Err(e));
+                }
+            }
+            let result = outcome?;
+            stopped?;
+            let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
+            Ok(result)
+        }
+        Target::Connect(seeds) => {
+            let first = net_client(seeds, Duration::from_secs(2))?;
+            let info = first.cluster().clone();
+            let addrs: Vec<String> = info
+                .members
+                .iter()
+                .filter_map(|m| info.address(m.id, 0))
+                .collect();
+            let mut clients = vec![BenchClient::Tcp(first)];
+            for _ in 1..o.clients {
+                clients.push(BenchClient::Tcp(net_client(seeds, Duration::from_secs(2))?));
+            }
+            let mut result = load(&o, &Nodes::Remote(addrs), &clients, &[])?;
+            result.transport = "connect".into();
+            result.nodes = info.members.len() as u64;
+            result.shards_per_node = info.shards as usize;
+            Ok(result)
+        }
+    }
+}
+
+fn load(
+    o: &ClusterBenchOptions,
+    nodes: &Nodes<'_>,
+    clients: &[BenchClient],
+    processes: &[NodeProcess],
+) -> Result<ClusterResult, String> {
+    wait_for_leaders(&clients[0])?;
+    let acked = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut executors = Vec::new();
-    for c in 0..o.clients {
-        let (client, measuring, stop, errors) =
-            (client.clone(), measuring.clone(), stop.clone(), errors.clone());
+    for (c, client) in clients.iter().enumerate() {
+        let c = c as u64;
+        let (client, measuring, stop, errors, acked) = (
+            client.clone(),
+            measuring.clone(),
+            stop.clone(),
+            errors.clone(),
+            acked.clone(),
+        );
         let (in_flight, keys, key_bytes, value_bytes) = (o.in_flight, o.keys, o.key_bytes, o.value_bytes);
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("ringraft-bench-client-{c}"))
@@ -162,12 +432,13 @@ fn load(o: &ClusterBenchOptions, engines: &[Engine], client: &Client) -> Result<
                 ));
                 let mut tasks = Vec::new();
                 for t in 0..in_flight {
-                    let (client, measuring, stop, errors, histogram) = (
+                    let (client, measuring, stop, errors, histogram, acked) = (
                         client.clone(),
                         measuring.clone(),
                         stop.clone(),
                         errors.clone(),
                         histogram.clone(),
+                        acked.clone(),
                     );
                     tasks.push(glommio::spawn_local(async move {
                         let value = vec![0x5au8; value_bytes];
@@ -181,10 +452,13 @@ fn load(o: &ClusterBenchOptions, engines: &[Engine], client: &Client) -> Result<
                             let result = client.put(&k, &value).await;
                             if measuring.load(Ordering::Relaxed) {
                                 match result {
-                                    Ok(()) => histogram
-                                        .borrow_mut()
-                                        .record(began.elapsed().as_nanos().max(1) as u64)
-                                        .unwrap(),
+                                    Ok(()) => {
+                                        acked.fetch_add(1, Ordering::Relaxed);
+                                        histogram
+                                            .borrow_mut()
+                                            .record(began.elapsed().as_nanos().max(1) as u64)
+                                            .unwrap()
+                                    }
                                     Err(_) => {
                                         errors.fetch_add(1, Ordering::Relaxed);
                                     }
@@ -205,13 +479,28 @@ fn load(o: &ClusterBenchOptions, engines: &[Engine], client: &Client) -> Result<
         executors.push(handle);
     }
     std::thread::sleep(o.warmup);
-    let before = cluster_stats(engines);
+    let before = nodes.stats()?;
+    let usage_before: Vec<(f64, u64)> = processes.iter().map(NodeProcess::usage).collect();
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
-    std::thread::sleep(o.duration);
+    // A progress line per second on stderr: acknowledged puts and errors in that second.
+    let mut last = (0u64, 0u64);
+    while start.elapsed() < o.duration {
+        let left = o.duration.saturating_sub(start.elapsed());
+        std::thread::sleep(left.min(Duration::from_secs(1)));
+        let now = (acked.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+        eprintln!(
+            "  {:>5.1} s  {:>9} puts/s  {:>5} errors",
+            start.elapsed().as_secs_f64(),
+            now.0 - last.0,
+            now.1 - last.1
+        );
+        last = now;
+    }
     measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
-    let after = cluster_stats(engines);
+    let after = nodes.stats()?;
+    let usage_after: Vec<(f64, u64)> = processes.iter().map(NodeProcess::usage).collect();
     stop.store(true, Ordering::Relaxed);
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
     for handle in executors {
@@ -223,11 +512,17 @@ fn load(o: &ClusterBenchOptions, engines: &[Engine], client: &Client) -> Result<
     let ops = histogram.len();
     let proposals = after.proposals - before.proposals;
     let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let node_cpu_percent: Vec<f64> = usage_before
+        .iter()
+        .zip(&usage_after)
+        .map(|(b, a)| (a.0 - b.0) / elapsed * 100.0)
+        .collect();
+    let node_rss_bytes_max: Vec<u64> = usage_after.iter().map(|u| u.1).collect();
     Ok(ClusterResult {
-        transport: "inproc".into(),
+        transport: "tcp".into(),
         nodes: o.nodes,
         shards_per_node: o.shards,
-        groups: client.groups(),
+        groups: clients[0].groups(),
         clients: o.clients,
         in_flight: o.in_flight,
         key_bytes: o.key_bytes,
@@ -245,7 +540,9 @@ fn load(o: &ClusterBenchOptions, engines: &[Engine], client: &Client) -> Result<
             (after.commands_proposed - before.commands_proposed) as f64 / proposals as f64
         },
         syncs_per_s: (after.wal_writes - before.wal_writes) as f64 / elapsed,
-        rss_bytes_max: 0,
+        rss_bytes_max: node_rss_bytes_max.iter().copied().max().unwrap_or(0),
+        node_cpu_percent,
+        node_rss_bytes_max,
         errors: errors.load(Ordering::Relaxed),
     })
 }

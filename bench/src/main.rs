@@ -19,8 +19,9 @@ use serde_json::json;
                   are reported as ratios to what the disk can do."
 )]
 struct Cli {
+    /// Without a command: `cluster` with its defaults (three node processes on loopback).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -34,9 +35,16 @@ enum Command {
     /// The write-ahead log: N closed-loop appenders over G groups on one shard, each waiting for
     /// durability before its next append.
     Wal(WalArgs),
-    /// A whole cluster: nodes started in this process (today with the in-process transport),
-    /// loaded by client executors keeping puts in flight; fsync on.
+    /// A whole cluster (the default command): node processes on loopback talking TCP, nodes in
+    /// this process (`--transport inproc`) or an existing cluster (`--connect`), loaded by
+    /// client executors keeping puts in flight; fsync on.
     Cluster(ClusterArgs),
+    /// Runs one node (what `ringraft run` does); the cluster benchmark starts its nodes so.
+    #[command(hide = true)]
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The state machine: apply throughput of validated batches of puts on one core with
     /// checkpoints on, reads from the index, and a mixed put/get workload.
     Sm(SmArgs),
@@ -44,6 +52,8 @@ enum Command {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Transport {
+    /// One process per node on 127.0.0.1, TCP between them (the real thing).
+    Tcp,
     /// Nodes in this process, messages through channels.
     Inproc,
 }
@@ -57,8 +67,22 @@ struct ClusterArgs {
     #[arg(long)]
     json: bool,
     /// How nodes talk to each other.
-    #[arg(long, value_enum, default_value_t = Transport::Inproc)]
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     transport: Transport,
+    /// Drive an existing cluster instead of starting one: client addresses (host:port,
+    /// comma-separated) to learn it from. --nodes, --shards and --groups-per-shard are then the
+    /// cluster's own.
+    #[arg(long, value_delimiter = ',', conflicts_with = "transport")]
+    connect: Vec<String>,
+    /// Skip the device probe (no ratio to the disk's durable-write limit).
+    #[arg(long)]
+    no_probe: bool,
+    /// Seconds the probe spends on each write size.
+    #[arg(long, default_value_t = 0.5, value_parser = positive_f64)]
+    probe_seconds: f64,
+    /// Size of the probe's file in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(4..=65536))]
+    probe_file_mib: u64,
     /// Nodes (the replication factor).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
     nodes: u64,
@@ -277,7 +301,13 @@ fn print_probe(probe: &probe::DiskProbe) {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    match cli.command {
+    let command = match cli.command {
+        Some(command) => command,
+        None => Cli::parse_from(["ringraft-bench", "cluster"])
+            .command
+            .expect("cluster parses"),
+    };
+    match command {
         Command::Disk { common } => {
             let machine = machine::detect_after_create(&common.dir)?;
             let probe = run_probe(&common)?;
@@ -295,6 +325,10 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Wal(args) => run_wal(args),
         Command::Sm(args) => run_sm(args),
         Command::Cluster(args) => run_cluster(args),
+        Command::Node { config } => match ringraft_net::node::run(&config) {
+            code if code == ExitCode::SUCCESS => Ok(()),
+            _ => Err(format!("node {} stopped with an error", config.display())),
+        },
     }
 }
 
@@ -328,13 +362,39 @@ fn io_memory(requested_mib: Option<u64>, shards: u64) -> Result<u64, String> {
 }
 
 fn run_cluster(args: ClusterArgs) -> Result<(), String> {
-    let Transport::Inproc = args.transport;
+    use ringraft_bench::cluster_bench::Target;
+    let target = if !args.connect.is_empty() {
+        Target::Connect(args.connect.clone())
+    } else {
+        match args.transport {
+            Transport::Inproc => Target::InProcess,
+            Transport::Tcp => Target::Processes {
+                exe: std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?,
+            },
+        }
+    };
     let machine = machine::detect_after_create(&args.dir)?;
+    let probe = if args.no_probe || matches!(target, Target::Connect(_)) {
+        None
+    } else {
+        Some(run_probe(&Common {
+            dir: args.dir.clone(),
+            json: args.json,
+            probe_seconds: args.probe_seconds,
+            probe_file_mib: args.probe_file_mib,
+        })?)
+    };
+    let place = match &target {
+        Target::InProcess => "in this process",
+        Target::Processes { .. } => "as processes on 127.0.0.1",
+        Target::Connect(_) => "(existing cluster)",
+    };
     eprintln!(
-        "cluster: {} nodes in process, {} shard(s) each, {} clients x {} in flight, {} B values, {} s (+{} s warm-up)...",
+        "cluster: {} nodes {place}, {} shard(s) each, {} clients x {} in flight, {} B values, {} s (+{} s warm-up)...",
         args.nodes, args.shards, args.clients, args.in_flight, args.value_bytes, args.duration_s, args.warmup_s
     );
     let result = ringraft_bench::cluster_bench::run(ringraft_bench::cluster_bench::ClusterBenchOptions {
+        target,
         dir: args.dir.clone(),
         nodes: args.nodes,
         shards: args.shards as usize,
@@ -347,14 +407,25 @@ fn run_cluster(args: ClusterArgs) -> Result<(), String> {
         duration: Duration::from_secs_f64(args.duration_s),
         warmup: Duration::from_secs_f64(args.warmup_s),
     })?;
+    // Every node syncs its own WAL on the same device here: the device's durable-write rate
+    // bounds the sum of all nodes' syncs.
+    let sync_ratio = probe
+        .as_ref()
+        .map(|p| result.syncs_per_s / p.write_4k_rounds_per_s.max(1.0));
     if args.json {
         println!(
             "{}",
-            json!({ "command": command_line(), "machine": machine, "cluster": result })
+            json!({
+                "command": command_line(), "machine": machine, "cluster": result,
+                "disk": probe, "syncs_to_probe_ratio": sync_ratio,
+            })
         );
         return Ok(());
     }
     print_machine(&machine);
+    if let Some(probe) = &probe {
+        print_probe(probe);
+    }
     println!(
         "cluster ({} transport): {} nodes x {} shard(s), {} groups, {} clients x {} in flight, {} B keys, {} B values, fsync on",
         result.transport, result.nodes, result.shards_per_node, result.groups, result.clients, result.in_flight, result.key_bytes, result.value_bytes
@@ -368,6 +439,25 @@ fn run_cluster(args: ClusterArgs) -> Result<(), String> {
         "  commands per entry: {:.1}   syncs/s (all nodes): {:.0}   errors: {}",
         result.commands_per_entry_mean, result.syncs_per_s, result.errors
     );
+    if let (Some(probe), Some(ratio)) = (&probe, sync_ratio) {
+        println!(
+            "  syncs/s vs the device's 4 KiB durable rounds/s ({:.0}): {:.2}",
+            probe.write_4k_rounds_per_s, ratio
+        );
+    }
+    for (i, (cpu, rss)) in result
+        .node_cpu_percent
+        .iter()
+        .zip(&result.node_rss_bytes_max)
+        .enumerate()
+    {
+        println!(
+            "  node {}: CPU {:.0}%  peak RSS {:.1} MiB",
+            i + 1,
+            cpu,
+            *rss as f64 / (1 << 20) as f64
+        );
+    }
     println!(
         "  peak RSS {:.1} MiB",
         result.rss_bytes_max as f64 / (1 << 20) as f64

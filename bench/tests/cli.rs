@@ -62,6 +62,21 @@ fn bad_arguments_are_clear_errors() {
     assert!(error.contains("wal.batch_bytes_max"), "{error}");
     let error = stderr_of(&["wal", "--dir", dir, "--no-probe", "--cpu", "4096"]);
     assert!(error.contains("not an online CPU"), "{error}");
+    let error = stderr_of(&["cluster", "--connect", "127.0.0.1:1", "--transport", "inproc"]);
+    assert!(
+        error.contains("--transport") && error.contains("--connect"),
+        "{error}"
+    );
+    let error = stderr_of(&[
+        "cluster",
+        "--dir",
+        dir,
+        "--connect",
+        "127.0.0.1:1",
+        "--duration-s",
+        "0.1",
+    ]);
+    assert!(error.contains("cannot reach the cluster"), "{error}");
 }
 
 fn keys(value: &serde_json::Value) -> Vec<String> {
@@ -227,63 +242,65 @@ fn sm_json_keys_are_stable() {
 
 #[test]
 fn cluster_json_keys_are_stable() {
-    let dir = tempfile::tempdir().unwrap();
-    let output = bench()
-        .args([
-            "cluster",
-            "--dir",
-            dir.path().to_str().unwrap(),
-            "--json",
-            "--nodes",
-            "1",
-        ])
-        .args([
-            "--duration-s",
-            "0.5",
-            "--warmup-s",
-            "0.2",
-            "--clients",
-            "1",
-            "--in-flight",
-            "4",
-            "--keys",
-            "100",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
-    assert_eq!(keys(&json), ["cluster", "command", "machine"]);
-    assert_eq!(
-        keys(&json["cluster"]),
-        [
-            "clients",
-            "commands_per_entry_mean",
-            "duration_s",
-            "errors",
-            "groups",
-            "in_flight",
-            "key_bytes",
-            "latency_us_max",
-            "latency_us_p50",
-            "latency_us_p99",
-            "latency_us_p999",
-            "nodes",
-            "ops",
-            "ops_per_s",
-            "rss_bytes_max",
-            "shards_per_node",
-            "syncs_per_s",
-            "transport",
-            "value_bytes",
-        ]
-    );
-    assert!(
-        json["cluster"]["ops"].as_u64().unwrap() > 0,
-        "puts were acknowledged"
-    );
+    // In-process (one node) and the default: three node processes over TCP.
+    for (transport, nodes) in [("inproc", "1"), ("tcp", "3")] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = bench()
+            .args([
+                "cluster",
+                "--dir",
+                dir.path().to_str().unwrap(),
+                "--json",
+                "--no-probe",
+            ])
+            .args(["--transport", transport, "--nodes", nodes])
+            .args(["--duration-s", "0.5", "--warmup-s", "0.2", "--clients", "1"])
+            .args(["--in-flight", "4", "--keys", "100"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{transport}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+        assert_eq!(
+            keys(&json),
+            ["cluster", "command", "disk", "machine", "syncs_to_probe_ratio"]
+        );
+        assert_eq!(
+            keys(&json["cluster"]),
+            [
+                "clients",
+                "commands_per_entry_mean",
+                "duration_s",
+                "errors",
+                "groups",
+                "in_flight",
+                "key_bytes",
+                "latency_us_max",
+                "latency_us_p50",
+                "latency_us_p99",
+                "latency_us_p999",
+                "node_cpu_percent",
+                "node_rss_bytes_max",
+                "nodes",
+                "ops",
+                "ops_per_s",
+                "rss_bytes_max",
+                "shards_per_node",
+                "syncs_per_s",
+                "transport",
+                "value_bytes",
+            ]
+        );
+        assert_eq!(json["cluster"]["transport"], transport);
+        assert!(
+            json["cluster"]["ops"].as_u64().unwrap() > 0,
+            "{transport}: puts were acknowledged"
+        );
+        let per_node = json["cluster"]["node_cpu_percent"].as_array().unwrap().len();
+        assert_eq!(per_node, if transport == "tcp" { 3 } else { 0 });
+    }
 }
