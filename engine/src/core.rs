@@ -634,8 +634,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             }
         }
         let entries = ready.take_entries();
+        let wrote_entries = !entries.is_empty();
         let mut wal = self.wal.borrow_mut();
-        if !entries.is_empty() {
+        if wrote_entries {
             let records: Vec<ringraft_wal::Entry> = entries
                 .into_iter()
                 .map(|e| {
@@ -656,7 +657,15 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 vote: hs.vote,
                 commit: hs.commit,
             };
-            wal.set_hard_state(group, hard_state).map_err(|e| e.to_string())?;
+            let current = wal.hard_state(group);
+            if !wrote_entries && current.term == hs.term && current.vote == hs.vote {
+                // Only the commit index moved: it need not be durable (raft relearns it), so it
+                // rides along with the next write instead of costing a sync of its own.
+                wal.set_commit_lazily(group, hard_state)
+                    .map_err(|e| e.to_string())?;
+            } else {
+                wal.set_hard_state(group, hard_state).map_err(|e| e.to_string())?;
+            }
         }
         g.committed.extend(ready.take_committed_entries());
         let messages = ready.take_persisted_messages();
