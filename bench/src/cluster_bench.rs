@@ -361,7 +361,7 @@ pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
         }
         Target::Processes { exe } => {
             let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
-            let processes = start_processes(&o, exe)?;
+            let mut processes = start_processes(&o, exe)?;
             let seeds: Vec<String> = processes.iter().map(|p| p.client_addr.clone()).collect();
             let outcome = (|| {
                 let clients = (0..o.clients)
@@ -369,6 +369,20 @@ pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
                     .collect::<Result<Vec<_>, _>>()?;
                 load(&o, &Nodes::Remote(seeds.clone()), &clients, &processes)
             })();
+            // A node that died explains a failed run better than the client's symptom.
+            let outcome = outcome.map_err(|error| {
+                let mut processes_note = String::new();
+                for process in &mut processes {
+                    if let Ok(Some(status)) = process.child.try_wait() {
+                        processes_note.push_str(&format!(
+                            "\nnode {} exited ({status}); its log: {}",
+                            process.id,
+                            process.log.display()
+                        ));
+                    }
+                }
+                format!("{error}{processes_note}")
+            });
             let mut stopped = Ok(());
             for process in processes {
                 if let Err(e) = process.stop() {

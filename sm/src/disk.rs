@@ -154,8 +154,10 @@ impl GlommioSmDisk {
     /// fail with EOPNOTSUPP); opening a non-empty guard file first makes the probe sound. The WAL
     /// does the same (`ringraft_wal::GlommioDisk::open`).
     pub async fn open(dir: impl AsRef<Path>) -> io::Result<GlommioSmDisk> {
-        let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(dir.as_ref())?;
+        // Absolute: glommio 0.9 opens a relative directory path against fd -1 (EBADF), which
+        // broke the directory sync of checkpoints under a relative data_dir.
+        let dir = std::fs::canonicalize(dir.as_ref())?;
         let guard = dir.join(SM_IOPOLL_GUARD_FILE);
         if std::fs::metadata(&guard).map_or(true, |m| m.len() < SM_BLOCK_BYTES as u64) {
             let file = std::fs::File::create(&guard)?;

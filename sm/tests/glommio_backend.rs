@@ -83,3 +83,27 @@ fn store_survives_reopen_and_streams_a_snapshot_to_another_directory() {
         });
     }
 }
+
+#[test]
+fn a_relative_directory_checkpoints() {
+    // glommio 0.9 opens relative directory paths against fd -1: the checkpoint's directory sync
+    // failed with EBADF under a relative data_dir until the disk made its path absolute.
+    let dir = tempfile::tempdir_in(".").unwrap();
+    let relative = dir
+        .path()
+        .strip_prefix(std::env::current_dir().unwrap())
+        .unwrap()
+        .join("data");
+    assert!(relative.is_relative());
+    on_executor(move || async move {
+        let disk = GlommioSmDisk::open(&relative).await.unwrap();
+        let mut store = KvStore::open(disk, config()).await.unwrap();
+        let batch = encode_batch(vec![Command::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        }]);
+        let view = BatchView::new(&batch).unwrap();
+        store.apply(1, view.batch(), &mut Vec::new()).await.unwrap();
+        assert_eq!(store.checkpoint().await.unwrap(), 1);
+    });
+}

@@ -74,9 +74,13 @@ impl GlommioDisk {
     /// issues 605 and 670). So before any segment is opened, this opens a non-empty guard file
     /// read-write, which makes the probe read real data.
     pub async fn open(dir: impl AsRef<Path>, sync_mode: SyncMode) -> Result<GlommioDisk, WalError> {
-        let dir = dir.as_ref().to_path_buf();
-        let shown = dir.display().to_string();
-        std::fs::create_dir_all(&dir).map_err(|e| WalError::io("create directory", shown.clone(), e))?;
+        let shown = dir.as_ref().display().to_string();
+        std::fs::create_dir_all(dir.as_ref())
+            .map_err(|e| WalError::io("create directory", shown.clone(), e))?;
+        // Absolute: glommio 0.9 opens a relative directory path against fd -1 (EBADF), so a
+        // relative data_dir would fail every directory sync.
+        let dir = std::fs::canonicalize(dir.as_ref())
+            .map_err(|e| WalError::io("resolve directory", shown.clone(), e))?;
         let guard = dir.join(IOPOLL_GUARD_FILE);
         let guard_ok = std::fs::metadata(&guard).is_ok_and(|m| m.len() >= 4096);
         if !guard_ok {
