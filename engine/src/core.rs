@@ -349,7 +349,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         Some((
             g.raw.raft.term,
             g.raw.raft.raft_log.committed,
-            g.sm.applied_index(),
+            g.applied.max(g.sm.applied_index()),
         ))
     }
 

@@ -114,6 +114,8 @@ pub struct Engine {
     inputs: Vec<flume::Sender<ShardInput>>,
     threads: Vec<glommio::ExecutorJoinHandle<Result<(), String>>>,
     groups: u64,
+    /// The first shard that stopped with an error, and why.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -221,6 +223,7 @@ impl Engine {
             shards: senders.clone(),
         };
         let mut threads = Vec::new();
+        let failure = Arc::new(std::sync::Mutex::new(None));
         for (shard, rx) in receivers.into_iter().enumerate() {
             let placement = if config.shards.pin {
                 Placement::Fixed(cpus[shard])
@@ -235,11 +238,21 @@ impl Engine {
                 handle: handle.clone(),
             };
             let transport = transport.clone();
+            let failed = failure.clone();
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("ringraft-n{}-s{shard}", config.node.id))
                 .io_memory(io_memory_bytes as usize)
                 .ring_depth(config.glommio.ring_depth as usize)
-                .spawn(move || async move { run_shard(config, net, shards, rx, transport).await });
+                .spawn(move || async move {
+                    let result = run_shard(config, net, shards, rx, transport).await;
+                    if let Err(cause) = &result {
+                        failed
+                            .lock()
+                            .unwrap()
+                            .get_or_insert_with(|| format!("shard {shard}: {cause}"));
+                    }
+                    result
+                });
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
@@ -249,6 +262,7 @@ impl Engine {
                         inputs: senders[..threads.len()].to_vec(),
                         threads,
                         groups,
+                        failure,
                     };
                     let _ = started.shutdown();
                     return Err(EngineError::Failed(format!("cannot start shard {shard}: {e}")));
@@ -260,7 +274,14 @@ impl Engine {
             inputs: senders,
             threads,
             groups,
+            failure,
         })
+    }
+
+    /// Why a shard stopped on its own (a WAL or state machine failure), if one did. The node
+    /// cannot serve that shard's groups any more; a process should stop and let recovery run.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap().clone()
     }
 
     /// This node's shards, for a server taking client requests.

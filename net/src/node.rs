@@ -57,8 +57,19 @@ pub fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     info!(node = config.node.id, data_dir = %config.node.data_dir.display(), "node running");
-    let signal = signals.forever().next();
-    info!(?signal, "stopping: answering in-flight requests, syncing");
+    // Wait for a signal, or for a shard to stop on its own (a disk failure): then exit.
+    loop {
+        if let Some(signal) = signals.pending().next() {
+            info!(signal, "stopping: answering in-flight requests, syncing");
+            break;
+        }
+        if let Some(cause) = engine.failure() {
+            error!("stopping: {cause}");
+            let _ = engine.shutdown();
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     match engine.shutdown() {
         Ok(()) => {
             info!("stopped cleanly");
