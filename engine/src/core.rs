@@ -185,6 +185,48 @@ struct Group<D: Disk, S: StateMachine> {
     reads_ready: VecDeque<(u64, Vec<ReadRequest>)>,
     /// Local reads, served at the next apply.
     reads_local: Vec<ReadRequest>,
+    counters: GroupCounters,
+    last_leader: Option<u64>,
+}
+
+/// Counters of one group since the shard started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct GroupCounters {
+    proposals: u64,
+    commands_proposed: u64,
+    entries_appended: u64,
+    bytes_appended: u64,
+    leader_changes: u64,
+    busy_answers: u64,
+}
+
+/// One group's figures at one moment ([`ShardCore::group_metrics`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupMetrics {
+    pub group: u64,
+    pub leader: Option<u64>,
+    pub is_leader: bool,
+    pub term: u64,
+    pub last_index: u64,
+    pub commit: u64,
+    pub applied: u64,
+    /// Entries in the local log not yet known committed (`last_index - commit`).
+    pub commit_lag: u64,
+    /// Entries committed but not yet applied (`commit - applied`).
+    pub apply_lag: u64,
+    /// Commands and bytes waiting to be proposed (the group's bounded queue).
+    pub queued_commands: u64,
+    pub queued_bytes: u64,
+    /// Linearizable and local reads waiting.
+    pub reads_waiting: u64,
+    pub proposals: u64,
+    pub commands_proposed: u64,
+    /// Entries this node wrote to its WAL for the group (as leader or follower), and their bytes.
+    pub entries_appended: u64,
+    pub bytes_appended: u64,
+    /// Times the group's known leader changed on this node.
+    pub leader_changes: u64,
+    pub busy_answers: u64,
 }
 
 /// Counters for metrics.
@@ -209,6 +251,8 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     next_read_context: u64,
     failure: Option<String>,
     stats: ShardStats,
+    /// Commands per proposed entry (the batching factor).
+    commands_per_entry: hdrhistogram::Histogram<u64>,
     /// When on, every applied entry is recorded as (group, index, term, crc32c of its data).
     applied_log: Option<Vec<(u64, u64, u64, u32)>>,
 }
@@ -281,6 +325,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     reads_inflight: BTreeMap::new(),
                     reads_ready: VecDeque::new(),
                     reads_local: Vec::new(),
+                    counters: GroupCounters::default(),
+                    last_leader: None,
                 },
             );
         }
@@ -296,6 +342,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             failure: None,
             stats: ShardStats::default(),
             applied_log: None,
+            commands_per_entry: crate::runtime::new_histogram(),
         })
     }
 
@@ -343,6 +390,48 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             .is_some_and(|g| g.raw.raft.state == StateRole::Leader)
     }
 
+    /// Commands per proposed entry since the shard started.
+    pub fn commands_per_entry(&self) -> &hdrhistogram::Histogram<u64> {
+        &self.commands_per_entry
+    }
+
+    /// Every group's figures now.
+    pub fn group_metrics(&self) -> Vec<GroupMetrics> {
+        self.groups
+            .iter()
+            .map(|(&group, g)| {
+                let raft = &g.raw.raft;
+                let applied = g.applied.max(g.sm.applied_index());
+                let last_index = raft.raft_log.last_index();
+                let commit = raft.raft_log.committed;
+                let reads = g.reads_unsent.len()
+                    + g.reads_inflight.values().map(|(r, _)| r.len()).sum::<usize>()
+                    + g.reads_ready.iter().map(|(_, r)| r.len()).sum::<usize>()
+                    + g.reads_local.len();
+                GroupMetrics {
+                    group,
+                    leader: known_leader(raft.leader_id),
+                    is_leader: raft.state == StateRole::Leader,
+                    term: raft.term,
+                    last_index,
+                    commit,
+                    applied,
+                    commit_lag: last_index.saturating_sub(commit),
+                    apply_lag: commit.saturating_sub(applied),
+                    queued_commands: g.queue_commands as u64,
+                    queued_bytes: g.queue_bytes as u64,
+                    reads_waiting: reads as u64,
+                    proposals: g.counters.proposals,
+                    commands_proposed: g.counters.commands_proposed,
+                    entries_appended: g.counters.entries_appended,
+                    bytes_appended: g.counters.bytes_appended,
+                    leader_changes: g.counters.leader_changes,
+                    busy_answers: g.counters.busy_answers,
+                }
+            })
+            .collect()
+    }
+
     /// (term, commit, applied) of a group.
     pub fn progress(&self, group: u64) -> Option<(u64, u64, u64)> {
         let g = self.groups.get(&group)?;
@@ -373,6 +462,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         if let Err(error) = result {
             if matches!(error, EngineError::Busy(_)) {
                 self.stats.busy_answers += 1;
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.counters.busy_answers += 1;
+                }
             }
             self.answers.push(Answer {
                 request,
@@ -551,6 +643,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     Ok(()) if g.raw.raft.raft_log.last_index() == index => {
                         self.stats.proposals += 1;
                         self.stats.commands_proposed += count as u64;
+                        g.counters.proposals += 1;
+                        g.counters.commands_proposed += count as u64;
+                        // Cannot fail: the count is within the histogram's bounds (saturating).
+                        let _ = self.commands_per_entry.record(count.max(1) as u64);
                         g.proposals.push_back(Proposal { index, term, parts });
                     }
                     outcome => {
@@ -607,6 +703,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let mut ready = g.raw.ready();
         if let Some(ss) = ready.ss() {
             self.stats.leader_changes += 1;
+            if known_leader(ss.leader_id) != g.last_leader {
+                g.last_leader = known_leader(ss.leader_id);
+                g.counters.leader_changes += 1;
+            }
             if ss.raft_state != StateRole::Leader {
                 // Reads waiting for a ReadIndex from a former leader can no longer be confirmed.
                 let leader = known_leader(ss.leader_id);
@@ -649,6 +749,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     }
                 })
                 .collect();
+            g.counters.entries_appended += records.len() as u64;
+            g.counters.bytes_appended += records.iter().map(|r| r.payload.len() as u64).sum::<u64>();
             wal.append(group, &records).map_err(|e| e.to_string())?;
         }
         if let Some(hs) = ready.hs() {

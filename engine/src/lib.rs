@@ -18,7 +18,11 @@
 //! with channels between nodes; [`Client`] is the embedded API and [`NodeHandle`] a node's own
 //! shards, for network servers.
 //!
-//! Not built yet (issue 5 continues): histogram metrics, user state machines in the runtime.
+//! Metrics: [`Engine::metrics`] (and [`NodeHandle::metrics`]) return a [`NodeMetrics`] snapshot:
+//! per shard counters, commands-per-entry and sync-latency histograms, queue depths; per group
+//! commit and apply lag, queues, leader changes, `Busy` answers.
+//!
+//! Not built yet (issue 5 continues): user state machines in the runtime.
 
 mod client;
 mod core;
@@ -28,9 +32,11 @@ mod transport;
 
 pub use crate::client::{group_of, Client};
 pub use crate::core::{
-    Answer, Consistency, EngineError, Envelope, Fetch, RequestId, ShardConfig, ShardCore, ShardStats,
+    Answer, Consistency, EngineError, Envelope, Fetch, GroupMetrics, RequestId, ShardConfig, ShardCore,
+    ShardStats,
 };
-pub use crate::runtime::{Engine, GroupStatus, NodeStats};
+pub use crate::runtime::{Engine, GroupStatus, NodeMetrics, NodeStats, ShardMetrics};
 pub use crate::storage::GroupStorage;
 pub use crate::transport::{Inbound, NodeHandle, Pending, ShardLink, ShardNet, Transport};
+pub use hdrhistogram::Histogram;
 pub use raft;

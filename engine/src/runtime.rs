@@ -24,8 +24,11 @@ use ringraft_tuning::{Config, SyncMode, Topology};
 use ringraft_wal::{perform, GlommioDisk, IoDone, IoJob, Wal, WalConfig};
 
 use crate::client::{Client, Route};
-use crate::core::{Consistency, EngineError, Envelope, RequestId, ShardConfig, ShardCore};
+use crate::core::{
+    Consistency, EngineError, Envelope, GroupMetrics, RequestId, ShardConfig, ShardCore, ShardStats,
+};
 use crate::transport::{InProcess, Inbound, NodeHandle, ShardNet, Transport};
+use hdrhistogram::Histogram;
 
 /// A reply channel for one request.
 pub(crate) type Reply = flume::Sender<Result<Vec<CommandResult>, EngineError>>;
@@ -47,6 +50,9 @@ pub(crate) enum ShardInput {
     Stats {
         reply: flume::Sender<NodeStats>,
     },
+    Metrics {
+        reply: flume::Sender<ShardMetrics>,
+    },
     Status {
         reply: flume::Sender<Vec<GroupStatus>>,
     },
@@ -64,6 +70,67 @@ pub struct GroupStatus {
     pub term: u64,
     pub commit: u64,
     pub applied: u64,
+}
+
+/// One shard's metrics at one moment: counters, histograms, queue depths and every group's
+/// figures (lags, queues, leader changes).
+#[derive(Clone, Debug)]
+pub struct ShardMetrics {
+    pub node: u64,
+    pub shard: u64,
+    pub stats: ShardStats,
+    pub wal_writes: u64,
+    pub wal_bytes_written: u64,
+    pub wal_cache_bytes: u64,
+    /// Bytes appended but not yet written.
+    pub wal_pending_bytes: u64,
+    pub wal_segments_live: u64,
+    /// Commands per proposed raft entry.
+    pub commands_per_entry: Histogram<u64>,
+    /// WAL write-to-durable latency (one write + its sync), microseconds.
+    pub sync_latency_us: Histogram<u64>,
+    /// Client requests accepted and not yet answered.
+    pub requests_waiting: u64,
+    /// Inputs (requests, peer messages) waiting in the shard's inbox.
+    pub inbox_depth: u64,
+    pub groups: Vec<GroupMetrics>,
+}
+
+/// A node's metrics: one entry per shard.
+#[derive(Clone, Debug)]
+pub struct NodeMetrics {
+    pub node: u64,
+    pub shards: Vec<ShardMetrics>,
+}
+
+impl NodeMetrics {
+    fn merged(&self, pick: impl Fn(&ShardMetrics) -> &Histogram<u64>) -> Histogram<u64> {
+        let mut out = new_histogram();
+        for shard in &self.shards {
+            out.add(pick(shard)).expect("histograms share their bounds");
+        }
+        out
+    }
+
+    /// Commands per entry over all shards.
+    pub fn commands_per_entry(&self) -> Histogram<u64> {
+        self.merged(|s| &s.commands_per_entry)
+    }
+
+    /// WAL sync latency over all shards, microseconds.
+    pub fn sync_latency_us(&self) -> Histogram<u64> {
+        self.merged(|s| &s.sync_latency_us)
+    }
+
+    /// Every group of the node.
+    pub fn groups(&self) -> impl Iterator<Item = &GroupMetrics> {
+        self.shards.iter().flat_map(|s| s.groups.iter())
+    }
+}
+
+/// The bounds every engine histogram uses: 1 to 2^40, 2 significant digits.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 1 << 40, 2).expect("valid histogram bounds")
 }
 
 /// Counters of a node, summed over its shards.
@@ -306,6 +373,23 @@ impl Engine {
         out
     }
 
+    /// Metrics of every shard of this node.
+    pub fn metrics(&self) -> NodeMetrics {
+        let mut shards = Vec::new();
+        for input in &self.inputs {
+            let (tx, rx) = flume::bounded(1);
+            if input.send(ShardInput::Metrics { reply: tx }).is_ok() {
+                if let Ok(metrics) = rx.recv() {
+                    shards.push(metrics);
+                }
+            }
+        }
+        NodeMetrics {
+            node: self.node,
+            shards,
+        }
+    }
+
     /// Counters summed over this node's shards.
     pub fn stats(&self) -> NodeStats {
         let mut total = NodeStats::default();
@@ -410,6 +494,8 @@ async fn run_shard(
     let ticks = Rc::new(Cell::new(0u64));
     let done: Rc<RefCell<Vec<IoDone<GlommioDisk>>>> = Rc::new(RefCell::new(Vec::new()));
     let writing = Rc::new(Cell::new(false));
+    let mut write_started: Option<std::time::Instant> = None;
+    let mut sync_latency_us = new_histogram();
     let stop = Rc::new(Cell::new(false));
     {
         let (kick, ticks, stop) = (kick.clone(), ticks.clone(), stop.clone());
@@ -440,19 +526,48 @@ async fn run_shard(
                 None
             };
             if let Some(input) = futures_lite::future::or(inbox_ready, kicked).await {
-                handle_input(input, &mut core, &mut replies, &mut next_request, &mut shutdown);
+                let extras = Extras {
+                    shard,
+                    sync_latency_us: &sync_latency_us,
+                    inbox_depth: inbox.len(),
+                };
+                handle_input(
+                    input,
+                    &mut core,
+                    &mut replies,
+                    &mut next_request,
+                    &mut shutdown,
+                    &extras,
+                );
             }
         }
         kick.kicked.set(false);
         for _ in 0..INPUTS_PER_LOOP_MAX {
             match inbox.try_recv() {
-                Ok(input) => handle_input(input, &mut core, &mut replies, &mut next_request, &mut shutdown),
+                Ok(input) => {
+                    let extras = Extras {
+                        shard,
+                        sync_latency_us: &sync_latency_us,
+                        inbox_depth: inbox.len(),
+                    };
+                    handle_input(
+                        input,
+                        &mut core,
+                        &mut replies,
+                        &mut next_request,
+                        &mut shutdown,
+                        &extras,
+                    )
+                }
                 Err(_) => break,
             }
         }
         for completion in done.borrow_mut().drain(..) {
             if let IoDone::Written { .. } = completion {
                 writing.set(false);
+                if let Some(started) = write_started.take() {
+                    let _ = sync_latency_us.record(started.elapsed().as_micros().max(1) as u64);
+                }
             }
             // A failure is recorded in the WAL and reaches the core through on_durable.
             let _ = core.wal().borrow_mut().io_done(completion);
@@ -484,6 +599,7 @@ async fn run_shard(
             let Some(job) = job else { break };
             if matches!(job, IoJob::Write(_)) {
                 writing.set(true);
+                write_started = Some(std::time::Instant::now());
             }
             let (disk, done, kick) = (wal_disk.clone(), done.clone(), kick.clone());
             glommio::spawn_local(async move {
@@ -557,12 +673,20 @@ async fn checkpoint(
     Ok(())
 }
 
+/// What the runner knows beyond the core, for metrics.
+struct Extras<'a> {
+    shard: u64,
+    sync_latency_us: &'a Histogram<u64>,
+    inbox_depth: usize,
+}
+
 fn handle_input(
     input: ShardInput,
     core: &mut ShardCore<GlommioDisk, KvStore<GlommioSmDisk>>,
     replies: &mut BTreeMap<RequestId, Reply>,
     next_request: &mut RequestId,
     shutdown: &mut Option<flume::Sender<()>>,
+    extras: &Extras<'_>,
 ) {
     let mut register = |reply: Reply| {
         let request = *next_request;
@@ -620,6 +744,24 @@ fn handle_input(
                 busy_answers: shard.busy_answers,
                 wal_writes: wal.writes,
                 wal_bytes_written: wal.bytes_written,
+            });
+        }
+        ShardInput::Metrics { reply } => {
+            let wal = core.wal().borrow().stats();
+            let _ = reply.send(ShardMetrics {
+                node: core.node(),
+                shard: extras.shard,
+                stats: core.stats(),
+                wal_writes: wal.writes,
+                wal_bytes_written: wal.bytes_written,
+                wal_cache_bytes: wal.cache_bytes as u64,
+                wal_pending_bytes: wal.pending_bytes as u64,
+                wal_segments_live: wal.segments_live as u64,
+                commands_per_entry: core.commands_per_entry().clone(),
+                sync_latency_us: extras.sync_latency_us.clone(),
+                requests_waiting: replies.len() as u64,
+                inbox_depth: extras.inbox_depth as u64,
+                groups: core.group_metrics(),
             });
         }
         ShardInput::Shutdown { done } => *shutdown = Some(done),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use ringraft_sm::{Command, CommandResult};
 
 use crate::core::{Consistency, EngineError, Envelope};
-use crate::runtime::{GroupStatus, NodeStats, ShardInput};
+use crate::runtime::{GroupStatus, NodeMetrics, NodeStats, ShardInput};
 
 /// Creates each shard's link. Shared by the node's shards (`Send + Sync`).
 pub trait Transport: Send + Sync + 'static {
@@ -169,6 +169,23 @@ impl NodeHandle {
         }
         out.sort_by_key(|s| s.group);
         out
+    }
+
+    /// Metrics of every shard of this node.
+    pub async fn metrics(&self) -> NodeMetrics {
+        let mut shards = Vec::new();
+        for shard in &self.shards {
+            let (reply, rx) = flume::bounded(1);
+            if shard.send_async(ShardInput::Metrics { reply }).await.is_ok() {
+                if let Ok(metrics) = rx.recv_async().await {
+                    shards.push(metrics);
+                }
+            }
+        }
+        NodeMetrics {
+            node: self.node,
+            shards,
+        }
     }
 
     /// Counters summed over this node's shards.

@@ -93,6 +93,58 @@ fn exercise(client: &Client) {
     ));
 }
 
+/// The metrics agree with what `exercise` did: 200+ puts acknowledged across two groups.
+fn check_metrics(engines: &[Engine]) {
+    let metrics: Vec<_> = engines.iter().map(Engine::metrics).collect();
+    let proposed: u64 = metrics
+        .iter()
+        .flat_map(|m| m.groups())
+        .map(|g| g.commands_proposed)
+        .sum();
+    // put, CAS, CAS mismatch, delete, delete of an absent key, 200 puts (reads use ReadIndex).
+    assert!(proposed >= 205, "commands proposed by the leaders: {proposed}");
+    let per_entry = metrics
+        .iter()
+        .map(|m| m.commands_per_entry())
+        .fold(0, |n, h| n + h.len());
+    let proposals: u64 = metrics.iter().flat_map(|m| m.groups()).map(|g| g.proposals).sum();
+    assert_eq!(per_entry, proposals, "one histogram sample per proposed entry");
+    for m in &metrics {
+        assert_eq!(m.shards.len(), 1);
+        let shard = &m.shards[0];
+        assert!(
+            shard.sync_latency_us.len() > 0,
+            "node {} recorded sync latencies",
+            m.node
+        );
+        assert_eq!(
+            shard.sync_latency_us.len(),
+            shard.wal_writes,
+            "one sample per WAL write"
+        );
+        assert_eq!(shard.groups.len(), 2);
+        for g in &shard.groups {
+            assert!(
+                g.entries_appended > 0,
+                "node {} appended entries of group {}",
+                m.node,
+                g.group
+            );
+            assert!(g.leader.is_some() && g.leader_changes >= 1);
+            assert_eq!(g.apply_lag, g.commit - g.applied);
+            assert_eq!(g.queued_commands, 0, "idle: nothing queued");
+        }
+    }
+    for group in 0..2 {
+        let leaders = metrics
+            .iter()
+            .flat_map(|m| m.groups())
+            .filter(|g| g.group == group && g.is_leader)
+            .count();
+        assert_eq!(leaders, 1, "group {group} has one leader");
+    }
+}
+
 #[test]
 fn in_process_cluster_serves_survives_restart_and_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -101,6 +153,7 @@ fn in_process_cluster_serves_survives_restart_and_shuts_down_cleanly() {
     exercise(&client);
     let status = engines[0].status();
     assert_eq!(status.len(), 2);
+    check_metrics(&engines);
     for engine in engines {
         engine.shutdown().expect("clean shutdown");
     }
