@@ -113,7 +113,7 @@ fn check_metrics(engines: &[Engine]) {
         assert_eq!(m.shards.len(), 1);
         let shard = &m.shards[0];
         assert!(
-            shard.sync_latency_us.len() > 0,
+            !shard.sync_latency_us.is_empty(),
             "node {} recorded sync latencies",
             m.node
         );
