@@ -22,7 +22,8 @@
 //! per shard counters, commands-per-entry and sync-latency histograms, queue depths; per group
 //! commit and apply lag, queues, leader changes, `Busy` answers.
 //!
-//! Not built yet (issue 5 continues): user state machines in the runtime.
+//! State machines: the built-in key-value store by default ([`KvFactory`]); any other
+//! [`ringraft_sm::StateMachine`] through [`Engine::start_with`] and a [`MachineFactory`].
 
 mod client;
 mod core;
@@ -35,7 +36,9 @@ pub use crate::core::{
     Answer, Consistency, EngineError, Envelope, Fetch, GroupMetrics, RequestId, ShardConfig, ShardCore,
     ShardStats,
 };
-pub use crate::runtime::{Engine, GroupStatus, NodeMetrics, NodeStats, ShardMetrics};
+pub use crate::runtime::{
+    Engine, GroupStatus, KvFactory, MachineFactory, NodeMetrics, NodeStats, ShardMetrics,
+};
 pub use crate::storage::GroupStorage;
 pub use crate::transport::{Inbound, NodeHandle, Pending, ShardLink, ShardNet, Transport};
 pub use hdrhistogram::Histogram;

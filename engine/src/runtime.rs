@@ -203,6 +203,43 @@ fn wal_config(config: &Config) -> WalConfig {
     }
 }
 
+/// Opens each group's state machine on its shard's executor: how users plug in their own
+/// [`StateMachine`] ([`Engine::start_with`]). `dir` is the group's own directory
+/// (`data_dir/shard-S/group-G`), which the machine may use as it likes.
+pub trait MachineFactory<S: StateMachine>: Send + Sync + 'static {
+    fn open(&self, group: u64, dir: PathBuf) -> Pin<Box<dyn Future<Output = Result<S, String>>>>;
+}
+
+/// The built-in key-value store on O_DIRECT files.
+#[derive(Clone, Debug)]
+pub struct KvFactory {
+    config: KvConfig,
+}
+
+impl KvFactory {
+    pub fn new(config: &Config) -> KvFactory {
+        KvFactory {
+            config: kv_config(config),
+        }
+    }
+}
+
+impl MachineFactory<KvStore<GlommioSmDisk>> for KvFactory {
+    fn open(
+        &self,
+        _group: u64,
+        dir: PathBuf,
+    ) -> Pin<Box<dyn Future<Output = Result<KvStore<GlommioSmDisk>, String>>>> {
+        let config = self.config.clone();
+        Box::pin(async move {
+            let disk = GlommioSmDisk::open(&dir)
+                .await
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            KvStore::open(disk, config).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
 fn kv_config(config: &Config) -> KvConfig {
     KvConfig {
         inline_value_bytes_max: config.sm.inline_value_bytes_max as usize,
@@ -216,12 +253,25 @@ impl Engine {
     /// is `ringraft-net`'s). Validates the config, raises RLIMIT_MEMLOCK and sizes glommio's
     /// registered memory for this node's shards.
     pub fn start(config: Config, transport: Arc<dyn Transport>) -> Result<Engine, EngineError> {
+        let factory = Arc::new(KvFactory::new(&config));
+        Engine::start_with(config, transport, factory)
+    }
+
+    /// [`Engine::start`] with the state machines `factory` opens instead of the built-in
+    /// key-value store. Every node of a cluster must run the same kind of machine.
+    pub fn start_with<S: StateMachine + 'static>(
+        config: Config,
+        transport: Arc<dyn Transport>,
+        factory: Arc<dyn MachineFactory<S>>,
+    ) -> Result<Engine, EngineError> {
         let topology = Topology::detect();
         ringraft_tuning::validate(&config, &topology).map_err(|e| EngineError::BadRequest(e.to_string()))?;
         let shards = ringraft_tuning::resolve_cpus(&config, &topology).len();
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| inbox(&config)).unzip();
         let io_memory = plan_memory(&config, shards as u64)?;
-        Engine::spawn(config, &topology, io_memory, transport, senders, receivers)
+        Engine::spawn(
+            config, &topology, io_memory, transport, factory, senders, receivers,
+        )
     }
 
     /// Starts every node of an in-process cluster (nodes exchange messages through channels).
@@ -249,11 +299,13 @@ impl Engine {
         for config in configs {
             let rx = receivers.remove(&config.node.id).unwrap();
             let senders = transport.shards[&config.node.id].clone();
+            let factory: Arc<dyn MachineFactory<_>> = Arc::new(KvFactory::new(&config));
             engines.push(Engine::spawn(
                 config,
                 &topology,
                 io_memory,
                 shared.clone(),
+                factory,
                 senders,
                 rx,
             )?);
@@ -273,11 +325,13 @@ impl Engine {
         ))
     }
 
-    fn spawn(
+    #[allow(clippy::too_many_arguments)]
+    fn spawn<S: StateMachine + 'static>(
         config: Config,
         topology: &Topology,
         io_memory_bytes: u64,
         transport: Arc<dyn Transport>,
+        factory: Arc<dyn MachineFactory<S>>,
         senders: Vec<flume::Sender<ShardInput>>,
         receivers: Vec<flume::Receiver<ShardInput>>,
     ) -> Result<Engine, EngineError> {
@@ -305,13 +359,14 @@ impl Engine {
                 handle: handle.clone(),
             };
             let transport = transport.clone();
+            let factory = factory.clone();
             let failed = failure.clone();
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("ringraft-n{}-s{shard}", config.node.id))
                 .io_memory(io_memory_bytes as usize)
                 .ring_depth(config.glommio.ring_depth as usize)
                 .spawn(move || async move {
-                    let result = run_shard(config, net, shards, rx, transport).await;
+                    let result = run_shard(config, net, shards, rx, transport, factory).await;
                     if let Err(cause) = &result {
                         failed
                             .lock()
@@ -455,12 +510,13 @@ impl Future for Kicked<'_> {
     }
 }
 
-async fn run_shard(
+async fn run_shard<S: StateMachine + 'static>(
     config: Config,
     net: ShardNet,
     shards: u64,
     inbox: flume::Receiver<ShardInput>,
     transport: Arc<dyn Transport>,
+    factory: Arc<dyn MachineFactory<S>>,
 ) -> Result<(), String> {
     let shard = net.shard;
     let dir: PathBuf = config.node.data_dir.join(format!("shard-{shard}"));
@@ -479,13 +535,11 @@ async fn run_shard(
         .collect();
     let mut machines = Vec::new();
     for &group in &groups {
-        let disk = GlommioSmDisk::open(dir.join(format!("group-{group}")))
+        let machine = factory
+            .open(group, dir.join(format!("group-{group}")))
             .await
-            .map_err(|e| e.to_string())?;
-        let store = KvStore::open(disk, kv_config(&config))
-            .await
-            .map_err(|e| e.to_string())?;
-        machines.push((group, store));
+            .map_err(|e| format!("group {group}: state machine: {e}"))?;
+        machines.push((group, machine));
     }
     let mut core =
         ShardCore::new(ShardConfig::from_tuning(&config), wal, machines).map_err(|e| e.to_string())?;
@@ -653,7 +707,7 @@ async fn run_shard(
 /// Checkpoints every state machine, then lets the WAL drop what they made durable (keeping
 /// `retain` entries for slow followers).
 async fn checkpoint(
-    core: &mut ShardCore<GlommioDisk, KvStore<GlommioSmDisk>>,
+    core: &mut ShardCore<GlommioDisk, impl StateMachine>,
     groups: &[u64],
     retain: u64,
 ) -> Result<(), String> {
@@ -682,7 +736,7 @@ struct Extras<'a> {
 
 fn handle_input(
     input: ShardInput,
-    core: &mut ShardCore<GlommioDisk, KvStore<GlommioSmDisk>>,
+    core: &mut ShardCore<GlommioDisk, impl StateMachine>,
     replies: &mut BTreeMap<RequestId, Reply>,
     next_request: &mut RequestId,
     shutdown: &mut Option<flume::Sender<()>>,
