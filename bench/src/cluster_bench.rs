@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
-use ringraft_engine::{Client, Engine, EngineError, NodeStats};
+use ringraft_engine::{Client, Consistency, Engine, EngineError, NodeStats};
 use ringraft_net::client::{fetch_stats, ClientConfig, NetClient};
 use ringraft_sm::Command;
 use ringraft_tuning::{Config, CpuList, IoMemory};
 use serde::Serialize;
 
 use crate::key;
+use crate::workload::{latency_ns, Distribution, KeyChooser, Op, Pacer, Workload};
 
 /// Where the cluster comes from.
 #[derive(Clone, Debug)]
@@ -47,12 +48,23 @@ pub struct ClusterBenchOptions {
     pub keys: u64,
     pub duration: Duration,
     pub warmup: Duration,
+    pub workload: Workload,
+    pub distribution: Distribution,
+    pub read_consistency: Consistency,
+    /// Open loop at this many requests per second (all clients together); closed loop if None.
+    pub rate: Option<f64>,
 }
 
 /// Keys are part of the JSON output (docs/bench-output.md).
 #[derive(Clone, Debug, Serialize)]
 pub struct ClusterResult {
     pub transport: String,
+    pub workload: Workload,
+    pub distribution: Distribution,
+    pub read_consistency: String,
+    /// Open loop at this rate (latency counted from each request's intended start); `null`
+    /// for closed loop.
+    pub target_rate_per_s: Option<f64>,
     pub nodes: u64,
     pub shards_per_node: usize,
     pub groups: u64,
@@ -79,6 +91,9 @@ pub struct ClusterResult {
     pub node_rss_bytes_max: Vec<u64>,
     /// Requests answered with an error (Busy, NotLeader during elections, ...).
     pub errors: u64,
+    /// Every acknowledged operation's latency in nanoseconds (for --hist-out and --plot).
+    #[serde(skip)]
+    pub histogram: Histogram<u64>,
 }
 
 /// Registered IO memory of each client executor (it only waits on channels and timers).
@@ -128,6 +143,37 @@ impl BenchClient {
         match self {
             BenchClient::InProcess(c) => c.put(key, value).await.map_err(|e| e.to_string()),
             BenchClient::Tcp(c) => c.put(key, value).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn get(&self, key: &[u8], consistency: Consistency) -> Result<(), String> {
+        match self {
+            BenchClient::InProcess(c) => c
+                .get(key, consistency)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            BenchClient::Tcp(c) => c
+                .get(key, consistency)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Sets `key` to `value` if it is absent (a mismatch is an answer, not an error).
+    async fn compare_and_swap(&self, key: &[u8], value: &[u8]) -> Result<(), String> {
+        match self {
+            BenchClient::InProcess(c) => c
+                .compare_and_swap(key, None, Some(value))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            BenchClient::Tcp(c) => c
+                .compare_and_swap(key, None, Some(value))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -338,14 +384,32 @@ impl Nodes<'_> {
     }
 }
 
-pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
+/// Starts (or connects to) the cluster, runs one load per entry of `rates` on it (`None`:
+/// closed loop), stops it. One result per load.
+pub fn run(o: ClusterBenchOptions, rates: &[Option<f64>]) -> Result<Vec<ClusterResult>, String> {
+    let loads = |nodes: &Nodes<'_>, clients: &[BenchClient], processes: &[NodeProcess]| {
+        rates
+            .iter()
+            .map(|&rate| {
+                if let Some(rate) = rate {
+                    eprintln!("open loop at {rate:.0} requests/s:");
+                }
+                load(
+                    &ClusterBenchOptions { rate, ..o.clone() },
+                    nodes,
+                    clients,
+                    processes,
+                )
+            })
+            .collect::<Result<Vec<_>, String>>()
+    };
     match &o.target {
         Target::InProcess => {
             let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
             let (engines, client) =
                 Engine::start_in_process(configs_in_process(&o)?).map_err(|e| e.to_string())?;
             let clients = vec![BenchClient::InProcess(client); o.clients as usize];
-            let outcome = load(&o, &Nodes::InProcess(&engines), &clients, &[]);
+            let outcome = loads(&Nodes::InProcess(&engines), &clients, &[]);
             let mut shutdown = Ok(());
             for engine in engines {
                 if let Err(error) = engine.shutdown() {
@@ -353,11 +417,13 @@ pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
                 }
             }
             let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
-            let mut result = outcome?;
+            let mut results = outcome?;
             shutdown?;
-            result.transport = "inproc".into();
-            result.rss_bytes_max = crate::wal_bench::rss_bytes_max();
-            Ok(result)
+            for result in &mut results {
+                result.transport = "inproc".into();
+                result.rss_bytes_max = crate::wal_bench::rss_bytes_max();
+            }
+            Ok(results)
         }
         Target::Processes { exe } => {
             let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
@@ -367,7 +433,7 @@ pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
                 let clients = (0..o.clients)
                     .map(|_| net_client(&seeds, Duration::from_secs(30)).map(BenchClient::Tcp))
                     .collect::<Result<Vec<_>, _>>()?;
-                load(&o, &Nodes::Remote(seeds.clone()), &clients, &processes)
+                loads(&Nodes::Remote(seeds.clone()), &clients, &processes)
             })();
             // A node that died explains a failed run better than the client's symptom.
             let outcome = outcome.map_err(|error| {
@@ -406,13 +472,99 @@ pub fn run(o: ClusterBenchOptions) -> Result<ClusterResult, String> {
             for _ in 1..o.clients {
                 clients.push(BenchClient::Tcp(net_client(seeds, Duration::from_secs(2))?));
             }
-            let mut result = load(&o, &Nodes::Remote(addrs), &clients, &[])?;
-            result.transport = "connect".into();
-            result.nodes = info.members.len() as u64;
-            result.shards_per_node = info.shards as usize;
-            Ok(result)
+            let mut results = loads(&Nodes::Remote(addrs), &clients, &[])?;
+            for result in &mut results {
+                result.transport = "connect".into();
+                result.nodes = info.members.len() as u64;
+                result.shards_per_node = info.shards as usize;
+            }
+            Ok(results)
         }
     }
+}
+
+/// Histogram bounds of every latency recorded here: 1 ns to 60 s, 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
+}
+
+/// One client task: draws operations and keys, paces itself in open loop, records latency.
+#[allow(clippy::too_many_arguments)]
+async fn client_task(
+    client: BenchClient,
+    spec: LoadSpec,
+    chooser: KeyChooser,
+    seed: u64,
+    mut pacer: Option<Pacer>,
+    shared: Rc<TaskShared>,
+) {
+    let value = vec![0x5au8; spec.value_bytes];
+    let mut rng = seed | 1;
+    let mut draw = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    while !shared.stop.load(Ordering::Relaxed) {
+        let intended = match pacer.as_mut() {
+            Some(pacer) => {
+                let at = pacer.next_intended();
+                let now = Instant::now();
+                if at > now {
+                    glommio::timer::sleep(at - now).await;
+                }
+                at
+            }
+            None => Instant::now(),
+        };
+        let k = key(chooser.index(draw()), spec.key_bytes);
+        let result = match spec.workload.pick(draw()) {
+            Op::Put => client.put(&k, &value).await,
+            Op::Get => client.get(&k, spec.consistency).await,
+            // Set if absent; a mismatch is a correct answer, not an error.
+            Op::CompareAndSwap => client.compare_and_swap(&k, &value).await,
+        };
+        let done = Instant::now();
+        if shared.measuring.load(Ordering::Relaxed) {
+            match result {
+                Ok(()) => {
+                    shared.acked.fetch_add(1, Ordering::Relaxed);
+                    let latency = latency_ns(intended, done);
+                    // Saturates at the bounds (60 s) instead of failing.
+                    shared.histogram.borrow_mut().saturating_record(latency);
+                    shared.window.borrow_mut().saturating_record(latency);
+                }
+                Err(_) => {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if result.is_err() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// What the tasks of one client executor share.
+struct TaskShared {
+    stop: Arc<AtomicBool>,
+    measuring: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    /// The whole measured window.
+    histogram: RefCell<Histogram<u64>>,
+    /// Since the last progress line.
+    window: RefCell<Histogram<u64>>,
+}
+
+/// The workload part of the options, copied into every client executor.
+#[derive(Clone, Copy, Debug)]
+struct LoadSpec {
+    workload: Workload,
+    consistency: Consistency,
+    key_bytes: usize,
+    value_bytes: usize,
 }
 
 fn load(
@@ -426,87 +578,106 @@ fn load(
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
+    let (windows_tx, windows) = flume::unbounded::<Histogram<u64>>();
+    let spec = LoadSpec {
+        workload: o.workload,
+        consistency: o.read_consistency,
+        key_bytes: o.key_bytes,
+        value_bytes: o.value_bytes,
+    };
+    // Built once: the zipfian constants take a pass over every key.
+    let chooser = KeyChooser::new(o.keys, o.distribution);
+    let senders = clients.len() as u64 * o.in_flight;
+    // Open loop: every task sends at rate / tasks, the tasks spread over one interval.
+    let interval = o.rate.map(|rate| Duration::from_secs_f64(senders as f64 / rate));
+    let schedule_start = Instant::now() + Duration::from_millis(20);
     let mut executors = Vec::new();
     for (c, client) in clients.iter().enumerate() {
         let c = c as u64;
-        let (client, measuring, stop, errors, acked) = (
+        let (client, measuring, stop, errors, acked, windows_tx) = (
             client.clone(),
             measuring.clone(),
             stop.clone(),
             errors.clone(),
             acked.clone(),
+            windows_tx.clone(),
         );
-        let (in_flight, keys, key_bytes, value_bytes) = (o.in_flight, o.keys, o.key_bytes, o.value_bytes);
+        let in_flight = o.in_flight;
+        let chooser = chooser.clone();
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("ringraft-bench-client-{c}"))
             .io_memory(CLIENT_IO_MEMORY_BYTES as usize)
             .spawn(move || async move {
-                let histogram = Rc::new(RefCell::new(
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap(),
-                ));
+                let shared = Rc::new(TaskShared {
+                    stop,
+                    measuring,
+                    acked,
+                    errors,
+                    histogram: RefCell::new(latency_histogram()),
+                    window: RefCell::new(latency_histogram()),
+                });
+                // Hands the last second's latencies to the progress line.
+                let reporter = {
+                    let shared = shared.clone();
+                    glommio::spawn_local(async move {
+                        while !shared.stop.load(Ordering::Relaxed) {
+                            glommio::timer::sleep(Duration::from_millis(250)).await;
+                            let window =
+                                std::mem::replace(&mut *shared.window.borrow_mut(), latency_histogram());
+                            let _ = windows_tx.send(window);
+                        }
+                    })
+                };
                 let mut tasks = Vec::new();
                 for t in 0..in_flight {
-                    let (client, measuring, stop, errors, histogram, acked) = (
+                    let sender = c * in_flight + t;
+                    let pacer = interval.map(|interval| {
+                        let offset = interval.mul_f64(sender as f64 / senders as f64);
+                        Pacer::new(schedule_start, interval, offset)
+                    });
+                    let seed = (c << 32) ^ (t << 16) ^ 0x9E37_79B9;
+                    tasks.push(glommio::spawn_local(client_task(
                         client.clone(),
-                        measuring.clone(),
-                        stop.clone(),
-                        errors.clone(),
-                        histogram.clone(),
-                        acked.clone(),
-                    );
-                    tasks.push(glommio::spawn_local(async move {
-                        let value = vec![0x5au8; value_bytes];
-                        let mut n = (c << 32) ^ (t << 16);
-                        while !stop.load(Ordering::Relaxed) {
-                            n = n
-                                .wrapping_mul(6364136223846793005)
-                                .wrapping_add(1442695040888963407);
-                            let k = key((n >> 16) % keys, key_bytes);
-                            let began = Instant::now();
-                            let result = client.put(&k, &value).await;
-                            if measuring.load(Ordering::Relaxed) {
-                                match result {
-                                    Ok(()) => {
-                                        acked.fetch_add(1, Ordering::Relaxed);
-                                        histogram
-                                            .borrow_mut()
-                                            .record(began.elapsed().as_nanos().max(1) as u64)
-                                            .unwrap()
-                                    }
-                                    Err(_) => {
-                                        errors.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                            }
-                            if result.is_err() {
-                                glommio::timer::sleep(Duration::from_millis(1)).await;
-                            }
-                        }
-                    }));
+                        spec,
+                        chooser.clone(),
+                        seed,
+                        pacer,
+                        shared.clone(),
+                    )));
                 }
                 for task in tasks {
                     task.await;
                 }
-                Rc::try_unwrap(histogram).ok().unwrap().into_inner()
+                reporter.await;
+                let histogram = shared.histogram.borrow().clone();
+                histogram
             })
             .map_err(|e| format!("cannot start a client executor: {e}"))?;
         executors.push(handle);
     }
+    drop(windows_tx);
     std::thread::sleep(o.warmup);
     let before = nodes.stats()?;
     let usage_before: Vec<(f64, u64)> = processes.iter().map(NodeProcess::usage).collect();
+    let _ = windows.drain();
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
-    // A progress line per second on stderr: acknowledged puts and errors in that second.
+    // A progress line per second on stderr: acknowledged operations, p99 and errors in that
+    // second.
     let mut last = (0u64, 0u64);
     while start.elapsed() < o.duration {
         let left = o.duration.saturating_sub(start.elapsed());
         std::thread::sleep(left.min(Duration::from_secs(1)));
         let now = (acked.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+        let mut window = latency_histogram();
+        for part in windows.drain() {
+            let _ = window.add(&part);
+        }
         eprintln!(
-            "  {:>5.1} s  {:>9} puts/s  {:>5} errors",
+            "  {:>5.1} s  {:>9} ops/s  p99 {:>8.0} us  {:>5} errors",
             start.elapsed().as_secs_f64(),
             now.0 - last.0,
+            window.value_at_quantile(0.99) as f64 / 1000.0,
             now.1 - last.1
         );
         last = now;
@@ -516,7 +687,7 @@ fn load(
     let after = nodes.stats()?;
     let usage_after: Vec<(f64, u64)> = processes.iter().map(NodeProcess::usage).collect();
     stop.store(true, Ordering::Relaxed);
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let mut histogram = latency_histogram();
     for handle in executors {
         let part = handle
             .join()
@@ -534,6 +705,13 @@ fn load(
     let node_rss_bytes_max: Vec<u64> = usage_after.iter().map(|u| u.1).collect();
     Ok(ClusterResult {
         transport: "tcp".into(),
+        workload: o.workload,
+        distribution: o.distribution,
+        read_consistency: match o.read_consistency {
+            Consistency::Linearizable => "linearizable".into(),
+            Consistency::Local => "local".into(),
+        },
+        target_rate_per_s: o.rate,
         nodes: o.nodes,
         shards_per_node: o.shards,
         groups: clients[0].groups(),
@@ -544,6 +722,7 @@ fn load(
         duration_s: elapsed,
         ops,
         ops_per_s: ops as f64 / elapsed,
+        histogram: histogram.clone(),
         latency_us_p50: us(0.5),
         latency_us_p99: us(0.99),
         latency_us_p999: us(0.999),

@@ -6,10 +6,13 @@
 //! the probe uses io_uring directly, with no glommio in the way.
 
 pub mod cluster_bench;
+pub mod compare;
 pub mod machine;
+pub mod plot;
 pub mod probe;
 pub mod sm_bench;
 pub mod wal_bench;
+pub mod workload;
 
 /// A deterministic key of `key_bytes` hex characters for `index`, spread over the key space
 /// (the same keys in every run, so results compare).

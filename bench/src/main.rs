@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringraft_bench::workload::{Distribution, Workload};
 use ringraft_bench::{machine, probe, wal_bench};
 use ringraft_wal::{SyncMode, WalConfig};
 use serde_json::json;
@@ -39,6 +40,14 @@ enum Command {
     /// this process (`--transport inproc`) or an existing cluster (`--connect`), loaded by
     /// client executors keeping puts in flight; fsync on.
     Cluster(ClusterArgs),
+    /// Prints two results (`--json` outputs) side by side with the ratio B / A of every number
+    /// they share.
+    Compare {
+        /// The baseline.
+        a: PathBuf,
+        /// The run compared with it.
+        b: PathBuf,
+    },
     /// Runs one node (what `ringraft run` does); the cluster benchmark starts its nodes so.
     #[command(hide = true)]
     Node {
@@ -56,6 +65,34 @@ enum Transport {
     Tcp,
     /// Nodes in this process, messages through channels.
     Inproc,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum WorkloadArg {
+    Write,
+    ReadHeavy,
+    Mixed,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ConsistencyArg {
+    Linearizable,
+    Local,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum DistributionArg {
+    Uniform,
+    Zipfian,
+}
+
+fn zipf_theta(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if value > 0.0 && value < 1.0 {
+        Ok(value)
+    } else {
+        Err(format!("{text} must be between 0 and 1 (exclusive)"))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +114,38 @@ struct ClusterArgs {
     /// Skip the device probe (no ratio to the disk's durable-write limit).
     #[arg(long)]
     no_probe: bool,
+    /// The operation mix: write (puts), read-heavy (9 reads : 1 put), mixed (50% puts, 25%
+    /// reads, 25% compare-and-swap).
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Write)]
+    workload: WorkloadArg,
+    /// Consistency of the reads in read-heavy and mixed workloads.
+    #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
+    read_consistency: ConsistencyArg,
+    /// How keys are drawn.
+    #[arg(long, value_enum, default_value_t = DistributionArg::Uniform)]
+    distribution: DistributionArg,
+    /// Skew of the zipfian distribution (0 < theta < 1; YCSB uses 0.99).
+    #[arg(long, default_value_t = 0.99, value_parser = zipf_theta)]
+    zipf_theta: f64,
+    /// Open loop: send this many requests per second in total (spread over every client's
+    /// in-flight slots) and count latency from each request's intended start (no coordinated
+    /// omission). Without it: closed loop.
+    #[arg(long, value_parser = positive_f64)]
+    rate: Option<f64>,
+    /// Open-loop rates to try in turn on the same cluster (comma-separated); reports the highest
+    /// whose p99 stays within --p99-bound-ms.
+    #[arg(long, value_delimiter = ',', value_parser = positive_f64, conflicts_with = "rate")]
+    sweep_rates: Vec<f64>,
+    /// The p99 bound of --sweep-rates, in milliseconds.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_f64)]
+    p99_bound_ms: f64,
+    /// Save the run's latency histogram (nanoseconds, HdrHistogram V2 + deflate, base64 on one
+    /// line: `hdrhistogram`'s interchange format).
+    #[arg(long)]
+    hist_out: Option<PathBuf>,
+    /// Draw the latency percentile curve into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Seconds the probe spends on each write size.
     #[arg(long, default_value_t = 0.5, value_parser = positive_f64)]
     probe_seconds: f64,
@@ -247,6 +316,12 @@ fn main() -> ExitCode {
     }
 }
 
+fn read_result(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a ringraft-bench --json result: {e}", path.display()))
+}
+
 fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
@@ -325,6 +400,23 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Wal(args) => run_wal(args),
         Command::Sm(args) => run_sm(args),
         Command::Cluster(args) => run_cluster(args),
+        Command::Compare { a, b } => {
+            let (a_json, b_json) = (read_result(&a)?, read_result(&b)?);
+            let rows = ringraft_bench::compare::rows(&a_json, &b_json);
+            if rows.is_empty() {
+                return Err(format!(
+                    "{} and {} share no numeric results (different benchmarks?)",
+                    a.display(),
+                    b.display()
+                ));
+            }
+            println!("{:<44} {:>14} {:>14} {:>8}", "key", "A", "B", "B/A");
+            for row in rows {
+                let ratio = row.ratio.map_or("-".to_string(), |r| format!("{r:.2}"));
+                println!("{:<44} {:>14} {:>14} {:>8}", row.key, row.a, row.b, ratio);
+            }
+            Ok(())
+        }
         Command::Node { config } => match ringraft_net::node::run(&config) {
             code if code == ExitCode::SUCCESS => Ok(()),
             _ => Err(format!("node {} stopped with an error", config.display())),
@@ -393,44 +485,145 @@ fn run_cluster(args: ClusterArgs) -> Result<(), String> {
         "cluster: {} nodes {place}, {} shard(s) each, {} clients x {} in flight, {} B values, {} s (+{} s warm-up)...",
         args.nodes, args.shards, args.clients, args.in_flight, args.value_bytes, args.duration_s, args.warmup_s
     );
-    let result = ringraft_bench::cluster_bench::run(ringraft_bench::cluster_bench::ClusterBenchOptions {
-        target,
-        dir: args.dir.clone(),
-        nodes: args.nodes,
-        shards: args.shards as usize,
-        groups_per_shard: args.groups_per_shard,
-        clients: args.clients,
-        in_flight: args.in_flight,
-        key_bytes: args.key_bytes as usize,
-        value_bytes: args.value_bytes as usize,
-        keys: args.keys,
-        duration: Duration::from_secs_f64(args.duration_s),
-        warmup: Duration::from_secs_f64(args.warmup_s),
-    })?;
+    let rates: Vec<Option<f64>> = if args.sweep_rates.is_empty() {
+        vec![args.rate]
+    } else {
+        args.sweep_rates.iter().map(|&r| Some(r)).collect()
+    };
+    let results = ringraft_bench::cluster_bench::run(
+        ringraft_bench::cluster_bench::ClusterBenchOptions {
+            target,
+            dir: args.dir.clone(),
+            nodes: args.nodes,
+            shards: args.shards as usize,
+            groups_per_shard: args.groups_per_shard,
+            clients: args.clients,
+            in_flight: args.in_flight,
+            key_bytes: args.key_bytes as usize,
+            value_bytes: args.value_bytes as usize,
+            keys: args.keys,
+            duration: Duration::from_secs_f64(args.duration_s),
+            warmup: Duration::from_secs_f64(args.warmup_s),
+            workload: match args.workload {
+                WorkloadArg::Write => Workload::Write,
+                WorkloadArg::ReadHeavy => Workload::ReadHeavy,
+                WorkloadArg::Mixed => Workload::Mixed,
+            },
+            distribution: match args.distribution {
+                DistributionArg::Uniform => Distribution::Uniform,
+                DistributionArg::Zipfian => Distribution::Zipfian {
+                    theta: args.zipf_theta,
+                },
+            },
+            read_consistency: match args.read_consistency {
+                ConsistencyArg::Linearizable => ringraft_engine::Consistency::Linearizable,
+                ConsistencyArg::Local => ringraft_engine::Consistency::Local,
+            },
+            rate: args.rate,
+        },
+        &rates,
+    )?;
+    // The sweep's answer: the highest rate whose p99 stayed within the bound.
+    let bound_us = args.p99_bound_ms * 1000.0;
+    let best = results
+        .iter()
+        .filter(|r| r.latency_us_p99 <= bound_us)
+        .max_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+    let result = if args.sweep_rates.is_empty() {
+        results.last().expect("one load ran")
+    } else {
+        best.unwrap_or_else(|| results.first().expect("one load ran"))
+    };
+    if let Some(path) = &args.hist_out {
+        let mut bytes = Vec::new();
+        hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder::new()
+            .with_base_time(std::time::SystemTime::now())
+            .begin_log_with(
+                &mut bytes,
+                &mut hdrhistogram::serialization::V2DeflateSerializer::new(),
+            )
+            .and_then(|mut log| {
+                log.write_histogram(
+                    &result.histogram,
+                    Duration::ZERO,
+                    Duration::from_secs_f64(result.duration_s),
+                    None,
+                )
+                .map_err(std::io::Error::other)
+            })
+            .map_err(|e| format!("--hist-out: {e}"))?;
+        std::fs::write(path, bytes).map_err(|e| format!("--hist-out {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let curves: Vec<(String, &hdrhistogram::Histogram<u64>)> = results
+            .iter()
+            .map(|r| {
+                let label = match r.target_rate_per_s {
+                    Some(rate) => format!("{rate:.0}/s open loop"),
+                    None => format!("{} x {} closed loop", r.clients, r.in_flight),
+                };
+                (label, &r.histogram)
+            })
+            .collect();
+        ringraft_bench::plot::latency_percentiles(path, "acknowledged operations", &curves)?;
+    }
     // Every node syncs its own WAL on the same device here: the device's durable-write rate
     // bounds the sum of all nodes' syncs.
     let sync_ratio = probe
         .as_ref()
         .map(|p| result.syncs_per_s / p.write_4k_rounds_per_s.max(1.0));
     if args.json {
-        println!(
-            "{}",
-            json!({
-                "command": command_line(), "machine": machine, "cluster": result,
-                "disk": probe, "syncs_to_probe_ratio": sync_ratio,
-            })
-        );
+        let mut out = json!({
+            "command": command_line(), "machine": machine, "cluster": result,
+            "disk": probe, "syncs_to_probe_ratio": sync_ratio,
+        });
+        if !args.sweep_rates.is_empty() {
+            out["sweep"] = json!(results);
+            out["sweep_p99_bound_ms"] = json!(args.p99_bound_ms);
+            out["sweep_best_rate_per_s"] = json!(best.and_then(|b| b.target_rate_per_s));
+        }
+        println!("{out}");
         return Ok(());
     }
     print_machine(&machine);
     if let Some(probe) = &probe {
         print_probe(probe);
     }
+    if !args.sweep_rates.is_empty() {
+        println!("sweep (open loop; p99 bound {} ms)", args.p99_bound_ms);
+        println!(
+            "  {:>12} {:>12} {:>10} {:>10} {:>8}",
+            "target/s", "ops/s", "p50 us", "p99 us", "errors"
+        );
+        for r in &results {
+            println!(
+                "  {:>12.0} {:>12.0} {:>10.0} {:>10.0} {:>8}",
+                r.target_rate_per_s.unwrap_or(0.0),
+                r.ops_per_s,
+                r.latency_us_p50,
+                r.latency_us_p99,
+                r.errors
+            );
+        }
+        match best {
+            Some(b) => println!(
+                "  highest rate within the bound: {:.0}/s ({:.0} ops/s, p99 {:.0} us)",
+                b.target_rate_per_s.unwrap_or(0.0),
+                b.ops_per_s,
+                b.latency_us_p99
+            ),
+            None => println!("  no rate kept p99 within {} ms", args.p99_bound_ms),
+        }
+    }
+    let model = match result.target_rate_per_s {
+        Some(rate) => format!("open loop at {rate:.0}/s"),
+        None => format!("{} clients x {} in flight", result.clients, result.in_flight),
+    };
     println!(
-        "cluster ({} transport): {} nodes x {} shard(s), {} groups, {} clients x {} in flight, {} B keys, {} B values, fsync on",
-        result.transport, result.nodes, result.shards_per_node, result.groups, result.clients, result.in_flight, result.key_bytes, result.value_bytes
+        "cluster ({} transport): {} nodes x {} shard(s), {} groups, {model}, {:?} workload, {} B keys, {} B values, fsync on",
+        result.transport, result.nodes, result.shards_per_node, result.groups, result.workload, result.key_bytes, result.value_bytes
     );
-    println!("  acknowledged puts/s: {:>12.0}", result.ops_per_s);
+    println!("  acknowledged ops/s: {:>12.0}", result.ops_per_s);
     println!(
         "  latency us: p50 {:.0}  p99 {:.0}  p999 {:.0}  max {:.0}",
         result.latency_us_p50, result.latency_us_p99, result.latency_us_p999, result.latency_us_max

@@ -62,6 +62,13 @@ fn bad_arguments_are_clear_errors() {
     assert!(error.contains("wal.batch_bytes_max"), "{error}");
     let error = stderr_of(&["wal", "--dir", dir, "--no-probe", "--cpu", "4096"]);
     assert!(error.contains("not an online CPU"), "{error}");
+    assert!(stderr_of(&["cluster", "--zipf-theta", "1.5"]).contains("--zipf-theta"));
+    assert!(stderr_of(&["cluster", "--rate", "0"]).contains("--rate"));
+    assert!(stderr_of(&["cluster", "--workload", "everything"]).contains("read-heavy"));
+    let error = stderr_of(&["cluster", "--rate", "10", "--sweep-rates", "5,10"]);
+    assert!(error.contains("--sweep-rates"), "{error}");
+    let error = stderr_of(&["compare", "/nonexistent/a.json", "/nonexistent/b.json"]);
+    assert!(error.contains("cannot read /nonexistent/a.json"), "{error}");
     let error = stderr_of(&["cluster", "--connect", "127.0.0.1:1", "--transport", "inproc"]);
     assert!(
         error.contains("--transport") && error.contains("--connect"),
@@ -274,6 +281,7 @@ fn cluster_json_keys_are_stable() {
             [
                 "clients",
                 "commands_per_entry_mean",
+                "distribution",
                 "duration_s",
                 "errors",
                 "groups",
@@ -288,11 +296,14 @@ fn cluster_json_keys_are_stable() {
                 "nodes",
                 "ops",
                 "ops_per_s",
+                "read_consistency",
                 "rss_bytes_max",
                 "shards_per_node",
                 "syncs_per_s",
+                "target_rate_per_s",
                 "transport",
                 "value_bytes",
+                "workload",
             ]
         );
         assert_eq!(json["cluster"]["transport"], transport);
@@ -303,4 +314,93 @@ fn cluster_json_keys_are_stable() {
         let per_node = json["cluster"]["node_cpu_percent"].as_array().unwrap().len();
         assert_eq!(per_node, if transport == "tcp" { 3 } else { 0 });
     }
+}
+
+/// An open-loop sweep with a mixed zipfian workload in process, its histogram and plot, and a
+/// comparison of two results.
+#[test]
+fn sweep_plot_histogram_and_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (plot, hist) = (d.join("lat.svg"), d.join("lat.hdr"));
+    let output = bench()
+        .args(["cluster", "--dir", d.to_str().unwrap(), "--json", "--no-probe"])
+        .args([
+            "--transport",
+            "inproc",
+            "--nodes",
+            "1",
+            "--clients",
+            "1",
+            "--in-flight",
+            "4",
+        ])
+        .args(["--duration-s", "0.5", "--warmup-s", "0.2", "--keys", "1000"])
+        .args([
+            "--workload",
+            "mixed",
+            "--distribution",
+            "zipfian",
+            "--sweep-rates",
+            "200,400",
+        ])
+        .args([
+            "--plot",
+            plot.to_str().unwrap(),
+            "--hist-out",
+            hist.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        keys(&json),
+        [
+            "cluster",
+            "command",
+            "disk",
+            "machine",
+            "sweep",
+            "sweep_best_rate_per_s",
+            "sweep_p99_bound_ms",
+            "syncs_to_probe_ratio"
+        ]
+    );
+    let sweep = json["sweep"].as_array().unwrap();
+    assert_eq!(sweep.len(), 2);
+    for (run, rate) in sweep.iter().zip([200.0, 400.0]) {
+        assert_eq!(run["target_rate_per_s"].as_f64(), Some(rate));
+        assert_eq!(run["workload"], "mixed");
+        assert_eq!(run["distribution"]["kind"], "zipfian");
+        // An open loop sends at its rate (give or take the window's edges).
+        let ops = run["ops_per_s"].as_f64().unwrap();
+        assert!(ops > rate * 0.5 && ops < rate * 1.5, "{ops} ops/s at {rate}/s");
+    }
+    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+    assert!(
+        std::fs::read_to_string(&hist).unwrap().contains("HISTFAAA"),
+        "a V2 deflate histogram"
+    );
+
+    let (a, b) = (d.join("a.json"), d.join("b.json"));
+    std::fs::write(&a, &output.stdout).unwrap();
+    let mut other = json.clone();
+    other["cluster"]["ops_per_s"] = serde_json::json!(json["cluster"]["ops_per_s"].as_f64().unwrap() * 2.0);
+    std::fs::write(&b, other.to_string()).unwrap();
+    let output = bench()
+        .args(["compare", a.to_str().unwrap(), b.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("cluster.ops_per_s "))
+        .expect(&table);
+    assert!(line.trim_end().ends_with("2.00"), "{line}");
 }
