@@ -186,9 +186,12 @@ impl BenchClient {
 
     /// A read through the log of `group`: succeeds once the group has a leader.
     fn probe(&self, group: u64) -> Result<(), (bool, String)> {
-        let commands = vec![Command::Get {
-            key: b"warmup".to_vec(),
-        }];
+        // A key of this group (the network server checks that keys belong to their group).
+        let key = (0u64..)
+            .map(|i| format!("warmup-{i}").into_bytes())
+            .find(|k| ringraft_engine::group_of(k, self.groups()) == group)
+            .expect("some key hashes to every group");
+        let commands = vec![Command::Get { key }];
         match self {
             BenchClient::InProcess(c) => match c.submit_blocking(group, commands) {
                 Ok(_) => Ok(()),

@@ -40,6 +40,9 @@ enum Command {
     /// this process (`--transport inproc`) or an existing cluster (`--connect`), loaded by
     /// client executors keeping puts in flight; fsync on.
     Cluster(ClusterArgs),
+    /// The cluster benchmark over shard counts and group counts (one fresh cluster each): how
+    /// throughput grows with cores and what many groups cost.
+    Scale(ScaleArgs),
     /// Prints two results (`--json` outputs) side by side with the ratio B / A of every number
     /// they share.
     Compare {
@@ -93,6 +96,18 @@ fn zipf_theta(text: &str) -> Result<f64, String> {
     } else {
         Err(format!("{text} must be between 0 and 1 (exclusive)"))
     }
+}
+
+#[derive(Args, Debug)]
+struct ScaleArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Shards (executors) per node to try.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 2], value_parser = clap::value_parser!(u64).range(1..=256))]
+    shards_list: Vec<u64>,
+    /// Raft groups per node to try (multiples of the shard count).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4, 16, 64], value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    groups_list: Vec<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -400,6 +415,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Wal(args) => run_wal(args),
         Command::Sm(args) => run_sm(args),
         Command::Cluster(args) => run_cluster(args),
+        Command::Scale(args) => run_scale(args),
         Command::Compare { a, b } => {
             let (a_json, b_json) = (read_result(&a)?, read_result(&b)?);
             let rows = ringraft_bench::compare::rows(&a_json, &b_json);
@@ -453,9 +469,9 @@ fn io_memory(requested_mib: Option<u64>, shards: u64) -> Result<u64, String> {
     Ok(plan.per_shard_bytes)
 }
 
-fn run_cluster(args: ClusterArgs) -> Result<(), String> {
+fn cluster_target(args: &ClusterArgs) -> Result<ringraft_bench::cluster_bench::Target, String> {
     use ringraft_bench::cluster_bench::Target;
-    let target = if !args.connect.is_empty() {
+    Ok(if !args.connect.is_empty() {
         Target::Connect(args.connect.clone())
     } else {
         match args.transport {
@@ -464,7 +480,115 @@ fn run_cluster(args: ClusterArgs) -> Result<(), String> {
                 exe: std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?,
             },
         }
-    };
+    })
+}
+
+fn cluster_options(
+    args: &ClusterArgs,
+    target: ringraft_bench::cluster_bench::Target,
+) -> ringraft_bench::cluster_bench::ClusterBenchOptions {
+    ringraft_bench::cluster_bench::ClusterBenchOptions {
+        target,
+        dir: args.dir.clone(),
+        nodes: args.nodes,
+        shards: args.shards as usize,
+        groups_per_shard: args.groups_per_shard,
+        clients: args.clients,
+        in_flight: args.in_flight,
+        key_bytes: args.key_bytes as usize,
+        value_bytes: args.value_bytes as usize,
+        keys: args.keys,
+        duration: Duration::from_secs_f64(args.duration_s),
+        warmup: Duration::from_secs_f64(args.warmup_s),
+        workload: match args.workload {
+            WorkloadArg::Write => Workload::Write,
+            WorkloadArg::ReadHeavy => Workload::ReadHeavy,
+            WorkloadArg::Mixed => Workload::Mixed,
+        },
+        distribution: match args.distribution {
+            DistributionArg::Uniform => Distribution::Uniform,
+            DistributionArg::Zipfian => Distribution::Zipfian {
+                theta: args.zipf_theta,
+            },
+        },
+        read_consistency: match args.read_consistency {
+            ConsistencyArg::Linearizable => ringraft_engine::Consistency::Linearizable,
+            ConsistencyArg::Local => ringraft_engine::Consistency::Local,
+        },
+        rate: args.rate,
+    }
+}
+
+/// `scale`: the same workload over shard counts and group counts, one fresh cluster each.
+fn run_scale(args: ScaleArgs) -> Result<(), String> {
+    let cluster = &args.cluster;
+    if !cluster.connect.is_empty() {
+        return Err("scale starts its own clusters; --connect cannot be used with it".into());
+    }
+    let machine = machine::detect_after_create(&cluster.dir)?;
+    let mut results = Vec::new();
+    for &shards in &args.shards_list {
+        for &groups in &args.groups_list {
+            if groups % shards != 0 {
+                eprintln!(
+                    "skipping {groups} groups on {shards} shards (groups must be a multiple of shards)"
+                );
+                continue;
+            }
+            eprintln!("scale: {shards} shard(s), {groups} groups per node...");
+            let mut options = cluster_options(cluster, cluster_target(cluster)?);
+            options.shards = shards as usize;
+            options.groups_per_shard = groups / shards;
+            let mut run = ringraft_bench::cluster_bench::run(options, &[cluster.rate])?;
+            results.push(run.remove(0));
+        }
+    }
+    if let Some(path) = &cluster.plot {
+        let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for &shards in &args.shards_list {
+            let points = results
+                .iter()
+                .filter(|r| r.shards_per_node as u64 == shards)
+                .map(|r| ((r.groups as f64).log2(), r.ops_per_s))
+                .collect();
+            series.push((format!("{shards} shard(s) per node"), points));
+        }
+        ringraft_bench::plot::scaling(path, &series)?;
+    }
+    if cluster.json {
+        println!(
+            "{}",
+            json!({ "command": command_line(), "machine": machine, "scale": results })
+        );
+        return Ok(());
+    }
+    print_machine(&machine);
+    println!(
+        "scale: {} nodes, {} clients x {} in flight, {:?} workload, fsync on",
+        cluster.nodes, cluster.clients, cluster.in_flight, cluster.workload
+    );
+    println!(
+        "  {:>6} {:>7} {:>12} {:>14} {:>10} {:>10} {:>10}",
+        "shards", "groups", "ops/s", "ops/s/shard", "p50 us", "p99 us", "cmds/entry"
+    );
+    for r in &results {
+        println!(
+            "  {:>6} {:>7} {:>12.0} {:>14.0} {:>10.0} {:>10.0} {:>10.1}",
+            r.shards_per_node,
+            r.groups,
+            r.ops_per_s,
+            r.ops_per_s / r.shards_per_node.max(1) as f64,
+            r.latency_us_p50,
+            r.latency_us_p99,
+            r.commands_per_entry_mean
+        );
+    }
+    Ok(())
+}
+
+fn run_cluster(args: ClusterArgs) -> Result<(), String> {
+    use ringraft_bench::cluster_bench::Target;
+    let target = cluster_target(&args)?;
     let machine = machine::detect_after_create(&args.dir)?;
     let probe = if args.no_probe || matches!(target, Target::Connect(_)) {
         None
@@ -490,39 +614,7 @@ fn run_cluster(args: ClusterArgs) -> Result<(), String> {
     } else {
         args.sweep_rates.iter().map(|&r| Some(r)).collect()
     };
-    let results = ringraft_bench::cluster_bench::run(
-        ringraft_bench::cluster_bench::ClusterBenchOptions {
-            target,
-            dir: args.dir.clone(),
-            nodes: args.nodes,
-            shards: args.shards as usize,
-            groups_per_shard: args.groups_per_shard,
-            clients: args.clients,
-            in_flight: args.in_flight,
-            key_bytes: args.key_bytes as usize,
-            value_bytes: args.value_bytes as usize,
-            keys: args.keys,
-            duration: Duration::from_secs_f64(args.duration_s),
-            warmup: Duration::from_secs_f64(args.warmup_s),
-            workload: match args.workload {
-                WorkloadArg::Write => Workload::Write,
-                WorkloadArg::ReadHeavy => Workload::ReadHeavy,
-                WorkloadArg::Mixed => Workload::Mixed,
-            },
-            distribution: match args.distribution {
-                DistributionArg::Uniform => Distribution::Uniform,
-                DistributionArg::Zipfian => Distribution::Zipfian {
-                    theta: args.zipf_theta,
-                },
-            },
-            read_consistency: match args.read_consistency {
-                ConsistencyArg::Linearizable => ringraft_engine::Consistency::Linearizable,
-                ConsistencyArg::Local => ringraft_engine::Consistency::Local,
-            },
-            rate: args.rate,
-        },
-        &rates,
-    )?;
+    let results = ringraft_bench::cluster_bench::run(cluster_options(&args, target), &rates)?;
     // The sweep's answer: the highest rate whose p99 stayed within the bound.
     let bound_us = args.p99_bound_ms * 1000.0;
     let best = results

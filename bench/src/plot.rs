@@ -105,3 +105,53 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.contains("percentile"));
     }
 }
+
+/// Throughput against group count (x: log2 of groups per node), one curve per shard count.
+pub fn scaling(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> Result<(), String> {
+    let error = |e: &dyn std::fmt::Display| format!("--plot {}: {e}", path.display());
+    let x_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.0))
+        .fold(1.0f64, f64::max)
+        + 0.5;
+    let y_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.1))
+        .fold(1.0f64, f64::max)
+        * 1.2;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| error(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("acknowledged ops/s by groups per node", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.5f64..x_max, 0f64..y_max)
+        .map_err(|e| error(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("groups per node")
+        .y_desc("ops/s")
+        .x_label_formatter(&|x| format!("{:.0}", 2f64.powf(*x)))
+        .draw()
+        .map_err(|e| error(&e))?;
+    for (i, (label, points)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(|e| error(&e))?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(|e| error(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| error(&e))?;
+    root.present().map_err(|e| error(&e))?;
+    Ok(())
+}

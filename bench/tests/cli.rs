@@ -404,3 +404,55 @@ fn sweep_plot_histogram_and_compare() {
         .expect(&table);
     assert!(line.trim_end().ends_with("2.00"), "{line}");
 }
+
+#[test]
+fn scale_runs_each_shard_and_group_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bench()
+        .args([
+            "scale",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--json",
+            "--no-probe",
+        ])
+        .args([
+            "--transport",
+            "inproc",
+            "--nodes",
+            "1",
+            "--clients",
+            "1",
+            "--in-flight",
+            "4",
+        ])
+        .args(["--duration-s", "0.3", "--warmup-s", "0.1", "--keys", "100"])
+        .args(["--shards-list", "1,2", "--groups-list", "2,3"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(keys(&json), ["command", "machine", "scale"]);
+    let runs: Vec<(u64, u64)> = json["scale"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["shards_per_node"].as_u64().unwrap(),
+                r["groups"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // 3 groups do not divide over 2 shards: skipped.
+    assert_eq!(runs, [(1, 2), (1, 3), (2, 2)]);
+    assert!(json["scale"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["ops"].as_u64().unwrap() > 0));
+}
