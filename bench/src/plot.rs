@@ -84,28 +84,6 @@ pub fn latency_percentiles(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn curve_rises_through_the_percentiles_and_ends_at_the_max() {
-        let mut h = Histogram::<u64>::new(3).unwrap();
-        for v in 1..=10_000u64 {
-            h.record(v * 1000).unwrap();
-        }
-        let curve = percentile_curve(&h);
-        assert!(curve.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
-        let last = curve.last().unwrap();
-        assert!((last.1 - 10_000.0).abs() < 20.0, "ends at the max: {last:?}");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.svg");
-        latency_percentiles(&path, "test", &[("a".into(), &h)]).unwrap();
-        let svg = std::fs::read_to_string(&path).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("percentile"));
-    }
-}
-
 /// Throughput against group count (x: log2 of groups per node), one curve per shard count.
 pub fn scaling(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> Result<(), String> {
     let error = |e: &dyn std::fmt::Display| format!("--plot {}: {e}", path.display());
@@ -154,4 +132,26 @@ pub fn scaling(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> Result<(), 
         .map_err(|e| error(&e))?;
     root.present().map_err(|e| error(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn curve_rises_through_the_percentiles_and_ends_at_the_max() {
+        let mut h = Histogram::<u64>::new(3).unwrap();
+        for v in 1..=10_000u64 {
+            h.record(v * 1000).unwrap();
+        }
+        let curve = percentile_curve(&h);
+        assert!(curve.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
+        let last = curve.last().unwrap();
+        assert!((last.1 - 10_000.0).abs() < 20.0, "ends at the max: {last:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.svg");
+        latency_percentiles(&path, "test", &[("a".into(), &h)]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("percentile"));
+    }
 }
