@@ -53,6 +53,9 @@ pub struct ClusterBenchOptions {
     pub read_consistency: Consistency,
     /// Open loop at this many requests per second (all clients together); closed loop if None.
     pub rate: Option<f64>,
+    /// End the measured window after this many acknowledged operations (or at `duration`,
+    /// whichever comes first).
+    pub ops: Option<u64>,
 }
 
 /// Keys are part of the JSON output (docs/bench-output.md).
@@ -91,6 +94,9 @@ pub struct ClusterResult {
     pub node_rss_bytes_max: Vec<u64>,
     /// Requests answered with an error (Busy, NotLeader during elections, ...).
     pub errors: u64,
+    /// Node 1's effective configuration (TOML) as the benchmark generated it: CPUs, limits,
+    /// WAL and raft settings. `null` for an existing cluster.
+    pub node_config: Option<String>,
     /// Every acknowledged operation's latency in nanoseconds (for --hist-out and --plot).
     #[serde(skip)]
     pub histogram: Histogram<u64>,
@@ -409,8 +415,9 @@ pub fn run(o: ClusterBenchOptions, rates: &[Option<f64>]) -> Result<Vec<ClusterR
     match &o.target {
         Target::InProcess => {
             let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
-            let (engines, client) =
-                Engine::start_in_process(configs_in_process(&o)?).map_err(|e| e.to_string())?;
+            let configs = configs_in_process(&o)?;
+            let node_config = configs[0].to_toml();
+            let (engines, client) = Engine::start_in_process(configs).map_err(|e| e.to_string())?;
             let clients = vec![BenchClient::InProcess(client); o.clients as usize];
             let outcome = loads(&Nodes::InProcess(&engines), &clients, &[]);
             let mut shutdown = Ok(());
@@ -424,6 +431,7 @@ pub fn run(o: ClusterBenchOptions, rates: &[Option<f64>]) -> Result<Vec<ClusterR
             shutdown?;
             for result in &mut results {
                 result.transport = "inproc".into();
+                result.node_config = Some(node_config.clone());
                 result.rss_bytes_max = crate::wal_bench::rss_bytes_max();
             }
             Ok(results)
@@ -458,10 +466,14 @@ pub fn run(o: ClusterBenchOptions, rates: &[Option<f64>]) -> Result<Vec<ClusterR
                     stopped = stopped.and(Err(e));
                 }
             }
-            let result = outcome?;
+            let mut results = outcome?;
             stopped?;
+            let node_config = std::fs::read_to_string(o.dir.join("cluster").join("node1.toml")).ok();
+            for result in &mut results {
+                result.node_config = node_config.clone();
+            }
             let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
-            Ok(result)
+            Ok(results)
         }
         Target::Connect(seeds) => {
             let first = net_client(seeds, Duration::from_secs(2))?;
@@ -668,16 +680,22 @@ fn load(
     // A progress line per second on stderr: acknowledged operations, p99 and errors in that
     // second.
     let mut last = (0u64, 0u64);
-    while start.elapsed() < o.duration {
-        let left = o.duration.saturating_sub(start.elapsed());
-        std::thread::sleep(left.min(Duration::from_secs(1)));
+    let done = || start.elapsed() >= o.duration || o.ops.is_some_and(|n| acked.load(Ordering::Relaxed) >= n);
+    let mut next_line = Duration::from_secs(1);
+    while !done() {
+        // Fine steps, so an --ops bound ends the window promptly.
+        std::thread::sleep(Duration::from_millis(10));
+        if start.elapsed() < next_line && !done() {
+            continue;
+        }
+        next_line += Duration::from_secs(1);
         let now = (acked.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
         let mut window = latency_histogram();
         for part in windows.drain() {
             let _ = window.add(&part);
         }
         eprintln!(
-            "  {:>5.1} s  {:>9} ops/s  p99 {:>8.0} us  {:>5} errors",
+            "  {:>5.1} s  {:>9} ops  p99 {:>8.0} us  {:>5} errors",
             start.elapsed().as_secs_f64(),
             now.0 - last.0,
             window.value_at_quantile(0.99) as f64 / 1000.0,
@@ -726,6 +744,7 @@ fn load(
         ops,
         ops_per_s: ops as f64 / elapsed,
         histogram: histogram.clone(),
+        node_config: None,
         latency_us_p50: us(0.5),
         latency_us_p99: us(0.99),
         latency_us_p999: us(0.999),

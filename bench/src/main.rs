@@ -191,9 +191,13 @@ struct ClusterArgs {
     /// Distinct keys.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     keys: u64,
-    /// Measured seconds.
+    /// Measured seconds (with --ops: the most).
     #[arg(long, default_value_t = 10.0, value_parser = positive_f64)]
     duration_s: f64,
+    /// End the measured window after this many acknowledged operations (or at --duration-s,
+    /// whichever comes first).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    ops: Option<u64>,
     /// Unmeasured warm-up seconds.
     #[arg(long, default_value_t = 2.0, value_parser = non_negative_f64)]
     warmup_s: f64,
@@ -516,6 +520,7 @@ fn cluster_options(
             ConsistencyArg::Local => ringraft_engine::Consistency::Local,
         },
         rate: args.rate,
+        ops: args.ops,
     }
 }
 

@@ -291,6 +291,7 @@ fn cluster_json_keys_are_stable() {
                 "latency_us_p50",
                 "latency_us_p99",
                 "latency_us_p999",
+                "node_config",
                 "node_cpu_percent",
                 "node_rss_bytes_max",
                 "nodes",
@@ -307,6 +308,10 @@ fn cluster_json_keys_are_stable() {
             ]
         );
         assert_eq!(json["cluster"]["transport"], transport);
+        let config = json["cluster"]["node_config"]
+            .as_str()
+            .expect("the node config is recorded");
+        assert!(config.contains("[shards]") && config.contains("cpus"), "{config}");
         assert!(
             json["cluster"]["ops"].as_u64().unwrap() > 0,
             "{transport}: puts were acknowledged"
@@ -455,4 +460,52 @@ fn scale_runs_each_shard_and_group_count() {
         .unwrap()
         .iter()
         .all(|r| r["ops"].as_u64().unwrap() > 0));
+}
+
+#[test]
+fn an_op_count_bounds_the_measured_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bench()
+        .args([
+            "cluster",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--json",
+            "--no-probe",
+        ])
+        .args([
+            "--transport",
+            "inproc",
+            "--nodes",
+            "1",
+            "--clients",
+            "1",
+            "--in-flight",
+            "4",
+        ])
+        .args([
+            "--warmup-s",
+            "0.1",
+            "--keys",
+            "100",
+            "--ops",
+            "200",
+            "--duration-s",
+            "60",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let ops = json["cluster"]["ops"].as_u64().unwrap();
+    let seconds = json["cluster"]["duration_s"].as_f64().unwrap();
+    assert!(ops >= 200, "{ops} ops");
+    assert!(
+        seconds < 60.0,
+        "ended by the op count, not the duration ({seconds} s)"
+    );
 }
