@@ -22,9 +22,11 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-/// The index and cache maps: ahash (keyed per process at random, so clients cannot pick
-/// colliding keys) instead of std's SipHash, which cost 10% of a leader's CPU in the cluster
-/// benchmark.
+use crate::index::Index;
+
+/// The cache map: ahash (keyed per process at random, so clients cannot pick colliding keys)
+/// instead of std's SipHash, which cost 10% of a leader's CPU in the cluster benchmark. The key
+/// index is an [`Index`] (split into parts, so growing it never stalls apply).
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 use std::rc::Rc;
 
@@ -198,14 +200,14 @@ struct Restore {
     applied: u64,
     next_chunk: u64,
     chunks: u64,
-    index: HashMap<Box<[u8]>, Slot>,
+    index: Index<Slot>,
 }
 
 /// The built-in key-value state machine. See the module docs.
 pub struct KvStore<D: SmDisk> {
     disk: D,
     config: KvConfig,
-    index: HashMap<Box<[u8]>, Slot>,
+    index: Index<Slot>,
     applied: u64,
     durable: u64,
     active_file: u32,
@@ -265,7 +267,7 @@ impl<D: SmDisk> KvStore<D> {
         let mut store = KvStore {
             disk: disk.clone(),
             config,
-            index: HashMap::default(),
+            index: Index::default(),
             applied: 0,
             durable: 0,
             active_file: 0,
@@ -836,7 +838,7 @@ struct ParsedCheckpoint {
     active_file: u32,
     active_len: u64,
     files: BTreeMap<u32, u64>,
-    index: HashMap<Box<[u8]>, Slot>,
+    index: Index<Slot>,
 }
 
 fn encode_checkpoint<D: SmDisk>(store: &KvStore<D>) -> Vec<u8> {
@@ -950,7 +952,7 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<ParsedCheckpoint, String> {
         let id = r.u32()?;
         files.insert(id, r.u64()?);
     }
-    let mut index = HashMap::with_capacity_and_hasher(entries.min(1 << 24) as usize, Default::default());
+    let mut index = Index::with_capacity(entries.min(1 << 24) as usize);
     for _ in 0..entries {
         let key_len = r.u32()? as usize;
         let kind = r.take(4)?[0];
@@ -1186,7 +1188,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 applied,
                 next_chunk: 0,
                 chunks,
-                index: HashMap::default(),
+                index: Index::default(),
             });
         }
         let restore = self.restore.as_mut().unwrap();

@@ -13,6 +13,7 @@
 mod command;
 mod disk;
 mod error;
+mod index;
 mod kv;
 mod machine;
 
