@@ -682,6 +682,7 @@ fn load(
     let mut last = (0u64, 0u64);
     let done = || start.elapsed() >= o.duration || o.ops.is_some_and(|n| acked.load(Ordering::Relaxed) >= n);
     let mut next_line = Duration::from_secs(1);
+    let mut so_far = latency_histogram();
     while !done() {
         // Fine steps, so an --ops bound ends the window promptly.
         std::thread::sleep(Duration::from_millis(10));
@@ -694,11 +695,13 @@ fn load(
         for part in windows.drain() {
             let _ = window.add(&part);
         }
+        let _ = so_far.add(&window);
         eprintln!(
-            "  {:>5.1} s  {:>9} ops  p99 {:>8.0} us  {:>5} errors",
+            "  {:>5.1} s  {:>9} ops  p99 {:>8.0} us (so far {:>8.0} us)  {:>5} errors",
             start.elapsed().as_secs_f64(),
             now.0 - last.0,
             window.value_at_quantile(0.99) as f64 / 1000.0,
+            so_far.value_at_quantile(0.99) as f64 / 1000.0,
             now.1 - last.1
         );
         last = now;
