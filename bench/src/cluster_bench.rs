@@ -251,16 +251,7 @@ impl NodeProcess {
                 Some((utime + stime) / ticks)
             })
             .unwrap_or(0.0);
-        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb * 1024);
+        let rss = crate::wal_bench::peak_rss_bytes(&format!("/proc/{pid}/status"));
         (cpu, rss)
     }
 

@@ -65,7 +65,12 @@ pub struct WalResult {
 
 /// Peak resident set size of this process (VmHWM).
 pub fn rss_bytes_max() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_bytes("/proc/self/status")
+}
+
+/// VmHWM (peak resident set) from a `/proc/<pid>/status` file, in bytes; 0 if unreadable.
+pub fn peak_rss_bytes(status_path: &str) -> u64 {
+    std::fs::read_to_string(status_path)
         .ok()
         .and_then(|status| {
             status

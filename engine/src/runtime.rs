@@ -573,48 +573,34 @@ async fn run_shard<S: StateMachine + 'static>(
     loop {
         // Wait for work unless some is already there.
         let proposable = core.has_queued() && (!writing.get() || core.queued_bytes() >= entry_bytes_max);
+        let mut waited = None;
         if inbox.is_empty() && !kick.kicked.get() && !core.has_ready() && !proposable {
             let inbox_ready = async { inbox.recv_async().await.ok() };
             let kicked = async {
                 Kicked(&kick).await;
                 None
             };
-            if let Some(input) = futures_lite::future::or(inbox_ready, kicked).await {
-                let extras = Extras {
-                    shard,
-                    sync_latency_us: &sync_latency_us,
-                    inbox_depth: inbox.len(),
-                };
-                handle_input(
-                    input,
-                    &mut core,
-                    &mut replies,
-                    &mut next_request,
-                    &mut shutdown,
-                    &extras,
-                );
-            }
+            waited = futures_lite::future::or(inbox_ready, kicked).await;
         }
         kick.kicked.set(false);
+        // Take every waiting input (the one waited for first), up to a bound per loop.
         for _ in 0..INPUTS_PER_LOOP_MAX {
-            match inbox.try_recv() {
-                Ok(input) => {
-                    let extras = Extras {
-                        shard,
-                        sync_latency_us: &sync_latency_us,
-                        inbox_depth: inbox.len(),
-                    };
-                    handle_input(
-                        input,
-                        &mut core,
-                        &mut replies,
-                        &mut next_request,
-                        &mut shutdown,
-                        &extras,
-                    )
-                }
-                Err(_) => break,
-            }
+            let Some(input) = waited.take().or_else(|| inbox.try_recv().ok()) else {
+                break;
+            };
+            let extras = Extras {
+                shard,
+                sync_latency_us: &sync_latency_us,
+                inbox_depth: inbox.len(),
+            };
+            handle_input(
+                input,
+                &mut core,
+                &mut replies,
+                &mut next_request,
+                &mut shutdown,
+                &extras,
+            );
         }
         for completion in done.borrow_mut().drain(..) {
             if let IoDone::Written { .. } = completion {
