@@ -117,10 +117,11 @@ fn check_metrics(engines: &[Engine]) {
             "node {} recorded sync latencies",
             m.node
         );
-        assert_eq!(
-            shard.sync_latency_us.len(),
-            shard.wal_writes,
-            "one sample per WAL write"
+        // One sample per completed WAL write; one write may still be in flight.
+        let (samples, writes) = (shard.sync_latency_us.len(), shard.wal_writes);
+        assert!(
+            samples == writes || samples + 1 == writes,
+            "{samples} sync samples for {writes} WAL writes"
         );
         assert_eq!(shard.groups.len(), 2);
         for g in &shard.groups {
