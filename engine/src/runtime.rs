@@ -567,7 +567,9 @@ async fn run_shard<S: StateMachine + 'static>(
     let mut replies: BTreeMap<RequestId, Reply> = BTreeMap::new();
     let mut next_request: RequestId = 1;
     let mut shutdown: Option<flume::Sender<()>> = None;
-    let mut closed = false;
+    // When shutdown began; in-flight requests get until `drain_limit` to be answered.
+    let mut draining: Option<std::time::Instant> = None;
+    let drain_limit = Duration::from_millis(config.limits.request_timeout_ms);
     let mut last_checkpoint = std::time::Instant::now();
     let checkpoint_every = Duration::from_millis(config.sm.checkpoint_interval_ms);
     loop {
@@ -669,10 +671,18 @@ async fn run_shard<S: StateMachine + 'static>(
             last_checkpoint = std::time::Instant::now();
         }
         if let Some(done) = &shutdown {
-            if !closed {
-                // Stop accepting connections and requests; answer what is in flight.
+            let since = *draining.get_or_insert_with(|| {
+                // Stop accepting connections and requests; answer what is in flight (peer
+                // links stay up: in-flight proposals need the followers to commit).
                 link.close();
-                closed = true;
+                std::time::Instant::now()
+            });
+            if since.elapsed() >= drain_limit && !replies.is_empty() {
+                // No quorum to finish them (peers gone, leadership lost): these may or may not
+                // have been applied. Never a false ok.
+                for (_, reply) in std::mem::take(&mut replies) {
+                    let _ = reply.send(Err(EngineError::UnknownOutcome));
+                }
             }
             // Stop once nothing is waiting: every reply sent, the WAL idle.
             let idle = replies.is_empty() && !core.wal().borrow().has_pending() && !writing.get();

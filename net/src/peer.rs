@@ -110,21 +110,23 @@ impl Transport for TcpTransport {
             peers,
             inbound: net.inbound,
             handle: net.handle,
-            closed: Cell::new(false),
+            clients_closed: Cell::new(false),
             queue_max: config.limits.peer_queue_messages as usize,
             frame_max: config.limits.frame_bytes_max,
         });
         info!(node = config.node.id, shard = net.shard, %peer_addr, %client_addr, "listening");
-        let mut tasks = vec![
-            glommio::spawn_local(accept_peers(state.clone(), peer_listener)).detach(),
-            glommio::spawn_local(server::serve(state.clone(), client_listener)).detach(),
-        ];
+        let clients = glommio::spawn_local(server::serve(state.clone(), client_listener)).detach();
+        let mut peer_tasks = vec![glommio::spawn_local(accept_peers(state.clone(), peer_listener)).detach()];
         for peer in state.peers.values() {
             if peer.id > config.node.id {
-                tasks.push(glommio::spawn_local(dial(state.clone(), peer.clone())).detach());
+                peer_tasks.push(glommio::spawn_local(dial(state.clone(), peer.clone())).detach());
             }
         }
-        Ok(Box::new(TcpLink { state, tasks }))
+        Ok(Box::new(TcpLink {
+            state,
+            clients: Some(clients),
+            _peer_tasks: peer_tasks,
+        }))
     }
 }
 
@@ -137,7 +139,8 @@ pub(crate) struct ShardState {
     peers: BTreeMap<u64, Rc<Peer>>,
     inbound: Inbound,
     pub(crate) handle: ringraft_engine::NodeHandle,
-    pub(crate) closed: Cell<bool>,
+    /// The node is shutting down: no new client connections or requests.
+    pub(crate) clients_closed: Cell<bool>,
     queue_max: usize,
     pub(crate) frame_max: u64,
 }
@@ -207,7 +210,11 @@ impl Peer {
 
 struct TcpLink {
     state: Rc<ShardState>,
-    tasks: Vec<JoinHandle<()>>,
+    /// The client port's accept loop (cancelled at `close`).
+    clients: Option<JoinHandle<()>>,
+    /// Peer accept and dial loops: they live as long as the shard, so a draining shard can
+    /// still commit what it has in flight. They end with the executor.
+    _peer_tasks: Vec<JoinHandle<()>>,
 }
 
 impl ShardLink for TcpLink {
@@ -234,13 +241,12 @@ impl ShardLink for TcpLink {
         }
     }
 
+    /// Stops taking client connections and requests. Peer connections stay: in-flight
+    /// proposals still need the followers' acknowledgements to be answered.
     fn close(&mut self) {
-        self.state.closed.set(true);
-        for task in self.tasks.drain(..) {
+        self.state.clients_closed.set(true);
+        if let Some(task) = self.clients.take() {
             task.cancel();
-        }
-        for peer in self.state.peers.values() {
-            peer.signal.notify();
         }
     }
 }
@@ -294,7 +300,7 @@ async fn handshake(stream: &mut TcpStream, local: &Local, dialed: Option<u64>) -
 
 async fn dial(state: Rc<ShardState>, peer: Rc<Peer>) {
     let mut backoff = BACKOFF_MIN;
-    while !state.closed.get() {
+    loop {
         match TcpStream::connect_timeout(peer.addr, Duration::from_secs(1)).await {
             Ok(mut stream) => {
                 let _ = stream.set_nodelay(true);
@@ -410,9 +416,6 @@ async fn write_side(
     let mut out: Vec<u8> = Vec::new();
     loop {
         loop {
-            if state.closed.get() {
-                return "shard closing".into();
-            }
             if peer.generation.get() != generation {
                 return "replaced by a newer connection".into();
             }

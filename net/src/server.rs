@@ -70,7 +70,7 @@ async fn connection(state: Rc<ShardState>, stream: TcpStream) {
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let depth = state.config.limits.client_queue_depth as usize;
     loop {
-        if state.closed.get() {
+        if state.clients_closed.get() {
             break;
         }
         let frame = match frame::read(&mut reader, state.frame_max).await {

@@ -325,6 +325,18 @@ fn three_processes_survive_killing_the_leader_and_lose_no_acknowledged_write() {
     // Restart it under load; it catches up.
     nodes[victim as usize - 1].start();
     std::thread::sleep(Duration::from_millis(2000));
+
+    // A planned stop under load: SIGTERM the current leader. It stops taking requests, answers
+    // what it has in flight (its peers still commit them) and exits 0.
+    let leader = leader_of(&nodes, group).expect("group has a leader");
+    let node = &mut nodes[leader as usize - 1];
+    assert!(
+        node.terminate(),
+        "leader {leader} did not exit 0 on SIGTERM under load:\n{}",
+        node.log_text()
+    );
+    node.start();
+    std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     for thread in threads {
         thread.join().unwrap();
