@@ -570,6 +570,8 @@ async fn run_shard<S: StateMachine + 'static>(
     // When shutdown began; in-flight requests get until `drain_limit` to be answered.
     let mut draining: Option<std::time::Instant> = None;
     let drain_limit = Duration::from_millis(config.limits.request_timeout_ms);
+    let transfer_limit = Duration::from_millis(2 * config.raft.election_timeout_ms);
+    let mut transferring: Option<std::time::Instant> = None;
     let mut last_checkpoint = std::time::Instant::now();
     let checkpoint_every = Duration::from_millis(config.sm.checkpoint_interval_ms);
     loop {
@@ -684,8 +686,16 @@ async fn run_shard<S: StateMachine + 'static>(
                     let _ = reply.send(Err(EngineError::UnknownOutcome));
                 }
             }
-            // Stop once nothing is waiting: every reply sent, the WAL idle.
-            let idle = replies.is_empty() && !core.wal().borrow().has_pending() && !writing.get();
+            // Then hand leadership over, so clients of this node's groups find a new leader
+            // without an election timeout (bounded: a transfer to a dead follower never ends).
+            let handing_over = replies.is_empty() && core.failure().is_none() && {
+                let started = *transferring.get_or_insert_with(std::time::Instant::now);
+                started.elapsed() < transfer_limit && core.transfer_leadership() > 0
+            };
+            // Stop once nothing is waiting: every reply sent, leadership handed over, the WAL
+            // idle.
+            let idle =
+                replies.is_empty() && !handing_over && !core.wal().borrow().has_pending() && !writing.get();
             if idle || core.failure().is_some() {
                 checkpoint(&mut core, &groups, config.wal.retain_entries).await?;
                 stop.set(true);
@@ -745,8 +755,13 @@ fn handle_input(
         request
     };
     match input {
-        ShardInput::Submit { reply, .. } | ShardInput::Read { reply, .. } if shutdown.is_some() => {
-            let _ = reply.send(Err(EngineError::Failed("shutting down".into())));
+        ShardInput::Submit { reply, group, .. } | ShardInput::Read { reply, group, .. }
+            if shutdown.is_some() =>
+        {
+            // Nothing was done; the client tries another node (the new leader once leadership
+            // has been handed over).
+            let leader = core.leader(group).filter(|&l| l != core.node());
+            let _ = reply.send(Err(EngineError::NotLeader { leader }));
         }
         ShardInput::Submit {
             group,

@@ -178,3 +178,35 @@ fn in_process_cluster_serves_survives_restart_and_shuts_down_cleanly() {
         engine.shutdown().expect("clean shutdown");
     }
 }
+
+#[test]
+fn a_stopping_leader_hands_leadership_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engines, client) = Engine::start_in_process(configs(dir.path())).expect("start");
+    let key = (0u32..)
+        .map(|i| format!("k{i}").into_bytes())
+        .find(|k| client.group_of(k) == 0)
+        .unwrap();
+    eventually("put", || client.put_blocking(&key, b"v"));
+    let leader_of = |engine: &Engine| engine.status().into_iter().find(|s| s.group == 0).unwrap().leader;
+    let leader = leader_of(&engines[0]).expect("group 0 has a leader");
+    let mut engines: Vec<Option<Engine>> = engines.into_iter().map(Some).collect();
+    let stopping = engines[leader as usize - 1].take().unwrap();
+    stopping.shutdown().expect("clean shutdown");
+    // At once (no election timeout): one of the others already leads group 0.
+    let live: Vec<&Engine> = engines.iter().flatten().collect();
+    let new_leader = live
+        .iter()
+        .find(|e| leader_of(e) == Some(e.status()[0].node))
+        .map(|e| e.status()[0].node);
+    assert!(
+        new_leader.is_some_and(|n| n != leader),
+        "no live node leads group 0 right after its leader {leader} stopped: {:?}",
+        live.iter().map(|e| leader_of(e)).collect::<Vec<_>>()
+    );
+    // And the group serves through the embedded client.
+    eventually("put after hand-over", || client.put_blocking(&key, b"w"));
+    for engine in engines.into_iter().flatten() {
+        engine.shutdown().expect("clean shutdown");
+    }
+}
