@@ -18,6 +18,7 @@
 pub mod client;
 pub mod frame;
 pub mod handshake;
+pub mod metrics;
 pub mod node;
 mod peer;
 pub mod protocol;

@@ -6,6 +6,7 @@
 //! WALs.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ringraft_engine::Engine;
@@ -57,24 +58,47 @@ pub fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     info!(node = config.node.id, data_dir = %config.node.data_dir.display(), "node running");
+    let engine = Arc::new(engine);
+    let stop = Arc::new(AtomicBool::new(false));
+    let metrics = match config.node.metrics_addr {
+        Some(addr) => match crate::metrics::serve(addr, engine.clone(), stop.clone()) {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                error!("cannot serve metrics: {e}");
+                drop(engine);
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     // Wait for a signal, or for a shard to stop on its own (a disk failure): then exit.
+    let mut failed = false;
     loop {
         if let Some(signal) = signals.pending().next() {
-            info!(signal, "stopping: answering in-flight requests, syncing");
+            info!(
+                signal,
+                "stopping: answering in-flight requests, handing leadership over, syncing"
+            );
             break;
         }
         if let Some(cause) = engine.failure() {
             error!("stopping: {cause}");
-            let _ = engine.shutdown();
-            return ExitCode::FAILURE;
+            failed = true;
+            break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(thread) = metrics {
+        let _ = thread.join();
+    }
+    let engine = Arc::try_unwrap(engine).expect("the metrics thread has stopped");
     match engine.shutdown() {
-        Ok(()) => {
+        Ok(()) if !failed => {
             info!("stopped cleanly");
             ExitCode::SUCCESS
         }
+        Ok(()) => ExitCode::FAILURE,
         Err(e) => {
             error!("a shard failed: {e}");
             ExitCode::FAILURE

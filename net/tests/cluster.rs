@@ -456,6 +456,15 @@ fn read_frame(stream: &mut TcpStream) -> Option<frame::Frame> {
 fn a_client_sending_garbage_does_not_disturb_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = cluster(dir.path(), &["k"]);
+    // Also serve metrics on this node.
+    let metrics_port = free_ports(1)[0];
+    let text = std::fs::read_to_string(&nodes[0].config).unwrap();
+    let text = text.replacen(
+        "[node]\n",
+        &format!("[node]\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n"),
+        1,
+    );
+    std::fs::write(&nodes[0].config, text).unwrap();
     nodes[0].start();
     let client = connect(&nodes);
     put_until_ok(&client, b"before", b"1", Duration::from_secs(30));
@@ -523,5 +532,25 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
         Err(ClientError::Server(ringraft_net::protocol::Failure::TooLarge(_))) => {}
         other => panic!("a too-large key: {other:?}"),
     }
+    // Prometheus metrics reflect the work done.
+    let mut http = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    http.set_read_timeout(timeout).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut page = String::new();
+    let _ = http.read_to_string(&mut page);
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let proposals: f64 = page
+        .lines()
+        .find(|l| l.starts_with("ringraft_commands_proposed_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("a commands counter");
+    assert!(proposals >= 2.0, "{proposals} commands proposed");
+    assert!(
+        page.contains("ringraft_group_is_leader{node=\"1\",group=\"0\"} 1"),
+        "{page}"
+    );
+    assert!(page.contains("ringraft_sync_latency_microseconds{node=\"1\",shard=\"0\",quantile=\"0.99\"}"));
+    assert!(page.contains("process_resident_memory_bytes"));
     assert!(nodes[0].terminate());
 }

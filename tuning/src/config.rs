@@ -34,6 +34,10 @@ pub struct NodeConfig {
     pub listen_host: IpAddr,
     /// Log filter for the `ringraft` binary (tracing `EnvFilter` syntax); `RUST_LOG` overrides.
     pub log_level: String,
+    /// Where `ringraft run` serves Prometheus metrics (`GET /metrics`), e.g. "127.0.0.1:9100";
+    /// unset: no metrics endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -43,6 +47,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("ringraft-data"),
             listen_host: IpAddr::from([127, 0, 0, 1]),
             log_level: "info".into(),
+            metrics_addr: None,
         }
     }
 }
