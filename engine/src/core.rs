@@ -47,6 +47,9 @@ pub enum EngineError {
     UnknownGroup(u64),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// Did not complete in time (e.g. a leadership transfer).
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// The shard's WAL or a state machine failed; the shard must restart.
     #[error("shard failed: {0}")]
     Failed(String),
@@ -587,6 +590,45 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             }
         }
         leading
+    }
+
+    /// Starts handing leadership of `group` to node `to` (or, with `None`, to the most
+    /// up-to-date follower). `Ok(true)`: started (the caller waits for [`ShardCore::is_leader`]
+    /// to turn false); `Ok(false)`: nothing to do (`to` is this node, which leads). A follower
+    /// answers `NotLeader`, so a client asks the leader.
+    pub fn transfer_group(&mut self, group: u64, to: Option<u64>) -> Result<bool, EngineError> {
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(EngineError::UnknownGroup(group))?;
+        if g.raw.raft.state != StateRole::Leader {
+            return Err(EngineError::NotLeader {
+                leader: known_leader(g.raw.raft.leader_id),
+            });
+        }
+        let me = g.raw.raft.id;
+        let to = match to {
+            Some(to) if to == me => return Ok(false),
+            Some(to) if g.raw.raft.prs().iter().any(|(id, _)| *id == to) => to,
+            Some(to) => {
+                return Err(EngineError::BadRequest(format!(
+                    "node {to} is not a member of group {group}"
+                )))
+            }
+            None => g
+                .raw
+                .raft
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .max_by_key(|(_, p)| p.matched)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| EngineError::BadRequest(format!("group {group} has no other member")))?,
+        };
+        if g.raw.raft.lead_transferee != Some(to) {
+            g.raw.transfer_leader(to);
+        }
+        Ok(true)
     }
 
     /// The transport could not deliver a message of `group` to node `to` (no connection, or its

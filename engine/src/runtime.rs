@@ -56,6 +56,11 @@ pub(crate) enum ShardInput {
     Status {
         reply: flume::Sender<Vec<GroupStatus>>,
     },
+    Transfer {
+        group: u64,
+        to: Option<u64>,
+        reply: Reply,
+    },
     Shutdown {
         done: flume::Sender<()>,
     },
@@ -565,6 +570,8 @@ async fn run_shard<S: StateMachine + 'static>(
     }
     let entry_bytes_max = config.batching.entry_bytes_max as usize;
     let mut replies: BTreeMap<RequestId, Reply> = BTreeMap::new();
+    // Leadership transfers under way: (group, reply, deadline).
+    let mut transfers: Vec<(u64, Reply, std::time::Instant)> = Vec::new();
     let mut next_request: RequestId = 1;
     let mut shutdown: Option<flume::Sender<()>> = None;
     // When shutdown began; in-flight requests get until `drain_limit` to be answered.
@@ -592,6 +599,21 @@ async fn run_shard<S: StateMachine + 'static>(
             let Some(input) = waited.take().or_else(|| inbox.try_recv().ok()) else {
                 break;
             };
+            if let ShardInput::Transfer { group, to, reply } = input {
+                match core.transfer_group(group, to) {
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Ok(false) => {
+                        let _ = reply.send(Ok(Vec::new()));
+                    }
+                    Ok(true) => {
+                        let deadline = std::time::Instant::now() + transfer_limit;
+                        transfers.push((group, reply, deadline));
+                    }
+                }
+                continue;
+            }
             let extras = Extras {
                 shard,
                 sync_latency_us: &sync_latency_us,
@@ -654,6 +676,22 @@ async fn run_shard<S: StateMachine + 'static>(
             .detach();
         }
         core.apply().await;
+        // Transfers complete when this node no longer leads the group.
+        transfers.retain(|(group, reply, deadline)| {
+            let moved = !core.is_leader(*group);
+            if moved {
+                let _ = reply.send(Ok(Vec::new()));
+                return false;
+            }
+            if std::time::Instant::now() >= *deadline {
+                let _ = reply.send(Err(EngineError::Timeout(format!(
+                    "leadership of group {group} did not move within {} ms",
+                    transfer_limit.as_millis()
+                ))));
+                return false;
+            }
+            true
+        });
         let (messages, answers) = core.take_output();
         for envelope in messages {
             let (to, group) = (envelope.message.to, envelope.group);
@@ -829,6 +867,7 @@ fn handle_input(
                 groups: core.group_metrics(),
             });
         }
+        ShardInput::Transfer { .. } => unreachable!("the shard loop takes transfers itself"),
         ShardInput::Shutdown { done } => *shutdown = Some(done),
     }
 }

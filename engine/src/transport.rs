@@ -158,6 +158,15 @@ impl NodeHandle {
         Ok(Pending(rx))
     }
 
+    /// Hands leadership of `group` to node `to` (or the most up-to-date follower). Answers
+    /// once this node no longer leads the group (at once if it did not), or `Timeout` after
+    /// two election timeouts.
+    pub fn transfer_leader(&self, group: u64, to: Option<u64>) -> Result<Pending, EngineError> {
+        let (reply, rx) = flume::bounded(1);
+        self.send(group, ShardInput::Transfer { group, to, reply })?;
+        Ok(Pending(rx))
+    }
+
     /// Every group's status on this node, by group.
     pub async fn status(&self) -> Vec<GroupStatus> {
         let mut out = Vec::new();

@@ -206,6 +206,39 @@ fn a_stopping_leader_hands_leadership_over() {
     );
     // And the group serves through the embedded client.
     eventually("put after hand-over", || client.put_blocking(&key, b"w"));
+    // An operator moves it to the third node on purpose.
+    let new_leader = new_leader.unwrap();
+    let third = live
+        .iter()
+        .map(|e| e.status()[0].node)
+        .find(|&n| n != new_leader)
+        .unwrap();
+    let handle = live
+        .iter()
+        .find(|e| e.status()[0].node == new_leader)
+        .unwrap()
+        .handle();
+    let moved = futures_lite::future::block_on(handle.transfer_leader(0, Some(third)).unwrap().result());
+    assert_eq!(moved, Ok(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !live
+        .iter()
+        .any(|e| e.status()[0].node == third && leader_of(e) == Some(third))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node {third} did not take over group 0"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Asking a follower: it names the leader.
+    let follower = live
+        .iter()
+        .find(|e| e.status()[0].node != third)
+        .unwrap()
+        .handle();
+    let answer = futures_lite::future::block_on(follower.transfer_leader(0, None).unwrap().result());
+    assert_eq!(answer, Err(EngineError::NotLeader { leader: Some(third) }));
     for engine in engines.into_iter().flatten() {
         engine.shutdown().expect("clean shutdown");
     }

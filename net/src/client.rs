@@ -583,6 +583,19 @@ impl NetClient {
         }
     }
 
+    /// Hands leadership of `group` to node `to` (`None`: the most up-to-date follower); returns
+    /// once it moved. An admin operation (docs/client-protocol.md, `TRANSFER`).
+    pub async fn transfer_leader(&self, group: u64, to: Option<u64>) -> Result<(), ClientError> {
+        let request = Request::Transfer {
+            group,
+            to: to.unwrap_or(0),
+        };
+        self.route(group, request, true, true, None).await?;
+        // Leadership moved: forget the cached leader.
+        self.inner.leaders.lock().unwrap().remove(&group);
+        Ok(())
+    }
+
     /// Blocking variants, for plain threads.
     pub fn put_blocking(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
         futures_lite::future::block_on(self.put(key, value))
@@ -603,6 +616,10 @@ impl NetClient {
 
     pub fn get_blocking(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, ClientError> {
         futures_lite::future::block_on(self.get(key, consistency))
+    }
+
+    pub fn transfer_leader_blocking(&self, group: u64, to: Option<u64>) -> Result<(), ClientError> {
+        futures_lite::future::block_on(self.transfer_leader(group, to))
     }
 
     pub fn get_from_blocking(

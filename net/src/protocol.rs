@@ -24,6 +24,9 @@ pub enum Request {
     Status,
     /// This node's counters.
     Stats,
+    /// Hand leadership of `group` to node `to` (0: the most up-to-date follower). Sent to the
+    /// group's leader; answered once leadership moved.
+    Transfer { group: u64, to: u64 },
 }
 
 /// Error codes of a response.
@@ -127,6 +130,7 @@ impl Failure {
             EngineError::UnknownGroup(g) => Failure::UnknownGroup(format!("group {g}")),
             e @ EngineError::UnknownOutcome => Failure::UnknownOutcome(e.to_string()),
             EngineError::BadRequest(m) => Failure::BadRequest(m),
+            EngineError::Timeout(m) => Failure::Timeout(m),
             EngineError::Failed(m) => Failure::Failed(m),
         }
     }
@@ -194,6 +198,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
         Request::Cluster => kind::CLUSTER,
         Request::Status => kind::STATUS,
         Request::Stats => kind::STATS,
+        Request::Transfer { .. } => kind::TRANSFER,
     };
     let start = frame::begin(out, frame_kind);
     out.extend_from_slice(&id.to_le_bytes());
@@ -236,6 +241,10 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
                 Consistency::Local => 1,
             });
             put_blob(out, key);
+        }
+        Request::Transfer { group, to } => {
+            out.extend_from_slice(&group.to_le_bytes());
+            out.extend_from_slice(&to.to_le_bytes());
         }
         Request::Cluster | Request::Status | Request::Stats => {}
     }
@@ -298,6 +307,10 @@ fn decode_request_body(frame_kind: u8, c: &mut Cursor<'_>) -> Result<Request, Ma
         kind::CLUSTER => Request::Cluster,
         kind::STATUS => Request::Status,
         kind::STATS => Request::Stats,
+        kind::TRANSFER => Request::Transfer {
+            group: c.u64("group")?,
+            to: c.u64("to")?,
+        },
         other => return Err(Malformed(format!("unknown request kind {other:#04x}"))),
     };
     c.finish("request")?;

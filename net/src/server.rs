@@ -187,6 +187,15 @@ async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
         Request::Cluster => return Ok(Body::Cluster(info.clone())),
         Request::Status => return Ok(Body::Status(state.handle.status().await)),
         Request::Stats => return Ok(Body::Stats(state.handle.stats().await)),
+        Request::Transfer { group, to } => {
+            if group >= info.groups {
+                return Err(Failure::UnknownGroup(format!("group {group}")));
+            }
+            (
+                group,
+                state.handle.transfer_leader(group, (to != 0).then_some(to)),
+            )
+        }
         Request::Submit { group, commands } => {
             check_keys(info, group, commands.iter().map(Command::key))?;
             (group, state.handle.submit(group, commands))

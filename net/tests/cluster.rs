@@ -405,6 +405,35 @@ fn three_processes_survive_killing_the_leader_and_lose_no_acknowledged_write() {
         );
     }
 
+    // An operator moves leadership of the group to a chosen node (`ringraft transfer`).
+    let current = leader_of(&nodes, group).expect("a leader");
+    let target = if current == 1 { 2 } else { 1 };
+    let output = Command::new(env!("CARGO_BIN_EXE_ringraft"))
+        .args([
+            "transfer",
+            "--addr",
+            &nodes[0].addr(),
+            "--group",
+            &group.to_string(),
+        ])
+        .args(["--to", &target.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leader_of(&nodes, group) != Some(target) {
+        assert!(
+            Instant::now() < deadline,
+            "node {target} did not become leader of group {group}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    put_until_ok(&client, victim_key, b"after transfer", Duration::from_secs(10));
+
     // SIGTERM: every node stops cleanly with exit code 0.
     for node in &mut nodes {
         let id = node.id;

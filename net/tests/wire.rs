@@ -94,6 +94,7 @@ fn requests() -> Vec<(u64, Request)> {
         (3, Request::Cluster),
         (4, Request::Status),
         (5, Request::Stats),
+        (6, Request::Transfer { group: 3, to: 2 }),
     ]
 }
 

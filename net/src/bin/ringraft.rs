@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ringraft_net::client::{fetch_status, ClientConfig};
+use ringraft_net::client::{fetch_status, ClientConfig, NetClient};
 
 #[derive(Parser, Debug)]
 #[command(name = "ringraft", version, about = "A ringraft node")]
@@ -22,6 +22,18 @@ enum Cmd {
         /// The node's TOML config (docs/config.md).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Hands leadership of a group to another node (or the most up-to-date follower) and waits
+    /// until it moved.
+    Transfer {
+        /// Any node's client address, host:port.
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        group: u64,
+        /// The node to lead the group; default: the most up-to-date follower.
+        #[arg(long)]
+        to: Option<u64>,
     },
     /// Shows leader, term, commit and applied index of every group on one node.
     Status {
@@ -39,6 +51,22 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Run { config } => ringraft_net::node::run(&config),
         Cmd::Status { addr, json } => status(&addr, json),
+        Cmd::Transfer { addr, group, to } => transfer(&addr, group, to),
+    }
+}
+
+fn transfer(addr: &str, group: u64, to: Option<u64>) -> ExitCode {
+    let outcome = NetClient::connect(ClientConfig::new([addr]))
+        .and_then(|client| client.transfer_leader_blocking(group, to));
+    match outcome {
+        Ok(()) => {
+            println!("leadership of group {group} moved");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ringraft: transfer of group {group}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
