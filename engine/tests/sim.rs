@@ -377,7 +377,7 @@ impl Sim {
                     self.refused.insert(answer.request);
                 }
                 // May or may not have happened: stays in flight in the history.
-                Err(EngineError::UnknownOutcome | EngineError::Failed(_)) => {}
+                Err(EngineError::UnknownOutcome | EngineError::Failed(_) | EngineError::Timeout(_)) => {}
             }
         }
     }
