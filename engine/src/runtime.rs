@@ -94,6 +94,9 @@ pub struct ShardMetrics {
     pub commands_per_entry: Histogram<u64>,
     /// WAL write-to-durable latency (one write + its sync), microseconds.
     pub sync_latency_us: Histogram<u64>,
+    /// From a request reaching the shard to its ok answer (queueing, commit in a quorum's WALs,
+    /// apply), microseconds.
+    pub request_latency_us: Histogram<u64>,
     /// Client requests accepted and not yet answered.
     pub requests_waiting: u64,
     /// Inputs (requests, peer messages) waiting in the shard's inbox.
@@ -120,6 +123,11 @@ impl NodeMetrics {
     /// Commands per entry over all shards.
     pub fn commands_per_entry(&self) -> Histogram<u64> {
         self.merged(|s| &s.commands_per_entry)
+    }
+
+    /// Request latency (arrival at the shard to ok answer) over all shards, microseconds.
+    pub fn request_latency_us(&self) -> Histogram<u64> {
+        self.merged(|s| &s.request_latency_us)
     }
 
     /// WAL sync latency over all shards, microseconds.
@@ -569,7 +577,9 @@ async fn run_shard<S: StateMachine + 'static>(
         .detach();
     }
     let entry_bytes_max = config.batching.entry_bytes_max as usize;
-    let mut replies: BTreeMap<RequestId, Reply> = BTreeMap::new();
+    // Requests waiting for their answers, with when they reached the shard.
+    let mut replies: BTreeMap<RequestId, (Reply, std::time::Instant)> = BTreeMap::new();
+    let mut request_latency_us = new_histogram();
     // Leadership transfers under way: (group, reply, deadline).
     let mut transfers: Vec<(u64, Reply, std::time::Instant)> = Vec::new();
     let mut next_request: RequestId = 1;
@@ -617,6 +627,7 @@ async fn run_shard<S: StateMachine + 'static>(
             let extras = Extras {
                 shard,
                 sync_latency_us: &sync_latency_us,
+                request_latency_us: &request_latency_us,
                 inbox_depth: inbox.len(),
             };
             handle_input(
@@ -702,7 +713,10 @@ async fn run_shard<S: StateMachine + 'static>(
         }
         link.flush();
         for answer in answers {
-            if let Some(reply) = replies.remove(&answer.request) {
+            if let Some((reply, since)) = replies.remove(&answer.request) {
+                if answer.result.is_ok() {
+                    let _ = request_latency_us.record(since.elapsed().as_micros().max(1) as u64);
+                }
                 let _ = reply.send(answer.result);
             }
         }
@@ -720,7 +734,7 @@ async fn run_shard<S: StateMachine + 'static>(
             if since.elapsed() >= drain_limit && !replies.is_empty() {
                 // No quorum to finish them (peers gone, leadership lost): these may or may not
                 // have been applied. Never a false ok.
-                for (_, reply) in std::mem::take(&mut replies) {
+                for (_, (reply, _)) in std::mem::take(&mut replies) {
                     let _ = reply.send(Err(EngineError::UnknownOutcome));
                 }
             }
@@ -775,13 +789,14 @@ async fn checkpoint(
 struct Extras<'a> {
     shard: u64,
     sync_latency_us: &'a Histogram<u64>,
+    request_latency_us: &'a Histogram<u64>,
     inbox_depth: usize,
 }
 
 fn handle_input(
     input: ShardInput,
     core: &mut ShardCore<GlommioDisk, impl StateMachine>,
-    replies: &mut BTreeMap<RequestId, Reply>,
+    replies: &mut BTreeMap<RequestId, (Reply, std::time::Instant)>,
     next_request: &mut RequestId,
     shutdown: &mut Option<flume::Sender<()>>,
     extras: &Extras<'_>,
@@ -789,7 +804,7 @@ fn handle_input(
     let mut register = |reply: Reply| {
         let request = *next_request;
         *next_request += 1;
-        replies.insert(request, reply);
+        replies.insert(request, (reply, std::time::Instant::now()));
         request
     };
     match input {
@@ -862,6 +877,7 @@ fn handle_input(
                 wal_segments_live: wal.segments_live as u64,
                 commands_per_entry: core.commands_per_entry().clone(),
                 sync_latency_us: extras.sync_latency_us.clone(),
+                request_latency_us: extras.request_latency_us.clone(),
                 requests_waiting: replies.len() as u64,
                 inbox_depth: extras.inbox_depth as u64,
                 groups: core.group_metrics(),

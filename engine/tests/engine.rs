@@ -124,6 +124,13 @@ fn check_metrics(engines: &[Engine]) {
             "{samples} sync samples for {writes} WAL writes"
         );
         assert_eq!(shard.groups.len(), 2);
+        if shard.groups.iter().any(|g| g.is_leader) {
+            assert!(
+                !shard.request_latency_us.is_empty(),
+                "node {} timed its requests",
+                m.node
+            );
+        }
         for g in &shard.groups {
             assert!(
                 g.entries_appended > 0,

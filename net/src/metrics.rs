@@ -153,6 +153,18 @@ pub fn render(metrics: &NodeMetrics) -> String {
             &s.sync_latency_us,
         );
     }
+    f.header(
+        "ringraft_request_latency_microseconds",
+        "summary",
+        "From a request reaching its shard to its ok answer: queueing, commit in a quorum's WALs, apply.",
+    );
+    for s in &metrics.shards {
+        f.summary(
+            "ringraft_request_latency_microseconds",
+            &[("node", node.clone()), ("shard", s.shard.to_string())],
+            &s.request_latency_us,
+        );
+    }
     type GroupField = fn(&ringraft_engine::GroupMetrics) -> f64;
     let group_fields: [(&str, &str, &str, GroupField); 11] = [
         (

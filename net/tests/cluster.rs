@@ -581,5 +581,6 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
     );
     assert!(page.contains("ringraft_sync_latency_microseconds{node=\"1\",shard=\"0\",quantile=\"0.99\"}"));
     assert!(page.contains("process_resident_memory_bytes"));
+    assert!(page.contains("ringraft_request_latency_microseconds_count{node=\"1\",shard=\"0\"}"));
     assert!(nodes[0].terminate());
 }
