@@ -631,6 +631,20 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         Ok(true)
     }
 
+    /// On the group's leader, the lowest index every follower has acknowledged (what the
+    /// slowest one still needs starts after it); `None` elsewhere or without followers.
+    pub fn slowest_follower_match(&self, group: u64) -> Option<u64> {
+        let raft = &self.groups.get(&group)?.raw.raft;
+        if raft.state != StateRole::Leader {
+            return None;
+        }
+        raft.prs()
+            .iter()
+            .filter(|(id, _)| **id != raft.id)
+            .map(|(_, p)| p.matched)
+            .min()
+    }
+
     /// The transport could not deliver a message of `group` to node `to` (no connection, or its
     /// queue was full): raft-rs stops pipelining to it and probes instead.
     pub fn report_unreachable(&mut self, group: u64, to: u64) {

@@ -721,7 +721,13 @@ async fn run_shard<S: StateMachine + 'static>(
             }
         }
         if last_checkpoint.elapsed() >= checkpoint_every {
-            checkpoint(&mut core, &groups, config.wal.retain_entries).await?;
+            checkpoint(
+                &mut core,
+                &groups,
+                config.wal.retain_entries,
+                config.wal.retain_for_followers_entries,
+            )
+            .await?;
             last_checkpoint = std::time::Instant::now();
         }
         if let Some(done) = &shutdown {
@@ -749,7 +755,13 @@ async fn run_shard<S: StateMachine + 'static>(
             let idle =
                 replies.is_empty() && !handing_over && !core.wal().borrow().has_pending() && !writing.get();
             if idle || core.failure().is_some() {
-                checkpoint(&mut core, &groups, config.wal.retain_entries).await?;
+                checkpoint(
+                    &mut core,
+                    &groups,
+                    config.wal.retain_entries,
+                    config.wal.retain_for_followers_entries,
+                )
+                .await?;
                 stop.set(true);
                 let _ = done.send(());
                 return match core.failure() {
@@ -768,6 +780,7 @@ async fn checkpoint(
     core: &mut ShardCore<GlommioDisk, impl StateMachine>,
     groups: &[u64],
     retain: u64,
+    retain_for_followers: u64,
 ) -> Result<(), String> {
     for &group in groups {
         let durable = core
@@ -776,7 +789,13 @@ async fn checkpoint(
             .checkpoint()
             .await
             .map_err(|e| e.to_string())?;
-        let through = durable.saturating_sub(retain);
+        let mut through = durable.saturating_sub(retain);
+        // A leader keeps what its slowest follower still needs (it cannot send snapshots yet),
+        // within a bound so a dead follower cannot pin the WAL forever.
+        if let Some(slowest) = core.slowest_follower_match(group) {
+            let floor = durable.saturating_sub(retain.max(retain_for_followers));
+            through = through.min(slowest.max(floor));
+        }
         let mut wal = core.wal().borrow_mut();
         if through >= wal.first_index(group) && through <= wal.last_index(group) {
             wal.compact(group, through).map_err(|e| e.to_string())?;

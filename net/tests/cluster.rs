@@ -584,3 +584,77 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
     assert!(page.contains("ringraft_request_latency_microseconds_count{node=\"1\",shard=\"0\"}"));
     assert!(nodes[0].terminate());
 }
+
+/// Adds keys to a node's config file (`section` must exist or is appended).
+fn patch_config(node: &Node, section: &str, line: &str) {
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    let header = format!("[{section}]\n");
+    let text = if text.contains(&header) {
+        text.replacen(&header, &format!("{header}{line}\n"), 1)
+    } else {
+        format!("{text}\n{header}{line}\n")
+    };
+    std::fs::write(&node.config, text).unwrap();
+}
+
+#[test]
+fn a_follower_that_was_down_catches_up_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k", "k", "k"]);
+    // RINGRAFT_TEST_RETAIN_FOR_FOLLOWERS=0 shows the failure this guards against (the old
+    // behaviour): the restarted follower never catches up.
+    let retain_for_followers = std::env::var("RINGRAFT_TEST_RETAIN_FOR_FOLLOWERS").unwrap_or("100000".into());
+    for node in &nodes {
+        // Checkpoint often and keep almost nothing below it: without the leader keeping what
+        // the slowest follower needs, the restarted follower would need a snapshot.
+        patch_config(node, "wal", "retain_entries = 5");
+        patch_config(
+            node,
+            "wal",
+            &format!("retain_for_followers_entries = {retain_for_followers}"),
+        );
+        patch_config(node, "sm", "checkpoint_interval_ms = 100");
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    let client = connect(&nodes);
+    for group in 0..client.cluster().groups {
+        let key = (0u32..)
+            .map(|i| format!("warm-{i}").into_bytes())
+            .find(|k| client.group_of(k) == group)
+            .unwrap();
+        put_until_ok(&client, &key, b"warm", Duration::from_secs(30));
+    }
+    let leader = leader_of(&nodes, 0).expect("group 0 has a leader");
+    let follower = if leader == 1 { 2 } else { 1 };
+    nodes[follower as usize - 1].kill();
+    let keys: Vec<Vec<u8>> = (0..300).map(|i| format!("catch-{i}").into_bytes()).collect();
+    for key in &keys {
+        put_until_ok(&client, key, b"v", Duration::from_secs(30));
+    }
+    // Several checkpoints (and compactions) happen while the follower is down.
+    std::thread::sleep(Duration::from_millis(600));
+    nodes[follower as usize - 1].start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for key in &keys {
+        loop {
+            match client.get_from_blocking(follower, key, Consistency::Local) {
+                Ok(Some(_)) => break,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "follower {follower} did not catch up ({} missing: {other:?})\n{}",
+                        String::from_utf8_lossy(key),
+                        nodes[leader as usize - 1].log_text()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    for node in &mut nodes {
+        let id = node.id;
+        assert!(node.terminate(), "node {id} did not exit 0");
+    }
+}

@@ -169,6 +169,9 @@ pub struct WalConfig {
     pub segments_recycled_max: u64,
     /// Entries kept below the state machine's checkpoint for slow followers.
     pub retain_entries: u64,
+    /// A leader also keeps what its slowest follower still needs (a follower behind the
+    /// compacted log would need a snapshot), up to this many entries below the checkpoint.
+    pub retain_for_followers_entries: u64,
 }
 
 impl Default for WalConfig {
@@ -181,6 +184,7 @@ impl Default for WalConfig {
             cache_bytes: 64 << 20,
             segments_recycled_max: 2,
             retain_entries: 10_000,
+            retain_for_followers_entries: 100_000,
         }
     }
 }
