@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ringraft_engine::{Consistency, GroupStatus, NodeStats};
+use ringraft_engine::{Consistency, GroupMetrics, GroupStatus, NodeStats};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::frame::{self, kind, FrameError};
@@ -324,6 +324,18 @@ pub fn fetch_status(addr: &str, config: &ClientConfig) -> Result<Vec<GroupStatus
         Ok(Body::Status(groups)) => Ok(groups),
         Ok(other) => Err(ClientError::Protocol(format!(
             "unexpected status answer {other:?}"
+        ))),
+        Err(failure) => Err(failure.into()),
+    }
+}
+
+/// Asks one node for every group's metrics (lags, queues, counters).
+pub fn fetch_group_metrics(addr: &str, config: &ClientConfig) -> Result<Vec<GroupMetrics>, ClientError> {
+    let conn = Conn::open(addr, config)?;
+    match futures_lite::future::block_on(conn.call(&Request::GroupMetrics, config.request_timeout))? {
+        Ok(Body::GroupMetrics(groups)) => Ok(groups),
+        Ok(other) => Err(ClientError::Protocol(format!(
+            "unexpected metrics answer {other:?}"
         ))),
         Err(failure) => Err(failure.into()),
     }

@@ -20,7 +20,7 @@ pub const MAGIC: [u8; 2] = *b"RF";
 pub const VERSION: u8 = 1;
 pub const HEADER_BYTES: usize = 16;
 
-/// Frame kinds. Peer port: `HELLO`, `AUTH`, `RAFT`. Client port: requests `0x10..=0x15`,
+/// Frame kinds. Peer port: `HELLO`, `AUTH`, `RAFT`. Client port: requests `0x10..=0x16`,
 /// `RESPONSE`, `ERROR`.
 pub mod kind {
     pub const HELLO: u8 = 0x01;
@@ -32,6 +32,7 @@ pub mod kind {
     pub const STATUS: u8 = 0x13;
     pub const STATS: u8 = 0x14;
     pub const TRANSFER: u8 = 0x15;
+    pub const GROUP_METRICS: u8 = 0x16;
     pub const RESPONSE: u8 = 0x20;
     pub const ERROR: u8 = 0x21;
 }

@@ -3,7 +3,7 @@
 //! length and bytes, `string` a u16 length and UTF-8 bytes, `option<blob>` a u8 flag (0 absent,
 //! 1 present) and, if present, a blob.
 
-use ringraft_engine::{Consistency, EngineError, GroupStatus, NodeStats};
+use ringraft_engine::{Consistency, EngineError, GroupMetrics, GroupStatus, NodeStats};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::frame::{self, kind, put_blob, put_string, Cursor, Malformed};
@@ -27,6 +27,8 @@ pub enum Request {
     /// Hand leadership of `group` to node `to` (0: the most up-to-date follower). Sent to the
     /// group's leader; answered once leadership moved.
     Transfer { group: u64, to: u64 },
+    /// This node's per-group metrics (lags, queues, counters).
+    GroupMetrics,
 }
 
 /// Error codes of a response.
@@ -89,6 +91,7 @@ pub enum Body {
     Cluster(ClusterInfo),
     Status(Vec<GroupStatus>),
     Stats(NodeStats),
+    GroupMetrics(Vec<GroupMetrics>),
 }
 
 /// A failed request.
@@ -156,6 +159,30 @@ pub struct Response {
     pub outcome: Result<Body, Failure>,
 }
 
+/// The wire order of a group's metrics (docs/client-protocol.md, body kind 4).
+fn group_metric_fields(g: &GroupMetrics) -> [u64; 18] {
+    [
+        g.group,
+        g.leader.unwrap_or(0),
+        g.is_leader as u64,
+        g.term,
+        g.last_index,
+        g.commit,
+        g.applied,
+        g.commit_lag,
+        g.apply_lag,
+        g.queued_commands,
+        g.queued_bytes,
+        g.reads_waiting,
+        g.proposals,
+        g.commands_proposed,
+        g.entries_appended,
+        g.bytes_appended,
+        g.leader_changes,
+        g.busy_answers,
+    ]
+}
+
 fn stats_fields(s: &NodeStats) -> [u64; 6] {
     [
         s.proposals,
@@ -199,6 +226,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
         Request::Status => kind::STATUS,
         Request::Stats => kind::STATS,
         Request::Transfer { .. } => kind::TRANSFER,
+        Request::GroupMetrics => kind::GROUP_METRICS,
     };
     let start = frame::begin(out, frame_kind);
     out.extend_from_slice(&id.to_le_bytes());
@@ -246,7 +274,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
             out.extend_from_slice(&group.to_le_bytes());
             out.extend_from_slice(&to.to_le_bytes());
         }
-        Request::Cluster | Request::Status | Request::Stats => {}
+        Request::Cluster | Request::Status | Request::Stats | Request::GroupMetrics => {}
     }
     frame::finish(out, start);
 }
@@ -307,6 +335,7 @@ fn decode_request_body(frame_kind: u8, c: &mut Cursor<'_>) -> Result<Request, Ma
         kind::CLUSTER => Request::Cluster,
         kind::STATUS => Request::Status,
         kind::STATS => Request::Stats,
+        kind::GROUP_METRICS => Request::GroupMetrics,
         kind::TRANSFER => Request::Transfer {
             group: c.u64("group")?,
             to: c.u64("to")?,
@@ -359,6 +388,15 @@ pub fn encode_response(out: &mut Vec<u8>, response: &Response) {
                         put_string(out, &m.host);
                         out.extend_from_slice(&m.client_port.to_le_bytes());
                         out.extend_from_slice(&m.peer_port.to_le_bytes());
+                    }
+                }
+                Body::GroupMetrics(groups) => {
+                    out.push(4);
+                    out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
+                    for g in groups {
+                        for v in group_metric_fields(g) {
+                            out.extend_from_slice(&v.to_le_bytes());
+                        }
                     }
                 }
                 Body::Stats(stats) => {
@@ -484,6 +522,40 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, Malformed> {
                 wal_writes: c.u64("wal writes")?,
                 wal_bytes_written: c.u64("wal bytes written")?,
             }),
+            4 => {
+                let count = c.u32("group count")? as usize;
+                if count > c.remaining() / (18 * 8) {
+                    return Err(Malformed(format!("{count} groups cannot fit the payload")));
+                }
+                let mut groups = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let mut v = [0u64; 18];
+                    for slot in &mut v {
+                        *slot = c.u64("group metric")?;
+                    }
+                    groups.push(GroupMetrics {
+                        group: v[0],
+                        leader: (v[1] != 0).then_some(v[1]),
+                        is_leader: v[2] != 0,
+                        term: v[3],
+                        last_index: v[4],
+                        commit: v[5],
+                        applied: v[6],
+                        commit_lag: v[7],
+                        apply_lag: v[8],
+                        queued_commands: v[9],
+                        queued_bytes: v[10],
+                        reads_waiting: v[11],
+                        proposals: v[12],
+                        commands_proposed: v[13],
+                        entries_appended: v[14],
+                        bytes_appended: v[15],
+                        leader_changes: v[16],
+                        busy_answers: v[17],
+                    });
+                }
+                Body::GroupMetrics(groups)
+            }
             other => return Err(Malformed(format!("unknown body kind {other}"))),
         }),
         code::NOT_LEADER => {

@@ -187,6 +187,10 @@ async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
         Request::Cluster => return Ok(Body::Cluster(info.clone())),
         Request::Status => return Ok(Body::Status(state.handle.status().await)),
         Request::Stats => return Ok(Body::Stats(state.handle.stats().await)),
+        Request::GroupMetrics => {
+            let metrics = state.handle.metrics().await;
+            return Ok(Body::GroupMetrics(metrics.groups().cloned().collect()));
+        }
         Request::Transfer { group, to } => {
             if group >= info.groups {
                 return Err(Failure::UnknownGroup(format!("group {group}")));

@@ -561,6 +561,30 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
         Err(ClientError::Server(ringraft_net::protocol::Failure::TooLarge(_))) => {}
         other => panic!("a too-large key: {other:?}"),
     }
+    // `ringraft status` shows every group with its lags and counters.
+    let status = Command::new(env!("CARGO_BIN_EXE_ringraft"))
+        .args(["status", "--addr", &nodes[0].addr(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let groups: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let groups = groups.as_array().unwrap();
+    assert_eq!(groups.len(), 2);
+    for g in groups {
+        assert_eq!(g["leader"], 1);
+        assert_eq!(g["is_leader"], true);
+        assert!(g["commit"].as_u64().unwrap() >= 1 && g["apply_lag"] == 0, "{g}");
+    }
+    let table = Command::new(env!("CARGO_BIN_EXE_ringraft"))
+        .args(["status", "--addr", &nodes[0].addr()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("apply-lag") && table.contains(" 1*"), "{table}");
     // Prometheus metrics reflect the work done.
     let mut http = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
     http.set_read_timeout(timeout).unwrap();

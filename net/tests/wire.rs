@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use raft::eraftpb::{Entry, Message, MessageType};
-use ringraft_engine::{Consistency, Envelope, GroupStatus, NodeStats};
+use ringraft_engine::{Consistency, Envelope, GroupMetrics, GroupStatus, NodeStats};
 use ringraft_net::frame::{self, kind};
 use ringraft_net::handshake::{Hello, Local};
 use ringraft_net::protocol::{
@@ -95,6 +95,7 @@ fn requests() -> Vec<(u64, Request)> {
         (4, Request::Status),
         (5, Request::Stats),
         (6, Request::Transfer { group: 3, to: 2 }),
+        (7, Request::GroupMetrics),
     ]
 }
 
@@ -157,6 +158,29 @@ fn responses() -> Vec<Response> {
         Response {
             id: 6,
             outcome: Err(Failure::Busy("queue".into())),
+        },
+        Response {
+            id: 7,
+            outcome: Ok(Body::GroupMetrics(vec![GroupMetrics {
+                group: 1,
+                leader: Some(2),
+                is_leader: false,
+                term: 3,
+                last_index: 10,
+                commit: 9,
+                applied: 8,
+                commit_lag: 1,
+                apply_lag: 1,
+                queued_commands: 0,
+                queued_bytes: 0,
+                reads_waiting: 0,
+                proposals: 4,
+                commands_proposed: 40,
+                entries_appended: 10,
+                bytes_appended: 1000,
+                leader_changes: 1,
+                busy_answers: 0,
+            }])),
         },
     ]
 }

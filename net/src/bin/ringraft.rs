@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ringraft_net::client::{fetch_status, ClientConfig, NetClient};
+use ringraft_net::client::{fetch_group_metrics, ClientConfig, NetClient};
 
 #[derive(Parser, Debug)]
 #[command(name = "ringraft", version, about = "A ringraft node")]
@@ -35,7 +35,8 @@ enum Cmd {
         #[arg(long)]
         to: Option<u64>,
     },
-    /// Shows leader, term, commit and applied index of every group on one node.
+    /// Shows every group on one node: leader, term, commit and applied index, commit and apply
+    /// lag, queued commands, waiting reads, leader changes, Busy answers.
     Status {
         /// The node's client address, host:port (any of its shards' client ports).
         #[arg(long)]
@@ -71,7 +72,7 @@ fn transfer(addr: &str, group: u64, to: Option<u64>) -> ExitCode {
 }
 
 fn status(addr: &str, json: bool) -> ExitCode {
-    let groups = match fetch_status(addr, &ClientConfig::new([addr])) {
+    let groups = match fetch_group_metrics(addr, &ClientConfig::new([addr])) {
         Ok(groups) => groups,
         Err(e) => {
             eprintln!("ringraft: status from {addr}: {e}");
@@ -83,24 +84,55 @@ fn status(addr: &str, json: bool) -> ExitCode {
             .iter()
             .map(|g| {
                 serde_json::json!({
-                    "node": g.node, "group": g.group, "leader": g.leader,
-                    "term": g.term, "commit": g.commit, "applied": g.applied,
+                    "group": g.group, "leader": g.leader, "is_leader": g.is_leader,
+                    "term": g.term, "last_index": g.last_index, "commit": g.commit,
+                    "applied": g.applied, "commit_lag": g.commit_lag, "apply_lag": g.apply_lag,
+                    "queued_commands": g.queued_commands, "queued_bytes": g.queued_bytes,
+                    "reads_waiting": g.reads_waiting, "proposals": g.proposals,
+                    "commands_proposed": g.commands_proposed, "entries_appended": g.entries_appended,
+                    "bytes_appended": g.bytes_appended, "leader_changes": g.leader_changes,
+                    "busy_answers": g.busy_answers,
                 })
             })
             .collect();
         println!("{}", serde_json::Value::Array(rows));
     } else {
         println!(
-            "{:>6} {:>6} {:>7} {:>8} {:>12} {:>12}",
-            "node", "group", "leader", "term", "commit", "applied"
+            "{:>6} {:>7} {:>8} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}",
+            "group",
+            "leader",
+            "term",
+            "commit",
+            "applied",
+            "commit-lag",
+            "apply-lag",
+            "queued",
+            "reads",
+            "changes",
+            "busy"
         );
         for g in &groups {
-            let leader = g.leader.map_or("-".to_string(), |l| l.to_string());
+            let leader = match (g.leader, g.is_leader) {
+                (Some(l), true) => format!("{l}*"),
+                (Some(l), false) => l.to_string(),
+                (None, _) => "-".into(),
+            };
             println!(
-                "{:>6} {:>6} {:>7} {:>8} {:>12} {:>12}",
-                g.node, g.group, leader, g.term, g.commit, g.applied
+                "{:>6} {:>7} {:>8} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}",
+                g.group,
+                leader,
+                g.term,
+                g.commit,
+                g.applied,
+                g.commit_lag,
+                g.apply_lag,
+                g.queued_commands,
+                g.reads_waiting,
+                g.leader_changes,
+                g.busy_answers
             );
         }
+        println!("(* this node leads the group)");
     }
     ExitCode::SUCCESS
 }
