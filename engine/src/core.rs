@@ -645,6 +645,45 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             .min()
     }
 
+    /// One step of leader balancing: if this node leads more of the shard's groups than its
+    /// share (`ceil(groups / voters)`), hands one of them to the member leading the fewest, if
+    /// that member is caught up on it and stays within its share. Returns the transfer started.
+    /// Every node runs this on its own view (each knows every group's leader); transfers move
+    /// leadership only towards the share, so it converges and never ping-pongs.
+    pub fn balance_leaders(&mut self) -> Option<(u64, u64)> {
+        let voters = &self.config.voters;
+        let me = self.config.node;
+        let share = self.groups.len().div_ceil(voters.len().max(1));
+        let mut led: BTreeMap<u64, usize> = voters.iter().map(|&v| (v, 0)).collect();
+        for g in self.groups.values() {
+            if let Some(leader) = known_leader(g.raw.raft.leader_id) {
+                *led.entry(leader).or_default() += 1;
+            }
+        }
+        if led.get(&me).copied().unwrap_or(0) <= share {
+            return None;
+        }
+        let (&to, &count) = led.iter().filter(|(&v, _)| v != me).min_by_key(|(_, &c)| c)?;
+        if count + 1 > share {
+            return None;
+        }
+        for (&group, g) in self.groups.iter_mut() {
+            let raft = &g.raw.raft;
+            if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
+                continue;
+            }
+            let caught_up = raft
+                .prs()
+                .get(to)
+                .is_some_and(|p| p.recent_active && p.matched == raft.raft_log.last_index());
+            if caught_up {
+                g.raw.transfer_leader(to);
+                return Some((group, to));
+            }
+        }
+        None
+    }
+
     /// The transport could not deliver a message of `group` to node `to` (no connection, or its
     /// queue was full): raft-rs stops pipelining to it and probes instead.
     pub fn report_unreachable(&mut self, group: u64, to: u64) {

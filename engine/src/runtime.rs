@@ -591,6 +591,8 @@ async fn run_shard<S: StateMachine + 'static>(
     let mut transferring: Option<std::time::Instant> = None;
     let mut last_checkpoint = std::time::Instant::now();
     let checkpoint_every = Duration::from_millis(config.sm.checkpoint_interval_ms);
+    let balance_every = Duration::from_millis(config.raft.leader_balance_interval_ms);
+    let mut last_balance = std::time::Instant::now();
     loop {
         // Wait for work unless some is already there.
         let proposable = core.has_queued() && (!writing.get() || core.queued_bytes() >= entry_bytes_max);
@@ -719,6 +721,10 @@ async fn run_shard<S: StateMachine + 'static>(
                 }
                 let _ = reply.send(answer.result);
             }
+        }
+        if !balance_every.is_zero() && shutdown.is_none() && last_balance.elapsed() >= balance_every {
+            core.balance_leaders();
+            last_balance = std::time::Instant::now();
         }
         if last_checkpoint.elapsed() >= checkpoint_every {
             checkpoint(

@@ -250,3 +250,60 @@ fn a_stopping_leader_hands_leadership_over() {
         engine.shutdown().expect("clean shutdown");
     }
 }
+
+#[test]
+fn leaders_spread_evenly_over_the_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<Config> = configs(dir.path())
+        .into_iter()
+        .map(|mut config| {
+            config.shards.groups_per_shard = 6;
+            config.raft.leader_balance_interval_ms = 1500;
+            config
+        })
+        .collect();
+    let (engines, client) = Engine::start_in_process(configs).expect("start");
+    let leaders = |engines: &[Engine]| -> Vec<Option<u64>> {
+        engines[0].status().into_iter().map(|s| s.leader).collect()
+    };
+    for group in 0..6 {
+        let key = (0u32..)
+            .map(|i| format!("k{i}").into_bytes())
+            .find(|k| client.group_of(k) == group)
+            .unwrap();
+        eventually("put", || client.put_blocking(&key, b"v"));
+    }
+    // Skew it on purpose: node 1 takes every group.
+    for group in 0..6u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let leader = leaders(&engines)[group as usize];
+            if leader == Some(1) {
+                break;
+            }
+            if let Some(leader) = leader {
+                let handle = engines[leader as usize - 1].handle();
+                let _ =
+                    futures_lite::future::block_on(handle.transfer_leader(group, Some(1)).unwrap().result());
+            }
+            assert!(Instant::now() < deadline, "group {group} did not move to node 1");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The balancer spreads them: two groups per node.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = leaders(&engines);
+        let per_node: Vec<usize> = (1..=3)
+            .map(|n| now.iter().filter(|l| **l == Some(n)).count())
+            .collect();
+        if per_node == [2, 2, 2] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leaders did not spread: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for engine in engines {
+        engine.shutdown().expect("clean shutdown");
+    }
+}

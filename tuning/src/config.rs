@@ -221,6 +221,9 @@ pub struct RaftConfig {
     pub max_committed_size_per_ready_bytes: u64,
     pub pre_vote: bool,
     pub check_quorum: bool,
+    /// How often each shard checks whether it leads more than its share of groups and hands
+    /// one over; 0 turns leader balancing off.
+    pub leader_balance_interval_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -235,6 +238,7 @@ impl Default for RaftConfig {
             max_committed_size_per_ready_bytes: 16 << 20,
             pre_vote: true,
             check_quorum: true,
+            leader_balance_interval_ms: 10_000,
         }
     }
 }
