@@ -160,6 +160,17 @@ fn put_until_ok(client: &NetClient, key: &[u8], value: &[u8], limit: Duration) -
     }
 }
 
+/// One put per group, so every group has a leader before the test goes on.
+fn serve_every_group(client: &NetClient) {
+    for group in 0..client.cluster().groups {
+        let key = (0u32..)
+            .map(|i| format!("warm-{i}").into_bytes())
+            .find(|k| client.group_of(k) == group)
+            .unwrap();
+        put_until_ok(client, &key, b"warm", Duration::from_secs(30));
+    }
+}
+
 /// A register for porcupine: write ids are unique per write; 0 is "absent".
 #[derive(Clone)]
 struct Register;
@@ -280,14 +291,7 @@ fn three_processes_survive_killing_the_leader_and_lose_no_acknowledged_write() {
         node.start();
     }
     let client = connect(&nodes);
-    for group in 0..client.cluster().groups {
-        // One key per group, so every group has a leader before the load starts.
-        let key = (0u32..)
-            .map(|i| format!("warm-{i}").into_bytes())
-            .find(|k| client.group_of(k) == group)
-            .unwrap();
-        put_until_ok(&client, &key, b"warm", Duration::from_secs(30));
-    }
+    serve_every_group(&client);
 
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -643,13 +647,7 @@ fn a_follower_that_was_down_catches_up_from_the_log() {
         node.start();
     }
     let client = connect(&nodes);
-    for group in 0..client.cluster().groups {
-        let key = (0u32..)
-            .map(|i| format!("warm-{i}").into_bytes())
-            .find(|k| client.group_of(k) == group)
-            .unwrap();
-        put_until_ok(&client, &key, b"warm", Duration::from_secs(30));
-    }
+    serve_every_group(&client);
     let leader = leader_of(&nodes, 0).expect("group 0 has a leader");
     let follower = if leader == 1 { 2 } else { 1 };
     nodes[follower as usize - 1].kill();
