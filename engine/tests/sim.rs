@@ -10,6 +10,9 @@
 //! the same state, and the client history (puts and linearizable reads, including requests whose
 //! outcome stayed unknown) is linearizable, key by key, per porcupine-rs (memoized WGL search).
 //!
+//! Leadership moves on purpose too: random transfers during the fault phase and leader
+//! balancing on every node, as the runtime does.
+//!
 //! Determinism: everything random comes from the seed. raft-rs draws election timeouts from a
 //! thread-local generator, so each node gets a fixed, distinct timeout instead.
 //!
@@ -561,6 +564,19 @@ impl Sim {
         if self.chance(2) {
             self.blocked.clear();
         }
+        // Leadership transfers under load and faults (an operator's, or a stopping node's).
+        if self.chance(1) {
+            let i = self.rng.below(NODES) as usize;
+            let group = self.rng.below(GROUPS);
+            let to = if self.chance(33) {
+                None
+            } else {
+                Some(1 + self.rng.below(NODES))
+            };
+            if let Some(core) = self.nodes[i].core.as_mut() {
+                let _ = core.transfer_group(group, to);
+            }
+        }
     }
 
     fn check(&mut self, i: usize) {
@@ -621,6 +637,10 @@ impl Sim {
                 for group in 0..GROUPS {
                     now(core.machine(group).unwrap().checkpoint()).expect("checkpoint");
                 }
+            }
+            // Leader balancing runs on every node, as the runtime does.
+            if clock % 500 == 0 {
+                core.balance_leaders();
             }
         }
         self.client();
