@@ -652,6 +652,27 @@ async fn run_shard<S: StateMachine + 'static>(
             let _ = core.wal().borrow_mut().io_done(completion);
             core.on_durable();
         }
+        if let Some(cause) = core.failure() {
+            // The WAL or a state machine failed: this shard cannot go on (its raft state may
+            // be ahead of its disk). Answer everyone and stop; the node exits and recovery
+            // runs at the next start. Looping on would spin on Readys it can no longer take.
+            let cause = cause.to_string();
+            let (_, answers) = core.take_output();
+            for answer in answers {
+                if let Some((reply, _)) = replies.remove(&answer.request) {
+                    let _ = reply.send(answer.result);
+                }
+            }
+            for (_, (reply, _)) in std::mem::take(&mut replies) {
+                let _ = reply.send(Err(EngineError::Failed(cause.clone())));
+            }
+            link.close();
+            stop.set(true);
+            if let Some(done) = &shutdown {
+                let _ = done.send(());
+            }
+            return Err(cause);
+        }
         for _ in 0..ticks.replace(0) {
             core.tick();
         }

@@ -680,3 +680,33 @@ fn a_follower_that_was_down_catches_up_from_the_log() {
         assert!(node.terminate(), "node {id} did not exit 0");
     }
 }
+
+#[test]
+fn a_node_whose_disk_fails_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k"]);
+    nodes[0].start();
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    // The WAL's directory vanishes: open segments keep working, but the next segment cannot be
+    // prepared, the WAL fails, the shard stops, and the node must exit rather than linger.
+    std::fs::remove_dir_all(dir.path().join("data-1").join("shard-0").join("wal")).unwrap();
+    let value = vec![7u8; 256 << 10];
+    let mut child = nodes[0].child.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node kept running with a failed WAL:\n{}",
+            nodes[0].log_text()
+        );
+        // Writes fill segments until a new one is needed; their errors are expected.
+        let _ = client.put_blocking(b"filler", &value);
+    };
+    assert!(!status.success(), "a failed shard must not exit 0");
+    let log = nodes[0].log_text();
+    assert!(log.contains("stopping:") && log.contains("wal"), "{log}");
+}
