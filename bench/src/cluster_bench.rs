@@ -239,18 +239,7 @@ impl NodeProcess {
     /// (user + system CPU seconds, peak RSS bytes) from /proc.
     fn usage(&self) -> (f64, u64) {
         let pid = self.child.id();
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                // Fields after the command name (which may hold spaces): state is field 3.
-                let rest = stat.rsplit_once(')')?.1;
-                let fields: Vec<&str> = rest.split_whitespace().collect();
-                let utime: f64 = fields.get(11)?.parse().ok()?;
-                let stime: f64 = fields.get(12)?.parse().ok()?;
-                Some((utime + stime) / ticks)
-            })
-            .unwrap_or(0.0);
+        let cpu = ringraft_net::metrics::cpu_seconds(&format!("/proc/{pid}/stat"));
         let rss = crate::wal_bench::peak_rss_bytes(&format!("/proc/{pid}/status"));
         (cpu, rss)
     }

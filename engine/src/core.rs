@@ -129,6 +129,16 @@ impl ShardConfig {
     }
 }
 
+/// The follower that has acknowledged the most of a leader's log (where leadership goes when
+/// handed over); `None` without followers.
+fn best_follower<T: Storage>(raft: &raft::Raft<T>) -> Option<u64> {
+    raft.prs()
+        .iter()
+        .filter(|(id, _)| **id != raft.id)
+        .max_by_key(|(_, progress)| progress.matched)
+        .map(|(id, _)| *id)
+}
+
 /// raft-rs's leader id, or `None` for its "no leader" sentinel.
 fn known_leader(id: u64) -> Option<u64> {
     (id != raft::INVALID_ID).then_some(id)
@@ -574,16 +584,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if g.raw.raft.state != StateRole::Leader {
                 continue;
             }
-            let me = g.raw.raft.id;
-            let best = g
-                .raw
-                .raft
-                .prs()
-                .iter()
-                .filter(|(id, _)| **id != me)
-                .max_by_key(|(_, progress)| progress.matched)
-                .map(|(id, _)| *id);
-            let Some(to) = best else { continue };
+            let Some(to) = best_follower(&g.raw.raft) else {
+                continue;
+            };
             leading += 1;
             if g.raw.raft.lead_transferee.is_none() {
                 g.raw.transfer_leader(to);
@@ -615,14 +618,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     "node {to} is not a member of group {group}"
                 )))
             }
-            None => g
-                .raw
-                .raft
-                .prs()
-                .iter()
-                .filter(|(id, _)| **id != me)
-                .max_by_key(|(_, p)| p.matched)
-                .map(|(id, _)| *id)
+            None => best_follower(&g.raw.raft)
                 .ok_or_else(|| EngineError::BadRequest(format!("group {group} has no other member")))?,
         };
         if g.raw.raft.lead_transferee != Some(to) {

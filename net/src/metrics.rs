@@ -37,17 +37,23 @@ impl Family<'_> {
     }
 }
 
-/// (user + system CPU seconds, resident bytes) of this process, from /proc.
-fn process_usage() -> (f64, f64) {
+/// User + system CPU seconds of a process from its `/proc/<pid>/stat` (0 if unreadable).
+pub fn cpu_seconds(stat_path: &str) -> f64 {
     let ticks = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64;
-    let cpu = std::fs::read_to_string("/proc/self/stat")
+    std::fs::read_to_string(stat_path)
         .ok()
         .and_then(|stat| {
+            // The fields after the command name (which may hold spaces and parentheses).
             let rest = stat.rsplit_once(')')?.1;
             let fields: Vec<&str> = rest.split_whitespace().collect();
             Some((fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks)
         })
-        .unwrap_or(0.0);
+        .unwrap_or(0.0)
+}
+
+/// (user + system CPU seconds, resident bytes) of this process, from /proc.
+fn process_usage() -> (f64, f64) {
+    let cpu = cpu_seconds("/proc/self/stat");
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<f64>().ok())

@@ -192,9 +192,7 @@ async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
             return Ok(Body::GroupMetrics(metrics.groups().cloned().collect()));
         }
         Request::Transfer { group, to } => {
-            if group >= info.groups {
-                return Err(Failure::UnknownGroup(format!("group {group}")));
-            }
+            check_keys(info, group, [])?;
             (
                 group,
                 state.handle.transfer_leader(group, (to != 0).then_some(to)),
