@@ -39,6 +39,9 @@ pub enum WalError {
     /// One record would not fit in a batch.
     #[error("wal: a record of {bytes} bytes exceeds the batch limit of {limit} bytes (wal.batch_bytes_max)")]
     TooLarge { bytes: usize, limit: usize },
+    /// A metadata record larger than [`crate::META_BYTES_MAX`].
+    #[error("wal: a metadata record of {bytes} bytes exceeds {limit} bytes")]
+    MetaTooLarge { bytes: usize, limit: usize },
     /// The configuration cannot work.
     #[error("wal config: {key}: {reason}")]
     Config { key: &'static str, reason: String },

@@ -9,7 +9,9 @@
 /// Magic at offset 0 of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"RRAFTWAL";
 /// Format version written into every segment header. Bump it on any change to this module.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build still reads (version 1 lacks only the `Meta` record).
+pub const FORMAT_VERSION_MIN: u32 = 1;
 /// Unit of every write and of batch placement: O_DIRECT needs the device's logical block size,
 /// and 4 KiB covers every device ringraft targets.
 pub const BLOCK_BYTES: usize = 4096;
@@ -49,6 +51,9 @@ pub enum RecordKind {
     /// The group's whole log is discarded; it continues after `index` (term `term`): a snapshot
     /// was installed.
     Reset = 5,
+    /// Engine metadata of `group` as of `index` (e.g. the membership applied at that index);
+    /// the payload is opaque to the WAL. Format version 2.
+    Meta = 6,
 }
 
 impl RecordKind {
@@ -59,6 +64,7 @@ impl RecordKind {
             3 => RecordKind::HardState,
             4 => RecordKind::Compact,
             5 => RecordKind::Reset,
+            6 => RecordKind::Meta,
             _ => return None,
         })
     }
@@ -261,7 +267,10 @@ impl std::fmt::Display for SegmentHeaderFault {
             SegmentHeaderFault::Magic => write!(f, "bad magic"),
             SegmentHeaderFault::Checksum => write!(f, "header crc32c mismatch"),
             SegmentHeaderFault::Version(v) => {
-                write!(f, "format version {v}, this build reads {FORMAT_VERSION}")
+                write!(
+                    f,
+                    "format version {v}, this build reads {FORMAT_VERSION_MIN} to {FORMAT_VERSION}"
+                )
             }
             SegmentHeaderFault::HeaderBytes(n) => write!(f, "header size {n} is not {SEGMENT_HEADER_BYTES}"),
         }
@@ -280,7 +289,7 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, SegmentHeade
         return Err(SegmentHeaderFault::Checksum);
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         return Err(SegmentHeaderFault::Version(version));
     }
     let header_bytes = u32::from_le_bytes(bytes[12..16].try_into().unwrap());

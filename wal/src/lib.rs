@@ -43,5 +43,5 @@ pub use mem_disk::{MemDisk, MemFault, MemFileHandle, MEM_SECTOR_BYTES};
 pub use rng::SplitMix64;
 pub use wal::{
     perform, Entry, HardState, IoDone, IoJob, PrepareJob, ReadPlan, Ticket, Wal, WalConfig, WalStats,
-    WriteJob,
+    WriteJob, META_BYTES_MAX,
 };

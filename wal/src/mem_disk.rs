@@ -125,6 +125,19 @@ impl MemDisk {
             .map(|f| f.borrow().current.clone())
     }
 
+    /// Creates (or replaces) a file holding `bytes`, durably (e.g. an image from a golden file).
+    pub fn put_file(&self, name: &str, bytes: Vec<u8>) {
+        let file = MemFile {
+            current: bytes.clone(),
+            durable: bytes,
+            dirty: Default::default(),
+        };
+        self.state
+            .borrow_mut()
+            .files
+            .insert(name.to_string(), Rc::new(RefCell::new(file)));
+    }
+
     /// Names of all files.
     pub fn names(&self) -> Vec<String> {
         self.state.borrow().files.keys().cloned().collect()

@@ -439,6 +439,9 @@ impl<D: Disk> Wal<D> {
                     log.hole_at = None;
                     self.cache_bytes -= log.compact_through(header.index, header.term);
                 }
+                RecordKind::Meta => {
+                    log.metas.insert(header.index, Bytes::copy_from_slice(payload));
+                }
                 RecordKind::BatchHeader => unreachable!("scan_batch rejects nested headers"),
             }
         }

@@ -86,6 +86,10 @@ impl WalConfig {
     }
 }
 
+/// The largest metadata record ([`Wal::set_meta`]): memberships of a few hundred nodes fit,
+/// and a rollover checkpoint restating every group's stays small.
+pub const META_BYTES_MAX: usize = 4096;
+
 /// A raft entry as the WAL stores it. `entry_type` is opaque here (the engine stores raft's
 /// entry type in it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,6 +227,9 @@ pub(crate) struct GroupLog {
     pub(crate) snapshot_term: u64,
     pub(crate) entries: VecDeque<EntryLoc>,
     pub(crate) hard_state: HardState,
+    /// Engine metadata by the index it is as of ([`Wal::set_meta`]): every one above the
+    /// compaction point, and the newest at or below it.
+    pub(crate) metas: BTreeMap<u64, Bytes>,
     /// Recovery only: entries before this index were in segments already purged; a compaction
     /// record must cover them before recovery ends.
     pub(crate) hole_at: Option<u64>,
@@ -236,6 +243,7 @@ impl Default for GroupLog {
             snapshot_term: 0,
             entries: VecDeque::new(),
             hard_state: HardState::default(),
+            metas: BTreeMap::new(),
             hole_at: None,
         }
     }
@@ -272,6 +280,10 @@ impl GroupLog {
             self.first += 1;
         }
         self.snapshot_term = term;
+        // Metadata as of the compaction point stays; older records are superseded by it.
+        if let Some(&newest) = self.metas.range(..=index).next_back().map(|(i, _)| i) {
+            self.metas = self.metas.split_off(&newest);
+        }
         if self.hole_at.is_some_and(|hole| hole <= self.first) {
             self.hole_at = None;
         }
@@ -370,6 +382,8 @@ pub struct Wal<D: Disk> {
     /// Per group, entries at or above this index are never evicted (the engine sets it to the
     /// first unapplied index: raft reads those synchronously).
     pub(crate) cache_floor: HashMap<u64, u64>,
+    /// Per group, the ticket of its latest `Meta` record.
+    meta_tickets: HashMap<u64, u64>,
     failure: Option<String>,
     stats: WalStats,
 }
@@ -413,6 +427,7 @@ impl<D: Disk> Wal<D> {
             cache_bytes: 0,
             cache_order: VecDeque::new(),
             cache_floor: HashMap::new(),
+            meta_tickets: HashMap::new(),
             failure: None,
             stats: WalStats::default(),
         }
@@ -612,6 +627,46 @@ impl<D: Disk> Wal<D> {
         )))
     }
 
+    /// Records engine metadata of `group` as of `index` (opaque bytes: the engine stores the
+    /// membership there, and a snapshot's term before installing it). Kept until a compaction
+    /// point passes a newer one, and restated at every segment rollover.
+    pub fn set_meta(&mut self, group: u64, index: u64, payload: &[u8]) -> Result<Ticket, WalError> {
+        self.check_usable("set_meta")?;
+        if payload.len() > META_BYTES_MAX {
+            return Err(WalError::MetaTooLarge {
+                bytes: payload.len(),
+                limit: META_BYTES_MAX,
+            });
+        }
+        self.group_mut(group)
+            .metas
+            .insert(index, Bytes::copy_from_slice(payload));
+        let ticket = self.push_small_record(RecordKind::Meta, group, index, 0, payload);
+        self.meta_tickets.insert(group, ticket);
+        Ok(Ticket(ticket))
+    }
+
+    /// The newest metadata of `group` as of `index` or earlier, with its index.
+    pub fn meta_at(&self, group: u64, index: u64) -> Option<(u64, Bytes)> {
+        let log = self.log(group)?;
+        let (&at, bytes) = log.metas.range(..=index).next_back()?;
+        Some((at, bytes.clone()))
+    }
+
+    /// Every retained metadata record of `group`, oldest first.
+    pub fn metas(&self, group: u64) -> Vec<(u64, Bytes)> {
+        self.log(group)
+            .map(|l| l.metas.iter().map(|(&i, b)| (i, b.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether `group`'s latest metadata record is durable.
+    pub fn meta_durable(&self, group: u64) -> bool {
+        self.meta_tickets
+            .get(&group)
+            .is_none_or(|&t| t <= self.durable_ticket)
+    }
+
     fn push_small_record(
         &mut self,
         kind: RecordKind,
@@ -771,6 +826,12 @@ impl<D: Disk> Wal<D> {
             .keys()
             .chain(self.placed_compaction.keys())
             .copied()
+            .chain(
+                self.groups
+                    .iter()
+                    .filter(|(_, l)| !l.metas.is_empty())
+                    .map(|(&g, _)| g),
+            )
             .collect();
         groups.sort_unstable();
         groups.dedup();
@@ -778,7 +839,13 @@ impl<D: Disk> Wal<D> {
             return None;
         }
         let small = record_bytes(8);
-        let capacity = RECORD_HEADER_BYTES + groups.len() * (small + record_bytes(0));
+        let meta_bytes: usize = self
+            .groups
+            .values()
+            .flat_map(|l| l.metas.values())
+            .map(|m| record_bytes(m.len()))
+            .sum();
+        let capacity = RECORD_HEADER_BYTES + groups.len() * (small + record_bytes(0)) + meta_bytes;
         // The checkpoint and one full batch must fit in a fresh segment, or every rollover would
         // need another.
         let needed = align_up(capacity, BLOCK_BYTES) + self.config.batch_bytes_max;
@@ -818,6 +885,20 @@ impl<D: Disk> Wal<D> {
                 record[RECORD_HEADER_BYTES + 8..].fill(0);
                 batch.len += small;
                 batch.records += 1;
+            }
+            // Metadata is restated as the engine last set it (it only ever describes committed
+            // state, so restating a record whose own batch is not yet durable is harmless).
+            if let Some(log) = self.groups.get(&group) {
+                for (&index, meta) in &log.metas {
+                    let at = batch.len;
+                    let bytes = record_bytes(meta.len());
+                    let record = &mut batch.buffer.as_mut()[at..at + bytes];
+                    encode_record_header(record, meta.len() as u32, RecordKind::Meta, 0, 0, group, index, 0);
+                    record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + meta.len()].copy_from_slice(meta);
+                    record[RECORD_HEADER_BYTES + meta.len()..].fill(0);
+                    batch.len += bytes;
+                    batch.records += 1;
+                }
             }
         }
         Some(batch)
@@ -877,6 +958,7 @@ impl<D: Disk> Wal<D> {
                             .insert(header.group, (header.index, header.term));
                         compactions.push((header.group, header.index + 1));
                     }
+                    RecordKind::Meta => {}
                     RecordKind::BatchHeader => unreachable!("place: nested batch header"),
                 }
                 at += record_bytes(header.payload_len as usize);

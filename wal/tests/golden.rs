@@ -1,5 +1,5 @@
 //! Golden bytes of a WAL segment: any change to the on-disk format shows up as a diff of
-//! `tests/golden/segment-v1.hex` in review. Regenerate deliberately with
+//! `tests/golden/segment-v2.hex` in review. Regenerate deliberately with
 //! `RINGRAFT_BLESS=1 cargo test -p ringraft-wal --test golden` (and bump FORMAT_VERSION).
 
 mod common;
@@ -67,6 +67,39 @@ fn segment_bytes_match_the_golden_file() {
     wal.compact(7, 1).unwrap();
     wal.reset(9, 100, 4).unwrap();
     drive(&mut wal, &disk);
+    // Batch 3 (format version 2): engine metadata of group 9.
+    wal.set_meta(9, 100, b"voters 1 2 3").unwrap();
+    drive(&mut wal, &disk);
     let segment = disk.contents(&segment_file_name(1)).unwrap();
-    check("segment-v1.hex", &dump(&segment));
+    check("segment-v2.hex", &dump(&segment));
+}
+
+/// Segments written by format version 1 (before `Meta` records) still recover.
+#[test]
+fn version_1_segments_still_recover() {
+    let hex = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/segment-v1.hex"),
+    )
+    .unwrap();
+    let mut bytes = vec![0u8; 4 * BLOCK_BYTES];
+    for line in hex.lines() {
+        let (offset, rest) = line.split_once(':').unwrap();
+        let start = usize::from_str_radix(offset, 16).unwrap();
+        for (at, byte) in (start..).zip(rest.split_whitespace()) {
+            bytes[at] = u8::from_str_radix(byte, 16).unwrap();
+        }
+    }
+    let disk = MemDisk::new(0);
+    disk.put_file(&segment_file_name(1), bytes);
+    let config = WalConfig {
+        segment_bytes: 4 * BLOCK_BYTES as u64,
+        batch_bytes_max: BLOCK_BYTES,
+        cache_bytes_max: 1 << 20,
+        segments_recycled_max: 1,
+    };
+    let wal = open(&disk, &config);
+    assert_eq!(wal.last_index(7), 2);
+    assert_eq!(wal.term(7, 2), Ok(2));
+    assert_eq!(wal.first_index(9), 101);
+    assert_eq!(wal.hard_state(7).vote, 3);
 }

@@ -398,3 +398,54 @@ fn reset_to_index_zero_keeps_its_term_across_recovery_and_recycling() {
     );
     assert_eq!(wal.term(7, 0), Ok(3));
 }
+
+#[test]
+fn metadata_survives_recovery_rollover_and_compaction() {
+    let disk = MemDisk::new(17);
+    let config = small_config();
+    let mut wal = open(&disk, &config);
+    wal.append(7, &[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")])
+        .unwrap();
+    wal.set_meta(7, 1, b"members 1 2 3").unwrap();
+    wal.set_meta(7, 3, b"members 1 2 3 4").unwrap();
+    assert!(!wal.meta_durable(7));
+    drive(&mut wal, &disk);
+    assert!(wal.meta_durable(7));
+    drop(wal);
+    let mut wal = open(&disk, &config);
+    assert_eq!(wal.meta_at(7, 0), None);
+    assert_eq!(wal.meta_at(7, 2).unwrap(), (1, b"members 1 2 3".to_vec().into()));
+    assert_eq!(wal.meta_at(7, 9).unwrap().0, 3);
+    // Compacting past the newer record supersedes the older one.
+    wal.compact(7, 3).unwrap();
+    assert_eq!(wal.metas(7).len(), 1);
+    drive(&mut wal, &disk);
+    // Roll over several segments and let the one holding the records be recycled: the
+    // rollover checkpoints restate them.
+    write_batches(&mut wal, &disk, 30);
+    wal.compact(1, 30).unwrap();
+    drive(&mut wal, &disk);
+    write_batches(&mut wal, &disk, 10);
+    drop(wal);
+    let wal = open(&disk, &config);
+    assert!(
+        !disk.names().contains(&first_segment()),
+        "the segment holding the records was recycled"
+    );
+    assert_eq!(
+        wal.meta_at(7, 100).unwrap(),
+        (3, b"members 1 2 3 4".to_vec().into())
+    );
+    assert_eq!(wal.metas(7).len(), 1);
+}
+
+#[test]
+fn oversized_metadata_is_an_error() {
+    let disk = MemDisk::new(18);
+    let mut wal = open(&disk, &small_config());
+    let error = wal
+        .set_meta(1, 1, &vec![0; ringraft_wal::META_BYTES_MAX + 1])
+        .unwrap_err();
+    assert!(error.to_string().contains("metadata record"), "{error}");
+    assert_eq!(wal.meta_at(1, 1), None);
+}
