@@ -20,12 +20,18 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
-use raft::eraftpb::{Entry, Message};
-use raft::{GetEntriesContext, RawNode, StateRole, Storage};
+use bytes::Bytes;
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+};
+use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole, Storage};
 use ringraft_sm::{encode_batch, BatchView, Command, CommandLimits, CommandResult, StateMachine};
 use ringraft_wal::{Disk, Ticket, Wal};
 
-use crate::storage::{entry_type_code, FetchQueue, GroupStorage};
+use crate::meta::GroupMeta;
+use crate::snapshot::{Incoming, Outgoing, PieceKind, Serving, SnapshotPiece, STREAM_RETRIES_MAX};
+use crate::storage::{entry_type_code, FetchQueue, GroupStorage, SnapSlot};
 
 /// Identifies a client request within a shard; chosen by the runner.
 pub type RequestId = u64;
@@ -83,6 +89,8 @@ pub enum Consistency {
 #[derive(Clone, Debug)]
 pub struct ShardConfig {
     pub node: u64,
+    /// Every group's voters when it starts from nothing (`cluster.initial_voters`); later
+    /// memberships are in the log, the WAL's metadata records and snapshots.
     pub voters: Vec<u64>,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
@@ -101,13 +109,15 @@ pub struct ShardConfig {
     pub group_queue_commands_max: usize,
     pub group_queue_bytes_max: usize,
     pub limits: CommandLimits,
+    /// Unacknowledged snapshot chunks per stream (`limits.snapshot_chunks_in_flight`).
+    pub snapshot_chunks_in_flight: u64,
 }
 
 impl ShardConfig {
     pub fn from_tuning(config: &ringraft_tuning::Config) -> ShardConfig {
         ShardConfig {
             node: config.node.id,
-            voters: config.cluster.nodes.iter().map(|n| n.id).collect(),
+            voters: config.initial_voters(),
             election_ticks: config.raft.election_ticks() as usize,
             heartbeat_ticks: config.raft.heartbeat_ticks() as usize,
             election_ticks_range: None,
@@ -125,6 +135,7 @@ impl ShardConfig {
                 key_bytes_max: config.limits.key_bytes_max as usize,
                 value_bytes_max: config.limits.value_bytes_max as usize,
             },
+            snapshot_chunks_in_flight: config.limits.snapshot_chunks_in_flight,
         }
     }
 }
@@ -134,9 +145,14 @@ impl ShardConfig {
 fn best_follower<T: Storage>(raft: &raft::Raft<T>) -> Option<u64> {
     raft.prs()
         .iter()
-        .filter(|(id, _)| **id != raft.id)
+        .filter(|(id, _)| **id != raft.id && is_voter(raft, **id))
         .max_by_key(|(_, progress)| progress.matched)
         .map(|(id, _)| *id)
+}
+
+/// Whether `id` votes in the group's current configuration (a learner cannot lead).
+fn is_voter<T: Storage>(raft: &raft::Raft<T>, id: u64) -> bool {
+    raft.prs().conf().voters().contains(id)
 }
 
 /// raft-rs's leader id, or `None` for its "no leader" sentinel.
@@ -150,6 +166,8 @@ struct Proposal {
     index: u64,
     term: u64,
     parts: Vec<(RequestId, usize)>,
+    /// A membership change: answered with no results once applied.
+    conf: bool,
 }
 
 /// Entries to read from disk for raft (see [`ShardCore::take_fetches`]).
@@ -200,6 +218,14 @@ struct Group<D: Disk, S: StateMachine> {
     reads_local: Vec<ReadRequest>,
     counters: GroupCounters,
     last_leader: Option<u64>,
+    /// Membership as applied.
+    conf_state: ConfState,
+    /// Shared with the storage: snapshot wanted by raft / prepared by the shard.
+    snap: SnapSlot,
+    /// The snapshot this leader serves and its streams, by follower.
+    serving: Option<Rc<Serving<S::Snapshot>>>,
+    outgoing: BTreeMap<u64, Outgoing<S::Snapshot>>,
+    incoming: Option<Incoming>,
 }
 
 /// Counters of one group since the shard started.
@@ -250,6 +276,9 @@ pub struct ShardStats {
     pub entries_applied: u64,
     pub busy_answers: u64,
     pub leader_changes: u64,
+    /// Snapshots this node finished sending (as leader) and installed (as follower).
+    pub snapshots_sent: u64,
+    pub snapshots_installed: u64,
 }
 
 /// One shard's groups. See the module docs for how a runner drives it.
@@ -259,6 +288,7 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     groups: BTreeMap<u64, Group<D, S>>,
     persist_waiting: VecDeque<PersistWait>,
     messages: Vec<Envelope>,
+    pieces: Vec<SnapshotPiece>,
     answers: Vec<Answer>,
     ticks: u64,
     next_read_context: u64,
@@ -278,6 +308,50 @@ impl<D: Disk, S: StateMachine> std::fmt::Debug for ShardCore<D, S> {
             .field("failure", &self.failure)
             .finish()
     }
+}
+
+/// A group's membership at the state machine's durable index `applied`, from the WAL's metadata
+/// (or the initial voters). Finishes a snapshot install that a crash interrupted after the state
+/// machine switched to it but before the WAL reset was durable: the snapshot's metadata record
+/// (written and made durable before the switch) gives the term the reset needs.
+fn recover_membership<D: Disk>(
+    wal: &mut Wal<D>,
+    group: u64,
+    applied: u64,
+    initial_voters: &[u64],
+) -> Result<ConfState, String> {
+    let Some((at, bytes)) = wal.meta_at(group, applied) else {
+        return Ok(ConfState {
+            voters: initial_voters.to_vec(),
+            ..Default::default()
+        });
+    };
+    let meta = GroupMeta::decode(&bytes).map_err(|e| format!("WAL metadata at index {at}: {e}"))?;
+    if at == applied && meta.snapshot_term != 0 && wal.term(group, applied) != Ok(meta.snapshot_term) {
+        wal.reset(group, applied, meta.snapshot_term)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(meta.conf_state)
+}
+
+/// Applies a committed conf-change entry (V1 or V2; empty data is raft-rs's "leave the joint
+/// configuration") and returns the new membership, or why the change is refused.
+fn apply_conf_change<T: Storage>(raw: &mut RawNode<T>, entry: &Entry) -> Result<ConfState, String> {
+    let change = match entry.entry_type {
+        EntryType::EntryConfChange => {
+            let v1 =
+                ConfChange::parse_from_bytes(&entry.data).map_err(|e| format!("membership change: {e}"))?;
+            let mut single = ConfChangeSingle::default();
+            single.set_change_type(v1.get_change_type());
+            single.node_id = v1.node_id;
+            let mut v2 = ConfChangeV2::default();
+            v2.mut_changes().push(single);
+            v2
+        }
+        _ => ConfChangeV2::parse_from_bytes(&entry.data).map_err(|e| format!("membership change: {e}"))?,
+    };
+    raw.apply_conf_change(&change)
+        .map_err(|e| format!("membership change refused: {e}"))
 }
 
 fn raft_config(config: &ShardConfig, applied: u64) -> raft::Config {
@@ -311,8 +385,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let mut groups = BTreeMap::new();
         for (group, sm) in machines {
             let applied = sm.durable_index();
-            let storage = GroupStorage::new(group, wal.clone(), config.voters.clone(), applied);
+            let conf_state = recover_membership(&mut wal.borrow_mut(), group, applied, &config.voters)
+                .map_err(|e| EngineError::Failed(format!("group {group}: {e}")))?;
+            let storage = GroupStorage::new(group, wal.clone(), conf_state.clone(), applied);
             let fetches = storage.fetches.clone();
+            let snap = storage.snapshot.clone();
             let last = storage.last_index().unwrap_or(0);
             if applied > last {
                 return Err(EngineError::Failed(format!(
@@ -340,6 +417,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     reads_local: Vec::new(),
                     counters: GroupCounters::default(),
                     last_leader: None,
+                    conf_state,
+                    snap,
+                    serving: None,
+                    outgoing: BTreeMap::new(),
+                    incoming: None,
                 },
             );
         }
@@ -349,6 +431,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             groups,
             persist_waiting: VecDeque::new(),
             messages: Vec::new(),
+            pieces: Vec::new(),
             answers: Vec::new(),
             ticks: 0,
             next_read_context: 1,
@@ -565,13 +648,431 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
     }
 
-    /// Delivers a message from a peer. Bad or stale messages are dropped (raft tolerates loss).
-    pub fn step(&mut self, envelope: Envelope) {
-        if let Some(g) = self.groups.get_mut(&envelope.group) {
-            if envelope.message.to == self.config.node {
-                let _ = g.raw.step(envelope.message);
+    /// Proposes a membership change of `group` (joint consensus when it changes more than one
+    /// voter: raft-rs enters the joint configuration and leaves it automatically). Answered once
+    /// the change is applied (`Ok` with no results), or at once with `NotLeader`, `Busy` (another
+    /// change is still pending: raft-rs would silently turn this one into an empty entry) or
+    /// `BadRequest`.
+    pub fn change_membership(&mut self, group: u64, request: RequestId, change: ConfChangeV2) {
+        let result = self.try_change_membership(group, request, change);
+        if let Err(error) = result {
+            self.answers.push(Answer {
+                request,
+                result: Err(error),
+            });
+        }
+    }
+
+    fn try_change_membership(
+        &mut self,
+        group: u64,
+        request: RequestId,
+        change: ConfChangeV2,
+    ) -> Result<(), EngineError> {
+        if let Some(cause) = &self.failure {
+            return Err(EngineError::Failed(cause.clone()));
+        }
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(EngineError::UnknownGroup(group))?;
+        let raft = &g.raw.raft;
+        if raft.state != StateRole::Leader {
+            return Err(EngineError::NotLeader {
+                leader: known_leader(raft.leader_id),
+            });
+        }
+        if change.changes.is_empty() {
+            return Err(EngineError::BadRequest(
+                "a membership change needs at least one change".into(),
+            ));
+        }
+        if change
+            .changes
+            .iter()
+            .any(|c| c.node_id == 0 || c.node_id == raft::INVALID_ID)
+        {
+            return Err(EngineError::BadRequest("node id 0 is not a valid member".into()));
+        }
+        if raft.has_pending_conf() || !g.conf_state.voters_outgoing.is_empty() {
+            return Err(EngineError::Busy(
+                "another membership change of this group is still being applied",
+            ));
+        }
+        let index = raft.raft_log.last_index() + 1;
+        let term = raft.term;
+        let data = change.write_to_bytes().expect("protobuf encoding cannot fail");
+        let proposed = g.raw.propose_conf_change(Vec::new(), change);
+        // raft-rs replaces a change proposed while another is pending with an empty normal
+        // entry and reports success: check what actually entered the log.
+        let entered = g.raw.raft.raft_log.last_index() == index
+            && g.raw
+                .raft
+                .raft_log
+                .entries(index, None, GetEntriesContext::empty(false))
+                .ok()
+                .and_then(|e| e.into_iter().next())
+                .is_some_and(|e| e.entry_type == EntryType::EntryConfChangeV2 && e.data == data);
+        match proposed {
+            Ok(()) if entered => {
+                g.proposals.push_back(Proposal {
+                    index,
+                    term,
+                    parts: vec![(request, 0)],
+                    conf: true,
+                });
+                Ok(())
+            }
+            Ok(()) => Err(EngineError::Busy(
+                "raft dropped the change: another membership change is pending",
+            )),
+            Err(raft::Error::ProposalDropped) => Err(EngineError::Busy(
+                "raft dropped the change (a leadership transfer or the uncommitted log limit)",
+            )),
+            Err(error) => Err(EngineError::BadRequest(format!("membership change: {error}"))),
+        }
+    }
+
+    /// A group's membership as applied here.
+    pub fn membership(&self, group: u64) -> Option<ConfState> {
+        self.groups.get(&group).map(|g| g.conf_state.clone())
+    }
+
+    /// Checkpoints every state machine, then lets the WAL drop what they made durable, keeping
+    /// `retain` entries below it and, on a leader, what its slowest follower still needs within
+    /// `retain_for_followers` entries (a follower further behind gets a snapshot instead).
+    ///
+    /// A group whose membership record is still in the WAL's buffers is skipped this time: a
+    /// crash could otherwise leave a checkpoint past a change the recovered membership does not
+    /// know (the log holding the change may be compacted).
+    pub async fn checkpoint(&mut self, retain: u64, retain_for_followers: u64) -> Result<(), String> {
+        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        for group in groups {
+            if !self.wal.borrow().meta_durable(group) {
+                continue;
+            }
+            let g = self.groups.get_mut(&group).unwrap();
+            let durable = g.sm.checkpoint().await.map_err(|e| e.to_string())?;
+            let mut through = durable.saturating_sub(retain);
+            if let Some(slowest) = self.slowest_follower_match(group) {
+                let floor = durable.saturating_sub(retain.max(retain_for_followers));
+                through = through.min(slowest.max(floor));
+            }
+            let mut wal = self.wal.borrow_mut();
+            if through >= wal.first_index(group) && through <= wal.last_index(group) {
+                wal.compact(group, through).map_err(|e| e.to_string())?;
             }
         }
+        Ok(())
+    }
+
+    /// Delivers a message from a peer. Bad or stale messages are dropped (raft tolerates loss).
+    /// A `MsgSnapshot` is taken only once its data is staged here and its metadata durable (see
+    /// `snapshot.rs`); otherwise the leader sends it again after its next probe.
+    pub fn step(&mut self, envelope: Envelope) {
+        let Some(g) = self.groups.get_mut(&envelope.group) else {
+            return;
+        };
+        if envelope.message.to != self.config.node {
+            return;
+        }
+        if envelope.message.msg_type != MessageType::MsgSnapshot {
+            let _ = g.raw.step(envelope.message);
+            return;
+        }
+        let metadata = envelope.message.get_snapshot().get_metadata();
+        let staged = g.incoming.as_ref().is_some_and(|inc| {
+            inc.complete && inc.complete_acked && inc.index == metadata.index && inc.term == metadata.term
+        });
+        if !staged {
+            return;
+        }
+        let _ = g.raw.step(envelope.message);
+        if g.raw.raft.raft_log.unstable_snapshot().is_none() {
+            // Declined (stale: the log already reached it, or this node leads): drop the staging.
+            g.incoming = None;
+            g.sm.restore_abort();
+        }
+    }
+
+    /// Delivers a snapshot piece from a peer (see `snapshot.rs`).
+    pub async fn step_piece(&mut self, piece: SnapshotPiece) {
+        if piece.to != self.config.node || self.failure.is_some() {
+            return;
+        }
+        let ticks = self.ticks;
+        let Some(g) = self.groups.get_mut(&piece.group) else {
+            return;
+        };
+        let reply = |next: u64, complete: bool| SnapshotPiece {
+            group: piece.group,
+            from: piece.to,
+            to: piece.from,
+            index: piece.index,
+            term: piece.term,
+            kind: PieceKind::Ack { next, complete },
+        };
+        match piece.kind {
+            PieceKind::Ack { next, complete } => {
+                let Some(stream) = g.outgoing.get_mut(&piece.from) else {
+                    return;
+                };
+                if (stream.serving.index, stream.serving.term) != (piece.index, piece.term) {
+                    return;
+                }
+                if complete {
+                    // Everything is staged and durable there: raft's message completes it.
+                    let stream = g.outgoing.remove(&piece.from).unwrap();
+                    self.messages.push(Envelope {
+                        group: piece.group,
+                        message: stream.message,
+                    });
+                    g.raw.report_snapshot(piece.from, SnapshotStatus::Finish);
+                    self.stats.snapshots_sent += 1;
+                } else if next > stream.acked {
+                    stream.acked = next;
+                    stream.last_progress_tick = ticks;
+                    stream.retries = 0;
+                } else if next < stream.acked {
+                    // The follower lost its staging (it restarted): start over from there.
+                    stream.acked = next;
+                    stream.next = next;
+                    stream.done_sent = false;
+                }
+            }
+            PieceKind::Chunk { number, data } => {
+                let same = g
+                    .incoming
+                    .as_ref()
+                    .is_some_and(|inc| (inc.index, inc.term) == (piece.index, piece.term));
+                if !same {
+                    if number != 0 {
+                        // Part of a stream this node has no start of: ask for the start.
+                        self.pieces.push(reply(0, false));
+                        return;
+                    }
+                    if g.incoming.take().is_some() {
+                        g.sm.restore_abort();
+                    }
+                    g.incoming = Some(Incoming {
+                        index: piece.index,
+                        term: piece.term,
+                        from: piece.from,
+                        next: 0,
+                        complete: false,
+                        complete_acked: false,
+                        last_tick: ticks,
+                    });
+                }
+                let inc = g.incoming.as_mut().unwrap();
+                inc.from = piece.from;
+                inc.last_tick = ticks;
+                if inc.complete {
+                    if inc.complete_acked {
+                        self.pieces.push(reply(inc.next, true));
+                    }
+                    return;
+                }
+                if number == inc.next {
+                    match g.sm.restore_chunk(&data).await {
+                        Ok(()) => inc.next += 1,
+                        Err(error) => {
+                            // A chunk that does not verify: drop the staging; the leader's
+                            // stream restarts from chunk 0 when it hears so.
+                            tracing::warn!(
+                                "group {}: snapshot chunk {number} from node {}: {error}",
+                                piece.group,
+                                piece.from
+                            );
+                            g.incoming = None;
+                            g.sm.restore_abort();
+                            self.pieces.push(reply(0, false));
+                            return;
+                        }
+                    }
+                }
+                self.pieces.push(reply(inc.next, false));
+            }
+            PieceKind::Done { chunks, meta } => {
+                let Some(inc) = g
+                    .incoming
+                    .as_mut()
+                    .filter(|inc| (inc.index, inc.term) == (piece.index, piece.term))
+                else {
+                    self.pieces.push(reply(0, false));
+                    return;
+                };
+                if inc.complete || inc.next != chunks {
+                    self.pieces
+                        .push(reply(inc.next, inc.complete && inc.complete_acked));
+                    return;
+                }
+                let valid = GroupMeta::decode(&meta)
+                    .ok()
+                    .filter(|m| m.snapshot_term == piece.term && m.snapshot_term != 0);
+                if valid.is_none() {
+                    tracing::warn!(
+                        "group {}: snapshot metadata from node {} does not verify",
+                        piece.group,
+                        piece.from
+                    );
+                    return;
+                }
+                // Durable before the state machine may switch (the acknowledgement waits for it
+                // in `pump_snapshots`): a restart after the switch finds the term here.
+                let written = self.wal.borrow_mut().set_meta(piece.group, piece.index, &meta);
+                if let Err(error) = written {
+                    self.fail(format!("wal: {error}"));
+                    return;
+                }
+                inc.complete = true;
+            }
+        }
+    }
+
+    /// Snapshot streams' work for this loop: on a leader, take snapshots raft asked for and
+    /// send up to the window of chunks per stream; on a follower, acknowledge completed
+    /// receptions once their metadata is durable. Resends and abandonments happen in `tick`.
+    pub async fn pump_snapshots(&mut self) {
+        if self.failure.is_some() {
+            return;
+        }
+        let node = self.config.node;
+        let window = self.config.snapshot_chunks_in_flight.max(1);
+        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        for group in groups {
+            let meta_durable = self.wal.borrow().meta_durable(group);
+            let g = self.groups.get_mut(&group).unwrap();
+            if let Some(inc) = g.incoming.as_mut() {
+                if inc.complete && !inc.complete_acked && meta_durable {
+                    inc.complete_acked = true;
+                    self.pieces.push(SnapshotPiece {
+                        group,
+                        from: node,
+                        to: inc.from,
+                        index: inc.index,
+                        term: inc.term,
+                        kind: PieceKind::Ack {
+                            next: inc.next,
+                            complete: true,
+                        },
+                    });
+                }
+            }
+            if g.raw.raft.state != StateRole::Leader {
+                g.outgoing.clear();
+                g.serving = None;
+                continue;
+            }
+            if std::mem::take(&mut g.snap.borrow_mut().wanted) {
+                if let Err(cause) = self.prepare_snapshot(group) {
+                    self.fail(cause);
+                    return;
+                }
+            }
+            let g = self.groups.get_mut(&group).unwrap();
+            let mut failed = Vec::new();
+            for (&to, stream) in g.outgoing.iter_mut() {
+                while stream.next < stream.acked + window
+                    && stream.chunks.is_none_or(|chunks| stream.next < chunks)
+                {
+                    match g.sm.snapshot_chunk(&stream.serving.snapshot, stream.next).await {
+                        Ok(Some(data)) => {
+                            self.pieces.push(SnapshotPiece {
+                                group,
+                                from: node,
+                                to,
+                                index: stream.serving.index,
+                                term: stream.serving.term,
+                                kind: PieceKind::Chunk {
+                                    number: stream.next,
+                                    data: Bytes::from(data),
+                                },
+                            });
+                            stream.next += 1;
+                        }
+                        Ok(None) => stream.chunks = Some(stream.next),
+                        Err(error) => {
+                            tracing::warn!("group {group}: snapshot for node {to}: {error}");
+                            failed.push(to);
+                            break;
+                        }
+                    }
+                }
+                if let Some(chunks) = stream.chunks {
+                    if stream.acked >= chunks && !stream.done_sent {
+                        stream.done_sent = true;
+                        self.pieces.push(SnapshotPiece {
+                            group,
+                            from: node,
+                            to,
+                            index: stream.serving.index,
+                            term: stream.serving.term,
+                            kind: PieceKind::Done {
+                                chunks,
+                                meta: stream.serving.meta.clone(),
+                            },
+                        });
+                    }
+                }
+            }
+            for to in failed {
+                g.outgoing.remove(&to);
+                g.raw.report_snapshot(to, SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    /// Takes a snapshot of `group`'s state machine for raft to send (its storage returns it at
+    /// raft's next try).
+    fn prepare_snapshot(&mut self, group: u64) -> Result<(), String> {
+        let g = self.groups.get_mut(&group).unwrap();
+        let index = g.sm.applied_index();
+        let wal = self.wal.borrow();
+        let Ok(term) = wal.term(group, index) else {
+            // Not at a log position this node can name; raft asks again later.
+            return Ok(());
+        };
+        if index == 0 {
+            return Ok(());
+        }
+        let conf_state = match wal.meta_at(group, index) {
+            Some((at, bytes)) => {
+                GroupMeta::decode(&bytes)
+                    .map_err(|e| format!("group {group}: WAL metadata at index {at}: {e}"))?
+                    .conf_state
+            }
+            None => ConfState {
+                voters: self.config.voters.clone(),
+                ..Default::default()
+            },
+        };
+        drop(wal);
+        let snapshot =
+            g.sm.snapshot()
+                .map_err(|e| format!("group {group}: snapshot: {e}"))?;
+        let meta = GroupMeta {
+            conf_state: conf_state.clone(),
+            snapshot_term: term,
+        };
+        g.serving = Some(Rc::new(Serving {
+            index,
+            term,
+            meta: Bytes::from(meta.encode()),
+            snapshot,
+        }));
+        let mut raft_snapshot = Snapshot::default();
+        let metadata = raft_snapshot.mut_metadata();
+        metadata.index = index;
+        metadata.term = term;
+        metadata.set_conf_state(conf_state);
+        g.snap.borrow_mut().ready = Some(raft_snapshot);
+        Ok(())
+    }
+
+    /// Snapshot pieces to send since the last call.
+    pub fn take_pieces(&mut self) -> Vec<SnapshotPiece> {
+        std::mem::take(&mut self.pieces)
     }
 
     /// Hands leadership of every group this node leads to its most up-to-date follower (raft's
@@ -612,10 +1113,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let me = g.raw.raft.id;
         let to = match to {
             Some(to) if to == me => return Ok(false),
-            Some(to) if g.raw.raft.prs().iter().any(|(id, _)| *id == to) => to,
+            Some(to) if is_voter(&g.raw.raft, to) => to,
             Some(to) => {
                 return Err(EngineError::BadRequest(format!(
-                    "node {to} is not a member of group {group}"
+                    "node {to} is not a voter of group {group}"
                 )))
             }
             None => best_follower(&g.raw.raft)
@@ -668,10 +1169,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
                 continue;
             }
-            let caught_up = raft
-                .prs()
-                .get(to)
-                .is_some_and(|p| p.recent_active && p.matched == raft.raft_log.last_index());
+            let caught_up = is_voter(raft, to)
+                && raft
+                    .prs()
+                    .get(to)
+                    .is_some_and(|p| p.recent_active && p.matched == raft.raft_log.last_index());
             if caught_up {
                 g.raw.transfer_leader(to);
                 return Some((group, to));
@@ -692,8 +1194,30 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     pub fn tick(&mut self) {
         self.ticks += 1;
         let retry_after = self.config.election_ticks as u64;
+        let ticks = self.ticks;
         for g in self.groups.values_mut() {
             g.raw.tick();
+            // Snapshot streams without progress for an election timeout resend from the last
+            // acknowledged chunk (the connection may have dropped); after enough rounds raft is
+            // told the snapshot failed, and asks for one again later.
+            let mut abandoned = Vec::new();
+            for (&to, stream) in g.outgoing.iter_mut() {
+                if ticks - stream.last_progress_tick < retry_after {
+                    continue;
+                }
+                stream.retries += 1;
+                stream.last_progress_tick = ticks;
+                if stream.retries > STREAM_RETRIES_MAX {
+                    abandoned.push(to);
+                } else {
+                    stream.next = stream.acked;
+                    stream.done_sent = false;
+                }
+            }
+            for to in abandoned {
+                g.outgoing.remove(&to);
+                g.raw.report_snapshot(to, SnapshotStatus::Failure);
+            }
             // ReadIndex is silently dropped until the leader has committed an entry in its
             // term: re-send requests that got no answer.
             let stale: Vec<u64> = g
@@ -766,7 +1290,12 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         g.counters.commands_proposed += count as u64;
                         // Cannot fail: the count is within the histogram's bounds (saturating).
                         let _ = self.commands_per_entry.record(count.max(1) as u64);
-                        g.proposals.push_back(Proposal { index, term, parts });
+                        g.proposals.push_back(Proposal {
+                            index,
+                            term,
+                            parts,
+                            conf: false,
+                        });
                     }
                     outcome => {
                         // Dropped (uncommitted bytes over raft.max_uncommitted_bytes, or a
@@ -798,13 +1327,13 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
 
     /// Collects every group's `Ready`: sends leader messages now, writes entries and hard
     /// states into the WAL's open batch, and queues committed entries for apply.
-    pub fn collect_ready(&mut self) {
+    pub async fn collect_ready(&mut self) {
         if self.failure.is_some() {
             return;
         }
         let groups: Vec<u64> = self.groups.keys().copied().collect();
         for group in groups {
-            if let Err(cause) = self.collect_group(group) {
+            if let Err(cause) = self.collect_group(group).await {
                 self.fail(cause);
                 return;
             }
@@ -814,7 +1343,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         self.on_durable();
     }
 
-    fn collect_group(&mut self, group: u64) -> Result<(), String> {
+    async fn collect_group(&mut self, group: u64) -> Result<(), String> {
         let g = self.groups.get_mut(&group).unwrap();
         if !g.raw.has_ready() {
             return Ok(());
@@ -840,12 +1369,59 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             }
         }
         for message in ready.take_messages() {
+            if message.msg_type == MessageType::MsgSnapshot {
+                // Held back until the follower has the data (see `snapshot.rs`).
+                let serving = g.serving.clone().filter(|s| {
+                    let metadata = message.get_snapshot().get_metadata();
+                    (s.index, s.term) == (metadata.index, metadata.term)
+                });
+                match serving {
+                    Some(serving) => {
+                        g.outgoing.insert(
+                            message.to,
+                            Outgoing {
+                                serving,
+                                message,
+                                next: 0,
+                                acked: 0,
+                                chunks: None,
+                                done_sent: false,
+                                last_progress_tick: self.ticks,
+                                retries: 0,
+                            },
+                        );
+                    }
+                    None => g.raw.report_snapshot(message.to, SnapshotStatus::Failure),
+                }
+                continue;
+            }
             self.messages.push(Envelope { group, message });
         }
-        assert!(
-            ready.snapshot().data.is_empty() && ready.snapshot().get_metadata().index == 0,
-            "snapshots are not sent yet"
-        );
+        if !ready.snapshot().is_empty() {
+            // Install: the state machine switches (durably) first, then the WAL's log restarts
+            // after the snapshot. The metadata record written when the data was staged (durable
+            // before raft saw the message) lets a restart in between finish the reset.
+            let metadata = ready.snapshot().get_metadata().clone();
+            let installed =
+                g.sm.restore_finish()
+                    .await
+                    .map_err(|e| format!("group {group}: snapshot install: {e}"))?;
+            if installed != metadata.index {
+                return Err(format!(
+                    "group {group}: the state machine restored index {installed}, raft's snapshot is at {}",
+                    metadata.index
+                ));
+            }
+            g.incoming = None;
+            self.stats.snapshots_installed += 1;
+            g.conf_state = metadata.get_conf_state().clone();
+            g.applied = metadata.index;
+            g.committed.clear();
+            let mut wal = self.wal.borrow_mut();
+            wal.reset(group, metadata.index, metadata.term)
+                .map_err(|e| e.to_string())?;
+            wal.set_cache_floor(group, metadata.index + 1);
+        }
         for state in ready.take_read_states() {
             let ctx = u64::from_le_bytes(state.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
             if let Some((reads, _)) = g.reads_inflight.remove(&ctx) {
@@ -1006,7 +1582,26 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         while let Some(entry) = g.committed.pop_front() {
             results.clear();
             let mut bad_batch = None;
-            if !entry.data.is_empty() && entry.entry_type == raft::eraftpb::EntryType::EntryNormal {
+            if entry.entry_type != EntryType::EntryNormal {
+                // A membership change: applied to raft, recorded in the WAL with its index (made
+                // durable before any checkpoint covers it, see `checkpoint_allowed`).
+                match apply_conf_change(&mut g.raw, &entry) {
+                    Ok(conf_state) => {
+                        let meta = GroupMeta {
+                            conf_state: conf_state.clone(),
+                            snapshot_term: 0,
+                        };
+                        self.wal
+                            .borrow_mut()
+                            .set_meta(group, entry.index, &meta.encode())
+                            .map_err(|e| e.to_string())?;
+                        g.conf_state = conf_state;
+                    }
+                    // Deterministic on every replica (the same change against the same
+                    // configuration): the configuration stays, the proposer is told.
+                    Err(reason) => bad_batch = Some(reason),
+                }
+            } else if !entry.data.is_empty() {
                 match BatchView::new(&entry.data) {
                     Ok(view) => {
                         g.sm.apply(entry.index, view.batch(), &mut results)
@@ -1028,7 +1623,14 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     break;
                 }
                 let proposal = g.proposals.pop_front().unwrap();
-                if proposal.index == entry.index && proposal.term == entry.term {
+                if proposal.index == entry.index && proposal.term == entry.term && proposal.conf {
+                    let (request, _) = proposal.parts[0];
+                    let result = match &bad_batch {
+                        Some(reason) => Err(EngineError::BadRequest(reason.clone())),
+                        None => Ok(Vec::new()),
+                    };
+                    self.answers.push(Answer { request, result });
+                } else if proposal.index == entry.index && proposal.term == entry.term {
                     let mut at = 0;
                     for (request, count) in proposal.parts {
                         let result = match &bad_batch {
@@ -1052,6 +1654,12 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             g.applied = index;
             g.raw.advance_apply_to(index);
             self.wal.borrow_mut().set_cache_floor(group, index + 1);
+        } else {
+            // An installed snapshot counts as applied once raft knows it is persisted.
+            let log = &g.raw.raft.raft_log;
+            if g.applied > log.applied && g.applied <= log.committed.min(log.persisted) {
+                g.raw.advance_apply_to(g.applied);
+            }
         }
         let applied = g.applied;
         while g.reads_ready.front().is_some_and(|(index, _)| *index <= applied) {

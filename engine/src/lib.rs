@@ -27,7 +27,9 @@
 
 mod client;
 mod core;
+mod meta;
 mod runtime;
+mod snapshot;
 mod storage;
 mod transport;
 
@@ -36,10 +38,12 @@ pub use crate::core::{
     Answer, Consistency, EngineError, Envelope, Fetch, GroupMetrics, RequestId, ShardConfig, ShardCore,
     ShardStats,
 };
+pub use crate::meta::GroupMeta;
 pub use crate::runtime::{
     Engine, GroupStatus, KvFactory, MachineFactory, NodeMetrics, NodeStats, ShardMetrics,
 };
+pub use crate::snapshot::{PieceKind, SnapshotPiece};
 pub use crate::storage::GroupStorage;
-pub use crate::transport::{Inbound, NodeHandle, Pending, ShardLink, ShardNet, Transport};
+pub use crate::transport::{Inbound, MemberChange, NodeHandle, Pending, ShardLink, ShardNet, Transport};
 pub use hdrhistogram::Histogram;
 pub use raft;

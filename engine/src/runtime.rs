@@ -27,7 +27,8 @@ use crate::client::{Client, Route};
 use crate::core::{
     Consistency, EngineError, Envelope, GroupMetrics, RequestId, ShardConfig, ShardCore, ShardStats,
 };
-use crate::transport::{InProcess, Inbound, NodeHandle, ShardNet, Transport};
+use crate::snapshot::SnapshotPiece;
+use crate::transport::{InProcess, Inbound, MemberChange, NodeHandle, ShardNet, Transport};
 use hdrhistogram::Histogram;
 
 /// A reply channel for one request.
@@ -47,6 +48,12 @@ pub(crate) enum ShardInput {
         reply: Reply,
     },
     Peer(Box<Envelope>),
+    Piece(Box<SnapshotPiece>),
+    Membership {
+        group: u64,
+        changes: Vec<MemberChange>,
+        reply: Reply,
+    },
     Stats {
         reply: flume::Sender<NodeStats>,
     },
@@ -607,10 +614,15 @@ async fn run_shard<S: StateMachine + 'static>(
         }
         kick.kicked.set(false);
         // Take every waiting input (the one waited for first), up to a bound per loop.
+        let mut pieces: Vec<SnapshotPiece> = Vec::new();
         for _ in 0..INPUTS_PER_LOOP_MAX {
             let Some(input) = waited.take().or_else(|| inbox.try_recv().ok()) else {
                 break;
             };
+            if let ShardInput::Piece(piece) = input {
+                pieces.push(*piece);
+                continue;
+            }
             if let ShardInput::Transfer { group, to, reply } = input {
                 match core.transfer_group(group, to) {
                     Err(error) => {
@@ -640,6 +652,9 @@ async fn run_shard<S: StateMachine + 'static>(
                 &mut shutdown,
                 &extras,
             );
+        }
+        for piece in pieces {
+            core.step_piece(piece).await;
         }
         for completion in done.borrow_mut().drain(..) {
             if let IoDone::Written { .. } = completion {
@@ -682,7 +697,7 @@ async fn run_shard<S: StateMachine + 'static>(
         if !writing.get() || core.queued_bytes() >= entry_bytes_max {
             core.propose();
         }
-        core.collect_ready();
+        core.collect_ready().await;
         for fetch in core.take_fetches() {
             let entries = match fetch.plan {
                 Some(plan) => plan.execute(&wal_disk).await.ok(),
@@ -710,6 +725,7 @@ async fn run_shard<S: StateMachine + 'static>(
             .detach();
         }
         core.apply().await;
+        core.pump_snapshots().await;
         // Transfers complete when this node no longer leads the group.
         transfers.retain(|(group, reply, deadline)| {
             let moved = !core.is_leader(*group);
@@ -734,6 +750,11 @@ async fn run_shard<S: StateMachine + 'static>(
                 core.report_unreachable(group, to);
             }
         }
+        for piece in core.take_pieces() {
+            // Dropped (no connection, queue full): the stream resends after a timeout.
+            let to = piece.to;
+            let _ = link.send_piece(to, piece);
+        }
         link.flush();
         for answer in answers {
             if let Some((reply, since)) = replies.remove(&answer.request) {
@@ -748,13 +769,8 @@ async fn run_shard<S: StateMachine + 'static>(
             last_balance = std::time::Instant::now();
         }
         if last_checkpoint.elapsed() >= checkpoint_every {
-            checkpoint(
-                &mut core,
-                &groups,
-                config.wal.retain_entries,
-                config.wal.retain_for_followers_entries,
-            )
-            .await?;
+            core.checkpoint(config.wal.retain_entries, config.wal.retain_for_followers_entries)
+                .await?;
             last_checkpoint = std::time::Instant::now();
         }
         if let Some(done) = &shutdown {
@@ -782,13 +798,8 @@ async fn run_shard<S: StateMachine + 'static>(
             let idle =
                 replies.is_empty() && !handing_over && !core.wal().borrow().has_pending() && !writing.get();
             if idle || core.failure().is_some() {
-                checkpoint(
-                    &mut core,
-                    &groups,
-                    config.wal.retain_entries,
-                    config.wal.retain_for_followers_entries,
-                )
-                .await?;
+                core.checkpoint(config.wal.retain_entries, config.wal.retain_for_followers_entries)
+                    .await?;
                 stop.set(true);
                 let _ = done.send(());
                 return match core.failure() {
@@ -799,36 +810,6 @@ async fn run_shard<S: StateMachine + 'static>(
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
     }
-}
-
-/// Checkpoints every state machine, then lets the WAL drop what they made durable (keeping
-/// `retain` entries for slow followers).
-async fn checkpoint(
-    core: &mut ShardCore<GlommioDisk, impl StateMachine>,
-    groups: &[u64],
-    retain: u64,
-    retain_for_followers: u64,
-) -> Result<(), String> {
-    for &group in groups {
-        let durable = core
-            .machine(group)
-            .unwrap()
-            .checkpoint()
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut through = durable.saturating_sub(retain);
-        // A leader keeps what its slowest follower still needs (it cannot send snapshots yet),
-        // within a bound so a dead follower cannot pin the WAL forever.
-        if let Some(slowest) = core.slowest_follower_match(group) {
-            let floor = durable.saturating_sub(retain.max(retain_for_followers));
-            through = through.min(slowest.max(floor));
-        }
-        let mut wal = core.wal().borrow_mut();
-        if through >= wal.first_index(group) && through <= wal.last_index(group) {
-            wal.compact(group, through).map_err(|e| e.to_string())?;
-        }
-    }
-    Ok(())
 }
 
 /// What the runner knows beyond the core, for metrics.
@@ -880,6 +861,17 @@ fn handle_input(
             core.read(group, request, key, consistency);
         }
         ShardInput::Peer(envelope) => core.step(*envelope),
+        ShardInput::Piece(_) => unreachable!("the shard loop takes snapshot pieces itself"),
+        ShardInput::Membership {
+            group,
+            changes,
+            reply,
+        } => {
+            let request = register(reply);
+            let mut change = raft::eraftpb::ConfChangeV2::default();
+            change.set_changes(changes.into_iter().map(MemberChange::to_single).collect());
+            core.change_membership(group, request, change);
+        }
         ShardInput::Status { reply } => {
             let groups: Vec<u64> = core.groups().collect();
             let status = groups

@@ -23,6 +23,16 @@ pub(crate) struct FetchRequest {
 /// Shared between a group's storage (which records requests) and the shard (which serves them).
 pub(crate) type FetchQueue = Rc<RefCell<Vec<FetchRequest>>>;
 
+/// Between a group's storage and the shard: whether raft asked for a snapshot, and the one the
+/// shard prepared (metadata only: the data travels as snapshot pieces, see `snapshot.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotSlot {
+    pub(crate) wanted: bool,
+    pub(crate) ready: Option<Snapshot>,
+}
+
+pub(crate) type SnapSlot = Rc<RefCell<SnapshotSlot>>;
+
 /// A group's view of the shared WAL.
 pub struct GroupStorage<D: Disk> {
     group: u64,
@@ -33,6 +43,7 @@ pub struct GroupStorage<D: Disk> {
     applied_floor: u64,
     /// Uncached entries raft asked for asynchronously.
     pub(crate) fetches: FetchQueue,
+    pub(crate) snapshot: SnapSlot,
 }
 
 impl<D: Disk> std::fmt::Debug for GroupStorage<D> {
@@ -47,18 +58,16 @@ impl<D: Disk> GroupStorage<D> {
     pub fn new(
         group: u64,
         wal: Rc<RefCell<Wal<D>>>,
-        voters: Vec<u64>,
+        conf_state: ConfState,
         applied_floor: u64,
     ) -> GroupStorage<D> {
         GroupStorage {
             group,
             wal,
-            conf_state: ConfState {
-                voters,
-                ..Default::default()
-            },
+            conf_state,
             applied_floor,
             fetches: Rc::new(RefCell::new(Vec::new())),
+            snapshot: Rc::default(),
         }
     }
 }
@@ -156,8 +165,19 @@ impl<D: Disk> raft::Storage for GroupStorage<D> {
         Ok(self.wal.borrow().last_index(self.group))
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshot transfer is issue 8's; until then a follower behind the compacted log waits.
+    /// The snapshot the shard prepared, if it is recent enough (at or past `request_index`, and
+    /// not older than the log's start, or the follower could not continue after it); otherwise
+    /// the shard is asked to take one and raft retries at its next append to that follower.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let mut slot = self.snapshot.borrow_mut();
+        let first = self.wal.borrow().first_index(self.group);
+        if let Some(snapshot) = &slot.ready {
+            let index = snapshot.get_metadata().index;
+            if index >= request_index && index + 1 >= first {
+                return Ok(snapshot.clone());
+            }
+        }
+        slot.wanted = true;
         Err(Error::Store(StorageError::SnapshotTemporarilyUnavailable))
     }
 }

@@ -19,6 +19,7 @@ use ringraft_sm::{Command, CommandResult};
 
 use crate::core::{Consistency, EngineError, Envelope};
 use crate::runtime::{GroupStatus, NodeMetrics, NodeStats, ShardInput};
+use crate::snapshot::SnapshotPiece;
 
 /// Creates each shard's link. Shared by the node's shards (`Send + Sync`).
 pub trait Transport: Send + Sync + 'static {
@@ -31,6 +32,9 @@ pub trait ShardLink {
     /// Queues one message for the same shard of node `to`. `false` when it was dropped (no
     /// connection, queue full): the shard reports the peer unreachable to raft, which resends.
     fn send(&mut self, to: u64, envelope: Envelope) -> bool;
+    /// Queues one snapshot piece for the same shard of node `to`, in order with the messages.
+    /// `false` when dropped: the snapshot stream resends after a timeout.
+    fn send_piece(&mut self, to: u64, piece: SnapshotPiece) -> bool;
     /// Called once per loop after its sends: a transport may write now.
     fn flush(&mut self) {}
     /// The node is shutting down: stop accepting new work.
@@ -62,6 +66,11 @@ impl Inbound {
     /// `false` when the shard's inbox is full or the shard stopped (the message is dropped).
     pub fn deliver(&self, envelope: Envelope) -> bool {
         self.0.try_send(ShardInput::Peer(Box::new(envelope))).is_ok()
+    }
+
+    /// `false` when the shard's inbox is full or the shard stopped (the piece is dropped).
+    pub fn deliver_piece(&self, piece: SnapshotPiece) -> bool {
+        self.0.try_send(ShardInput::Piece(Box::new(piece))).is_ok()
     }
 }
 
@@ -167,6 +176,21 @@ impl NodeHandle {
         Ok(Pending(rx))
     }
 
+    /// Changes the membership of `group` (ask its leader). Answers once the change is applied;
+    /// `Busy` while another change of the group is pending.
+    pub fn change_membership(&self, group: u64, changes: Vec<MemberChange>) -> Result<Pending, EngineError> {
+        let (reply, rx) = flume::bounded(1);
+        self.send(
+            group,
+            ShardInput::Membership {
+                group,
+                changes,
+                reply,
+            },
+        )?;
+        Ok(Pending(rx))
+    }
+
     /// Every group's status on this node, by group.
     pub async fn status(&self) -> Vec<GroupStatus> {
         let mut out = Vec::new();
@@ -239,5 +263,41 @@ impl ShardLink for InProcessLink {
                 .is_ok(),
             None => false,
         }
+    }
+
+    fn send_piece(&mut self, to: u64, piece: SnapshotPiece) -> bool {
+        match self.shards.get(&to) {
+            Some(senders) => senders[self.shard]
+                .try_send(ShardInput::Piece(Box::new(piece)))
+                .is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// One change of a group's membership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Add a voter, or promote a learner to voter.
+    AddVoter(u64),
+    /// Add a learner (receives the log, does not vote): the way to add a node, which then
+    /// catches up before it is promoted.
+    AddLearner(u64),
+    /// Remove a voter or learner.
+    Remove(u64),
+}
+
+impl MemberChange {
+    pub(crate) fn to_single(self) -> raft::eraftpb::ConfChangeSingle {
+        use raft::eraftpb::{ConfChangeSingle, ConfChangeType};
+        let (change_type, node) = match self {
+            MemberChange::AddVoter(n) => (ConfChangeType::AddNode, n),
+            MemberChange::AddLearner(n) => (ConfChangeType::AddLearnerNode, n),
+            MemberChange::Remove(n) => (ConfChangeType::RemoveNode, n),
+        };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.node_id = node;
+        single
     }
 }

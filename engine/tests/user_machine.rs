@@ -71,6 +71,10 @@ impl StateMachine for Audited {
     async fn restore_finish(&mut self) -> Result<u64, SmError> {
         self.inner.restore_finish().await
     }
+
+    fn restore_abort(&mut self) {
+        self.inner.restore_abort()
+    }
 }
 
 struct AuditedFactory {
@@ -108,6 +112,10 @@ impl Transport for NoPeers {
 
 impl ShardLink for NoPeers {
     fn send(&mut self, _: u64, _: Envelope) -> bool {
+        false
+    }
+
+    fn send_piece(&mut self, _: u64, _: ringraft_engine::SnapshotPiece) -> bool {
         false
     }
 }

@@ -26,6 +26,7 @@ pub mod kind {
     pub const HELLO: u8 = 0x01;
     pub const AUTH: u8 = 0x02;
     pub const RAFT: u8 = 0x03;
+    pub const SNAP: u8 = 0x04;
     pub const SUBMIT: u8 = 0x10;
     pub const GET: u8 = 0x11;
     pub const CLUSTER: u8 = 0x12;

@@ -24,5 +24,6 @@ mod peer;
 pub mod protocol;
 pub mod raft_wire;
 mod server;
+pub mod snap_wire;
 
 pub use crate::peer::TcpTransport;

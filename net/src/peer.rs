@@ -10,7 +10,8 @@
 //! (`limits.peer_queue_messages`) and returns `false` when the peer is not connected or the
 //! queue is full: the shard then tells raft (`report_unreachable`), which resends. After each
 //! shard loop, the peer's writer task drains its queue into one `RAFT` frame (one write per
-//! destination per loop). A slow or dead peer only ever costs its own bounded queue.
+//! destination per loop). A slow or dead peer only ever costs its own bounded queue. Snapshot
+//! pieces share the queue (in order with the messages) and go out as one `SNAP` frame each.
 //!
 //! Receiving: a reader task per connection reads frames (length checked against
 //! `limits.frame_bytes_max` before allocating), decodes messages with entry data as slices of the
@@ -32,7 +33,7 @@ use futures_lite::io::{BufReader, ReadHalf, WriteHalf};
 use futures_lite::{AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::task::JoinHandle;
-use ringraft_engine::{Envelope, Inbound, ShardLink, ShardNet, Transport};
+use ringraft_engine::{Envelope, Inbound, ShardLink, ShardNet, SnapshotPiece, Transport};
 use ringraft_tuning::Config;
 use tracing::{debug, info, warn};
 
@@ -40,6 +41,7 @@ use crate::frame::{self, kind, FrameError};
 use crate::handshake::{HandshakeError, Hello, Local, HELLO_BYTES, PROOF_BYTES};
 use crate::raft_wire;
 use crate::server;
+use crate::snap_wire;
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -184,11 +186,17 @@ impl Future for Wait<'_> {
     }
 }
 
+/// What waits in a peer's queue.
+enum Outbound {
+    Raft(Envelope),
+    Piece(SnapshotPiece),
+}
+
 /// One peer node, as seen from one shard.
 struct Peer {
     id: u64,
     addr: SocketAddr,
-    queue: RefCell<VecDeque<Envelope>>,
+    queue: RefCell<VecDeque<Outbound>>,
     connected: Cell<bool>,
     /// Bumped by each new connection; an older connection's tasks stop when they see it.
     generation: Cell<u64>,
@@ -217,8 +225,8 @@ struct TcpLink {
     _peer_tasks: Vec<JoinHandle<()>>,
 }
 
-impl ShardLink for TcpLink {
-    fn send(&mut self, to: u64, envelope: Envelope) -> bool {
+impl TcpLink {
+    fn enqueue(&mut self, to: u64, item: Outbound) -> bool {
         let Some(peer) = self.state.peers.get(&to) else {
             return false;
         };
@@ -229,8 +237,18 @@ impl ShardLink for TcpLink {
         if queue.len() >= self.state.queue_max {
             return false;
         }
-        queue.push_back(envelope);
+        queue.push_back(item);
         true
+    }
+}
+
+impl ShardLink for TcpLink {
+    fn send(&mut self, to: u64, envelope: Envelope) -> bool {
+        self.enqueue(to, Outbound::Raft(envelope))
+    }
+
+    fn send_piece(&mut self, to: u64, piece: SnapshotPiece) -> bool {
+        self.enqueue(to, Outbound::Piece(piece))
     }
 
     fn flush(&mut self) {
@@ -384,6 +402,21 @@ async fn read_side(state: &ShardState, peer: &Peer, reader: ReadHalf<TcpStream>)
             Err(FrameError::Closed) => return "closed by the peer".into(),
             Err(e) => return format!("read: {e}"),
         };
+        if frame.kind == kind::SNAP {
+            match snap_wire::decode(&frame.payload) {
+                Ok(piece) if piece.from == peer.id => {
+                    // A full inbox drops it; the snapshot stream resends.
+                    let _ = state.inbound.deliver_piece(piece);
+                }
+                Ok(piece) => warn!(
+                    peer = peer.id,
+                    from = piece.from,
+                    "dropped a snapshot piece with a forged sender"
+                ),
+                Err(e) => return format!("bad snapshot frame: {e}"),
+            }
+            continue;
+        }
         if frame.kind != kind::RAFT {
             return format!("unexpected frame kind {:#04x}", frame.kind);
         }
@@ -425,12 +458,43 @@ async fn write_side(
             peer.signal.wait().await;
         }
         out.clear();
+        let front_is_piece = matches!(peer.queue.borrow().front(), Some(Outbound::Piece(_)));
+        if front_is_piece {
+            let Some(Outbound::Piece(piece)) = peer.queue.borrow_mut().pop_front() else {
+                unreachable!("checked above");
+            };
+            let start = frame::begin(&mut out, kind::SNAP);
+            snap_wire::put_piece(&mut out, &piece);
+            if out.len() - start - frame::HEADER_BYTES > max {
+                warn!(
+                    peer = peer.id,
+                    group = piece.group,
+                    "dropped a snapshot piece larger than limits.frame_bytes_max (lower sm.snapshot_chunk_bytes)"
+                );
+                continue;
+            }
+            frame::finish(&mut out, start);
+            if let Err(e) = writer.write_all(&out).await {
+                return format!("write: {e}");
+            }
+            if let Err(e) = writer.flush().await {
+                return format!("write: {e}");
+            }
+            continue;
+        }
         let start = frame::begin(&mut out, kind::RAFT);
         let base = raft_wire::begin(&mut out);
         let mut count = 0u32;
         loop {
-            let Some(envelope) = peer.queue.borrow_mut().pop_front() else {
-                break;
+            let envelope = {
+                let mut queue = peer.queue.borrow_mut();
+                if !matches!(queue.front(), Some(Outbound::Raft(_))) {
+                    break;
+                }
+                let Some(Outbound::Raft(envelope)) = queue.pop_front() else {
+                    unreachable!("checked above");
+                };
+                envelope
             };
             let before = out.len();
             raft_wire::put_message(&mut out, base, &envelope);
@@ -443,7 +507,7 @@ async fn write_side(
                         "dropped a raft message larger than limits.frame_bytes_max"
                     );
                 } else {
-                    peer.queue.borrow_mut().push_front(envelope);
+                    peer.queue.borrow_mut().push_front(Outbound::Raft(envelope));
                     break;
                 }
             } else {

@@ -1235,6 +1235,11 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         Ok(())
     }
 
+    fn restore_abort(&mut self) {
+        // Staged values were appended without counting as live: compaction reclaims them.
+        self.restore = None;
+    }
+
     async fn restore_finish(&mut self) -> Result<u64, SmError> {
         self.check_usable("restore")?;
         let Some(restore) = self.restore.take_if(|r| r.next_chunk == r.chunks) else {

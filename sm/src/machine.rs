@@ -60,4 +60,8 @@ pub trait StateMachine {
 
     /// Completes a restore; returns the snapshot's applied index, now durable.
     async fn restore_finish(&mut self) -> Result<u64, SmError>;
+
+    /// Discards a restore in progress, if any (raft declined the snapshot, or another one
+    /// replaces it). The current state is untouched; staged data becomes garbage.
+    fn restore_abort(&mut self);
 }

@@ -73,6 +73,11 @@ pub struct ClusterConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     pub nodes: Vec<NodeAddress>,
+    /// Who votes in every group when it starts from nothing; empty means every listed node.
+    /// A node added later (`ringraft member add`) is listed in `nodes` on every node but not
+    /// here, and every node must agree on this list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub initial_voters: Vec<u64>,
 }
 
 impl Default for ClusterConfig {
@@ -86,6 +91,7 @@ impl Default for ClusterConfig {
                 peer_port: 7400,
                 client_port: 7500,
             }],
+            initial_voters: Vec::new(),
         }
     }
 }
@@ -297,6 +303,8 @@ pub struct LimitsConfig {
     pub peer_queue_messages: u64,
     /// How long the server waits for a client request's answer before replying `Timeout`.
     pub request_timeout_ms: u64,
+    /// Unacknowledged snapshot chunks per snapshot stream.
+    pub snapshot_chunks_in_flight: u64,
 }
 
 impl Default for LimitsConfig {
@@ -310,6 +318,7 @@ impl Default for LimitsConfig {
             group_queue_bytes_max: 64 << 20,
             peer_queue_messages: 4096,
             request_timeout_ms: 10_000,
+            snapshot_chunks_in_flight: 4,
         }
     }
 }
@@ -319,6 +328,15 @@ pub const ENV_NODE_ID: &str = "RINGRAFT_NODE_ID";
 pub const ENV_DATA_DIR: &str = "RINGRAFT_DATA_DIR";
 
 impl Config {
+    /// Every group's voters when it starts from nothing (`cluster.initial_voters`, or every node).
+    pub fn initial_voters(&self) -> Vec<u64> {
+        if self.cluster.initial_voters.is_empty() {
+            self.cluster.nodes.iter().map(|n| n.id).collect()
+        } else {
+            self.cluster.initial_voters.clone()
+        }
+    }
+
     /// Parses a TOML document; unknown keys and wrong types are errors naming the key.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text)

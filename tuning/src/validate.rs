@@ -96,6 +96,15 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
             );
         }
     }
+    for voter in &config.cluster.initial_voters {
+        if !ids.contains(voter) {
+            error(
+                "cluster.initial_voters",
+                format!("node {voter} is not in cluster.nodes"),
+                "list only ids from cluster.nodes (or leave it empty: every node votes)",
+            );
+        }
+    }
     // Ports: each node uses [peer_port, peer_port + shards) and [client_port, client_port + shards).
     let mut ranges: Vec<(std::net::IpAddr, u64, u64, String)> = Vec::new();
     for node in &config.cluster.nodes {
@@ -140,7 +149,7 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
 
     // Limits that must not be zero.
     let c = config;
-    let nonzero: [(&str, u64); 23] = [
+    let nonzero: [(&str, u64); 24] = [
         ("shards.groups_per_shard", c.shards.groups_per_shard),
         ("batching.entry_bytes_max", c.batching.entry_bytes_max),
         ("batching.entry_commands_max", c.batching.entry_commands_max),
@@ -170,6 +179,10 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
         ),
         ("limits.peer_queue_messages", c.limits.peer_queue_messages),
         ("limits.request_timeout_ms", c.limits.request_timeout_ms),
+        (
+            "limits.snapshot_chunks_in_flight",
+            c.limits.snapshot_chunks_in_flight,
+        ),
     ];
     let mut zero = BTreeSet::new();
     for (key, value) in nonzero

@@ -1,0 +1,94 @@
+//! Snapshot transfer between the same shard of two nodes, beside raft's own messages.
+//!
+//! raft-rs decides *when* a follower needs a snapshot (its next entry is compacted on the
+//! leader) and carries only the snapshot's metadata in its `MsgSnapshot`. The state machine's
+//! bytes travel as [`SnapshotPiece`]s, and the `MsgSnapshot` is delivered last:
+//!
+//! 1. raft asks the group's storage for a snapshot; the shard takes one from the state machine
+//!    at its applied index (a consistent view; chunks are produced lazily from it).
+//! 2. The leader's outgoing `MsgSnapshot` is held back; a stream sends `Chunk`s with at most
+//!    `snapshot_chunks_in_flight` unacknowledged (bounded memory, flow control), then `Done`
+//!    with the group's metadata (membership, term). Chunks are produced a window at a time per
+//!    loop, so the shard's other groups keep being served.
+//! 3. The follower stages each chunk in its state machine (`restore_chunk`, in order; a repeat
+//!    is acknowledged and ignored) and acknowledges with the next chunk it wants. At `Done` it
+//!    writes the metadata to its WAL and, once that is durable, acknowledges `complete`.
+//! 4. The leader then sends the held `MsgSnapshot`; raft on the follower accepts it (or declines
+//!    a stale one: the staged restore is dropped), and the shard installs it: state machine
+//!    switch (durable), then the WAL reset. A restart in between finishes the install from the
+//!    metadata record (see `ShardCore::new`).
+//!
+//! Every chunk is checksummed by the state machine's chunk format and every frame by the
+//! transport. Lost pieces are recovered by the leader: without progress for an election
+//! timeout it resends from the last acknowledged chunk (resuming after a dropped connection);
+//! after [`STREAM_RETRIES_MAX`] such rounds it reports the snapshot failed to raft, which asks
+//! again later.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use raft::eraftpb::Message;
+
+/// Resend rounds without progress before a stream is abandoned.
+pub const STREAM_RETRIES_MAX: u32 = 10;
+
+/// A piece of a snapshot transfer for one group, between the same shard of two nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPiece {
+    pub group: u64,
+    pub from: u64,
+    pub to: u64,
+    /// Identifies the snapshot: its index and the term of that index.
+    pub index: u64,
+    pub term: u64,
+    pub kind: PieceKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PieceKind {
+    /// Leader to follower: chunk `number` (from 0) of the state machine's snapshot stream.
+    Chunk { number: u64, data: Bytes },
+    /// Leader to follower: the stream has `chunks` chunks; `meta` is the encoded
+    /// [`crate::meta::GroupMeta`] (membership at the snapshot's index, and its term).
+    Done { chunks: u64, meta: Bytes },
+    /// Follower to leader: the next chunk wanted; `complete` once every chunk is staged and the
+    /// metadata is durable (the leader then sends raft's `MsgSnapshot`).
+    Ack { next: u64, complete: bool },
+}
+
+/// A snapshot a leader serves, shared by the streams sending it.
+pub(crate) struct Serving<T> {
+    pub(crate) index: u64,
+    pub(crate) term: u64,
+    pub(crate) meta: Bytes,
+    pub(crate) snapshot: T,
+}
+
+/// One stream of a leader's snapshot to one follower.
+pub(crate) struct Outgoing<T> {
+    pub(crate) serving: Rc<Serving<T>>,
+    /// raft's `MsgSnapshot`, sent once the follower has everything.
+    pub(crate) message: Message,
+    /// Next chunk to send; every chunk below `acked` is staged at the follower.
+    pub(crate) next: u64,
+    pub(crate) acked: u64,
+    /// Known once the state machine said there are no more.
+    pub(crate) chunks: Option<u64>,
+    pub(crate) done_sent: bool,
+    pub(crate) last_progress_tick: u64,
+    pub(crate) retries: u32,
+}
+
+/// A follower's snapshot being received.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    pub(crate) index: u64,
+    pub(crate) term: u64,
+    pub(crate) from: u64,
+    pub(crate) next: u64,
+    /// Every chunk staged and the metadata written to the WAL.
+    pub(crate) complete: bool,
+    /// The `complete` acknowledgement went out (it waits for the metadata to be durable).
+    pub(crate) complete_acked: bool,
+    pub(crate) last_tick: u64,
+}
