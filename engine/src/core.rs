@@ -266,6 +266,9 @@ pub struct GroupMetrics {
     /// Times the group's known leader changed on this node.
     pub leader_changes: u64,
     pub busy_answers: u64,
+    /// The group's membership as applied here (voters; learners).
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
 }
 
 /// Counters for metrics.
@@ -523,6 +526,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     bytes_appended: g.counters.bytes_appended,
                     leader_changes: g.counters.leader_changes,
                     busy_answers: g.counters.busy_answers,
+                    voters: g.conf_state.voters.clone(),
+                    learners: g.conf_state.learners.clone(),
                 }
             })
             .collect()
@@ -1414,6 +1419,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             }
             g.incoming = None;
             self.stats.snapshots_installed += 1;
+            tracing::info!(
+                "group {group}: installed a snapshot at index {} (term {})",
+                metadata.index,
+                metadata.term
+            );
             g.conf_state = metadata.get_conf_state().clone();
             g.applied = metadata.index;
             g.committed.clear();

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ringraft_engine::{Consistency, GroupMetrics, GroupStatus, NodeStats};
+use ringraft_engine::{Consistency, GroupMetrics, GroupStatus, MemberChange, NodeStats};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::frame::{self, kind, FrameError};
@@ -606,6 +606,22 @@ impl NetClient {
         // Leadership moved: forget the cached leader.
         self.inner.leaders.lock().unwrap().remove(&group);
         Ok(())
+    }
+
+    /// Changes the membership of `group` (joint consensus when several voters change); returns
+    /// once the change is applied. An admin operation (docs/client-protocol.md, `MEMBER`).
+    pub async fn change_membership(&self, group: u64, changes: Vec<MemberChange>) -> Result<(), ClientError> {
+        let request = Request::Member { group, changes };
+        self.route(group, request, true, true, None).await?;
+        Ok(())
+    }
+
+    pub fn change_membership_blocking(
+        &self,
+        group: u64,
+        changes: Vec<MemberChange>,
+    ) -> Result<(), ClientError> {
+        futures_lite::future::block_on(self.change_membership(group, changes))
     }
 
     /// Blocking variants, for plain threads.

@@ -34,6 +34,7 @@ pub mod kind {
     pub const STATS: u8 = 0x14;
     pub const TRANSFER: u8 = 0x15;
     pub const GROUP_METRICS: u8 = 0x16;
+    pub const MEMBER: u8 = 0x17;
     pub const RESPONSE: u8 = 0x20;
     pub const ERROR: u8 = 0x21;
 }

@@ -3,7 +3,7 @@
 //! length and bytes, `string` a u16 length and UTF-8 bytes, `option<blob>` a u8 flag (0 absent,
 //! 1 present) and, if present, a blob.
 
-use ringraft_engine::{Consistency, EngineError, GroupMetrics, GroupStatus, NodeStats};
+use ringraft_engine::{Consistency, EngineError, GroupMetrics, GroupStatus, MemberChange, NodeStats};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::frame::{self, kind, put_blob, put_string, Cursor, Malformed};
@@ -27,8 +27,10 @@ pub enum Request {
     /// Hand leadership of `group` to node `to` (0: the most up-to-date follower). Sent to the
     /// group's leader; answered once leadership moved.
     Transfer { group: u64, to: u64 },
-    /// This node's per-group metrics (lags, queues, counters).
+    /// This node's per-group metrics (lags, queues, counters, membership).
     GroupMetrics,
+    /// Change the membership of `group` (sent to its leader); answered once applied.
+    Member { group: u64, changes: Vec<MemberChange> },
 }
 
 /// Error codes of a response.
@@ -217,6 +219,10 @@ const OP_DELETE: u8 = 2;
 const OP_CAS: u8 = 3;
 const OP_GET: u8 = 4;
 
+const MEMBER_ADD_VOTER: u8 = 1;
+const MEMBER_ADD_LEARNER: u8 = 2;
+const MEMBER_REMOVE: u8 = 3;
+
 /// Appends a request frame.
 pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
     let frame_kind = match request {
@@ -227,6 +233,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
         Request::Stats => kind::STATS,
         Request::Transfer { .. } => kind::TRANSFER,
         Request::GroupMetrics => kind::GROUP_METRICS,
+        Request::Member { .. } => kind::MEMBER,
     };
     let start = frame::begin(out, frame_kind);
     out.extend_from_slice(&id.to_le_bytes());
@@ -273,6 +280,19 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
         Request::Transfer { group, to } => {
             out.extend_from_slice(&group.to_le_bytes());
             out.extend_from_slice(&to.to_le_bytes());
+        }
+        Request::Member { group, changes } => {
+            out.extend_from_slice(&group.to_le_bytes());
+            out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
+            for change in changes {
+                let (op, node) = match change {
+                    MemberChange::AddVoter(n) => (MEMBER_ADD_VOTER, n),
+                    MemberChange::AddLearner(n) => (MEMBER_ADD_LEARNER, n),
+                    MemberChange::Remove(n) => (MEMBER_REMOVE, n),
+                };
+                out.push(op);
+                out.extend_from_slice(&node.to_le_bytes());
+            }
         }
         Request::Cluster | Request::Status | Request::Stats | Request::GroupMetrics => {}
     }
@@ -340,6 +360,25 @@ fn decode_request_body(frame_kind: u8, c: &mut Cursor<'_>) -> Result<Request, Ma
             group: c.u64("group")?,
             to: c.u64("to")?,
         },
+        kind::MEMBER => {
+            let group = c.u64("group")?;
+            let count = c.u32("change count")? as usize;
+            if count > c.remaining() / 9 {
+                return Err(Malformed(format!("{count} changes cannot fit the payload")));
+            }
+            let mut changes = Vec::with_capacity(count);
+            for _ in 0..count {
+                let op = c.u8("change op")?;
+                let node = c.u64("node")?;
+                changes.push(match op {
+                    MEMBER_ADD_VOTER => MemberChange::AddVoter(node),
+                    MEMBER_ADD_LEARNER => MemberChange::AddLearner(node),
+                    MEMBER_REMOVE => MemberChange::Remove(node),
+                    other => return Err(Malformed(format!("unknown membership change {other}"))),
+                });
+            }
+            Request::Member { group, changes }
+        }
         other => return Err(Malformed(format!("unknown request kind {other:#04x}"))),
     };
     c.finish("request")?;
@@ -396,6 +435,12 @@ pub fn encode_response(out: &mut Vec<u8>, response: &Response) {
                     for g in groups {
                         for v in group_metric_fields(g) {
                             out.extend_from_slice(&v.to_le_bytes());
+                        }
+                        for list in [&g.voters, &g.learners] {
+                            out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+                            for id in list {
+                                out.extend_from_slice(&id.to_le_bytes());
+                            }
                         }
                     }
                 }
@@ -524,7 +569,7 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, Malformed> {
             }),
             4 => {
                 let count = c.u32("group count")? as usize;
-                if count > c.remaining() / (18 * 8) {
+                if count > c.remaining() / (18 * 8 + 8) {
                     return Err(Malformed(format!("{count} groups cannot fit the payload")));
                 }
                 let mut groups = Vec::with_capacity(count);
@@ -533,6 +578,17 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, Malformed> {
                     for slot in &mut v {
                         *slot = c.u64("group metric")?;
                     }
+                    let mut lists = [Vec::new(), Vec::new()];
+                    for list in &mut lists {
+                        let n = c.u32("member count")? as usize;
+                        if n > c.remaining() / 8 {
+                            return Err(Malformed(format!("{n} members cannot fit the payload")));
+                        }
+                        for _ in 0..n {
+                            list.push(c.u64("member")?);
+                        }
+                    }
+                    let [voters, learners] = lists;
                     groups.push(GroupMetrics {
                         group: v[0],
                         leader: (v[1] != 0).then_some(v[1]),
@@ -552,6 +608,8 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, Malformed> {
                         bytes_appended: v[15],
                         leader_changes: v[16],
                         busy_answers: v[17],
+                        voters,
+                        learners,
                     });
                 }
                 Body::GroupMetrics(groups)

@@ -198,6 +198,10 @@ async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
                 state.handle.transfer_leader(group, (to != 0).then_some(to)),
             )
         }
+        Request::Member { group, changes } => {
+            check_keys(info, group, [])?;
+            (group, state.handle.change_membership(group, changes))
+        }
         Request::Submit { group, commands } => {
             check_keys(info, group, commands.iter().map(Command::key))?;
             (group, state.handle.submit(group, commands))

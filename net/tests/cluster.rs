@@ -627,11 +627,20 @@ fn patch_config(node: &Node, section: &str, line: &str) {
 
 #[test]
 fn a_follower_that_was_down_catches_up_from_the_log() {
+    follower_catches_up(100_000);
+}
+
+#[test]
+fn a_follower_behind_the_compacted_log_catches_up_by_snapshot() {
+    follower_catches_up(0);
+}
+
+/// Stops a follower, writes and compacts, restarts it and waits until it serves every write.
+/// With `retain_for_followers` 0 the leader compacts past what the follower needs: it must get
+/// a snapshot (its log says so).
+fn follower_catches_up(retain_for_followers: u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = cluster(dir.path(), &["k", "k", "k"]);
-    // RINGRAFT_TEST_RETAIN_FOR_FOLLOWERS=0 shows the failure this guards against (the old
-    // behaviour): the restarted follower never catches up.
-    let retain_for_followers = std::env::var("RINGRAFT_TEST_RETAIN_FOR_FOLLOWERS").unwrap_or("100000".into());
     for node in &nodes {
         // Checkpoint often and keep almost nothing below it: without the leader keeping what
         // the slowest follower needs, the restarted follower would need a snapshot.
@@ -675,6 +684,16 @@ fn a_follower_that_was_down_catches_up_from_the_log() {
             }
         }
     }
+    let snapshot = nodes[follower as usize - 1]
+        .log_text()
+        .contains("installed a snapshot");
+    assert_eq!(
+        snapshot,
+        retain_for_followers == 0,
+        "snapshot install expected: {}\n{}",
+        retain_for_followers == 0,
+        nodes[follower as usize - 1].log_text()
+    );
     for node in &mut nodes {
         let id = node.id;
         assert!(node.terminate(), "node {id} did not exit 0");

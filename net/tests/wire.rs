@@ -6,7 +6,9 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use raft::eraftpb::{Entry, Message, MessageType};
-use ringraft_engine::{Consistency, Envelope, GroupMetrics, GroupStatus, NodeStats};
+use ringraft_engine::{
+    Consistency, Envelope, GroupMetrics, GroupStatus, MemberChange, NodeStats, PieceKind, SnapshotPiece,
+};
 use ringraft_net::frame::{self, kind};
 use ringraft_net::handshake::{Hello, Local};
 use ringraft_net::protocol::{
@@ -96,6 +98,17 @@ fn requests() -> Vec<(u64, Request)> {
         (5, Request::Stats),
         (6, Request::Transfer { group: 3, to: 2 }),
         (7, Request::GroupMetrics),
+        (
+            8,
+            Request::Member {
+                group: 3,
+                changes: vec![
+                    MemberChange::AddVoter(4),
+                    MemberChange::AddLearner(5),
+                    MemberChange::Remove(1),
+                ],
+            },
+        ),
     ]
 }
 
@@ -180,6 +193,8 @@ fn responses() -> Vec<Response> {
                 bytes_appended: 1000,
                 leader_changes: 1,
                 busy_answers: 0,
+                voters: vec![1, 2, 3],
+                learners: vec![4],
             }])),
         },
     ]
@@ -195,6 +210,33 @@ fn wire_bytes_match_the_golden_file() {
         &out,
         &mut text,
     );
+    let pieces = [
+        PieceKind::Chunk {
+            number: 2,
+            data: bytes::Bytes::from_static(b"chunk"),
+        },
+        PieceKind::Done {
+            chunks: 3,
+            meta: bytes::Bytes::from_static(b"meta"),
+        },
+        PieceKind::Ack {
+            next: 3,
+            complete: true,
+        },
+    ];
+    for kind in pieces {
+        let piece = SnapshotPiece {
+            group: 5,
+            from: 1,
+            to: 2,
+            index: 900,
+            term: 4,
+            kind,
+        };
+        out.clear();
+        frame::encode(&mut out, kind::SNAP, &ringraft_net::snap_wire::encode(&piece));
+        dump(&format!("SNAP frame: {:?}", piece.kind), &out, &mut text);
+    }
     let hello = Hello {
         version: 1,
         cluster: 42,

@@ -1,11 +1,13 @@
-//! `ringraft`: one node of a cluster (`run`), and a status query (`status`).
+//! `ringraft`: one node of a cluster (`run`), and admin commands: `status`, `transfer`,
+//! `member`.
 //!
 //! `ringraft run --config node.toml`: see [`ringraft_net::node::run`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use ringraft_engine::MemberChange;
 use ringraft_net::client::{fetch_group_metrics, ClientConfig, NetClient};
 
 #[derive(Parser, Debug)]
@@ -35,6 +37,22 @@ enum Cmd {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Changes group membership: `add` a node as a learner (it catches up from the leader:
+    /// snapshot, then log), `promote` it to voter, `remove` it; `add-voter` adds a voter at
+    /// once. Applies to one group or, by default, every group; each change returns once applied.
+    /// Replacing a node: add the new one, promote it, remove the old one.
+    Member {
+        action: MemberAction,
+        /// Any node's client address, host:port.
+        #[arg(long)]
+        addr: String,
+        /// The node added, promoted or removed.
+        #[arg(long)]
+        node: u64,
+        /// One group; default: every group.
+        #[arg(long)]
+        group: Option<u64>,
+    },
     /// Shows every group on one node: leader, term, commit and applied index, commit and apply
     /// lag, queued commands, waiting reads, leader changes, Busy answers.
     Status {
@@ -53,7 +71,48 @@ fn main() -> ExitCode {
         Cmd::Run { config } => ringraft_net::node::run(&config),
         Cmd::Status { addr, json } => status(&addr, json),
         Cmd::Transfer { addr, group, to } => transfer(&addr, group, to),
+        Cmd::Member {
+            action,
+            addr,
+            node,
+            group,
+        } => member(&addr, action, node, group),
     }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MemberAction {
+    Add,
+    AddVoter,
+    Promote,
+    Remove,
+}
+
+fn member(addr: &str, action: MemberAction, node: u64, group: Option<u64>) -> ExitCode {
+    let client = match NetClient::connect(ClientConfig::new([addr])) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("ringraft: member: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let change = match action {
+        MemberAction::Add => MemberChange::AddLearner(node),
+        MemberAction::AddVoter | MemberAction::Promote => MemberChange::AddVoter(node),
+        MemberAction::Remove => MemberChange::Remove(node),
+    };
+    let groups: Vec<u64> = match group {
+        Some(group) => vec![group],
+        None => (0..client.cluster().groups).collect(),
+    };
+    for group in groups {
+        if let Err(e) = client.change_membership_blocking(group, vec![change]) {
+            eprintln!("ringraft: member {action:?} node {node} in group {group}: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("group {group}: {change:?} applied");
+    }
+    ExitCode::SUCCESS
 }
 
 fn transfer(addr: &str, group: u64, to: Option<u64>) -> ExitCode {
@@ -91,14 +150,14 @@ fn status(addr: &str, json: bool) -> ExitCode {
                     "reads_waiting": g.reads_waiting, "proposals": g.proposals,
                     "commands_proposed": g.commands_proposed, "entries_appended": g.entries_appended,
                     "bytes_appended": g.bytes_appended, "leader_changes": g.leader_changes,
-                    "busy_answers": g.busy_answers,
+                    "busy_answers": g.busy_answers, "voters": g.voters, "learners": g.learners,
                 })
             })
             .collect();
         println!("{}", serde_json::Value::Array(rows));
     } else {
         println!(
-            "{:>6} {:>7} {:>8} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}",
+            "{:>6} {:>7} {:>8} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}  members",
             "group",
             "leader",
             "term",
@@ -117,8 +176,14 @@ fn status(addr: &str, json: bool) -> ExitCode {
                 (Some(l), false) => l.to_string(),
                 (None, _) => "-".into(),
             };
+            let ids = |l: &[u64]| l.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            let members = if g.learners.is_empty() {
+                ids(&g.voters)
+            } else {
+                format!("{} learners {}", ids(&g.voters), ids(&g.learners))
+            };
             println!(
-                "{:>6} {:>7} {:>8} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}",
+                "{:>6} {:>7} {:>8} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}  {}",
                 g.group,
                 leader,
                 g.term,
@@ -129,7 +194,8 @@ fn status(addr: &str, json: bool) -> ExitCode {
                 g.queued_commands,
                 g.reads_waiting,
                 g.leader_changes,
-                g.busy_answers
+                g.busy_answers,
+                members
             );
         }
         println!("(* this node leads the group)");
