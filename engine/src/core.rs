@@ -150,6 +150,12 @@ fn best_follower<T: Storage>(raft: &raft::Raft<T>) -> Option<u64> {
         .map(|(id, _)| *id)
 }
 
+fn sorted(ids: &[u64]) -> Vec<u64> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids
+}
+
 /// Whether `id` votes in the group's current configuration (a learner cannot lead).
 fn is_voter<T: Storage>(raft: &raft::Raft<T>, id: u64) -> bool {
     raft.prs().conf().voters().contains(id)
@@ -526,8 +532,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     bytes_appended: g.counters.bytes_appended,
                     leader_changes: g.counters.leader_changes,
                     busy_answers: g.counters.busy_answers,
-                    voters: g.conf_state.voters.clone(),
-                    learners: g.conf_state.learners.clone(),
+                    voters: sorted(&g.conf_state.voters),
+                    learners: sorted(&g.conf_state.learners),
                 }
             })
             .collect()
@@ -657,7 +663,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// voter: raft-rs enters the joint configuration and leaves it automatically). Answered once
     /// the change is applied (`Ok` with no results), or at once with `NotLeader`, `Busy` (another
     /// change is still pending: raft-rs would silently turn this one into an empty entry) or
-    /// `BadRequest`.
+    /// `BadRequest`. A change removing or demoting this leader first hands leadership over and
+    /// answers `NotLeader` naming the new leader, where the caller retries.
     pub fn change_membership(&mut self, group: u64, request: RequestId, change: ConfChangeV2) {
         let result = self.try_change_membership(group, request, change);
         if let Err(error) = result {
@@ -698,6 +705,24 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             .any(|c| c.node_id == 0 || c.node_id == raft::INVALID_ID)
         {
             return Err(EngineError::BadRequest("node id 0 is not a valid member".into()));
+        }
+        let me = raft.id;
+        let demotes_me = change.changes.iter().any(|c| {
+            c.node_id == me
+                && matches!(
+                    c.get_change_type(),
+                    raft::eraftpb::ConfChangeType::RemoveNode | raft::eraftpb::ConfChangeType::AddLearnerNode
+                )
+        });
+        if demotes_me {
+            // A leader does not remove itself (raft-rs leaves that path untested): it hands
+            // leadership to its most up-to-date follower and sends the caller there.
+            let to = best_follower(raft)
+                .ok_or_else(|| EngineError::BadRequest(format!("node {me} is group {group}'s only voter")))?;
+            if g.raw.raft.lead_transferee.is_none() {
+                g.raw.transfer_leader(to);
+            }
+            return Err(EngineError::NotLeader { leader: Some(to) });
         }
         if raft.has_pending_conf() || !g.conf_state.voters_outgoing.is_empty() {
             return Err(EngineError::Busy(
@@ -1153,12 +1178,17 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// Every node runs this on its own view (each knows every group's leader); transfers move
     /// leadership only towards the share, so it converges and never ping-pongs.
     pub fn balance_leaders(&mut self) -> Option<(u64, u64)> {
-        let voters = &self.config.voters;
+        // The nodes voting in any of the shard's groups (memberships change over time).
+        let voters: std::collections::BTreeSet<u64> = self
+            .groups
+            .values()
+            .flat_map(|g| g.conf_state.voters.iter().copied())
+            .collect();
         let me = self.config.node;
         let share = self.groups.len().div_ceil(voters.len().max(1));
         let mut led: BTreeMap<u64, usize> = voters.iter().map(|&v| (v, 0)).collect();
         for g in self.groups.values() {
-            if let Some(leader) = known_leader(g.raw.raft.leader_id) {
+            if let Some(leader) = known_leader(g.raw.raft.leader_id).filter(|l| voters.contains(l)) {
                 *led.entry(leader).or_default() += 1;
             }
         }

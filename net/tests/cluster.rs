@@ -729,3 +729,131 @@ fn a_node_whose_disk_fails_exits_non_zero() {
     let log = nodes[0].log_text();
     assert!(log.contains("stopping:") && log.contains("wal"), "{log}");
 }
+
+/// Runs `ringraft` with `args`; panics with its stderr unless it exits 0.
+fn ringraft(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_ringraft"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ringraft {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_node_is_replaced_under_load_and_no_acknowledged_write_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k", "k", "k", "k"]);
+    for node in &nodes {
+        // Node 4 is listed (peers can reach it) but starts outside every group.
+        patch_config(node, "cluster", "initial_voters = [1, 2, 3]");
+        // Compact right behind checkpoints: node 4 joins by snapshot, then the log.
+        patch_config(node, "wal", "retain_entries = 5");
+        patch_config(node, "wal", "retain_for_followers_entries = 0");
+        patch_config(node, "sm", "checkpoint_interval_ms = 100");
+    }
+    for node in &mut nodes[..3] {
+        node.start();
+    }
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(History::default()));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (client, stop, history) = (client.clone(), stop.clone(), history.clone());
+            std::thread::spawn(move || load(client, t + 1, epoch, stop, history))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // Replace node 3 by node 4 under load: add 4 as a learner, let it catch up, promote it,
+    // remove 3 (if 3 leads a group it hands leadership over first), stop 3.
+    nodes[3].start();
+    let addr = nodes[0].addr();
+    ringraft(&["member", "add", "--addr", &addr, "--node", "4"]);
+    let groups = client.cluster().groups;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for group in 0..groups {
+        let key = (0u32..)
+            .map(|i| format!("joined-{i}").into_bytes())
+            .find(|k| client.group_of(k) == group)
+            .unwrap();
+        put_until_ok(&client, &key, b"x", Duration::from_secs(30));
+        while client
+            .get_from_blocking(4, &key, Consistency::Local)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "node 4 did not catch up on group {group}:\n{}",
+                nodes[3].log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(
+        nodes[3].log_text().contains("installed a snapshot"),
+        "node 4 joined without a snapshot although the log was compacted:\n{}",
+        nodes[3].log_text()
+    );
+    ringraft(&["member", "promote", "--addr", &addr, "--node", "4"]);
+    ringraft(&["member", "remove", "--addr", &addr, "--node", "3"]);
+    assert!(nodes[2].terminate(), "node 3 did not exit 0");
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let history = std::mem::take(&mut *history.lock().unwrap());
+    eprintln!(
+        "{} acknowledged shared writes, {} unknown, {} acknowledged unique writes",
+        history.acked_writes,
+        history.unknown_writes,
+        history.acked_unique.len()
+    );
+    assert!(history.acked_writes > 10, "the load made progress");
+
+    // The membership everywhere is {1, 2, 4}.
+    let status = ringraft(&["status", "--addr", &nodes[3].addr(), "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&status).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["voters"], serde_json::json!([1, 2, 4]), "{row}");
+        assert_eq!(row["learners"], serde_json::json!([]), "{row}");
+    }
+    // Every acknowledged write is on the three remaining nodes.
+    let live = [1u64, 2, 4];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for key in &history.acked_unique {
+        for &node in &live {
+            loop {
+                match client.get_from_blocking(node, key, Consistency::Local) {
+                    Ok(Some(_)) => break,
+                    other if Instant::now() > deadline => panic!(
+                        "acknowledged key {} missing on node {node}: {other:?}",
+                        String::from_utf8_lossy(key)
+                    ),
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+    for (shared, ops) in history.ops {
+        assert!(
+            porcupine_rs::check_operations::<Register>(&ops),
+            "history of shared-{shared} is not linearizable ({} operations)",
+            ops.len()
+        );
+    }
+    for i in [0, 1, 3] {
+        let id = nodes[i].id;
+        assert!(nodes[i].terminate(), "node {id} did not exit 0");
+    }
+}
