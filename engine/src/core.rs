@@ -359,8 +359,31 @@ fn apply_conf_change<T: Storage>(raw: &mut RawNode<T>, entry: &Entry) -> Result<
         }
         _ => ConfChangeV2::parse_from_bytes(&entry.data).map_err(|e| format!("membership change: {e}"))?,
     };
-    raw.apply_conf_change(&change)
-        .map_err(|e| format!("membership change refused: {e}"))
+    // A leader that applies its own removal (proposed while another node led) steps down, and
+    // first tells its most up-to-date follower to campaign at once (raft-rs would otherwise
+    // keep it leading without being a member, an unsupported state).
+    let me = raw.raft.id;
+    let removes_me = change.changes.iter().any(|c| {
+        c.node_id == me
+            && matches!(
+                c.get_change_type(),
+                raft::eraftpb::ConfChangeType::RemoveNode | raft::eraftpb::ConfChangeType::AddLearnerNode
+            )
+    });
+    if removes_me && raw.raft.state == StateRole::Leader {
+        if let Some(to) = best_follower(&raw.raft) {
+            raw.transfer_leader(to);
+        }
+    }
+    let conf_state = raw
+        .apply_conf_change(&change)
+        .map_err(|e| format!("membership change refused: {e}"))?;
+    let voter = conf_state.voters.contains(&me) || conf_state.voters_outgoing.contains(&me);
+    if !voter && raw.raft.state == StateRole::Leader {
+        let term = raw.raft.term;
+        raw.raft.become_follower(term, raft::INVALID_ID);
+    }
+    Ok(conf_state)
 }
 
 fn raft_config(config: &ShardConfig, applied: u64) -> raft::Config {

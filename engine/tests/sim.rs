@@ -13,6 +13,15 @@
 //! Leadership moves on purpose too: random transfers during the fault phase and leader
 //! balancing on every node, as the runtime does.
 //!
+//! Snapshots: state machines checkpoint and the WAL compacts a few entries behind, so nodes
+//! that were down or cut off catch up by snapshot (streamed in small chunks through the same
+//! faulty network).
+//!
+//! Membership: four nodes, of which 1-3 start as every group's voters. During the fault phase
+//! groups add learners, promote them, remove voters, and replace a voter in one joint-consensus
+//! change, with crashes anywhere in the middle. The end checks compare the nodes that are
+//! members of a group at the end.
+//!
 //! Determinism: everything random comes from the seed. raft-rs draws election timeouts from a
 //! thread-local generator, so each node gets a fixed, distinct timeout instead.
 //!
@@ -25,6 +34,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use porcupine_rs::{Model, Operation};
+use ringraft_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use ringraft_engine::{Answer, Consistency, EngineError, Envelope, ShardConfig, ShardCore, SnapshotPiece};
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
 use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFileHandle, SplitMix64, Wal, WalConfig};
@@ -37,7 +47,9 @@ fn now<F: Future>(future: F) -> F::Output {
     }
 }
 
-const NODES: u64 = 3;
+const NODES: u64 = 4;
+/// Every group's voters at the start; node 4 joins groups through membership changes.
+const INITIAL_VOTERS: u64 = 3;
 const GROUPS: u64 = 2;
 const TICK_MS: u64 = 10;
 const FAULT_PHASE_MS: u64 = 4_000;
@@ -48,7 +60,7 @@ type Core = ShardCore<MemDisk, KvStore<MemSmDisk>>;
 fn shard_config(node: u64) -> ShardConfig {
     ShardConfig {
         node,
-        voters: (1..=NODES).collect(),
+        voters: (1..=INITIAL_VOTERS).collect(),
         election_ticks: 20,
         heartbeat_ticks: 3,
         // raft-rs would draw timeouts from a thread-local generator: give each node its own
@@ -225,6 +237,7 @@ struct Sim {
     history: Vec<Event>,
     /// Requests refused before anything happened (NotLeader, Busy...): left out of the history.
     refused: BTreeSet<u64>,
+    membership_changes: u64,
 }
 
 impl Sim {
@@ -260,6 +273,7 @@ impl Sim {
             reads_ok: 0,
             history: Vec::new(),
             refused: BTreeSet::new(),
+            membership_changes: 0,
         };
         for node in &mut sim.nodes {
             node.start();
@@ -579,6 +593,11 @@ impl Sim {
         if self.chance(2) {
             self.blocked.clear();
         }
+        // Membership changes, one at a time per group (a second one is refused while the first
+        // is pending), with crashes and partitions going on.
+        if self.chance(1) {
+            self.change_membership();
+        }
         // Leadership transfers under load and faults (an operator's, or a stopping node's).
         if self.chance(1) {
             let i = self.rng.below(NODES) as usize;
@@ -592,6 +611,68 @@ impl Sim {
                 let _ = core.transfer_group(group, to);
             }
         }
+    }
+
+    /// Asks a group's leader for the next change: promote a learner, else shrink four voters to
+    /// three, else add the non-member as a learner or swap it for a voter in one joint change.
+    fn change_membership(&mut self) {
+        let group = self.rng.below(GROUPS);
+        let Some(i) =
+            (0..self.nodes.len()).find(|&i| self.nodes[i].core.as_ref().is_some_and(|c| c.is_leader(group)))
+        else {
+            return;
+        };
+        let conf = self.nodes[i].core.as_ref().unwrap().membership(group).unwrap();
+        let outsiders: Vec<u64> = (1..=NODES)
+            .filter(|n| !conf.voters.contains(n) && !conf.learners.contains(n))
+            .collect();
+        let single = |change_type, node_id| {
+            let mut c = ConfChangeSingle::default();
+            c.set_change_type(change_type);
+            c.node_id = node_id;
+            c
+        };
+        let pick = |rng: &mut SplitMix64, list: &[u64]| list[rng.below(list.len() as u64) as usize];
+        let changes = if let Some(&learner) = conf.learners.first() {
+            vec![single(ConfChangeType::AddNode, learner)]
+        } else if conf.voters.len() > INITIAL_VOTERS as usize {
+            let voter = pick(&mut self.rng, &conf.voters);
+            vec![single(ConfChangeType::RemoveNode, voter)]
+        } else if !outsiders.is_empty() && self.chance(50) {
+            vec![single(
+                ConfChangeType::AddLearnerNode,
+                pick(&mut self.rng, &outsiders),
+            )]
+        } else if !outsiders.is_empty() {
+            let voter = pick(&mut self.rng, &conf.voters);
+            vec![
+                single(ConfChangeType::AddNode, pick(&mut self.rng, &outsiders)),
+                single(ConfChangeType::RemoveNode, voter),
+            ]
+        } else {
+            return;
+        };
+        let mut change = ConfChangeV2::default();
+        change.set_changes(changes.into());
+        let request = self.next_request;
+        self.next_request += 1;
+        self.membership_changes += 1;
+        self.nodes[i]
+            .core
+            .as_mut()
+            .unwrap()
+            .change_membership(group, request, change);
+    }
+
+    /// The members (voters and learners) of `group` as its leader (or any node) applied them.
+    fn members(&self, group: u64) -> BTreeSet<u64> {
+        let cores = || self.nodes.iter().filter_map(|n| n.core.as_ref());
+        let core = cores()
+            .find(|c| c.is_leader(group))
+            .or_else(|| cores().next())
+            .unwrap();
+        let conf = core.membership(group).unwrap();
+        conf.voters.iter().chain(&conf.learners).copied().collect()
     }
 
     fn check(&mut self, i: usize) {
@@ -693,8 +774,9 @@ impl Sim {
         self.faults();
     }
 
-    /// Runs the seed; returns how many writes were acknowledged and snapshots installed.
-    fn run(mut self) -> (usize, u64) {
+    /// Runs the seed; returns how many writes were acknowledged, snapshots installed, and
+    /// groups whose membership ended other than it began.
+    fn run(mut self) -> (usize, u64, usize) {
         while self.clock < FAULT_PHASE_MS {
             self.step();
         }
@@ -728,9 +810,11 @@ impl Sim {
             self.step();
         }
         for group in 0..GROUPS {
+            let members = self.members(group);
             let progress: Vec<_> = self
                 .nodes
                 .iter()
+                .filter(|n| members.contains(&n.id))
                 .map(|n| n.core.as_ref().unwrap().progress(group).unwrap())
                 .collect();
             let applied: BTreeSet<u64> = progress.iter().map(|p| p.2).collect();
@@ -747,9 +831,13 @@ impl Sim {
             .filter(|w| !w.key.windows(3).any(|x| x == b"hot"))
             .cloned()
             .collect();
+        let members: Vec<BTreeSet<u64>> = (0..GROUPS).map(|g| self.members(g)).collect();
         for node in &mut self.nodes {
             let core = node.core.as_mut().unwrap();
-            for write in &acked {
+            for write in acked
+                .iter()
+                .filter(|w| members[w.group as usize].contains(&node.id))
+            {
                 let value = now(core.machine(write.group).unwrap().read(&write.key)).expect("read");
                 if value.as_ref() != Some(&write.value) {
                     let key = String::from_utf8_lossy(&write.key).into_owned();
@@ -765,6 +853,7 @@ impl Sim {
                 let values: BTreeSet<Option<Vec<u8>>> = self
                     .nodes
                     .iter_mut()
+                    .filter(|node| members[group as usize].contains(&node.id))
                     .map(|node| now(node.core.as_mut().unwrap().machine(group).unwrap().read(&key)).unwrap())
                     .collect();
                 if values.len() != 1 {
@@ -779,7 +868,15 @@ impl Sim {
             .iter()
             .map(|n| n.core.as_ref().unwrap().stats().snapshots_installed)
             .sum();
-        (self.acked.len(), installed)
+        if std::env::var_os("RINGRAFT_SIM_DEBUG").is_some() {
+            eprintln!(
+                "seed {}: {} membership changes proposed, members at the end {members:?}",
+                self.seed, self.membership_changes
+            );
+        }
+        let initial: BTreeSet<u64> = (1..=INITIAL_VOTERS).collect();
+        let changed = members.iter().filter(|m| **m != initial).count();
+        (self.acked.len(), installed, changed)
     }
 }
 
@@ -800,9 +897,10 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     // liveness phase after it must still serve every group); over many seeds the checks must
     // have had real work to judge.
     let seeds = seeds();
-    let runs: Vec<(usize, u64)> = seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
+    let runs: Vec<(usize, u64, usize)> = seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
     let acked: usize = runs.iter().map(|r| r.0).sum();
     let installed: u64 = runs.iter().map(|r| r.1).sum();
+    let changed: usize = runs.iter().map(|r| r.2).sum();
     assert!(
         seeds.len() < 20 || acked >= 20 * seeds.len(),
         "only {acked} writes acknowledged over {} seeds: too few to mean anything",
@@ -815,5 +913,14 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
         "only {installed} snapshots installed over {} seeds",
         seeds.len()
     );
-    eprintln!("{acked} writes acknowledged, {installed} snapshots installed");
+    // Membership changes (with crashes in the middle) must have taken effect, and the checks
+    // above held for the final members.
+    assert!(
+        seeds.len() < 20 || changed >= seeds.len() / 2,
+        "only {changed} groups changed membership over {} seeds",
+        seeds.len()
+    );
+    eprintln!(
+        "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership"
+    );
 }
