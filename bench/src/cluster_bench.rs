@@ -714,6 +714,7 @@ fn load(
         read_consistency: match o.read_consistency {
             Consistency::Linearizable => "linearizable".into(),
             Consistency::Local => "local".into(),
+            Consistency::Lease => "lease".into(),
         },
         target_rate_per_s: o.rate,
         nodes: o.nodes,

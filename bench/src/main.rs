@@ -81,6 +81,8 @@ enum WorkloadArg {
 enum ConsistencyArg {
     Linearizable,
     Local,
+    /// Linearizable through the leader's lease (no round trip while it holds).
+    Lease,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -518,6 +520,7 @@ fn cluster_options(
         read_consistency: match args.read_consistency {
             ConsistencyArg::Linearizable => ringraft_engine::Consistency::Linearizable,
             ConsistencyArg::Local => ringraft_engine::Consistency::Local,
+            ConsistencyArg::Lease => ringraft_engine::Consistency::Lease,
         },
         rate: args.rate,
         ops: args.ops,

@@ -190,7 +190,7 @@ impl Client {
 
     pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, EngineError> {
         let group = self.group_of(key);
-        let to_leader = consistency == Consistency::Linearizable;
+        let to_leader = consistency != Consistency::Local;
         let results = self
             .call(
                 group,

@@ -83,6 +83,13 @@ pub enum Consistency {
     Linearizable,
     /// Whatever this replica has applied (possibly stale); any replica serves it.
     Local,
+    /// Linearizable while the leader's lease holds: served by the leader at its commit index
+    /// without a round trip, if a quorum confirmed its leadership (a ReadIndex round) less than
+    /// `raft.election_timeout_ms - raft.lease_margin_ms` ago (followers with check-quorum
+    /// refuse to elect another leader for an election timeout after hearing from it). Otherwise
+    /// it takes the ReadIndex path, which renews the lease. Safe while no node's clock runs
+    /// faster than the leader's by more than the margin over one election timeout.
+    Lease,
 }
 
 /// Limits and raft parameters of a shard (mapped from `ringraft_tuning::Config`).
@@ -111,6 +118,9 @@ pub struct ShardConfig {
     pub limits: CommandLimits,
     /// Unacknowledged snapshot chunks per stream (`limits.snapshot_chunks_in_flight`).
     pub snapshot_chunks_in_flight: u64,
+    /// Ticks a leader's lease lasts after a quorum confirmed it (0: lease reads take the
+    /// ReadIndex path). See [`Consistency::Lease`].
+    pub lease_ticks: u64,
 }
 
 impl ShardConfig {
@@ -136,6 +146,7 @@ impl ShardConfig {
                 value_bytes_max: config.limits.value_bytes_max as usize,
             },
             snapshot_chunks_in_flight: config.limits.snapshot_chunks_in_flight,
+            lease_ticks: config.raft.lease_ticks(),
         }
     }
 }
@@ -174,6 +185,8 @@ struct Proposal {
     parts: Vec<(RequestId, usize)>,
     /// A membership change: answered with no results once applied.
     conf: bool,
+    /// When it entered the log ([`ShardCore::set_time_us`]), for the commit latency.
+    proposed_at_us: u64,
 }
 
 /// Entries to read from disk for raft (see [`ShardCore::take_fetches`]).
@@ -232,6 +245,41 @@ struct Group<D: Disk, S: StateMachine> {
     serving: Option<Rc<Serving<S::Snapshot>>>,
     outgoing: BTreeMap<u64, Outgoing<S::Snapshot>>,
     incoming: Option<Incoming>,
+    lease: Lease,
+    /// Highest committed index whose proposals' commit latency was recorded.
+    commit_recorded: u64,
+}
+
+/// A leader's read lease, in ticks of this node's clock.
+#[derive(Debug, Default)]
+struct Lease {
+    /// Lease reads are served while `ticks < until`.
+    until: u64,
+    /// No lease reads before this tick: a leadership transfer was under way (the target may
+    /// campaign at once, ignoring the followers' leases).
+    blocked_until: u64,
+    /// Last tick a lease read arrived (renewals happen only while lease reads come).
+    wanted_at: Option<u64>,
+    /// Last tick a renewal round was sent.
+    renewed_at: u64,
+}
+
+impl<D: Disk, S: StateMachine> Group<D, S> {
+    /// Whether this leader may serve a lease read now (see [`Consistency::Lease`]). Besides the
+    /// lease itself: no leadership transfer in sight, and an entry of this term committed (the
+    /// commit index then covers everything any earlier leader committed).
+    fn lease_holds(&mut self, ticks: u64, lease_ticks: u64, election_ticks: u64) -> bool {
+        let raft = &self.raw.raft;
+        if raft.lead_transferee.is_some() {
+            self.lease.blocked_until = ticks + 2 * election_ticks;
+            return false;
+        }
+        lease_ticks > 0
+            && raft.state == StateRole::Leader
+            && ticks < self.lease.until
+            && ticks >= self.lease.blocked_until
+            && raft.raft_log.term(raft.raft_log.committed).ok() == Some(raft.term)
+    }
 }
 
 /// Counters of one group since the shard started.
@@ -288,6 +336,8 @@ pub struct ShardStats {
     /// Snapshots this node finished sending (as leader) and installed (as follower).
     pub snapshots_sent: u64,
     pub snapshots_installed: u64,
+    /// Lease reads served under the lease (without a ReadIndex round).
+    pub lease_reads: u64,
 }
 
 /// One shard's groups. See the module docs for how a runner drives it.
@@ -307,6 +357,13 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     commands_per_entry: hdrhistogram::Histogram<u64>,
     /// When on, every applied entry is recorded as (group, index, term, crc32c of its data).
     applied_log: Option<Vec<(u64, u64, u64, u32)>>,
+    /// An encoded batch of no commands (applied for entries that carry none).
+    empty_batch: Vec<u8>,
+    /// The runner's clock (microseconds), set each loop.
+    now_us: u64,
+    /// From a proposal entering the leader's log to its commit (a quorum's WALs synced),
+    /// microseconds.
+    commit_latency_us: hdrhistogram::Histogram<u64>,
 }
 
 impl<D: Disk, S: StateMachine> std::fmt::Debug for ShardCore<D, S> {
@@ -454,6 +511,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     serving: None,
                     outgoing: BTreeMap::new(),
                     incoming: None,
+                    lease: Lease::default(),
+                    commit_recorded: 0,
                 },
             );
         }
@@ -471,6 +530,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             stats: ShardStats::default(),
             applied_log: None,
             commands_per_entry: crate::runtime::new_histogram(),
+            empty_batch: encode_batch(Vec::new()).to_vec(),
+            now_us: 0,
+            commit_latency_us: crate::runtime::new_histogram(),
         })
     }
 
@@ -516,6 +578,17 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         self.groups
             .get(&group)
             .is_some_and(|g| g.raw.raft.state == StateRole::Leader)
+    }
+
+    /// Sets the clock the commit latency is measured with (the runner's monotonic time, or the
+    /// simulator's fake one). Call once per loop.
+    pub fn set_time_us(&mut self, now_us: u64) {
+        self.now_us = now_us;
+    }
+
+    /// Proposal to commit latency on this node as leader, microseconds.
+    pub fn commit_latency_us(&self) -> &hdrhistogram::Histogram<u64> {
+        &self.commit_latency_us
     }
 
     /// Commands per proposed entry since the shard started.
@@ -667,10 +740,23 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             return;
         };
         let read = ReadRequest { request, key };
+        let ticks = self.ticks;
+        let lease_ticks = self.config.lease_ticks;
+        let election = self.config.election_ticks as u64;
         match consistency {
             Consistency::Local => g.reads_local.push(read),
+            Consistency::Lease if g.raw.raft.state == StateRole::Leader => {
+                g.lease.wanted_at = Some(ticks);
+                if g.lease_holds(ticks, lease_ticks, election) {
+                    self.stats.lease_reads += 1;
+                    let committed = g.raw.raft.raft_log.committed;
+                    g.reads_ready.push_back((committed, vec![read]));
+                } else {
+                    g.reads_unsent.push(read);
+                }
+            }
             Consistency::Linearizable if g.raw.raft.state == StateRole::Leader => g.reads_unsent.push(read),
-            Consistency::Linearizable => {
+            Consistency::Linearizable | Consistency::Lease => {
                 let leader = g.raw.raft.leader_id;
                 self.answers.push(Answer {
                     request,
@@ -773,6 +859,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     term,
                     parts: vec![(request, 0)],
                     conf: true,
+                    proposed_at_us: self.now_us,
                 });
                 Ok(())
             }
@@ -1253,8 +1340,17 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         self.ticks += 1;
         let retry_after = self.config.election_ticks as u64;
         let ticks = self.ticks;
+        let election = self.config.election_ticks as u64;
         for g in self.groups.values_mut() {
+            // A transfer (and its abort) only happen between ticks: seeing it before and after
+            // each tick blocks lease reads across it.
+            if g.raw.raft.lead_transferee.is_some() {
+                g.lease.blocked_until = ticks + 2 * election;
+            }
             g.raw.tick();
+            if g.raw.raft.lead_transferee.is_some() {
+                g.lease.blocked_until = ticks + 2 * election;
+            }
             // Snapshot streams without progress for an election timeout resend from the last
             // acknowledged chunk (the connection may have dropped); after enough rounds raft is
             // told the snapshot failed, and asks for one again later.
@@ -1353,6 +1449,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                             term,
                             parts,
                             conf: false,
+                            proposed_at_us: self.now_us,
                         });
                     }
                     outcome => {
@@ -1372,6 +1469,20 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         }
                     }
                 }
+            }
+            // Keep the lease fresh while lease reads come: a ReadIndex round without reads
+            // once half of it has passed.
+            let lease_ticks = self.config.lease_ticks;
+            let renew = lease_ticks > 0
+                && g.lease.wanted_at.is_some_and(|at| self.ticks < at + lease_ticks)
+                && self.ticks + lease_ticks / 2 >= g.lease.until
+                && self.ticks > g.lease.renewed_at;
+            if renew && g.reads_unsent.is_empty() {
+                g.lease.renewed_at = self.ticks;
+                let ctx = self.next_read_context;
+                self.next_read_context += 1;
+                g.raw.read_index(ctx.to_le_bytes().to_vec());
+                g.reads_inflight.insert(ctx, (Vec::new(), self.ticks));
             }
             if !g.reads_unsent.is_empty() {
                 let ctx = self.next_read_context;
@@ -1414,6 +1525,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 g.counters.leader_changes += 1;
             }
             if ss.raft_state != StateRole::Leader {
+                g.lease = Lease::default();
                 // Reads waiting for a ReadIndex from a former leader can no longer be confirmed.
                 let leader = known_leader(ss.leader_id);
                 for (_, (reads, _)) in std::mem::take(&mut g.reads_inflight) {
@@ -1487,7 +1599,12 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
         for state in ready.take_read_states() {
             let ctx = u64::from_le_bytes(state.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
-            if let Some((reads, _)) = g.reads_inflight.remove(&ctx) {
+            if let Some((reads, issued)) = g.reads_inflight.remove(&ctx) {
+                // A quorum acknowledged heartbeats sent after `issued`: none of them will vote
+                // for another leader within an election timeout of receiving them.
+                if g.raw.raft.state == StateRole::Leader {
+                    g.lease.until = g.lease.until.max(issued + self.config.lease_ticks);
+                }
                 g.reads_ready.push_back((state.index, reads));
             }
         }
@@ -1527,7 +1644,18 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 wal.set_hard_state(group, hard_state).map_err(|e| e.to_string())?;
             }
         }
-        g.committed.extend(ready.take_committed_entries());
+        let committed = ready.take_committed_entries();
+        if let Some(last) = committed.last() {
+            // Proposals committed by this Ready (each once: they are answered at apply).
+            for proposal in g.proposals.iter().filter(|p| p.index <= last.index) {
+                if proposal.index > g.commit_recorded {
+                    let latency = self.now_us.saturating_sub(proposal.proposed_at_us).max(1);
+                    let _ = self.commit_latency_us.record(latency);
+                }
+            }
+            g.commit_recorded = g.commit_recorded.max(last.index);
+        }
+        g.committed.extend(committed);
         let messages = ready.take_persisted_messages();
         // Everything this Ready wrote is durable once the WAL's latest ticket is.
         let ticket = wal.last_ticket();
@@ -1645,6 +1773,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         while let Some(entry) = g.committed.pop_front() {
             results.clear();
             let mut bad_batch = None;
+            let mut applied_batch = false;
             if entry.entry_type != EntryType::EntryNormal {
                 // A membership change: applied to raft, recorded in the WAL with its index (made
                 // durable before any checkpoint covers it, see `checkpoint_allowed`).
@@ -1669,11 +1798,22 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     Ok(view) => {
                         g.sm.apply(entry.index, view.batch(), &mut results)
                             .await
-                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?;
+                        applied_batch = true;
                     }
                     // Deterministic on every replica: the entry is skipped, its proposer told.
                     Err(error) => bad_batch = Some(error.to_string()),
                 }
+            }
+            if !applied_batch {
+                // Every index reaches the state machine (an empty batch for a leader's empty
+                // entry, a membership change or a skipped batch), so its applied index is
+                // raft's: a snapshot taken at it carries the membership of that index.
+                let empty = BatchView::new(&self.empty_batch).expect("the empty batch is valid");
+                let mut none = Vec::new();
+                g.sm.apply(entry.index, empty.batch(), &mut none)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             self.stats.entries_applied += 1;
             last_applied = Some(entry.index);

@@ -101,6 +101,9 @@ pub struct ShardMetrics {
     pub commands_per_entry: Histogram<u64>,
     /// WAL write-to-durable latency (one write + its sync), microseconds.
     pub sync_latency_us: Histogram<u64>,
+    /// From a proposal entering the leader's log to its commit (in a quorum's synced WALs),
+    /// microseconds.
+    pub commit_latency_us: Histogram<u64>,
     /// From a request reaching the shard to its ok answer (queueing, commit in a quorum's WALs,
     /// apply), microseconds.
     pub request_latency_us: Histogram<u64>,
@@ -130,6 +133,11 @@ impl NodeMetrics {
     /// Commands per entry over all shards.
     pub fn commands_per_entry(&self) -> Histogram<u64> {
         self.merged(|s| &s.commands_per_entry)
+    }
+
+    /// Commit latency (proposal to commit) over all shards, microseconds.
+    pub fn commit_latency_us(&self) -> Histogram<u64> {
+        self.merged(|s| &s.commit_latency_us)
     }
 
     /// Request latency (arrival at the shard to ok answer) over all shards, microseconds.
@@ -597,6 +605,7 @@ async fn run_shard<S: StateMachine + 'static>(
     let transfer_limit = Duration::from_millis(2 * config.raft.election_timeout_ms);
     let mut transferring: Option<std::time::Instant> = None;
     let mut last_checkpoint = std::time::Instant::now();
+    let started = std::time::Instant::now();
     let checkpoint_every = Duration::from_millis(config.sm.checkpoint_interval_ms);
     let balance_every = Duration::from_millis(config.raft.leader_balance_interval_ms);
     let mut last_balance = std::time::Instant::now();
@@ -613,6 +622,7 @@ async fn run_shard<S: StateMachine + 'static>(
             waited = futures_lite::future::or(inbox_ready, kicked).await;
         }
         kick.kicked.set(false);
+        core.set_time_us(started.elapsed().as_micros() as u64);
         // Take every waiting input (the one waited for first), up to a bound per loop.
         let mut pieces: Vec<SnapshotPiece> = Vec::new();
         for _ in 0..INPUTS_PER_LOOP_MAX {
@@ -914,6 +924,7 @@ fn handle_input(
                 wal_pending_bytes: wal.pending_bytes as u64,
                 wal_segments_live: wal.segments_live as u64,
                 commands_per_entry: core.commands_per_entry().clone(),
+                commit_latency_us: core.commit_latency_us().clone(),
                 sync_latency_us: extras.sync_latency_us.clone(),
                 request_latency_us: extras.request_latency_us.clone(),
                 requests_waiting: replies.len() as u64,

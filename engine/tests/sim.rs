@@ -10,6 +10,9 @@
 //! the same state, and the client history (puts and linearizable reads, including requests whose
 //! outcome stayed unknown) is linearizable, key by key, per porcupine-rs (memoized WGL search).
 //!
+//! Reads are linearizable: half through ReadIndex, half through the leader's lease, with every
+//! node's clock running at its own rate (within the drift the lease margin covers).
+//!
 //! Leadership moves on purpose too: random transfers during the fault phase and leader
 //! balancing on every node, as the runtime does.
 //!
@@ -52,6 +55,11 @@ const NODES: u64 = 4;
 const INITIAL_VOTERS: u64 = 3;
 const GROUPS: u64 = 2;
 const TICK_MS: u64 = 10;
+/// Each node's clock runs at its own rate, within this many parts per thousand of the true
+/// rate (so two clocks differ by at most twice that).
+const DRIFT_PER_MILLE: u64 = 20;
+/// Lease: 20 election ticks minus a 20% margin, which covers the drift above (4% at most).
+const LEASE_TICKS: u64 = 16;
 const FAULT_PHASE_MS: u64 = 4_000;
 const LIVENESS_MS: u64 = 6_000;
 
@@ -78,6 +86,7 @@ fn shard_config(node: u64) -> ShardConfig {
         group_queue_bytes_max: 1 << 20,
         limits: CommandLimits::default(),
         snapshot_chunks_in_flight: 2,
+        lease_ticks: LEASE_TICKS,
     }
 }
 
@@ -108,6 +117,10 @@ struct Node {
     /// A WAL write issued (bytes written, not yet synced) and when it completes.
     write: Option<(u64, MemFileHandle, u64)>,
     restart_at: Option<u64>,
+    /// This node's tick period in microseconds of true time (its clock drift), and the time
+    /// accumulated towards its next tick.
+    tick_period_us: u64,
+    tick_debt_us: u64,
 }
 
 impl Node {
@@ -238,6 +251,7 @@ struct Sim {
     /// Requests refused before anything happened (NotLeader, Busy...): left out of the history.
     refused: BTreeSet<u64>,
     membership_changes: u64,
+    lease_reads_total: u64,
 }
 
 impl Sim {
@@ -251,6 +265,11 @@ impl Sim {
                 core: None,
                 write: None,
                 restart_at: None,
+                tick_period_us: TICK_MS
+                    * 1000
+                    * (1000 - DRIFT_PER_MILLE + rng.below(2 * DRIFT_PER_MILLE + 1))
+                    / 1000,
+                tick_debt_us: id * 1000,
             })
             .collect();
         let mut sim = Sim {
@@ -274,6 +293,7 @@ impl Sim {
             history: Vec::new(),
             refused: BTreeSet::new(),
             membership_changes: 0,
+            lease_reads_total: 0,
         };
         for node in &mut sim.nodes {
             node.start();
@@ -543,7 +563,14 @@ impl Sim {
                     key: key.clone(),
                     op: RegisterOp::Read,
                 });
-                core.read(group, request, key, Consistency::Linearizable);
+                // Half of the reads use the leader's lease (served without a round trip while
+                // it holds, under clock drift within the lease margin).
+                let consistency = if self.rng.below(2) == 0 {
+                    Consistency::Lease
+                } else {
+                    Consistency::Linearizable
+                };
+                core.read(group, request, key, consistency);
             }
             choice => {
                 self.writes += 1;
@@ -728,10 +755,13 @@ impl Sim {
                 }
                 continue;
             }
-            let core = self.nodes[i].core.as_mut().unwrap();
-            if clock % TICK_MS == (i as u64) % TICK_MS {
-                core.tick();
+            let node = &mut self.nodes[i];
+            node.tick_debt_us += 1000;
+            if node.tick_debt_us >= node.tick_period_us {
+                node.tick_debt_us -= node.tick_period_us;
+                node.core.as_mut().unwrap().tick();
             }
+            let core = self.nodes[i].core.as_mut().unwrap();
             if clock % 700 == 0 {
                 // Compacting close behind the checkpoint makes followers that were down or cut
                 // off fall behind the log: they catch up by snapshot.
@@ -747,6 +777,7 @@ impl Sim {
             let Some(core) = self.nodes[i].core.as_mut() else {
                 continue;
             };
+            core.set_time_us(self.clock * 1000);
             core.propose();
             now(core.collect_ready());
             for fetch in core.take_fetches() {
@@ -776,7 +807,7 @@ impl Sim {
 
     /// Runs the seed; returns how many writes were acknowledged, snapshots installed, and
     /// groups whose membership ended other than it began.
-    fn run(mut self) -> (usize, u64, usize) {
+    fn run(mut self) -> (usize, u64, usize, u64) {
         while self.clock < FAULT_PHASE_MS {
             self.step();
         }
@@ -868,6 +899,11 @@ impl Sim {
             .iter()
             .map(|n| n.core.as_ref().unwrap().stats().snapshots_installed)
             .sum();
+        self.lease_reads_total = self
+            .nodes
+            .iter()
+            .map(|n| n.core.as_ref().unwrap().stats().lease_reads)
+            .sum();
         if std::env::var_os("RINGRAFT_SIM_DEBUG").is_some() {
             eprintln!(
                 "seed {}: {} membership changes proposed, members at the end {members:?}",
@@ -876,7 +912,7 @@ impl Sim {
         }
         let initial: BTreeSet<u64> = (1..=INITIAL_VOTERS).collect();
         let changed = members.iter().filter(|m| **m != initial).count();
-        (self.acked.len(), installed, changed)
+        (self.acked.len(), installed, changed, self.lease_reads_total)
     }
 }
 
@@ -897,7 +933,8 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     // liveness phase after it must still serve every group); over many seeds the checks must
     // have had real work to judge.
     let seeds = seeds();
-    let runs: Vec<(usize, u64, usize)> = seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
+    let runs: Vec<(usize, u64, usize, u64)> = seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
+    let lease_reads: u64 = runs.iter().map(|r| r.3).sum();
     let acked: usize = runs.iter().map(|r| r.0).sum();
     let installed: u64 = runs.iter().map(|r| r.1).sum();
     let changed: usize = runs.iter().map(|r| r.2).sum();
@@ -920,7 +957,15 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
         "only {changed} groups changed membership over {} seeds",
         seeds.len()
     );
+    // Lease reads were served under the lease (not only through the ReadIndex fallback), and
+    // the history including them is linearizable.
+    assert!(
+        seeds.len() < 20 || lease_reads >= seeds.len() as u64,
+        "only {lease_reads} lease reads served under a lease over {} seeds",
+        seeds.len()
+    );
     eprintln!(
-        "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership"
+        "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership, \
+         {lease_reads} reads served under a lease"
     );
 }

@@ -584,7 +584,7 @@ impl NetClient {
             consistency,
             key: key.to_vec(),
         };
-        let to_leader = consistency == Consistency::Linearizable;
+        let to_leader = consistency != Consistency::Local;
         match self.route(group, request, to_leader, true, node).await? {
             Body::Results(results) => match results.as_slice() {
                 [CommandResult::Value(v)] => Ok(Some(v.clone())),

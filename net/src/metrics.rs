@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringraft_engine::{Engine, Histogram, NodeMetrics};
+use ringraft_engine::{Engine, Histogram, NodeMetrics, ShardMetrics};
 use tracing::{info, warn};
 
 /// One metric family: its help, type and samples (labels, value).
@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 9] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 12] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -93,6 +93,24 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "counter",
             "Requests refused with Busy (a bounded queue was full).",
             |s| s.stats.busy_answers as f64,
+        ),
+        (
+            "ringraft_snapshots_sent_total",
+            "counter",
+            "Snapshots streamed to followers behind the compacted log (as leader).",
+            |s| s.stats.snapshots_sent as f64,
+        ),
+        (
+            "ringraft_snapshots_installed_total",
+            "counter",
+            "Snapshots received and installed (as follower).",
+            |s| s.stats.snapshots_installed as f64,
+        ),
+        (
+            "ringraft_lease_reads_total",
+            "counter",
+            "Lease reads served under the leader's lease, without a ReadIndex round.",
+            |s| s.stats.lease_reads as f64,
         ),
         (
             "ringraft_wal_writes_total",
@@ -135,41 +153,38 @@ pub fn render(metrics: &NodeMetrics) -> String {
             );
         }
     }
-    f.header(
-        "ringraft_commands_per_entry",
-        "summary",
-        "Commands per proposed raft entry (batching).",
-    );
-    for s in &metrics.shards {
-        f.summary(
+    type ShardHistogram = fn(&ShardMetrics) -> &Histogram<u64>;
+    let summaries: [(&str, &str, ShardHistogram); 4] = [
+        (
             "ringraft_commands_per_entry",
-            &[("node", node.clone()), ("shard", s.shard.to_string())],
-            &s.commands_per_entry,
-        );
-    }
-    f.header(
-        "ringraft_sync_latency_microseconds",
-        "summary",
-        "WAL write-to-durable latency.",
-    );
-    for s in &metrics.shards {
-        f.summary(
+            "Commands per proposed raft entry (batching).",
+            |s| &s.commands_per_entry,
+        ),
+        (
             "ringraft_sync_latency_microseconds",
-            &[("node", node.clone()), ("shard", s.shard.to_string())],
-            &s.sync_latency_us,
-        );
-    }
-    f.header(
-        "ringraft_request_latency_microseconds",
-        "summary",
-        "From a request reaching its shard to its ok answer: queueing, commit in a quorum's WALs, apply.",
-    );
-    for s in &metrics.shards {
-        f.summary(
+            "WAL write-to-durable latency.",
+            |s| &s.sync_latency_us,
+        ),
+        (
+            "ringraft_commit_latency_microseconds",
+            "From a proposal entering the leader's log to its commit in a quorum's synced WALs.",
+            |s| &s.commit_latency_us,
+        ),
+        (
             "ringraft_request_latency_microseconds",
-            &[("node", node.clone()), ("shard", s.shard.to_string())],
-            &s.request_latency_us,
-        );
+            "From a request reaching its shard to its ok answer: queueing, commit in a quorum's WALs, apply.",
+            |s| &s.request_latency_us,
+        ),
+    ];
+    for (name, help, histogram) in summaries {
+        f.header(name, "summary", help);
+        for s in &metrics.shards {
+            f.summary(
+                name,
+                &[("node", node.clone()), ("shard", s.shard.to_string())],
+                histogram(s),
+            );
+        }
     }
     type GroupField = fn(&ringraft_engine::GroupMetrics) -> f64;
     let group_fields: [(&str, &str, &str, GroupField); 11] = [

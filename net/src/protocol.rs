@@ -274,6 +274,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
             out.push(match consistency {
                 Consistency::Linearizable => 0,
                 Consistency::Local => 1,
+                Consistency::Lease => 2,
             });
             put_blob(out, key);
         }
@@ -344,6 +345,7 @@ fn decode_request_body(frame_kind: u8, c: &mut Cursor<'_>) -> Result<Request, Ma
             let consistency = match c.u8("consistency")? {
                 0 => Consistency::Linearizable,
                 1 => Consistency::Local,
+                2 => Consistency::Lease,
                 other => return Err(Malformed(format!("unknown consistency {other}"))),
             };
             Request::Get {

@@ -251,7 +251,13 @@ fn load(client: NetClient, thread: u64, epoch: Instant, stop: Arc<AtomicBool>, h
                 Err(_) => continue, // refused: never applied
             }
         } else {
-            match client.get_blocking(&key, Consistency::Linearizable) {
+            // Some reads through the leader's lease: they must be linearizable as well.
+            let consistency = if choice == 9 {
+                Consistency::Lease
+            } else {
+                Consistency::Linearizable
+            };
+            match client.get_blocking(&key, consistency) {
                 Ok(value) => (Step::Read(value_id(value.as_deref())), now()),
                 Err(_) => continue,
             }
@@ -608,6 +614,8 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
         "{page}"
     );
     assert!(page.contains("ringraft_sync_latency_microseconds{node=\"1\",shard=\"0\",quantile=\"0.99\"}"));
+    assert!(page.contains("ringraft_commit_latency_microseconds_count{node=\"1\",shard=\"0\"}"));
+    assert!(page.contains("ringraft_snapshots_installed_total{node=\"1\",shard=\"0\"}"));
     assert!(page.contains("process_resident_memory_bytes"));
     assert!(page.contains("ringraft_request_latency_microseconds_count{node=\"1\",shard=\"0\"}"));
     assert!(nodes[0].terminate());

@@ -230,6 +230,10 @@ pub struct RaftConfig {
     /// How often each shard checks whether it leads more than its share of groups and hands
     /// one over; 0 turns leader balancing off.
     pub leader_balance_interval_ms: u64,
+    /// Lease reads: a leader serves `lease` reads without a round trip for the election
+    /// timeout minus this margin after a quorum last confirmed it; the margin covers how much
+    /// faster any node's clock may run than the leader's over one election timeout.
+    pub lease_margin_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -245,6 +249,7 @@ impl Default for RaftConfig {
             pre_vote: true,
             check_quorum: true,
             leader_balance_interval_ms: 10_000,
+            lease_margin_ms: 100,
         }
     }
 }
@@ -253,6 +258,14 @@ impl RaftConfig {
     /// raft-rs `election_tick`.
     pub fn election_ticks(&self) -> u64 {
         self.election_timeout_ms / self.tick_interval_ms.max(1)
+    }
+
+    /// Ticks a lease lasts after a quorum confirmed the leader (0: no lease reads).
+    pub fn lease_ticks(&self) -> u64 {
+        if !self.check_quorum {
+            return 0;
+        }
+        self.election_timeout_ms.saturating_sub(self.lease_margin_ms) / self.tick_interval_ms.max(1)
     }
 
     /// raft-rs `heartbeat_tick`.

@@ -265,6 +265,15 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
             ),
             "use about a tenth of the election timeout",
         );
+    } else if r.lease_margin_ms >= r.election_timeout_ms {
+        error(
+            "raft.lease_margin_ms",
+            format!(
+                "{} ms leaves no lease within the election timeout ({} ms)",
+                r.lease_margin_ms, r.election_timeout_ms
+            ),
+            "use a fraction of the election timeout covering clock-rate differences (default 100 ms of 500 ms)",
+        );
     } else if r.election_ticks() <= r.heartbeat_ticks() {
         error(
             "raft.election_timeout_ms",
