@@ -29,6 +29,7 @@ use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole, Storage};
 use ringraft_sm::{encode_batch, BatchView, Command, CommandLimits, CommandResult, StateMachine};
 use ringraft_wal::{Disk, Ticket, Wal};
 
+use crate::beat::{Beat, BEAT_GROUP};
 use crate::meta::GroupMeta;
 use crate::snapshot::{Incoming, Outgoing, PieceKind, Serving, SnapshotPiece, STREAM_RETRIES_MAX};
 use crate::storage::{entry_type_code, FetchQueue, GroupStorage, SnapSlot};
@@ -121,6 +122,10 @@ pub struct ShardConfig {
     /// Ticks a leader's lease lasts after a quorum confirmed it (0: lease reads take the
     /// ReadIndex path). See [`Consistency::Lease`].
     pub lease_ticks: u64,
+    /// Every other node of the cluster (beats go to each).
+    pub peers: Vec<u64>,
+    /// Idle ticks after which a leader quiesces a group (0: never). See `beat.rs`.
+    pub quiesce_after_ticks: u64,
 }
 
 impl ShardConfig {
@@ -147,6 +152,14 @@ impl ShardConfig {
             },
             snapshot_chunks_in_flight: config.limits.snapshot_chunks_in_flight,
             lease_ticks: config.raft.lease_ticks(),
+            peers: config
+                .cluster
+                .nodes
+                .iter()
+                .map(|n| n.id)
+                .filter(|&id| id != config.node.id)
+                .collect(),
+            quiesce_after_ticks: config.raft.quiesce_after_ms / config.raft.tick_interval_ms.max(1),
         }
     }
 }
@@ -248,6 +261,17 @@ struct Group<D: Disk, S: StateMachine> {
     lease: Lease,
     /// Highest committed index whose proposals' commit latency was recorded.
     commit_recorded: u64,
+    /// Quiesced: not ticked, and left out of the shard's per-loop passes (see `beat.rs`).
+    asleep: bool,
+    /// The shard's set of groups not asleep (this group adds itself when it wakes).
+    awake: AwakeSet,
+    id: u64,
+    /// Leader: consecutive idle ticks, and the quiesce request out (term, index, members that
+    /// acknowledged).
+    idle_ticks: u64,
+    quiesce_acks: Option<(u64, u64, std::collections::BTreeSet<u64>)>,
+    /// Follower: woke since the last beat, and its leader must hear so.
+    woke_unreported: bool,
 }
 
 /// A leader's read lease, in ticks of this node's clock.
@@ -265,6 +289,59 @@ struct Lease {
 }
 
 impl<D: Disk, S: StateMachine> Group<D, S> {
+    /// Back to ticking (any activity): see `beat.rs`.
+    fn wake(&mut self) {
+        if self.asleep {
+            self.asleep = false;
+            self.awake.borrow_mut().insert(self.id);
+            // A follower's leader may be asleep too: it must tick again (and heartbeat), or
+            // this follower would time out and campaign. The next beat tells it.
+            self.woke_unreported = self.raw.raft.state != StateRole::Leader;
+        }
+        self.idle_ticks = 0;
+        self.quiesce_acks = None;
+    }
+
+    fn sleep(&mut self) {
+        self.asleep = true;
+        self.awake.borrow_mut().remove(&self.id);
+    }
+
+    /// Nothing waiting here: no requests, reads, proposals, entries to apply or snapshots.
+    fn quiet(&self) -> bool {
+        let log = &self.raw.raft.raft_log;
+        let last = log.last_index();
+        self.queue.is_empty()
+            && self.reads_unsent.is_empty()
+            && self.reads_inflight.is_empty()
+            && self.reads_ready.is_empty()
+            && self.reads_local.is_empty()
+            && self.proposals.is_empty()
+            && self.committed.is_empty()
+            && self.outgoing.is_empty()
+            && self.incoming.is_none()
+            && !self.raw.has_ready()
+            && log.committed == last
+            && log.persisted == last
+            && self.applied == last
+    }
+
+    /// A leader whose group could quiesce: quiet, every member has everything, no transfer or
+    /// membership change under way.
+    fn leader_idle(&self) -> bool {
+        let raft = &self.raw.raft;
+        let last = raft.raft_log.last_index();
+        raft.state == StateRole::Leader
+            && raft.lead_transferee.is_none()
+            && !raft.has_pending_conf()
+            && self.conf_state.voters_outgoing.is_empty()
+            && self.quiet()
+            && raft
+                .prs()
+                .iter()
+                .all(|(&id, p)| id == raft.id || p.matched == last)
+    }
+
     /// Whether this leader may serve a lease read now (see [`Consistency::Lease`]). Besides the
     /// lease itself: no leadership transfer in sight, and an entry of this term committed (the
     /// commit index then covers everything any earlier leader committed).
@@ -364,7 +441,17 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     /// From a proposal entering the leader's log to its commit (a quorum's WALs synced),
     /// microseconds.
     commit_latency_us: hdrhistogram::Histogram<u64>,
+    /// Tick of the last beat from each peer node.
+    last_heard: BTreeMap<u64, u64>,
+    /// Quiesce acknowledgements to send with the next beat, by leader node.
+    beat_acks: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// Groups not asleep: the per-loop passes visit only these.
+    awake: AwakeSet,
+    /// Asleep groups with a Ready to collect (a heartbeat response).
+    flush: std::collections::BTreeSet<u64>,
 }
+
+type AwakeSet = Rc<RefCell<std::collections::BTreeSet<u64>>>;
 
 impl<D: Disk, S: StateMachine> std::fmt::Debug for ShardCore<D, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -472,6 +559,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let wal = Rc::new(RefCell::new(wal));
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut groups = BTreeMap::new();
+        let awake: AwakeSet = Rc::new(RefCell::new(machines.iter().map(|(g, _)| *g).collect()));
         for (group, sm) in machines {
             let applied = sm.durable_index();
             let conf_state = recover_membership(&mut wal.borrow_mut(), group, applied, &config.voters)
@@ -513,6 +601,12 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     incoming: None,
                     lease: Lease::default(),
                     commit_recorded: 0,
+                    asleep: false,
+                    awake: awake.clone(),
+                    id: group,
+                    idle_ticks: 0,
+                    quiesce_acks: None,
+                    woke_unreported: false,
                 },
             );
         }
@@ -533,6 +627,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             empty_batch: encode_batch(Vec::new()).to_vec(),
             now_us: 0,
             commit_latency_us: crate::runtime::new_histogram(),
+            last_heard: BTreeMap::new(),
+            beat_acks: BTreeMap::new(),
+            awake,
+            flush: Default::default(),
         })
     }
 
@@ -690,6 +788,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             .groups
             .get_mut(&group)
             .ok_or(EngineError::UnknownGroup(group))?;
+        g.wake();
         if g.raw.raft.state != StateRole::Leader {
             let leader = g.raw.raft.leader_id;
             return Err(EngineError::NotLeader {
@@ -739,6 +838,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             });
             return;
         };
+        if consistency != Consistency::Local {
+            g.wake();
+        }
         let read = ReadRequest { request, key };
         let ticks = self.ticks;
         let lease_ticks = self.config.lease_ticks;
@@ -797,6 +899,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             .groups
             .get_mut(&group)
             .ok_or(EngineError::UnknownGroup(group))?;
+        g.wake();
         let raft = &g.raw.raft;
         if raft.state != StateRole::Leader {
             return Err(EngineError::NotLeader {
@@ -910,14 +1013,41 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// A `MsgSnapshot` is taken only once its data is staged here and its metadata durable (see
     /// `snapshot.rs`); otherwise the leader sends it again after its next probe.
     pub fn step(&mut self, envelope: Envelope) {
-        let Some(g) = self.groups.get_mut(&envelope.group) else {
-            return;
-        };
         if envelope.message.to != self.config.node {
             return;
         }
+        if envelope.group == BEAT_GROUP {
+            self.step_beat(&envelope.message);
+            return;
+        }
+        let Some(g) = self.groups.get_mut(&envelope.group) else {
+            return;
+        };
+        // Heartbeats and their responses are the idle traffic quiescence ends; anything else
+        // (appends, votes, transfers) is activity. A node removed from the group that missed
+        // its removal keeps campaigning: its messages must not keep the members awake (with
+        // pre-vote and check-quorum raft ignores them anyway).
+        let idle_traffic = matches!(
+            envelope.message.msg_type,
+            MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
+        );
+        let member = g.raw.raft.prs().get(envelope.message.from).is_some();
+        if !idle_traffic && member {
+            g.wake();
+        }
         if envelope.message.msg_type != MessageType::MsgSnapshot {
             let _ = g.raw.step(envelope.message);
+            if g.asleep && g.raw.has_ready() {
+                let raft = &g.raw.raft;
+                if raft.state != StateRole::Follower || raft.raft_log.committed > g.applied {
+                    // The heartbeat moved the commit index (or raft changed role): work to do.
+                    g.wake();
+                } else {
+                    // Only a heartbeat response to send (its leader is awake for a while, for
+                    // another follower or to quiesce): send it and stay asleep.
+                    self.flush.insert(envelope.group);
+                }
+            }
             return;
         }
         let metadata = envelope.message.get_snapshot().get_metadata();
@@ -944,6 +1074,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let Some(g) = self.groups.get_mut(&piece.group) else {
             return;
         };
+        g.wake();
         let reply = |next: u64, complete: bool| SnapshotPiece {
             group: piece.group,
             from: piece.to,
@@ -1079,7 +1210,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
         let node = self.config.node;
         let window = self.config.snapshot_chunks_in_flight.max(1);
-        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        let groups = self.awake_ids();
         for group in groups {
             let meta_durable = self.wal.borrow().meta_durable(group);
             let g = self.groups.get_mut(&group).unwrap();
@@ -1228,6 +1359,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             let Some(to) = best_follower(&g.raw.raft) else {
                 continue;
             };
+            g.wake();
             leading += 1;
             if g.raw.raft.lead_transferee.is_none() {
                 g.raw.transfer_leader(to);
@@ -1262,6 +1394,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             None => best_follower(&g.raw.raft)
                 .ok_or_else(|| EngineError::BadRequest(format!("group {group} has no other member")))?,
         };
+        g.wake();
         if g.raw.raft.lead_transferee != Some(to) {
             g.raw.transfer_leader(to);
         }
@@ -1320,6 +1453,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     .get(to)
                     .is_some_and(|p| p.recent_active && p.matched == raft.raft_log.last_index());
             if caught_up {
+                g.wake();
                 g.raw.transfer_leader(to);
                 return Some((group, to));
             }
@@ -1341,7 +1475,28 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let retry_after = self.config.election_ticks as u64;
         let ticks = self.ticks;
         let election = self.config.election_ticks as u64;
-        for g in self.groups.values_mut() {
+        let quiesce_after = self.config.quiesce_after_ticks;
+        // A quiesced follower wakes when its leader's node has been silent (no beat) for an
+        // election timeout: the group then elects a new leader as usual.
+        let silent: Vec<u64> = self
+            .config
+            .peers
+            .iter()
+            .copied()
+            .filter(|p| ticks.saturating_sub(self.last_heard.get(p).copied().unwrap_or(0)) > election)
+            .collect();
+        if !silent.is_empty() && self.awake.borrow().len() < self.groups.len() {
+            for g in self.groups.values_mut() {
+                let raft = &g.raw.raft;
+                if g.asleep && raft.state != StateRole::Leader && silent.contains(&raft.leader_id) {
+                    g.wake();
+                }
+            }
+        }
+        for group in self.awake_ids() {
+            let g = self.groups.get_mut(&group).unwrap();
+            // Judged before the tick (whose heartbeats would count as activity).
+            let idle = quiesce_after > 0 && g.leader_idle();
             // A transfer (and its abort) only happen between ticks: seeing it before and after
             // each tick blocks lease reads across it.
             if g.raw.raft.lead_transferee.is_some() {
@@ -1384,13 +1539,146 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 let (reads, _) = g.reads_inflight.remove(&ctx).unwrap();
                 g.reads_unsent.extend(reads);
             }
+            if idle {
+                g.idle_ticks += 1;
+            } else {
+                g.idle_ticks = 0;
+                g.quiesce_acks = None;
+            }
         }
+        if ticks % (self.config.heartbeat_ticks.max(1) as u64) == 0 {
+            self.send_beats();
+        }
+    }
+
+    /// One beat to each peer node: idle groups this node leads (quiesce requests to their
+    /// members) and acknowledgements of groups quiesced here. See `beat.rs`.
+    fn send_beats(&mut self) {
+        let quiesce_after = self.config.quiesce_after_ticks;
+        let mut beats: BTreeMap<u64, Beat> =
+            self.config.peers.iter().map(|&p| (p, Beat::default())).collect();
+        for group in self.awake_ids() {
+            let g = self.groups.get_mut(&group).unwrap();
+            if std::mem::take(&mut g.woke_unreported) {
+                let raft = &g.raw.raft;
+                if let Some(beat) = beats.get_mut(&raft.leader_id) {
+                    beat.woke.push((group, raft.term));
+                }
+            }
+            if quiesce_after == 0 || g.asleep || g.idle_ticks < quiesce_after {
+                continue;
+            }
+            let raft = &g.raw.raft;
+            let (term, index) = (raft.term, raft.raft_log.last_index());
+            let acks = g
+                .quiesce_acks
+                .get_or_insert_with(|| (term, index, Default::default()));
+            if (acks.0, acks.1) != (term, index) {
+                *acks = (term, index, Default::default());
+            }
+            for (&member, _) in raft.prs().iter() {
+                if member != raft.id && !acks.2.contains(&member) {
+                    beats
+                        .entry(member)
+                        .or_default()
+                        .quiesce
+                        .push((group, term, index));
+                }
+            }
+        }
+        for (leader, acks) in std::mem::take(&mut self.beat_acks) {
+            beats.entry(leader).or_default().quiesced.extend(acks);
+        }
+        for (to, beat) in beats {
+            self.messages.push(Envelope {
+                group: BEAT_GROUP,
+                message: beat.to_message(self.config.node, to),
+            });
+        }
+    }
+
+    /// A peer's beat: it is alive; quiesce what it asks (if this node has exactly that state);
+    /// count its acknowledgements of this node's requests.
+    fn step_beat(&mut self, message: &Message) {
+        let from = message.from;
+        self.last_heard.insert(from, self.ticks);
+        let beat = match Beat::decode(&message.context) {
+            Ok(beat) => beat,
+            Err(error) => {
+                tracing::warn!("beat from node {from}: {error}");
+                return;
+            }
+        };
+        for (group, term, index) in beat.quiesce {
+            let Some(g) = self.groups.get_mut(&group) else {
+                continue;
+            };
+            let raft = &g.raw.raft;
+            let same = raft.state == StateRole::Follower
+                && raft.leader_id == from
+                && raft.term == term
+                && raft.raft_log.last_index() == index;
+            if same && g.quiet() {
+                g.sleep();
+                self.beat_acks.entry(from).or_default().push((group, term));
+            }
+        }
+        for (group, term) in beat.woke {
+            if let Some(g) = self.groups.get_mut(&group) {
+                if g.raw.raft.state == StateRole::Leader && g.raw.raft.term == term {
+                    g.wake();
+                }
+            }
+        }
+        for (group, term) in beat.quiesced {
+            let Some(g) = self.groups.get_mut(&group) else {
+                continue;
+            };
+            let Some(acks) = g.quiesce_acks.as_mut().filter(|a| a.0 == term) else {
+                continue;
+            };
+            acks.2.insert(from);
+            let raft = &g.raw.raft;
+            let all = raft
+                .prs()
+                .iter()
+                .all(|(&id, _)| id == raft.id || acks.2.contains(&id));
+            if all && g.leader_idle() {
+                g.sleep();
+            }
+        }
+    }
+
+    /// Groups quiesced on this node (not ticked).
+    pub fn asleep_groups(&self) -> usize {
+        self.groups.values().filter(|g| g.asleep).count()
+    }
+
+    /// Debug: why a group is not quiet.
+    pub fn quiet_debug(&self, group: u64) -> String {
+        let g = &self.groups[&group];
+        let raft = &g.raw.raft;
+        let log = &raft.raft_log;
+        format!(
+            "state {:?} leader {} term {} asleep {} idle_ticks {} acks {:?} queue {} ru {} ri {} rr {} rl {} props {} committed {} out {} inc {} has_ready {} commit {} persisted {} last {} applied {} transferee {:?} pending_conf {} prs {:?}",
+            raft.state, raft.leader_id, raft.term, g.asleep, g.idle_ticks, g.quiesce_acks,
+            g.queue.len(), g.reads_unsent.len(), g.reads_inflight.len(), g.reads_ready.len(), g.reads_local.len(),
+            g.proposals.len(), g.committed.len(), g.outgoing.len(), g.incoming.is_some(), g.raw.has_ready(),
+            log.committed, log.persisted, log.last_index(), g.applied, raft.lead_transferee, raft.has_pending_conf(),
+            raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect::<Vec<_>>()
+        )
+    }
+
+    /// Whether `group` is quiesced on this node.
+    pub fn is_asleep(&self, group: u64) -> bool {
+        self.groups.get(&group).is_some_and(|g| g.asleep)
     }
 
     /// Turns each group's queued commands into one raft entry (one batch), and sends one
     /// ReadIndex request for the group's waiting linearizable reads.
     pub fn propose(&mut self) {
-        for g in self.groups.values_mut() {
+        for group in self.awake_ids() {
+            let g = self.groups.get_mut(&group).unwrap();
             if g.raw.raft.state != StateRole::Leader {
                 // Leadership was lost with requests queued: they were never proposed.
                 let leader = g.raw.raft.leader_id;
@@ -1500,7 +1788,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         if self.failure.is_some() {
             return;
         }
-        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        let mut groups = self.awake_ids();
+        groups.extend(std::mem::take(&mut self.flush));
+        groups.sort_unstable();
+        groups.dedup();
         for group in groups {
             if let Err(cause) = self.collect_group(group).await {
                 self.fail(cause);
@@ -1699,7 +1990,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// reads each plan (async, off the raft path) and reports with [`ShardCore::fetched`].
     pub fn take_fetches(&mut self) -> Vec<Fetch<D>> {
         let mut out = Vec::new();
-        for (&group, g) in &self.groups {
+        for group in self.awake_ids() {
+            let g = &self.groups[&group];
             for request in g.fetches.borrow_mut().drain(..) {
                 let plan = self
                     .wal
@@ -1728,26 +2020,42 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             self.wal.borrow_mut().insert_cached(group, &entries);
         }
         if let Some(g) = self.groups.get_mut(&group) {
+            g.wake();
             g.raw.on_entries_fetched(context);
         }
     }
 
     /// Whether a later `collect_ready` may produce output (used by runners to decide to loop).
     pub fn has_ready(&self) -> bool {
-        self.groups
-            .values()
-            .any(|g| g.raw.has_ready() || !g.committed.is_empty())
+        !self.flush.is_empty()
+            || self
+                .awake
+                .borrow()
+                .iter()
+                .map(|group| &self.groups[group])
+                .any(|g| g.raw.has_ready() || !g.committed.is_empty())
     }
 
     /// Bytes of commands queued, not yet proposed, over all groups.
     pub fn queued_bytes(&self) -> usize {
-        self.groups.values().map(|g| g.queue_bytes).sum()
+        self.awake
+            .borrow()
+            .iter()
+            .map(|group| self.groups[group].queue_bytes)
+            .sum()
+    }
+
+    /// The groups not asleep (the per-loop passes visit only these).
+    fn awake_ids(&self) -> Vec<u64> {
+        self.awake.borrow().iter().copied().collect()
     }
 
     /// Whether any group has commands or linearizable reads waiting to be proposed.
     pub fn has_queued(&self) -> bool {
-        self.groups
-            .values()
+        self.awake
+            .borrow()
+            .iter()
+            .map(|group| &self.groups[group])
             .any(|g| !g.queue.is_empty() || !g.reads_unsent.is_empty())
     }
 
@@ -1757,7 +2065,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         if self.failure.is_some() {
             return;
         }
-        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        let groups = self.awake_ids();
         for group in groups {
             if let Err(cause) = self.apply_group(group).await {
                 self.fail(cause);

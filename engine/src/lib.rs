@@ -25,6 +25,7 @@
 //! State machines: the built-in key-value store by default ([`KvFactory`]); any other
 //! [`ringraft_sm::StateMachine`] through [`Engine::start_with`] and a [`MachineFactory`].
 
+mod beat;
 mod client;
 mod core;
 mod meta;
@@ -33,6 +34,7 @@ mod snapshot;
 mod storage;
 mod transport;
 
+pub use crate::beat::{Beat, BEAT_GROUP};
 pub use crate::client::{group_of, Client};
 pub use crate::core::{
     Answer, Consistency, EngineError, Envelope, Fetch, GroupMetrics, RequestId, ShardConfig, ShardCore,

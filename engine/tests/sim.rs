@@ -87,6 +87,8 @@ fn shard_config(node: u64) -> ShardConfig {
         limits: CommandLimits::default(),
         snapshot_chunks_in_flight: 2,
         lease_ticks: LEASE_TICKS,
+        peers: (1..=NODES).filter(|&n| n != node).collect(),
+        quiesce_after_ticks: 30,
     }
 }
 
@@ -853,6 +855,22 @@ impl Sim {
                 self.fail(format!(
                     "group {group}: nodes applied different indexes {progress:?}"
                 ));
+            }
+        }
+        // Idle groups quiesced on every member (and the checks above held with groups falling
+        // asleep and waking throughout the fault phase).
+        for group in 0..GROUPS {
+            let members = self.members(group);
+            for node in self.nodes.iter().filter(|n| members.contains(&n.id)) {
+                if !node.core.as_ref().unwrap().is_asleep(group) {
+                    for n in &self.nodes {
+                        eprintln!("node {}: {}", n.id, n.core.as_ref().unwrap().quiet_debug(group));
+                    }
+                    self.fail(format!(
+                        "group {group} is not quiesced on node {} after 2 s idle",
+                        node.id
+                    ));
+                }
             }
         }
         self.check_linearizable();

@@ -234,6 +234,9 @@ pub struct RaftConfig {
     /// timeout minus this margin after a quorum last confirmed it; the margin covers how much
     /// faster any node's clock may run than the leader's over one election timeout.
     pub lease_margin_ms: u64,
+    /// A group idle this long (everything committed, applied and acknowledged, nothing queued)
+    /// quiesces: no ticks, no heartbeats until a message or request wakes it. 0: never.
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -250,6 +253,7 @@ impl Default for RaftConfig {
             check_quorum: true,
             leader_balance_interval_ms: 10_000,
             lease_margin_ms: 100,
+            quiesce_after_ms: 1000,
         }
     }
 }

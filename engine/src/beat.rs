@@ -1,0 +1,161 @@
+//! The shard beat: one message per peer shard per heartbeat interval, for all groups at once
+//! (idle groups send no raft heartbeats of their own).
+//!
+//! It travels as a raft `MsgHeartbeat` addressed to the reserved group [`BEAT_GROUP`], with this
+//! payload in the message's `context` (so every transport carries it unchanged, inside the
+//! loop's one frame per peer). Specified in `docs/wire-format.md` ("Shard beat"), golden-tested
+//! below.
+//!
+//! ```text
+//! 0   4  magic "RGB1"
+//! 4   4  quiesce count q
+//! 8   4  quiesced count a
+//! 12  4  woke count w
+//! 16  24 x q   (group, term, index): groups the sender leads, idle at `index`, which the
+//!              receiver may quiesce
+//! ..  16 x a   (group, term): groups the sender (a follower) quiesced at the receiver's request
+//! ..  16 x w   (group, term): groups the sender (a follower) woke: the receiver, their leader,
+//!              must tick them again
+//! end 4  crc32c of everything before it
+//! ```
+//!
+//! Quiescence: a leader whose group stayed idle (everything committed, applied and acknowledged
+//! by every member, nothing queued) for `raft.quiesce_after_ms` lists it in its beats. A
+//! follower that has exactly that state quiesces the group (stops ticking it) and acknowledges;
+//! once every member did, the leader stops ticking it too: no heartbeats, no ticks. Any message,
+//! request or snapshot piece for the group wakes it; a follower that wakes says so in its next
+//! beat, which wakes its leader (else the follower would time out waiting for heartbeats and
+//! unseat a healthy leader). Beats keep flowing: a follower whose
+//! leader's node went silent for an election timeout wakes the groups that node leads, which
+//! then elect a new leader as usual.
+
+use raft::eraftpb::{Message, MessageType};
+
+/// The group id beats are addressed to (never a real group).
+pub const BEAT_GROUP: u64 = u64::MAX;
+
+const MAGIC: [u8; 4] = *b"RGB1";
+const FIXED_BYTES: usize = 16;
+
+/// What one shard tells the same shard of a peer node each heartbeat interval.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Beat {
+    /// (group, term, index): groups the sender leads, idle at `index`.
+    pub quiesce: Vec<(u64, u64, u64)>,
+    /// (group, term): groups the sender quiesced at the receiver's request.
+    pub quiesced: Vec<(u64, u64)>,
+    /// (group, term): groups the sender (a follower) woke; their leader must tick them again.
+    pub woke: Vec<(u64, u64)>,
+}
+
+impl Beat {
+    pub fn encode(&self) -> Vec<u8> {
+        let pairs = self.quiesced.len() + self.woke.len();
+        let mut out = Vec::with_capacity(FIXED_BYTES + 24 * self.quiesce.len() + 16 * pairs + 4);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&(self.quiesce.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.quiesced.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.woke.len() as u32).to_le_bytes());
+        for &(group, term, index) in &self.quiesce {
+            for v in [group, term, index] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        for &(group, term) in self.quiesced.iter().chain(&self.woke) {
+            for v in [group, term] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Beat, String> {
+        if bytes.len() < FIXED_BYTES + 4 {
+            return Err(format!("beat of {} bytes is too short", bytes.len()));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
+            return Err("beat crc32c mismatch".into());
+        }
+        if body[0..4] != MAGIC {
+            return Err("not a beat (magic)".into());
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap()) as usize;
+        let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
+        let (q, a, w) = (u32_at(4), u32_at(8), u32_at(12));
+        if (body.len() - FIXED_BYTES) as u128 != 24 * q as u128 + 16 * (a as u128 + w as u128) {
+            return Err(format!(
+                "beat lists {q} + {a} + {w} groups in {} bytes",
+                body.len()
+            ));
+        }
+        let quiesce = (0..q)
+            .map(|i| {
+                let at = FIXED_BYTES + 24 * i;
+                (u64_at(at), u64_at(at + 8), u64_at(at + 16))
+            })
+            .collect();
+        let base = FIXED_BYTES + 24 * q;
+        let pair = |i: usize| (u64_at(base + 16 * i), u64_at(base + 16 * i + 8));
+        let quiesced = (0..a).map(pair).collect();
+        let woke = (a..a + w).map(pair).collect();
+        Ok(Beat {
+            quiesce,
+            quiesced,
+            woke,
+        })
+    }
+
+    /// The raft message carrying it.
+    pub fn to_message(&self, from: u64, to: u64) -> Message {
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgHeartbeat);
+        message.from = from;
+        message.to = to;
+        message.context = self.encode().into();
+        message
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Beat {
+        Beat {
+            quiesce: vec![(3, 7, 1000), (5, 7, 12)],
+            quiesced: vec![(4, 6)],
+            woke: vec![(9, 2)],
+        }
+    }
+
+    /// The bytes are part of the wire format.
+    #[test]
+    fn golden_bytes() {
+        let hex: String = sample().encode().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5247423102000000010000000100000003000000000000000700000000000000e8030000000000000500\
+             0000000000000700000000000000\
+             0c00000000000000040000000000000006000000000000000900000000000000020000000000000068\
+             73441f"
+        );
+    }
+
+    #[test]
+    fn round_trip_and_every_corruption_is_an_error() {
+        let bytes = sample().encode();
+        assert_eq!(Beat::decode(&bytes).unwrap(), sample());
+        assert_eq!(Beat::decode(&Beat::default().encode()).unwrap(), Beat::default());
+        for cut in 0..bytes.len() {
+            assert!(Beat::decode(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x04;
+            assert!(Beat::decode(&bad).is_err(), "flip at {at}");
+        }
+    }
+}
