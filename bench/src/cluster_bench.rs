@@ -212,9 +212,10 @@ impl BenchClient {
     }
 }
 
-/// Waits until every group answers a write-path request.
+/// Waits until every group answers a write-path request. Thousands of groups electing at once
+/// on a small machine take a while: the deadline grows with the group count.
 fn wait_for_leaders(client: &BenchClient) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30) + Duration::from_millis(20 * client.groups());
     for group in 0..client.groups() {
         loop {
             match client.probe(group) {
@@ -421,8 +422,12 @@ pub fn run(o: ClusterBenchOptions, rates: &[Option<f64>]) -> Result<Vec<ClusterR
             let mut processes = start_processes(&o, exe)?;
             let seeds: Vec<String> = processes.iter().map(|p| p.client_addr.clone()).collect();
             let outcome = (|| {
+                // Nodes open every group's state machine before they listen: thousands of
+                // groups take a while on a small machine.
+                let wait = Duration::from_secs(30)
+                    + Duration::from_millis(10 * o.groups_per_shard * o.shards as u64);
                 let clients = (0..o.clients)
-                    .map(|_| net_client(&seeds, Duration::from_secs(30)).map(BenchClient::Tcp))
+                    .map(|_| net_client(&seeds, wait).map(BenchClient::Tcp))
                     .collect::<Result<Vec<_>, _>>()?;
                 loads(&Nodes::Remote(seeds.clone()), &clients, &processes)
             })();

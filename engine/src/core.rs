@@ -307,6 +307,25 @@ impl<D: Disk, S: StateMachine> Group<D, S> {
         self.awake.borrow_mut().remove(&self.id);
     }
 
+    /// Whether the next loop's passes must visit this group: a Ready, entries to apply, requests
+    /// or reads to propose or serve, entries to fetch, a snapshot to take or stream.
+    fn has_work(&self) -> bool {
+        self.raw.has_ready()
+            || !self.committed.is_empty()
+            || !self.queue.is_empty()
+            || !self.reads_unsent.is_empty()
+            || !self.reads_ready.is_empty()
+            || !self.reads_local.is_empty()
+            || !self.fetches.borrow().is_empty()
+            || self.snap.borrow().wanted
+            || !self.outgoing.is_empty()
+            || self
+                .incoming
+                .as_ref()
+                .is_some_and(|i| i.complete && !i.complete_acked)
+            || self.raw.raft.raft_log.applied < self.applied
+    }
+
     /// Nothing waiting here: no requests, reads, proposals, entries to apply or snapshots.
     fn quiet(&self) -> bool {
         let log = &self.raw.raft.raft_log;
@@ -449,6 +468,10 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     awake: AwakeSet,
     /// Asleep groups with a Ready to collect (a heartbeat response).
     flush: std::collections::BTreeSet<u64>,
+    /// Groups that may have work this loop (marked by every entry point that touches one, and
+    /// kept while work remains): the per-loop passes visit only these, so a loop costs what
+    /// its busy groups cost, not what the shard's thousands of idle ones would.
+    active: std::collections::BTreeSet<u64>,
 }
 
 type AwakeSet = Rc<RefCell<std::collections::BTreeSet<u64>>>;
@@ -559,7 +582,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let wal = Rc::new(RefCell::new(wal));
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut groups = BTreeMap::new();
-        let awake: AwakeSet = Rc::new(RefCell::new(machines.iter().map(|(g, _)| *g).collect()));
+        let machines_ids: std::collections::BTreeSet<u64> = machines.iter().map(|(g, _)| *g).collect();
+        let awake: AwakeSet = Rc::new(RefCell::new(machines_ids.clone()));
         for (group, sm) in machines {
             let applied = sm.durable_index();
             let conf_state = recover_membership(&mut wal.borrow_mut(), group, applied, &config.voters)
@@ -629,6 +653,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             commit_latency_us: crate::runtime::new_histogram(),
             last_heard: BTreeMap::new(),
             beat_acks: BTreeMap::new(),
+            active: machines_ids,
             awake,
             flush: Default::default(),
         })
@@ -759,6 +784,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// Queues commands for `group`. Answers at once (in the next output) with `NotLeader`,
     /// `Busy`, `TooLarge` or `UnknownGroup` when it cannot take them; never waits.
     pub fn submit(&mut self, group: u64, request: RequestId, commands: Vec<Command>) {
+        self.active.insert(group);
         let result = self.try_submit(group, request, commands);
         if let Err(error) = result {
             if matches!(error, EngineError::Busy(_)) {
@@ -831,6 +857,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
 
     /// Queues a read. Linearizable reads need leadership; local reads are served by any replica.
     pub fn read(&mut self, group: u64, request: RequestId, key: Vec<u8>, consistency: Consistency) {
+        self.active.insert(group);
         let Some(g) = self.groups.get_mut(&group) else {
             self.answers.push(Answer {
                 request,
@@ -877,6 +904,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// `BadRequest`. A change removing or demoting this leader first hands leadership over and
     /// answers `NotLeader` naming the new leader, where the caller retries.
     pub fn change_membership(&mut self, group: u64, request: RequestId, change: ConfChangeV2) {
+        self.active.insert(group);
         let result = self.try_change_membership(group, request, change);
         if let Err(error) = result {
             self.answers.push(Answer {
@@ -989,12 +1017,40 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// crash could otherwise leave a checkpoint past a change the recovered membership does not
     /// know (the log holding the change may be compacted).
     pub async fn checkpoint(&mut self, retain: u64, retain_for_followers: u64) -> Result<(), String> {
-        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        let mut cursor = 0;
+        while !self
+            .checkpoint_some(&mut cursor, usize::MAX, retain, retain_for_followers)
+            .await?
+        {}
+        Ok(())
+    }
+
+    /// Part of a checkpoint round: [`ShardCore::checkpoint`] for the groups from `*cursor` on,
+    /// writing at most `budget` checkpoints (groups with nothing new since their last one cost
+    /// nothing). Returns whether the round is complete; otherwise `*cursor` is where it goes on.
+    /// A runner spreads a round over its loops this way, so ten thousand groups' checkpoints
+    /// (each a write and a sync) never stall the shard at once.
+    pub async fn checkpoint_some(
+        &mut self,
+        cursor: &mut u64,
+        budget: usize,
+        retain: u64,
+        retain_for_followers: u64,
+    ) -> Result<bool, String> {
+        let mut written = 0;
+        let groups: Vec<u64> = self.groups.range(*cursor..).map(|(&g, _)| g).collect();
         for group in groups {
+            if written >= budget {
+                *cursor = group;
+                return Ok(false);
+            }
             if !self.wal.borrow().meta_durable(group) {
                 continue;
             }
             let g = self.groups.get_mut(&group).unwrap();
+            if g.sm.durable_index() < g.sm.applied_index() {
+                written += 1;
+            }
             let durable = g.sm.checkpoint().await.map_err(|e| e.to_string())?;
             let mut through = durable.saturating_sub(retain);
             if let Some(slowest) = self.slowest_follower_match(group) {
@@ -1006,7 +1062,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 wal.compact(group, through).map_err(|e| e.to_string())?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Delivers a message from a peer. Bad or stale messages are dropped (raft tolerates loss).
@@ -1048,8 +1104,12 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     self.flush.insert(envelope.group);
                 }
             }
+            if !g.asleep {
+                self.active.insert(envelope.group);
+            }
             return;
         }
+        self.active.insert(envelope.group);
         let metadata = envelope.message.get_snapshot().get_metadata();
         let staged = g.incoming.as_ref().is_some_and(|inc| {
             inc.complete && inc.complete_acked && inc.index == metadata.index && inc.term == metadata.term
@@ -1075,6 +1135,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             return;
         };
         g.wake();
+        self.active.insert(piece.group);
         let reply = |next: u64, complete: bool| SnapshotPiece {
             group: piece.group,
             from: piece.to,
@@ -1116,6 +1177,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     .incoming
                     .as_ref()
                     .is_some_and(|inc| (inc.index, inc.term) == (piece.index, piece.term));
+                if !same && g.raw.raft.raft_log.unstable_snapshot().is_some() {
+                    // Raft accepted the staged snapshot; it is installed this loop. A newer
+                    // stream must not replace the staging before that.
+                    return;
+                }
                 if !same {
                     if number != 0 {
                         // Part of a stream this node has no start of: ask for the start.
@@ -1210,7 +1276,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
         let node = self.config.node;
         let window = self.config.snapshot_chunks_in_flight.max(1);
-        let groups = self.awake_ids();
+        let groups = self.active_ids();
         for group in groups {
             let meta_durable = self.wal.borrow().meta_durable(group);
             let g = self.groups.get_mut(&group).unwrap();
@@ -1292,6 +1358,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 g.raw.report_snapshot(to, SnapshotStatus::Failure);
             }
         }
+        // The loop's passes are done: keep only groups with work left for the next one.
+        let groups = &self.groups;
+        let wal = self.wal.borrow();
+        self.active
+            .retain(|group| groups[group].has_work() || !wal.meta_durable(*group));
     }
 
     /// Takes a snapshot of `group`'s state machine for raft to send (its storage returns it at
@@ -1360,6 +1431,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 continue;
             };
             g.wake();
+            self.active.insert(g.id);
             leading += 1;
             if g.raw.raft.lead_transferee.is_none() {
                 g.raw.transfer_leader(to);
@@ -1373,6 +1445,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// to turn false); `Ok(false)`: nothing to do (`to` is this node, which leads). A follower
     /// answers `NotLeader`, so a client asks the leader.
     pub fn transfer_group(&mut self, group: u64, to: Option<u64>) -> Result<bool, EngineError> {
+        self.active.insert(group);
         let g = self
             .groups
             .get_mut(&group)
@@ -1454,6 +1527,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     .is_some_and(|p| p.recent_active && p.matched == raft.raft_log.last_index());
             if caught_up {
                 g.wake();
+                self.active.insert(group);
                 g.raw.transfer_leader(to);
                 return Some((group, to));
             }
@@ -1464,6 +1538,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// The transport could not deliver a message of `group` to node `to` (no connection, or its
     /// queue was full): raft-rs stops pipelining to it and probes instead.
     pub fn report_unreachable(&mut self, group: u64, to: u64) {
+        if self.groups.contains_key(&group) {
+            self.active.insert(group);
+        }
         if let Some(g) = self.groups.get_mut(&group) {
             g.raw.report_unreachable(to);
         }
@@ -1502,10 +1579,23 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if g.raw.raft.lead_transferee.is_some() {
                 g.lease.blocked_until = ticks + 2 * election;
             }
-            g.raw.tick();
+            let ready = g.raw.tick();
             if g.raw.raft.lead_transferee.is_some() {
                 g.lease.blocked_until = ticks + 2 * election;
             }
+            if ready || !g.outgoing.is_empty() || !g.reads_inflight.is_empty() {
+                self.active.insert(group);
+            }
+            // A stream whose follower raft no longer waits on for a snapshot (it caught up from
+            // the log, or left the group) is dropped.
+            let raft = &g.raw.raft;
+            g.outgoing.retain(|to, _| {
+                raft.state == StateRole::Leader
+                    && raft
+                        .prs()
+                        .get(*to)
+                        .is_some_and(|p| p.state == raft::ProgressState::Snapshot)
+            });
             // Snapshot streams without progress for an election timeout resend from the last
             // acknowledged chunk (the connection may have dropped); after enough rounds raft is
             // told the snapshot failed, and asks for one again later.
@@ -1526,6 +1616,18 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             for to in abandoned {
                 g.outgoing.remove(&to);
                 g.raw.report_snapshot(to, SnapshotStatus::Failure);
+            }
+            // A staged snapshot that stopped coming (its leader gave up or lost leadership), or
+            // that the log overtook, is dropped.
+            let installing = g.raw.raft.raft_log.unstable_snapshot().is_some();
+            let stale_staging = !installing
+                && g.incoming.as_ref().is_some_and(|inc| {
+                    ticks.saturating_sub(inc.last_tick) > 4 * election
+                        || (!inc.complete && g.raw.raft.raft_log.committed >= inc.index)
+                });
+            if stale_staging {
+                g.incoming = None;
+                g.sm.restore_abort();
             }
             // ReadIndex is silently dropped until the leader has committed an entry in its
             // term: re-send requests that got no answer.
@@ -1666,7 +1768,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             g.proposals.len(), g.committed.len(), g.outgoing.len(), g.incoming.is_some(), g.raw.has_ready(),
             log.committed, log.persisted, log.last_index(), g.applied, raft.lead_transferee, raft.has_pending_conf(),
             raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect::<Vec<_>>()
-        )
+        ) + &format!(" incoming {:?} outgoing {:?} active {} ticks {}", g.incoming, g.outgoing.iter().map(|(to, s)| (*to, s.serving.index, s.serving.term, s.next, s.acked, s.chunks, s.done_sent, s.last_progress_tick, s.retries)).collect::<Vec<_>>(), self.active.contains(&group), self.ticks)
     }
 
     /// Whether `group` is quiesced on this node.
@@ -1677,7 +1779,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// Turns each group's queued commands into one raft entry (one batch), and sends one
     /// ReadIndex request for the group's waiting linearizable reads.
     pub fn propose(&mut self) {
-        for group in self.awake_ids() {
+        for group in self.active_ids() {
             let g = self.groups.get_mut(&group).unwrap();
             if g.raw.raft.state != StateRole::Leader {
                 // Leadership was lost with requests queued: they were never proposed.
@@ -1788,7 +1890,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         if self.failure.is_some() {
             return;
         }
-        let mut groups = self.awake_ids();
+        let mut groups = self.active_ids();
         groups.extend(std::mem::take(&mut self.flush));
         groups.sort_unstable();
         groups.dedup();
@@ -1969,6 +2071,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             let wait = self.persist_waiting.pop_front().unwrap();
             let g = self.groups.get_mut(&wait.group).unwrap();
             g.raw.on_persist_ready(wait.number);
+            self.active.insert(wait.group);
             for message in wait.messages {
                 self.messages.push(Envelope {
                     group: wait.group,
@@ -1990,7 +2093,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// reads each plan (async, off the raft path) and reports with [`ShardCore::fetched`].
     pub fn take_fetches(&mut self) -> Vec<Fetch<D>> {
         let mut out = Vec::new();
-        for group in self.awake_ids() {
+        for group in self.active_ids() {
             let g = &self.groups[&group];
             for request in g.fetches.borrow_mut().drain(..) {
                 let plan = self
@@ -2021,6 +2124,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
         if let Some(g) = self.groups.get_mut(&group) {
             g.wake();
+            self.active.insert(group);
             g.raw.on_entries_fetched(context);
         }
     }
@@ -2029,8 +2133,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     pub fn has_ready(&self) -> bool {
         !self.flush.is_empty()
             || self
-                .awake
-                .borrow()
+                .active
                 .iter()
                 .map(|group| &self.groups[group])
                 .any(|g| g.raw.has_ready() || !g.committed.is_empty())
@@ -2038,22 +2141,25 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
 
     /// Bytes of commands queued, not yet proposed, over all groups.
     pub fn queued_bytes(&self) -> usize {
-        self.awake
-            .borrow()
+        self.active
             .iter()
             .map(|group| self.groups[group].queue_bytes)
             .sum()
     }
 
-    /// The groups not asleep (the per-loop passes visit only these).
+    /// The groups not asleep (ticked).
     fn awake_ids(&self) -> Vec<u64> {
         self.awake.borrow().iter().copied().collect()
     }
 
+    /// The groups the per-loop passes visit.
+    fn active_ids(&self) -> Vec<u64> {
+        self.active.iter().copied().collect()
+    }
+
     /// Whether any group has commands or linearizable reads waiting to be proposed.
     pub fn has_queued(&self) -> bool {
-        self.awake
-            .borrow()
+        self.active
             .iter()
             .map(|group| &self.groups[group])
             .any(|g| !g.queue.is_empty() || !g.reads_unsent.is_empty())
@@ -2065,7 +2171,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         if self.failure.is_some() {
             return;
         }
-        let groups = self.awake_ids();
+        let groups = self.active_ids();
         for group in groups {
             if let Err(cause) = self.apply_group(group).await {
                 self.fail(cause);

@@ -188,6 +188,10 @@ impl NodeStats {
 const PEER_QUEUE_MAX: usize = 4096;
 /// Inputs a shard takes per loop iteration before doing its work.
 const INPUTS_PER_LOOP_MAX: usize = 8192;
+/// State machine checkpoints (each a write and a sync) written per shard loop during a
+/// checkpoint round: a round over thousands of groups is spread over many loops, adding at most
+/// a few syncs to any loop's latency instead of stalling the shard for seconds.
+const CHECKPOINTS_PER_LOOP: usize = 4;
 
 /// One shard's input channel: client requests and peer messages.
 fn inbox(config: &Config) -> (flume::Sender<ShardInput>, flume::Receiver<ShardInput>) {
@@ -605,6 +609,8 @@ async fn run_shard<S: StateMachine + 'static>(
     let transfer_limit = Duration::from_millis(2 * config.raft.election_timeout_ms);
     let mut transferring: Option<std::time::Instant> = None;
     let mut last_checkpoint = std::time::Instant::now();
+    // A checkpoint round in progress: the next group to checkpoint.
+    let mut checkpoint_cursor: Option<u64> = None;
     let started = std::time::Instant::now();
     let checkpoint_every = Duration::from_millis(config.sm.checkpoint_interval_ms);
     let balance_every = Duration::from_millis(config.raft.leader_balance_interval_ms);
@@ -778,10 +784,22 @@ async fn run_shard<S: StateMachine + 'static>(
             core.balance_leaders();
             last_balance = std::time::Instant::now();
         }
-        if last_checkpoint.elapsed() >= checkpoint_every {
-            core.checkpoint(config.wal.retain_entries, config.wal.retain_for_followers_entries)
+        if checkpoint_cursor.is_none() && last_checkpoint.elapsed() >= checkpoint_every {
+            checkpoint_cursor = Some(0);
+        }
+        if let Some(cursor) = checkpoint_cursor.as_mut() {
+            let done = core
+                .checkpoint_some(
+                    cursor,
+                    CHECKPOINTS_PER_LOOP,
+                    config.wal.retain_entries,
+                    config.wal.retain_for_followers_entries,
+                )
                 .await?;
-            last_checkpoint = std::time::Instant::now();
+            if done {
+                checkpoint_cursor = None;
+                last_checkpoint = std::time::Instant::now();
+            }
         }
         if let Some(done) = &shutdown {
             let since = *draining.get_or_insert_with(|| {

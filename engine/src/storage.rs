@@ -165,15 +165,25 @@ impl<D: Disk> raft::Storage for GroupStorage<D> {
         Ok(self.wal.borrow().last_index(self.group))
     }
 
-    /// The snapshot the shard prepared, if it is recent enough (at or past `request_index`, and
-    /// not older than the log's start, or the follower could not continue after it); otherwise
+    /// The snapshot the shard prepared, if it is recent enough (at or past `request_index`, not
+    /// older than the log's start, or the follower could not continue after it, and with `to`
+    /// among its members); otherwise
     /// the shard is asked to take one and raft retries at its next append to that follower.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let mut slot = self.snapshot.borrow_mut();
         let first = self.wal.borrow().first_index(self.group);
         if let Some(snapshot) = &slot.ready {
             let index = snapshot.get_metadata().index;
-            if index >= request_index && index + 1 >= first {
+            // A snapshot from before `to` joined would be refused by it (raft checks that the
+            // receiver is in the snapshot's membership): take a newer one.
+            let cs = snapshot.get_metadata().get_conf_state();
+            let includes = cs
+                .voters
+                .iter()
+                .chain(&cs.learners)
+                .chain(&cs.voters_outgoing)
+                .any(|&id| id == to);
+            if index >= request_index && index + 1 >= first && includes {
                 return Ok(snapshot.clone());
             }
         }

@@ -852,6 +852,9 @@ impl Sim {
                 .collect();
             let applied: BTreeSet<u64> = progress.iter().map(|p| p.2).collect();
             if applied.len() != 1 {
+                for n in &self.nodes {
+                    eprintln!("node {}: {}", n.id, n.core.as_ref().unwrap().quiet_debug(group));
+                }
                 self.fail(format!(
                     "group {group}: nodes applied different indexes {progress:?}"
                 ));
