@@ -229,11 +229,12 @@ fn wait_for_leaders(client: &BenchClient) -> Result<(), String> {
 }
 
 /// A node process started by the benchmark.
-struct NodeProcess {
-    id: u64,
+pub(crate) struct NodeProcess {
+    pub(crate) id: u64,
     child: std::process::Child,
-    log: PathBuf,
-    client_addr: String,
+    pub(crate) log: PathBuf,
+    pub(crate) client_addr: String,
+    config: PathBuf,
 }
 
 impl NodeProcess {
@@ -245,8 +246,40 @@ impl NodeProcess {
         (cpu, rss)
     }
 
+    /// `exe node --config FILE`, stderr appended to `log`.
+    fn spawn(
+        exe: &std::path::Path,
+        config: &std::path::Path,
+        log: &std::path::Path,
+    ) -> Result<std::process::Child, String> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        std::process::Command::new(exe)
+            .args(["node", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", exe.display()))
+    }
+
+    /// SIGKILL (a crash), waiting until it is gone.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the node again with its config and data.
+    pub(crate) fn restart(&mut self, exe: &std::path::Path) -> Result<(), String> {
+        self.child = NodeProcess::spawn(exe, &self.config, &self.log)?;
+        Ok(())
+    }
+
     /// SIGTERM, then wait for a clean exit.
-    fn stop(mut self) -> Result<(), String> {
+    pub(crate) fn stop(mut self) -> Result<(), String> {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -291,6 +324,15 @@ fn free_port_range(count: u16) -> Result<u16, String> {
 
 /// Writes each node's config and starts `exe node --config FILE` for it.
 fn start_processes(o: &ClusterBenchOptions, exe: &std::path::Path) -> Result<Vec<NodeProcess>, String> {
+    start_processes_with(o, exe, &|_| {})
+}
+
+/// [`start_processes`], with `tweak` applied to every node's config.
+pub(crate) fn start_processes_with(
+    o: &ClusterBenchOptions,
+    exe: &std::path::Path,
+    tweak: &dyn Fn(&mut Config),
+) -> Result<Vec<NodeProcess>, String> {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let root = o.dir.join("cluster");
     std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
@@ -316,31 +358,26 @@ fn start_processes(o: &ClusterBenchOptions, exe: &std::path::Path) -> Result<Vec
         config.shards.pin = o.nodes == 1 && o.shards <= online;
         config.shards.groups_per_shard = o.groups_per_shard;
         config.glommio.io_memory_bytes = IoMemory::Auto(ringraft_tuning::AutoKeyword::Auto);
+        tweak(&mut config);
         let path = root.join(format!("node{}.toml", address.id));
         std::fs::write(&path, config.to_toml())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         let log = root.join(format!("node{}.log", address.id));
-        let log_file =
-            std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let child = std::process::Command::new(exe)
-            .args(["node", "--config"])
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let child = NodeProcess::spawn(exe, &path, &log)?;
         processes.push(NodeProcess {
             id: address.id,
             child,
             log,
             client_addr: format!("127.0.0.1:{}", address.client_port),
+            config: path,
         });
     }
     Ok(processes)
 }
 
 /// Connects, retrying for `wait` (nodes that were just started need a moment to listen).
-fn net_client(seeds: &[String], wait: Duration) -> Result<NetClient, String> {
+pub(crate) fn net_client(seeds: &[String], wait: Duration) -> Result<NetClient, String> {
     let deadline = Instant::now() + wait;
     loop {
         match NetClient::connect(ClientConfig::new(seeds.iter().cloned())) {

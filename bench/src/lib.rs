@@ -5,6 +5,7 @@
 //! targets live here, never in timed tests. **Runs on**: its own threads and glommio executors;
 //! the probe uses io_uring directly, with no glommio in the way.
 
+pub mod catch_up;
 pub mod cluster_bench;
 pub mod compare;
 pub mod machine;

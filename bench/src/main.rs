@@ -43,6 +43,11 @@ enum Command {
     /// The cluster benchmark over shard counts and group counts (one fresh cluster each): how
     /// throughput grows with cores and what many groups cost.
     Scale(ScaleArgs),
+    /// A follower falls behind the retained log and catches up: three node processes under
+    /// closed-loop writes; one follower is killed, stays down while the leader compacts past
+    /// it, and restarts. Reports catch-up time, the throughput dip during it, and whether a
+    /// snapshot was installed.
+    CatchUp(CatchUpArgs),
     /// Prints two results (`--json` outputs) side by side with the ratio B / A of every number
     /// they share.
     Compare {
@@ -98,6 +103,31 @@ fn zipf_theta(text: &str) -> Result<f64, String> {
     } else {
         Err(format!("{text} must be between 0 and 1 (exclusive)"))
     }
+}
+
+#[derive(Args, Debug)]
+struct CatchUpArgs {
+    /// Directory for the nodes' files.
+    #[arg(long, default_value = "ringraft-bench-data")]
+    dir: PathBuf,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Closed-loop writer threads.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    writers: u64,
+    #[arg(long, default_value_t = 64)]
+    value_bytes: usize,
+    /// Seconds of load measured before the kill.
+    #[arg(long, default_value_t = 5)]
+    baseline_s: u64,
+    /// Seconds the follower stays down.
+    #[arg(long, default_value_t = 10)]
+    down_s: u64,
+    /// `wal.retain_entries` on every node: the leader compacts this close behind checkpoints,
+    /// so a follower down for a few seconds needs a snapshot.
+    #[arg(long, default_value_t = 1000)]
+    retain_entries: u64,
 }
 
 #[derive(Args, Debug)]
@@ -422,6 +452,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Sm(args) => run_sm(args),
         Command::Cluster(args) => run_cluster(args),
         Command::Scale(args) => run_scale(args),
+        Command::CatchUp(args) => run_catch_up(args),
         Command::Compare { a, b } => {
             let (a_json, b_json) = (read_result(&a)?, read_result(&b)?);
             let rows = ringraft_bench::compare::rows(&a_json, &b_json);
@@ -923,5 +954,51 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
         "  peak RSS {:.1} MiB",
         best.rss_bytes_max as f64 / (1 << 20) as f64
     );
+    Ok(())
+}
+
+fn run_catch_up(args: CatchUpArgs) -> Result<(), String> {
+    let options = ringraft_bench::catch_up::CatchUpOptions {
+        exe: std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?,
+        dir: args.dir,
+        writers: args.writers,
+        value_bytes: args.value_bytes,
+        baseline: Duration::from_secs(args.baseline_s),
+        down: Duration::from_secs(args.down_s),
+        retain_entries: args.retain_entries,
+        catch_up_limit: Duration::from_secs(120),
+    };
+    eprintln!(
+        "catch-up: 3 node processes on 127.0.0.1, {} writers, {} B values, follower down {} s, retain {} entries...",
+        args.writers, args.value_bytes, args.down_s, args.retain_entries
+    );
+    let machine = machine::detect_after_create(&options.dir)?;
+    let result = ringraft_bench::catch_up::run(&options)?;
+    if args.json {
+        let value = json!({
+            "command": "catch-up",
+            "machine": serde_json::to_value(&machine).map_err(|e| e.to_string())?,
+            "catch_up": serde_json::to_value(&result).map_err(|e| e.to_string())?,
+        });
+        println!("{value}");
+    } else {
+        print_machine(&machine);
+        println!("  baseline ops/s:            {:>10.0}", result.baseline_ops_per_s);
+        println!("  entries behind at restart: {:>10}", result.entries_behind);
+        println!("  catch-up time:             {:>10.2} s", result.catch_up_s);
+        println!(
+            "  ops/s during catch-up:     {:>10.0}   ({:.0}% of baseline)",
+            result.catch_up_ops_per_s,
+            result.dip_ratio * 100.0
+        );
+        println!(
+            "  caught up by:              {:>10}",
+            if result.snapshot_installed {
+                "snapshot + log"
+            } else {
+                "log"
+            }
+        );
+    }
     Ok(())
 }

@@ -509,3 +509,48 @@ fn an_op_count_bounds_the_measured_window() {
         "ended by the op count, not the duration ({seconds} s)"
     );
 }
+
+#[test]
+fn catch_up_scenario_reports_a_snapshot_catch_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bench()
+        .args(["catch-up", "--dir", dir.path().to_str().unwrap(), "--json"])
+        .args([
+            "--writers",
+            "4",
+            "--baseline-s",
+            "1",
+            "--down-s",
+            "2",
+            "--retain-entries",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    assert_eq!(keys(&json), ["catch_up", "command", "machine"]);
+    assert_eq!(
+        keys(&json["catch_up"]),
+        [
+            "baseline_ops_per_s",
+            "catch_up_ops_per_s",
+            "catch_up_s",
+            "dip_ratio",
+            "down_s",
+            "entries_behind",
+            "retain_entries",
+            "snapshot_installed",
+            "value_bytes",
+            "writers"
+        ]
+    );
+    let result = &json["catch_up"];
+    assert!(result["baseline_ops_per_s"].as_f64().unwrap() > 0.0);
+    assert!(result["entries_behind"].as_u64().unwrap() > 20, "{result}");
+    assert_eq!(result["snapshot_installed"], true, "{result}");
+}

@@ -1299,6 +1299,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if g.raw.raft.state != StateRole::Leader {
                 g.outgoing.clear();
                 g.serving = None;
+                // A snapshot prepared in an earlier term must not be offered again without its
+                // data (a later leadership would send raft's message for it and fail forever).
+                g.snap.borrow_mut().ready = None;
                 continue;
             }
             if std::mem::take(&mut g.snap.borrow_mut().wanted) {
@@ -1310,9 +1313,14 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             let g = self.groups.get_mut(&group).unwrap();
             let mut failed = Vec::new();
             for (&to, stream) in g.outgoing.iter_mut() {
-                while stream.next < stream.acked + window
+                // One chunk per stream per loop: producing a chunk reads and encodes up to a
+                // chunk's worth of values, and the shard's other groups wait meanwhile.
+                let mut produced = 0;
+                while produced < 1
+                    && stream.next < stream.acked + window
                     && stream.chunks.is_none_or(|chunks| stream.next < chunks)
                 {
+                    produced += 1;
                     match g.sm.snapshot_chunk(&stream.serving.snapshot, stream.next).await {
                         Ok(Some(data)) => {
                             self.pieces.push(SnapshotPiece {
@@ -1756,8 +1764,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         self.groups.values().filter(|g| g.asleep).count()
     }
 
-    /// Debug: why a group is not quiet.
-    pub fn quiet_debug(&self, group: u64) -> String {
+    /// A one-line dump of a group's state (role, queues, indexes, progress, snapshot streams),
+    /// for failure reports.
+    pub fn debug_state(&self, group: u64) -> String {
         let g = &self.groups[&group];
         let raft = &g.raw.raft;
         let log = &raft.raft_log;
@@ -1768,7 +1777,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             g.proposals.len(), g.committed.len(), g.outgoing.len(), g.incoming.is_some(), g.raw.has_ready(),
             log.committed, log.persisted, log.last_index(), g.applied, raft.lead_transferee, raft.has_pending_conf(),
             raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect::<Vec<_>>()
-        ) + &format!(" incoming {:?} outgoing {:?} active {} ticks {}", g.incoming, g.outgoing.iter().map(|(to, s)| (*to, s.serving.index, s.serving.term, s.next, s.acked, s.chunks, s.done_sent, s.last_progress_tick, s.retries)).collect::<Vec<_>>(), self.active.contains(&group), self.ticks)
+        ) + &format!(" snap wanted {} ready {:?} progress {:?}", g.snap.borrow().wanted, g.snap.borrow().ready.as_ref().map(|s| (s.get_metadata().index, s.get_metadata().term)), raft.prs().iter().map(|(id, p)| (*id, p.state, p.next_idx, p.pending_snapshot, p.recent_active, p.paused)).collect::<Vec<_>>())
+          + &format!(" conf {:?} first {} incoming {:?} outgoing {:?} active {} ticks {}", g.conf_state, self.wal.borrow().first_index(group), g.incoming, g.outgoing.iter().map(|(to, s)| (*to, s.serving.index, s.serving.term, s.next, s.acked, s.chunks, s.done_sent, s.last_progress_tick, s.retries)).collect::<Vec<_>>(), self.active.contains(&group), self.ticks)
     }
 
     /// Whether `group` is quiesced on this node.
@@ -1954,7 +1964,15 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                             },
                         );
                     }
-                    None => g.raw.report_snapshot(message.to, SnapshotStatus::Failure),
+                    None => {
+                        // Its data is gone (prepared before a leadership change): take a new one.
+                        let mut slot = g.snap.borrow_mut();
+                        slot.ready = None;
+                        slot.wanted = true;
+                        drop(slot);
+                        self.active.insert(group);
+                        g.raw.report_snapshot(message.to, SnapshotStatus::Failure);
+                    }
                 }
                 continue;
             }

@@ -322,6 +322,13 @@ impl Sim {
                 None => eprintln!("node {}: down", node.id),
             }
         }
+        for group in 0..GROUPS {
+            for node in &self.nodes {
+                if let Some(core) = &node.core {
+                    eprintln!("group {group} node {}: {}", node.id, core.debug_state(group));
+                }
+            }
+        }
         eprintln!(
             "acked {} pending {} network {}",
             self.acked.len(),
@@ -853,7 +860,7 @@ impl Sim {
             let applied: BTreeSet<u64> = progress.iter().map(|p| p.2).collect();
             if applied.len() != 1 {
                 for n in &self.nodes {
-                    eprintln!("node {}: {}", n.id, n.core.as_ref().unwrap().quiet_debug(group));
+                    eprintln!("node {}: {}", n.id, n.core.as_ref().unwrap().debug_state(group));
                 }
                 self.fail(format!(
                     "group {group}: nodes applied different indexes {progress:?}"
@@ -867,7 +874,7 @@ impl Sim {
             for node in self.nodes.iter().filter(|n| members.contains(&n.id)) {
                 if !node.core.as_ref().unwrap().is_asleep(group) {
                     for n in &self.nodes {
-                        eprintln!("node {}: {}", n.id, n.core.as_ref().unwrap().quiet_debug(group));
+                        eprintln!("node {}: {}", n.id, n.core.as_ref().unwrap().debug_state(group));
                     }
                     self.fail(format!(
                         "group {group} is not quiesced on node {} after 2 s idle",
