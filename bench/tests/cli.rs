@@ -86,6 +86,17 @@ fn bad_arguments_are_clear_errors() {
     assert!(error.contains("cannot reach the cluster"), "{error}");
 }
 
+/// Runs the command, requires success and one JSON object on stdout.
+fn json_of(command: &mut Command) -> serde_json::Value {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("one JSON object on stdout")
+}
+
 fn keys(value: &serde_json::Value) -> Vec<String> {
     let mut keys: Vec<String> = value.as_object().expect("object").keys().cloned().collect();
     keys.sort();
@@ -95,36 +106,30 @@ fn keys(value: &serde_json::Value) -> Vec<String> {
 #[test]
 fn wal_json_keys_are_stable() {
     let dir = tempfile::tempdir().unwrap();
-    let output = bench()
-        .args(["wal", "--dir", dir.path().to_str().unwrap(), "--json"])
-        .args([
-            "--duration-s",
-            "0.3",
-            "--warmup-s",
-            "0.1",
-            "--writers",
-            "4",
-            "--groups",
-            "2",
-        ])
-        .args([
-            "--probe-seconds",
-            "0.05",
-            "--probe-file-mib",
-            "4",
-            "--segment-mib",
-            "1",
-            "--batch-kib",
-            "64",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_of(
+        bench()
+            .args(["wal", "--dir", dir.path().to_str().unwrap(), "--json"])
+            .args([
+                "--duration-s",
+                "0.3",
+                "--warmup-s",
+                "0.1",
+                "--writers",
+                "4",
+                "--groups",
+                "2",
+            ])
+            .args([
+                "--probe-seconds",
+                "0.05",
+                "--probe-file-mib",
+                "4",
+                "--segment-mib",
+                "1",
+                "--batch-kib",
+                "64",
+            ]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
     assert_eq!(keys(&json), ["command", "disk", "machine", "wal", "wal_runs"]);
     assert_eq!(
         keys(&json["disk"]),
@@ -202,26 +207,20 @@ fn wal_json_keys_are_stable() {
 #[test]
 fn sm_json_keys_are_stable() {
     let dir = tempfile::tempdir().unwrap();
-    let output = bench()
-        .args(["sm", "--dir", dir.path().to_str().unwrap(), "--json"])
-        .args([
-            "--duration-s",
-            "0.3",
-            "--checkpoint-interval-s",
-            "0.1",
-            "--batch-commands",
-            "64",
-            "--keys",
-            "1000",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_of(
+        bench()
+            .args(["sm", "--dir", dir.path().to_str().unwrap(), "--json"])
+            .args([
+                "--duration-s",
+                "0.3",
+                "--checkpoint-interval-s",
+                "0.1",
+                "--batch-commands",
+                "64",
+                "--keys",
+                "1000",
+            ]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
     assert_eq!(keys(&json), ["command", "machine", "sm"]);
     assert_eq!(
         keys(&json["sm"]),
@@ -513,26 +512,20 @@ fn an_op_count_bounds_the_measured_window() {
 #[test]
 fn catch_up_scenario_reports_a_snapshot_catch_up() {
     let dir = tempfile::tempdir().unwrap();
-    let output = bench()
-        .args(["catch-up", "--dir", dir.path().to_str().unwrap(), "--json"])
-        .args([
-            "--writers",
-            "4",
-            "--baseline-s",
-            "1",
-            "--down-s",
-            "2",
-            "--retain-entries",
-            "20",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_of(
+        bench()
+            .args(["catch-up", "--dir", dir.path().to_str().unwrap(), "--json"])
+            .args([
+                "--writers",
+                "4",
+                "--baseline-s",
+                "1",
+                "--down-s",
+                "2",
+                "--retain-entries",
+                "20",
+            ]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
     assert_eq!(keys(&json), ["catch_up", "command", "machine"]);
     assert_eq!(
         keys(&json["catch_up"]),

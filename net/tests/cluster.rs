@@ -278,6 +278,68 @@ fn load(client: NetClient, thread: u64, epoch: Instant, stop: Arc<AtomicBool>, h
     }
 }
 
+/// Four load threads writing and reading (see [`load`]) until [`Load::finish`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<History>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(client: &NetClient) -> Load {
+        let epoch = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let history = Arc::new(Mutex::new(History::default()));
+        let threads = (0..4)
+            .map(|t| {
+                let (client, stop, history) = (client.clone(), stop.clone(), history.clone());
+                std::thread::spawn(move || load(client, t + 1, epoch, stop, history))
+            })
+            .collect();
+        Load {
+            stop,
+            history,
+            threads,
+        }
+    }
+
+    /// Stops the threads; returns what they saw (and asserts they made progress).
+    fn finish(self) -> History {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+        let history = std::mem::take(&mut *self.history.lock().unwrap());
+        eprintln!(
+            "{} acknowledged shared writes, {} unknown, {} acknowledged unique writes",
+            history.acked_writes,
+            history.unknown_writes,
+            history.acked_unique.len()
+        );
+        assert!(history.acked_writes > 10, "the load made progress");
+        history
+    }
+}
+
+/// Every acknowledged unique write is on each of `nodes` (local reads, waiting for catch-up).
+fn assert_acknowledged_writes_on(client: &NetClient, history: &History, nodes: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for key in &history.acked_unique {
+        for &node in nodes {
+            loop {
+                match client.get_from_blocking(node, key, Consistency::Local) {
+                    Ok(Some(_)) => break,
+                    other if Instant::now() > deadline => panic!(
+                        "acknowledged key {} missing on node {node}: {other:?}",
+                        String::from_utf8_lossy(key)
+                    ),
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
 fn leader_of(nodes: &[Node], group: u64) -> Option<u64> {
     for node in nodes.iter().filter(|n| n.child.is_some()) {
         if let Ok(groups) = fetch_status(&node.addr(), &ClientConfig::new([node.addr()])) {
@@ -298,16 +360,7 @@ fn three_processes_survive_killing_the_leader_and_lose_no_acknowledged_write() {
     }
     let client = connect(&nodes);
     serve_every_group(&client);
-
-    let epoch = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = Arc::new(Mutex::new(History::default()));
-    let threads: Vec<_> = (0..4)
-        .map(|t| {
-            let (client, stop, history) = (client.clone(), stop.clone(), history.clone());
-            std::thread::spawn(move || load(client, t + 1, epoch, stop, history))
-        })
-        .collect();
+    let load = Load::start(&client);
     std::thread::sleep(Duration::from_millis(1500));
 
     // Kill -9 the leader of the group of shared-0, under load.
@@ -347,37 +400,11 @@ fn three_processes_survive_killing_the_leader_and_lose_no_acknowledged_write() {
     );
     node.start();
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    for thread in threads {
-        thread.join().unwrap();
-    }
+    let history = load.finish();
 
-    let history = std::mem::take(&mut *history.lock().unwrap());
-    eprintln!(
-        "{} acknowledged shared writes, {} unknown, {} acknowledged unique writes",
-        history.acked_writes,
-        history.unknown_writes,
-        history.acked_unique.len()
-    );
-    assert!(history.acked_writes > 10, "the load made progress");
-
-    // Every acknowledged write is on all three nodes (local reads, waiting for catch-up).
+    // Every acknowledged write is on all three nodes.
+    assert_acknowledged_writes_on(&client, &history, &[1, 2, 3]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    for key in &history.acked_unique {
-        for node in &nodes {
-            loop {
-                match client.get_from_blocking(node.id, key, Consistency::Local) {
-                    Ok(Some(_)) => break,
-                    other if Instant::now() > deadline => panic!(
-                        "acknowledged key {} missing on node {}: {other:?}",
-                        String::from_utf8_lossy(key),
-                        node.id
-                    ),
-                    _ => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
-    }
     // Shared keys: all replicas converge on the linearizable value.
     for shared in 0..SHARED_KEYS {
         let key = format!("shared-{shared}").into_bytes();
@@ -769,15 +796,7 @@ fn a_node_is_replaced_under_load_and_no_acknowledged_write_is_lost() {
     }
     let client = connect(&nodes);
     serve_every_group(&client);
-    let epoch = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = Arc::new(Mutex::new(History::default()));
-    let threads: Vec<_> = (0..4)
-        .map(|t| {
-            let (client, stop, history) = (client.clone(), stop.clone(), history.clone());
-            std::thread::spawn(move || load(client, t + 1, epoch, stop, history))
-        })
-        .collect();
+    let load = Load::start(&client);
     std::thread::sleep(Duration::from_millis(1000));
 
     // Replace node 3 by node 4 under load: add 4 as a learner, let it catch up, promote it,
@@ -816,18 +835,7 @@ fn a_node_is_replaced_under_load_and_no_acknowledged_write_is_lost() {
     ringraft(&["member", "remove", "--addr", &addr, "--node", "3"]);
     assert!(nodes[2].terminate(), "node 3 did not exit 0");
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    for thread in threads {
-        thread.join().unwrap();
-    }
-    let history = std::mem::take(&mut *history.lock().unwrap());
-    eprintln!(
-        "{} acknowledged shared writes, {} unknown, {} acknowledged unique writes",
-        history.acked_writes,
-        history.unknown_writes,
-        history.acked_unique.len()
-    );
-    assert!(history.acked_writes > 10, "the load made progress");
+    let history = load.finish();
 
     // The membership everywhere is {1, 2, 4}.
     let status = ringraft(&["status", "--addr", &nodes[3].addr(), "--json"]);
@@ -837,22 +845,7 @@ fn a_node_is_replaced_under_load_and_no_acknowledged_write_is_lost() {
         assert_eq!(row["learners"], serde_json::json!([]), "{row}");
     }
     // Every acknowledged write is on the three remaining nodes.
-    let live = [1u64, 2, 4];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for key in &history.acked_unique {
-        for &node in &live {
-            loop {
-                match client.get_from_blocking(node, key, Consistency::Local) {
-                    Ok(Some(_)) => break,
-                    other if Instant::now() > deadline => panic!(
-                        "acknowledged key {} missing on node {node}: {other:?}",
-                        String::from_utf8_lossy(key)
-                    ),
-                    _ => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
-    }
+    assert_acknowledged_writes_on(&client, &history, &[1, 2, 4]);
     for (shared, ops) in history.ops {
         assert!(
             porcupine_rs::check_operations::<Register>(&ops),
