@@ -468,6 +468,8 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     awake: AwakeSet,
     /// Asleep groups with a Ready to collect (a heartbeat response).
     flush: std::collections::BTreeSet<u64>,
+    /// Numbers this node's snapshot streams.
+    next_stream: u64,
     /// Groups that may have work this loop (marked by every entry point that touches one, and
     /// kept while work remains): the per-loop passes visit only these, so a loop costs what
     /// its busy groups cost, not what the shard's thousands of idle ones would.
@@ -654,6 +656,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             last_heard: BTreeMap::new(),
             beat_acks: BTreeMap::new(),
             active: machines_ids,
+            next_stream: 0,
             awake,
             flush: Default::default(),
         })
@@ -1142,6 +1145,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             to: piece.from,
             index: piece.index,
             term: piece.term,
+            stream: piece.stream,
             kind: PieceKind::Ack { next, complete },
         };
         match piece.kind {
@@ -1149,7 +1153,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 let Some(stream) = g.outgoing.get_mut(&piece.from) else {
                     return;
                 };
-                if (stream.serving.index, stream.serving.term) != (piece.index, piece.term) {
+                let serving = &stream.serving;
+                if (serving.index, serving.term, serving.stream) != (piece.index, piece.term, piece.stream) {
                     return;
                 }
                 if complete {
@@ -1173,10 +1178,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 }
             }
             PieceKind::Chunk { number, data } => {
-                let same = g
-                    .incoming
-                    .as_ref()
-                    .is_some_and(|inc| (inc.index, inc.term) == (piece.index, piece.term));
+                let same = g.incoming.as_ref().is_some_and(|inc| {
+                    (inc.index, inc.term, inc.stream, inc.from)
+                        == (piece.index, piece.term, piece.stream, piece.from)
+                });
                 if !same && g.raw.raft.raft_log.unstable_snapshot().is_some() {
                     // Raft accepted the staged snapshot; it is installed this loop. A newer
                     // stream must not replace the staging before that.
@@ -1194,6 +1199,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     g.incoming = Some(Incoming {
                         index: piece.index,
                         term: piece.term,
+                        stream: piece.stream,
                         from: piece.from,
                         next: 0,
                         complete: false,
@@ -1202,7 +1208,6 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     });
                 }
                 let inc = g.incoming.as_mut().unwrap();
-                inc.from = piece.from;
                 inc.last_tick = ticks;
                 if inc.complete {
                     if inc.complete_acked {
@@ -1231,11 +1236,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 self.pieces.push(reply(inc.next, false));
             }
             PieceKind::Done { chunks, meta } => {
-                let Some(inc) = g
-                    .incoming
-                    .as_mut()
-                    .filter(|inc| (inc.index, inc.term) == (piece.index, piece.term))
-                else {
+                let Some(inc) = g.incoming.as_mut().filter(|inc| {
+                    (inc.index, inc.term, inc.stream, inc.from)
+                        == (piece.index, piece.term, piece.stream, piece.from)
+                }) else {
                     self.pieces.push(reply(0, false));
                     return;
                 };
@@ -1289,6 +1293,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         to: inc.from,
                         index: inc.index,
                         term: inc.term,
+                        stream: inc.stream,
                         kind: PieceKind::Ack {
                             next: inc.next,
                             complete: true,
@@ -1329,6 +1334,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                                 to,
                                 index: stream.serving.index,
                                 term: stream.serving.term,
+                                stream: stream.serving.stream,
                                 kind: PieceKind::Chunk {
                                     number: stream.next,
                                     data: Bytes::from(data),
@@ -1353,6 +1359,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                             to,
                             index: stream.serving.index,
                             term: stream.serving.term,
+                            stream: stream.serving.stream,
                             kind: PieceKind::Done {
                                 chunks,
                                 meta: stream.serving.meta.clone(),
@@ -1405,9 +1412,13 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             conf_state: conf_state.clone(),
             snapshot_term: term,
         };
+        // Unique per node: no other stream of this node has this leadership term and counter.
+        let stream = (g.raw.raft.term << 24) | (self.next_stream & 0xFF_FFFF);
+        self.next_stream += 1;
         g.serving = Some(Rc::new(Serving {
             index,
             term,
+            stream,
             meta: Bytes::from(meta.encode()),
             snapshot,
         }));

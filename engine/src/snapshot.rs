@@ -38,9 +38,13 @@ pub struct SnapshotPiece {
     pub group: u64,
     pub from: u64,
     pub to: u64,
-    /// Identifies the snapshot: its index and the term of that index.
+    /// The snapshot: its index and the term of that index.
     pub index: u64,
     pub term: u64,
+    /// The stream: unique per sending node (its leadership term and a counter). A receiver
+    /// continues a staging only with pieces of the same stream, so a state machine need not
+    /// cut two snapshots at the same index into the same chunks.
+    pub stream: u64,
     pub kind: PieceKind,
 }
 
@@ -60,6 +64,7 @@ pub enum PieceKind {
 pub(crate) struct Serving<T> {
     pub(crate) index: u64,
     pub(crate) term: u64,
+    pub(crate) stream: u64,
     pub(crate) meta: Bytes,
     pub(crate) snapshot: T,
 }
@@ -84,6 +89,7 @@ pub(crate) struct Outgoing<T> {
 pub(crate) struct Incoming {
     pub(crate) index: u64,
     pub(crate) term: u64,
+    pub(crate) stream: u64,
     pub(crate) from: u64,
     pub(crate) next: u64,
     /// Every chunk staged and the metadata written to the WAL.

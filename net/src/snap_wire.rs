@@ -3,7 +3,7 @@
 //! state machine's own checksums.
 //!
 //! ```text
-//! u64 group, u64 from, u64 to, u64 index, u64 term
+//! u64 group, u64 from, u64 to, u64 index, u64 term, u64 stream
 //! u8 kind (1 chunk, 2 done, 3 ack), u8 flags (ack: bit 0 = complete), u16 reserved (0)
 //! u32 data length
 //! u64 number (chunk: its number; done: the chunk count; ack: the next chunk wanted)
@@ -21,7 +21,14 @@ const ACK: u8 = 3;
 
 /// Appends a piece's payload to `out`.
 pub fn put_piece(out: &mut Vec<u8>, piece: &SnapshotPiece) {
-    for field in [piece.group, piece.from, piece.to, piece.index, piece.term] {
+    for field in [
+        piece.group,
+        piece.from,
+        piece.to,
+        piece.index,
+        piece.term,
+        piece.stream,
+    ] {
         out.extend_from_slice(&field.to_le_bytes());
     }
     let (kind, flags, number, data): (u8, u8, u64, &[u8]) = match &piece.kind {
@@ -50,6 +57,7 @@ pub fn decode(payload: &Bytes) -> Result<SnapshotPiece, Malformed> {
     let to = c.u64("to")?;
     let index = c.u64("index")?;
     let term = c.u64("term")?;
+    let stream = c.u64("stream")?;
     let kind = c.u8("piece kind")?;
     let flags = c.u8("flags")?;
     if c.u16("reserved")? != 0 {
@@ -83,6 +91,7 @@ pub fn decode(payload: &Bytes) -> Result<SnapshotPiece, Malformed> {
         to,
         index,
         term,
+        stream,
         kind,
     })
 }
@@ -98,6 +107,7 @@ mod tests {
             to: 2,
             index: 900,
             term: 3,
+            stream: (5 << 24) | 2,
             kind,
         };
         vec![
@@ -131,7 +141,7 @@ mod tests {
             extra.push(0);
             assert!(decode(&Bytes::from(extra)).is_err());
             let mut bad_kind = payload.clone();
-            bad_kind[40] = 9;
+            bad_kind[48] = 9;
             assert!(decode(&Bytes::from(bad_kind)).is_err());
         }
     }

@@ -231,6 +231,7 @@ fn wire_bytes_match_the_golden_file() {
             to: 2,
             index: 900,
             term: 4,
+            stream: (6 << 24) | 1,
             kind,
         };
         out.clear();

@@ -16,10 +16,9 @@ use crate::error::SmError;
 ///   A command it cannot honour yields a result (e.g. `CasMismatch`); apply never panics on
 ///   validated input.
 /// - Snapshots are consistent at one applied index, produced as numbered chunks that can be
-///   produced again from any chunk number (resumable), and restored chunk by chunk. Two
-///   snapshots taken at the same applied index must cut the same chunks: the engine identifies
-///   a transfer by index and term, and may continue a receiver's restore with chunks of a second
-///   snapshot at that index (the built-in store orders keys for this).
+///   produced again from any chunk number (resumable), and restored chunk by chunk. A restore
+///   only ever gets chunks of one snapshot (the engine identifies each transfer), so two
+///   snapshots at the same index may cut different chunks.
 #[allow(async_fn_in_trait)] // single-threaded executors: no Send bound is wanted
 pub trait StateMachine {
     /// A snapshot being streamed out.
