@@ -464,10 +464,8 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     last_heard: BTreeMap<u64, u64>,
     /// Quiesce acknowledgements to send with the next beat, by leader node.
     beat_acks: BTreeMap<u64, Vec<(u64, u64)>>,
-    /// Groups not asleep: the per-loop passes visit only these.
+    /// Groups not asleep (ticked).
     awake: AwakeSet,
-    /// Asleep groups with a Ready to collect (a heartbeat response).
-    flush: std::collections::BTreeSet<u64>,
     /// Numbers this node's snapshot streams.
     next_stream: u64,
     /// Groups that may have work this loop (marked by every entry point that touches one, and
@@ -658,7 +656,6 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             active: machines_ids,
             next_stream: 0,
             awake,
-            flush: Default::default(),
         })
     }
 
@@ -1101,15 +1098,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 if raft.state != StateRole::Follower || raft.raft_log.committed > g.applied {
                     // The heartbeat moved the commit index (or raft changed role): work to do.
                     g.wake();
-                } else {
-                    // Only a heartbeat response to send (its leader is awake for a while, for
-                    // another follower or to quiesce): send it and stay asleep.
-                    self.flush.insert(envelope.group);
                 }
+                // Otherwise only a heartbeat response to send (its leader is awake for a while,
+                // for another follower or to quiesce): the loop sends it, the group stays asleep.
             }
-            if !g.asleep {
-                self.active.insert(envelope.group);
-            }
+            self.active.insert(envelope.group);
             return;
         }
         self.active.insert(envelope.group);
@@ -1911,11 +1904,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         if self.failure.is_some() {
             return;
         }
-        let mut groups = self.active_ids();
-        groups.extend(std::mem::take(&mut self.flush));
-        groups.sort_unstable();
-        groups.dedup();
-        for group in groups {
+        for group in self.active_ids() {
             if let Err(cause) = self.collect_group(group).await {
                 self.fail(cause);
                 return;
@@ -2160,12 +2149,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
 
     /// Whether a later `collect_ready` may produce output (used by runners to decide to loop).
     pub fn has_ready(&self) -> bool {
-        !self.flush.is_empty()
-            || self
-                .active
-                .iter()
-                .map(|group| &self.groups[group])
-                .any(|g| g.raw.has_ready() || !g.committed.is_empty())
+        self.active
+            .iter()
+            .map(|group| &self.groups[group])
+            .any(|g| g.raw.has_ready() || !g.committed.is_empty())
     }
 
     /// Bytes of commands queued, not yet proposed, over all groups.
