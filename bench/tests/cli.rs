@@ -3,6 +3,14 @@
 
 use std::process::Command;
 
+/// Tests that start clusters take turns: on a 2-core machine a catch-up run next to an open-loop
+/// sweep starves the sweep below the rate it must reach.
+static CLUSTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    CLUSTERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn bench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ringraft-bench"))
 }
@@ -248,6 +256,7 @@ fn sm_json_keys_are_stable() {
 
 #[test]
 fn cluster_json_keys_are_stable() {
+    let _turn = one_cluster_at_a_time();
     // In-process (one node) and the default: three node processes over TCP.
     for (transport, nodes) in [("inproc", "1"), ("tcp", "3")] {
         let dir = tempfile::tempdir().unwrap();
@@ -324,6 +333,7 @@ fn cluster_json_keys_are_stable() {
 /// comparison of two results.
 #[test]
 fn sweep_plot_histogram_and_compare() {
+    let _turn = one_cluster_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (plot, hist) = (d.join("lat.svg"), d.join("lat.hdr"));
@@ -411,6 +421,7 @@ fn sweep_plot_histogram_and_compare() {
 
 #[test]
 fn scale_runs_each_shard_and_group_count() {
+    let _turn = one_cluster_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let output = bench()
         .args([
@@ -463,6 +474,7 @@ fn scale_runs_each_shard_and_group_count() {
 
 #[test]
 fn an_op_count_bounds_the_measured_window() {
+    let _turn = one_cluster_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let output = bench()
         .args([
@@ -511,6 +523,7 @@ fn an_op_count_bounds_the_measured_window() {
 
 #[test]
 fn catch_up_scenario_reports_a_snapshot_catch_up() {
+    let _turn = one_cluster_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let json = json_of(
         bench()
