@@ -1321,18 +1321,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     produced += 1;
                     match g.sm.snapshot_chunk(&stream.serving.snapshot, stream.next).await {
                         Ok(Some(data)) => {
-                            self.pieces.push(SnapshotPiece {
-                                group,
-                                from: node,
-                                to,
-                                index: stream.serving.index,
-                                term: stream.serving.term,
-                                stream: stream.serving.stream,
-                                kind: PieceKind::Chunk {
-                                    number: stream.next,
-                                    data: Bytes::from(data),
-                                },
-                            });
+                            let kind = PieceKind::Chunk {
+                                number: stream.next,
+                                data: Bytes::from(data),
+                            };
+                            self.pieces.push(stream.serving.piece(group, node, to, kind));
                             stream.next += 1;
                         }
                         Ok(None) => stream.chunks = Some(stream.next),
@@ -1346,18 +1339,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 if let Some(chunks) = stream.chunks {
                     if stream.acked >= chunks && !stream.done_sent {
                         stream.done_sent = true;
-                        self.pieces.push(SnapshotPiece {
-                            group,
-                            from: node,
-                            to,
-                            index: stream.serving.index,
-                            term: stream.serving.term,
-                            stream: stream.serving.stream,
-                            kind: PieceKind::Done {
-                                chunks,
-                                meta: stream.serving.meta.clone(),
-                            },
-                        });
+                        let kind = PieceKind::Done {
+                            chunks,
+                            meta: stream.serving.meta.clone(),
+                        };
+                        self.pieces.push(stream.serving.piece(group, node, to, kind));
                     }
                 }
             }

@@ -69,6 +69,21 @@ pub(crate) struct Serving<T> {
     pub(crate) snapshot: T,
 }
 
+impl<T> Serving<T> {
+    /// A piece of this snapshot for `to`.
+    pub(crate) fn piece(&self, group: u64, from: u64, to: u64, kind: PieceKind) -> SnapshotPiece {
+        SnapshotPiece {
+            group,
+            from,
+            to,
+            index: self.index,
+            term: self.term,
+            stream: self.stream,
+            kind,
+        }
+    }
+}
+
 /// One stream of a leader's snapshot to one follower.
 pub(crate) struct Outgoing<T> {
     pub(crate) serving: Rc<Serving<T>>,
