@@ -31,6 +31,8 @@
 
 use raft::eraftpb::{Message, MessageType};
 
+use crate::meta::{check_crc, seal_crc};
+
 /// The group id beats are addressed to (never a real group).
 pub const BEAT_GROUP: u64 = u64::MAX;
 
@@ -66,19 +68,12 @@ impl Beat {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
-        let crc = crc32c::crc32c(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
+        seal_crc(&mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Beat, String> {
-        if bytes.len() < FIXED_BYTES + 4 {
-            return Err(format!("beat of {} bytes is too short", bytes.len()));
-        }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
-            return Err("beat crc32c mismatch".into());
-        }
+        let body = check_crc(bytes, FIXED_BYTES, "beat")?;
         if body[0..4] != MAGIC {
             return Err("not a beat (magic)".into());
         }

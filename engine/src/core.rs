@@ -510,6 +510,17 @@ fn recover_membership<D: Disk>(
     Ok(meta.conf_state)
 }
 
+/// Whether `change` removes node `id` or turns it into a learner.
+fn removes_voter(change: &ConfChangeV2, id: u64) -> bool {
+    change.changes.iter().any(|c| {
+        c.node_id == id
+            && matches!(
+                c.get_change_type(),
+                raft::eraftpb::ConfChangeType::RemoveNode | raft::eraftpb::ConfChangeType::AddLearnerNode
+            )
+    })
+}
+
 /// Applies a committed conf-change entry (V1 or V2; empty data is raft-rs's "leave the joint
 /// configuration") and returns the new membership, or why the change is refused.
 fn apply_conf_change<T: Storage>(raw: &mut RawNode<T>, entry: &Entry) -> Result<ConfState, String> {
@@ -530,13 +541,7 @@ fn apply_conf_change<T: Storage>(raw: &mut RawNode<T>, entry: &Entry) -> Result<
     // first tells its most up-to-date follower to campaign at once (raft-rs would otherwise
     // keep it leading without being a member, an unsupported state).
     let me = raw.raft.id;
-    let removes_me = change.changes.iter().any(|c| {
-        c.node_id == me
-            && matches!(
-                c.get_change_type(),
-                raft::eraftpb::ConfChangeType::RemoveNode | raft::eraftpb::ConfChangeType::AddLearnerNode
-            )
-    });
+    let removes_me = removes_voter(&change, me);
     if removes_me && raw.raft.state == StateRole::Leader {
         if let Some(to) = best_follower(&raw.raft) {
             raw.transfer_leader(to);
@@ -947,13 +952,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             return Err(EngineError::BadRequest("node id 0 is not a valid member".into()));
         }
         let me = raft.id;
-        let demotes_me = change.changes.iter().any(|c| {
-            c.node_id == me
-                && matches!(
-                    c.get_change_type(),
-                    raft::eraftpb::ConfChangeType::RemoveNode | raft::eraftpb::ConfChangeType::AddLearnerNode
-                )
-        });
+        let demotes_me = removes_voter(&change, me);
         if demotes_me {
             // A leader does not remove itself (raft-rs leaves that path untested): it hands
             // leadership to its most up-to-date follower and sends the caller there.

@@ -47,19 +47,12 @@ impl GroupMeta {
                 out.extend_from_slice(&id.to_le_bytes());
             }
         }
-        let crc = crc32c::crc32c(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
+        seal_crc(&mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<GroupMeta, String> {
-        if bytes.len() < FIXED_BYTES + 4 {
-            return Err(format!("group metadata of {} bytes is too short", bytes.len()));
-        }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
-            return Err("group metadata crc32c mismatch".into());
-        }
+        let body = check_crc(bytes, FIXED_BYTES, "group metadata")?;
         if body[0..4] != MAGIC {
             return Err("group metadata has a bad magic".into());
         }
@@ -104,6 +97,24 @@ impl GroupMeta {
             snapshot_term: u64_at(8),
         })
     }
+}
+
+/// Appends the crc32c of everything before it (the trailer of the engine's small formats).
+pub(crate) fn seal_crc(out: &mut Vec<u8>) {
+    let crc = crc32c::crc32c(out);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// The body before a [`seal_crc`] trailer, once it is at least `min_body` bytes and verifies.
+pub(crate) fn check_crc<'a>(bytes: &'a [u8], min_body: usize, what: &str) -> Result<&'a [u8], String> {
+    if bytes.len() < min_body + 4 {
+        return Err(format!("{what} of {} bytes is too short", bytes.len()));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
+        return Err(format!("{what} crc32c mismatch"));
+    }
+    Ok(body)
 }
 
 #[cfg(test)]

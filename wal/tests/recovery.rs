@@ -20,6 +20,22 @@ fn first_segment() -> String {
     segment_file_name(1)
 }
 
+/// Rolls over several segments with group 1's entries and compacts them, so the first segment
+/// is recycled; reopens the WAL (a recovery) and checks the segment is gone.
+fn recycle_first_segment(mut wal: Wal<MemDisk>, disk: &MemDisk, config: &WalConfig) -> Wal<MemDisk> {
+    write_batches(&mut wal, disk, 30);
+    wal.compact(1, 30).unwrap(); // lets the oldest segments go
+    drive(&mut wal, disk);
+    write_batches(&mut wal, disk, 10);
+    drop(wal);
+    let wal = open(disk, config);
+    assert!(
+        !disk.names().contains(&first_segment()),
+        "the first segment was recycled"
+    );
+    wal
+}
+
 fn expect_corrupt(disk: &MemDisk, config: &WalConfig) -> (String, u64, String) {
     match complete_now(Wal::open(disk.clone(), config.clone())) {
         Err(WalError::Corrupt { file, offset, reason }) => (file, offset, reason),
@@ -384,18 +400,9 @@ fn reset_to_index_zero_keeps_its_term_across_recovery_and_recycling() {
     wal.reset(7, 0, 3).unwrap();
     drive(&mut wal, &disk);
     drop(wal);
-    let mut wal = open(&disk, &config);
-    assert_eq!(wal.term(7, 0), Ok(3));
-    write_batches(&mut wal, &disk, 30); // roll over several segments
-    wal.compact(1, 30).unwrap(); // lets the oldest segments go
-    drive(&mut wal, &disk);
-    write_batches(&mut wal, &disk, 10);
-    drop(wal);
     let wal = open(&disk, &config);
-    assert!(
-        !disk.names().contains(&first_segment()),
-        "the segment holding the reset was recycled"
-    );
+    assert_eq!(wal.term(7, 0), Ok(3));
+    let wal = recycle_first_segment(wal, &disk, &config);
     assert_eq!(wal.term(7, 0), Ok(3));
 }
 
@@ -420,18 +427,8 @@ fn metadata_survives_recovery_rollover_and_compaction() {
     wal.compact(7, 3).unwrap();
     assert_eq!(wal.metas(7).len(), 1);
     drive(&mut wal, &disk);
-    // Roll over several segments and let the one holding the records be recycled: the
-    // rollover checkpoints restate them.
-    write_batches(&mut wal, &disk, 30);
-    wal.compact(1, 30).unwrap();
-    drive(&mut wal, &disk);
-    write_batches(&mut wal, &disk, 10);
-    drop(wal);
-    let wal = open(&disk, &config);
-    assert!(
-        !disk.names().contains(&first_segment()),
-        "the segment holding the records was recycled"
-    );
+    // The rollover checkpoints restate the records once their segment is recycled.
+    let wal = recycle_first_segment(wal, &disk, &config);
     assert_eq!(
         wal.meta_at(7, 100).unwrap(),
         (3, b"members 1 2 3 4".to_vec().into())
