@@ -313,19 +313,47 @@ impl GlommioWal {
     }
 
     async fn io_task(self: Rc<Self>) {
+        // Appenders whose batch became durable, not woken yet: glommio hands queued IO to the
+        // kernel once per scheduler pass, after every runnable task has run. Waking them before
+        // the next write is queued would let their copying (and checksumming) delay that write;
+        // so when a write follows at once, they are woken only after it has been submitted.
+        let mut deferred: Vec<Waker> = Vec::new();
         loop {
             // Let every task that is ready to append run first, so the batch sealed next is as
-            // full as it will get without waiting on a timer.
-            YieldNow(false).await;
+            // full as it will get without waiting on a timer. Unless a batch should go now: a
+            // full one waits, or appenders of the last batch are about to be woken.
+            if deferred.is_empty() && !self.wal.borrow().has_sealed() {
+                YieldNow(false).await;
+            }
             let job = self.wal.borrow_mut().poll_io();
             match job {
                 Some(IoJob::Write(write)) => {
-                    let done = perform(&self.disk, IoJob::Write(write)).await;
+                    let mut write = std::pin::pin!(perform(&self.disk, IoJob::Write(write)));
+                    let mut done = None;
+                    if !deferred.is_empty() {
+                        // Queue the write, let the scheduler pass end (that submits it), then
+                        // wake the appenders: their next appends overlap this write.
+                        std::future::poll_fn(|context| {
+                            if let Poll::Ready(result) = write.as_mut().poll(context) {
+                                done = Some(result);
+                            }
+                            Poll::Ready(())
+                        })
+                        .await;
+                        if done.is_none() {
+                            glommio::timer::sleep(std::time::Duration::from_micros(1)).await;
+                        }
+                        for waker in deferred.drain(..) {
+                            waker.wake();
+                        }
+                    }
+                    let done = match done {
+                        Some(done) => done,
+                        None => write.await,
+                    };
                     // A failure is recorded in the WAL; waiters see it through `failure()`.
                     let _ = self.wal.borrow_mut().io_done(done);
-                    for waker in self.durable_waiters.borrow_mut().drain(..) {
-                        waker.wake();
-                    }
+                    deferred.append(&mut self.durable_waiters.borrow_mut());
                 }
                 Some(job) => {
                     let this = self.clone();
@@ -342,6 +370,9 @@ impl GlommioWal {
                     .detach();
                 }
                 None => {
+                    for waker in deferred.drain(..) {
+                        waker.wake();
+                    }
                     if self.closing.get() && !self.wal.borrow().has_pending() {
                         self.closed.set(true);
                         return;

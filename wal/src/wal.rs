@@ -13,8 +13,8 @@ use crate::disk::Disk;
 use crate::error::{ReadError, WalError};
 use crate::format::{
     align_up, decode_record, encode_record_header, encode_segment_header, peek_own_record_header,
-    record_bytes, seal_record, segment_file_name, RecordKind, SegmentHeader, BLOCK_BYTES,
-    RECORD_HEADER_BYTES, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
+    record_bytes, seal_record, seal_staged_record, segment_file_name, stage_payload_crc, RecordKind,
+    SegmentHeader, BLOCK_BYTES, RECORD_HEADER_BYTES, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
 };
 
 /// Limits of one WAL. The `tuning` crate maps the operator's config onto this.
@@ -518,6 +518,7 @@ impl<D: Disk> Wal<D> {
             );
             record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload_len].copy_from_slice(&entry.payload);
             record[RECORD_HEADER_BYTES + payload_len..].fill(0);
+            stage_payload_crc(record);
             self.cache_bytes += payload_len;
             self.cache_order.push_back((group, entry.index, ticket));
             self.groups.get_mut(&group).unwrap().entries.push_back(EntryLoc {
@@ -683,6 +684,7 @@ impl<D: Disk> Wal<D> {
         encode_record_header(record, payload.len() as u32, kind, 0, 0, group, index, term);
         record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + payload.len()].copy_from_slice(payload);
         record[RECORD_HEADER_BYTES + payload.len()..].fill(0);
+        stage_payload_crc(record);
         ticket
     }
 
@@ -720,6 +722,12 @@ impl<D: Disk> Wal<D> {
             len: RECORD_HEADER_BYTES,
             records: 0,
         }
+    }
+
+    /// Whether a full batch is sealed and waiting for its write: the next write is ready, so
+    /// there is nothing to gain by letting more appends in first.
+    pub fn has_sealed(&self) -> bool {
+        !self.sealed.is_empty()
     }
 
     /// The highest ticket whose batch is durable.
@@ -883,6 +891,7 @@ impl<D: Disk> Wal<D> {
                 record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + 8]
                     .copy_from_slice(&hard_state.vote.to_le_bytes());
                 record[RECORD_HEADER_BYTES + 8..].fill(0);
+                stage_payload_crc(record);
                 batch.len += small;
                 batch.records += 1;
             }
@@ -896,6 +905,7 @@ impl<D: Disk> Wal<D> {
                     encode_record_header(record, meta.len() as u32, RecordKind::Meta, 0, 0, group, index, 0);
                     record[RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + meta.len()].copy_from_slice(meta);
                     record[RECORD_HEADER_BYTES + meta.len()..].fill(0);
+                    stage_payload_crc(record);
                     batch.len += bytes;
                     batch.records += 1;
                 }
@@ -932,7 +942,8 @@ impl<D: Disk> Wal<D> {
             while at < batch_len {
                 let record = &mut bytes[at..];
                 record[16..24].copy_from_slice(&number.to_le_bytes());
-                seal_record(seq, record);
+                // Every record's payload crc was staged when it was written into the batch.
+                seal_staged_record(seq, record);
                 // Our own bytes, just sealed: read the fields without a second crc pass.
                 let header = peek_own_record_header(record);
                 debug_assert!(decode_record(seq, record).is_ok(), "a sealed record verifies");
