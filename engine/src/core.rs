@@ -27,7 +27,7 @@ use raft::eraftpb::{
 };
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole, Storage};
 use ringraft_sm::{encode_batch, BatchView, Command, CommandLimits, CommandResult, StateMachine};
-use ringraft_wal::{Disk, Ticket, Wal};
+use ringraft_wal::{Disk, ReadError, Ticket, Wal};
 
 use crate::beat::{Beat, BEAT_GROUP};
 use crate::meta::GroupMeta;
@@ -576,9 +576,21 @@ fn raft_config(config: &ShardConfig, applied: u64) -> raft::Config {
     }
 }
 
+/// What to pass to [`ringraft_wal::Wal::open_pinned`] for these recovered state machines: each
+/// group's entries after its durable index. Raft applies them again after a restart and reads
+/// them synchronously, so they must be in memory however much the WAL's cache budget allows.
+pub fn unapplied_floors<S: StateMachine>(machines: &[(u64, S)]) -> std::collections::HashMap<u64, u64> {
+    machines
+        .iter()
+        .map(|(group, sm)| (*group, sm.durable_index() + 1))
+        .collect()
+}
+
 impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// Builds the shard over a recovered WAL and each group's recovered state machine. Raft
-    /// restarts at each machine's durable index and replays the log from there.
+    /// restarts at each machine's durable index and replays the log from there: the WAL must
+    /// have been opened with [`unapplied_floors`] of these machines, or a group whose unapplied
+    /// entries are not all cached gets an error here (raft would need a disk read it cannot wait for).
     pub fn new(
         config: ShardConfig,
         wal: Wal<D>,
@@ -603,6 +615,16 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 )));
             }
             wal.borrow_mut().set_cache_floor(group, applied + 1);
+            if last > applied {
+                if let Err(ReadError::NotCached { index, .. }) =
+                    wal.borrow().entries(group, applied + 1, last + 1, None)
+                {
+                    return Err(EngineError::Failed(format!(
+                        "group {group}: entry {index} is not applied and not in memory \
+                         (open the WAL with unapplied_floors)"
+                    )));
+                }
+            }
             let raw = RawNode::new(&raft_config(&config, applied), storage, &logger)
                 .map_err(|e| EngineError::Failed(format!("group {group}: raft: {e}")))?;
             groups.insert(

@@ -37,8 +37,8 @@ mod transport;
 pub use crate::beat::{Beat, BEAT_GROUP};
 pub use crate::client::{group_of, Client};
 pub use crate::core::{
-    Answer, Consistency, EngineError, Envelope, Fetch, GroupMetrics, RequestId, ShardConfig, ShardCore,
-    ShardStats,
+    unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, GroupMetrics, RequestId,
+    ShardConfig, ShardCore, ShardStats,
 };
 pub use crate::meta::GroupMeta;
 pub use crate::runtime::{

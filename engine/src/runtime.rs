@@ -25,7 +25,8 @@ use ringraft_wal::{perform, GlommioDisk, IoDone, IoJob, Wal, WalConfig};
 
 use crate::client::{Client, Route};
 use crate::core::{
-    Consistency, EngineError, Envelope, GroupMetrics, RequestId, ShardConfig, ShardCore, ShardStats,
+    unapplied_floors, Consistency, EngineError, Envelope, GroupMetrics, RequestId, ShardConfig, ShardCore,
+    ShardStats,
 };
 use crate::snapshot::SnapshotPiece;
 use crate::transport::{InProcess, Inbound, MemberChange, NodeHandle, ShardNet, Transport};
@@ -559,9 +560,6 @@ async fn run_shard<S: StateMachine + 'static>(
     let wal_disk = GlommioDisk::open(dir.join("wal"), sync_mode)
         .await
         .map_err(|e| e.to_string())?;
-    let wal = Wal::open(wal_disk.clone(), wal_config(&config))
-        .await
-        .map_err(|e| e.to_string())?;
     let groups: Vec<u64> = (0..shards * config.shards.groups_per_shard)
         .filter(|g| g % shards == shard)
         .collect();
@@ -573,6 +571,10 @@ async fn run_shard<S: StateMachine + 'static>(
             .map_err(|e| format!("group {group}: state machine: {e}"))?;
         machines.push((group, machine));
     }
+    // The state machines first: the WAL keeps in memory what they have yet to apply again.
+    let wal = Wal::open_pinned(wal_disk.clone(), wal_config(&config), unapplied_floors(&machines))
+        .await
+        .map_err(|e| e.to_string())?;
     let mut core =
         ShardCore::new(ShardConfig::from_tuning(&config), wal, machines).map_err(|e| e.to_string())?;
     let mut link = transport.start_shard(net)?;

@@ -38,7 +38,9 @@ use std::task::{Context, Poll, Waker};
 
 use porcupine_rs::{Model, Operation};
 use ringraft_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
-use ringraft_engine::{Answer, Consistency, EngineError, Envelope, ShardConfig, ShardCore, SnapshotPiece};
+use ringraft_engine::{
+    unapplied_floors, Answer, Consistency, EngineError, Envelope, ShardConfig, ShardCore, SnapshotPiece,
+};
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
 use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFileHandle, SplitMix64, Wal, WalConfig};
 
@@ -127,8 +129,7 @@ struct Node {
 
 impl Node {
     fn start(&mut self) {
-        let wal = now(Wal::open(self.wal_disk.clone(), wal_config())).expect("wal recovers");
-        let machines = (0..GROUPS)
+        let machines: Vec<(u64, KvStore<MemSmDisk>)> = (0..GROUPS)
             .map(|group| {
                 let disk = self.sm_disks.entry(group).or_default().clone();
                 (
@@ -137,6 +138,12 @@ impl Node {
                 )
             })
             .collect();
+        let wal = now(Wal::open_pinned(
+            self.wal_disk.clone(),
+            wal_config(),
+            unapplied_floors(&machines),
+        ))
+        .expect("wal recovers");
         let mut core = ShardCore::new(shard_config(self.id), wal, machines).expect("shard starts");
         core.observe_applied();
         self.core = Some(core);

@@ -765,6 +765,53 @@ fn a_node_whose_disk_fails_exits_non_zero() {
     assert!(log.contains("stopping:") && log.contains("wal"), "{log}");
 }
 
+/// A crash leaves far more committed-but-unapplied log than the WAL's entry cache holds (no
+/// checkpoint since the start, a 64 KiB cache): on restart raft reads those entries
+/// synchronously to apply them, so the node must load them before raft starts.
+#[test]
+fn a_node_restarts_with_more_unapplied_log_than_its_cache_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k"]);
+    patch_config(&nodes[0], "wal", "cache_bytes = 65536");
+    patch_config(&nodes[0], "sm", "checkpoint_interval_ms = 3600000");
+    nodes[0].start();
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    let value = vec![5u8; 4096];
+    let keys: Vec<Vec<u8>> = (0..400).map(|i| format!("unapplied-{i}").into_bytes()).collect();
+    for key in &keys {
+        put_until_ok(&client, key, &value, Duration::from_secs(30));
+    }
+    nodes[0].kill();
+    nodes[0].start();
+    let client = connect(&nodes);
+    for key in &keys {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.get_blocking(key, Consistency::Linearizable) {
+                Ok(found) => {
+                    assert_eq!(
+                        found.as_deref(),
+                        Some(&value[..]),
+                        "{}",
+                        String::from_utf8_lossy(key)
+                    );
+                    break;
+                }
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no answer after the restart: {e}\n{}",
+                        nodes[0].log_text()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    assert!(nodes[0].terminate(), "the node did not exit 0");
+}
+
 /// Runs `ringraft` with `args`; panics with its stderr unless it exits 0.
 fn ringraft(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_ringraft"))

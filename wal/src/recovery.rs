@@ -138,8 +138,24 @@ fn later_batch(seq: u64, bytes: &[u8], from: usize, last: Option<u64>) -> Option
 
 impl<D: Disk> Wal<D> {
     /// Opens (or creates) the WAL in `disk`'s directory: replays every valid batch, truncates a
-    /// torn tail, and returns an error naming segment and offset if it finds corruption.
+    /// torn tail, and returns an error naming segment and offset if it finds corruption. No
+    /// recovered entry is cached: reads go through [`Wal::read_plan`]. See [`Wal::open_pinned`].
     pub async fn open(disk: D, config: WalConfig) -> Result<Wal<D>, WalError> {
+        Wal::open_pinned(disk, config, HashMap::new()).await
+    }
+
+    /// [`Wal::open`], with the entries of each group in `floors` from its floor index on kept
+    /// in the cache (and pinned there, as by [`Wal::set_cache_floor`]), whatever their size.
+    ///
+    /// This is for raft: after a crash, the entries a group had committed but its state
+    /// machine had not yet made durable are applied again, and raft-rs reads them
+    /// synchronously, so they must be in memory before raft starts. Nothing else is copied
+    /// while replaying: the scan reads each segment once and keeps only these payloads.
+    pub async fn open_pinned(
+        disk: D,
+        config: WalConfig,
+        floors: HashMap<u64, u64>,
+    ) -> Result<Wal<D>, WalError> {
         config.validate()?;
         let mut names: Vec<(u64, String)> = disk
             .list()
@@ -185,6 +201,7 @@ impl<D: Disk> Wal<D> {
         }
 
         let mut wal = Wal::empty(disk.clone(), config);
+        wal.cache_floor = floors;
         wal.next_segment_seq = images.last().map_or(1, |i| i.seq + 1);
         let mut last: Option<u64> = None;
         // Where the walk stopped: (image index, offset, why). `None` while the chain goes on.
@@ -402,16 +419,19 @@ impl<D: Disk> Wal<D> {
                     } else {
                         self.cache_bytes -= log.truncate_from(index);
                     }
+                    let pinned = self.cache_floor.get(&group).is_some_and(|&floor| index >= floor);
                     log.entries.push_back(EntryLoc {
                         term: header.term,
                         ticket,
                         offset_in_batch: (at - pos) as u32,
                         payload_len: header.payload_len,
                         entry_type: header.entry_type,
-                        cached: Some(Bytes::copy_from_slice(payload)),
+                        cached: pinned.then(|| Bytes::copy_from_slice(payload)),
                     });
-                    self.cache_bytes += payload.len();
-                    self.cache_order.push_back((group, index, ticket));
+                    if pinned {
+                        self.cache_bytes += payload.len();
+                        self.cache_order.push_back((group, index, ticket));
+                    }
                     let max = segment.max_index.entry(group).or_insert(0);
                     *max = (*max).max(index);
                 }

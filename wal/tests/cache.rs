@@ -63,3 +63,32 @@ fn entries_read_from_disk_can_be_cached_again() {
         b"replacement"
     );
 }
+
+#[test]
+fn reopening_caches_each_group_from_its_floor_on_whatever_the_budget() {
+    let disk = MemDisk::new(3);
+    let mut wal = open(&disk, &config());
+    for index in 1..=10 {
+        wal.append(1, &[entry(index, 1, &[index as u8; 300])]).unwrap();
+        wal.append(2, &[entry(index, 1, &[index as u8; 300])]).unwrap();
+        drive(&mut wal, &disk);
+    }
+    drop(wal);
+    // Group 1's entries from 3 on (8 x 300 bytes, over the 1000-byte budget) are pinned;
+    // group 2 has no floor: nothing of it is cached.
+    let floors = [(1, 3)].into_iter().collect();
+    let wal = complete_now(ringraft_wal::Wal::open_pinned(disk.clone(), config(), floors)).unwrap();
+    let pinned = wal.entries(1, 3, 11, None).expect("pinned entries are cached");
+    assert_eq!(pinned.len(), 8);
+    assert!(pinned.iter().all(|e| e.payload.as_ref() == [e.index as u8; 300]));
+    assert!(matches!(
+        wal.entries(1, 2, 3, None),
+        Err(ReadError::NotCached { index: 2, .. })
+    ));
+    assert!(matches!(
+        wal.entries(2, 10, 11, None),
+        Err(ReadError::NotCached { index: 10, .. })
+    ));
+    let read = complete_now(wal.read_plan(2, 1, 11, None).unwrap().execute(&disk)).unwrap();
+    assert_eq!(read.len(), 10);
+}
