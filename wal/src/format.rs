@@ -249,9 +249,10 @@ impl std::fmt::Display for RecordFault {
     }
 }
 
-/// Reads the header fields of a record this process just encoded, without verifying its crc
-/// (the batch being placed is our own memory; recovery and reads use [`decode_record`]).
-/// Panics on an unknown kind: that would be a bug in the encoder.
+/// Reads the header fields of a record without verifying its crc: for a record this process
+/// just encoded (the batch being placed), or one [`decode_record`] has already verified (the
+/// recovery scan verifies each batch before replaying it). Panics on an unknown kind: that
+/// would be a bug in the caller.
 pub fn peek_own_record_header(bytes: &[u8]) -> RecordHeader {
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
     RecordHeader {
