@@ -29,7 +29,7 @@ use crate::core::{
     ShardStats,
 };
 use crate::snapshot::SnapshotPiece;
-use crate::transport::{InProcess, Inbound, MemberChange, NodeHandle, ShardNet, Transport};
+use crate::transport::{InProcess, Inbound, MemberChange, NodeHandle, ShardLink, ShardNet, Transport};
 use hdrhistogram::Histogram;
 
 /// A reply channel for one request.
@@ -543,6 +543,38 @@ impl Future for Kicked<'_> {
     }
 }
 
+/// Sends what the core has for peers (messages, snapshot pieces: one flush) and answers the
+/// requests it has finished with.
+fn emit<S: StateMachine>(
+    core: &mut ShardCore<GlommioDisk, S>,
+    link: &mut dyn ShardLink,
+    replies: &mut BTreeMap<RequestId, (Reply, std::time::Instant)>,
+    request_latency_us: &mut Histogram<u64>,
+) {
+    let (messages, answers) = core.take_output();
+    for envelope in messages {
+        let (to, group) = (envelope.message.to, envelope.group);
+        // Dropped (no connection, queue full): raft probes the peer and resends.
+        if !link.send(to, envelope) {
+            core.report_unreachable(group, to);
+        }
+    }
+    for piece in core.take_pieces() {
+        // Dropped (no connection, queue full): the stream resends after a timeout.
+        let to = piece.to;
+        let _ = link.send_piece(to, piece);
+    }
+    link.flush();
+    for answer in answers {
+        if let Some((reply, since)) = replies.remove(&answer.request) {
+            if answer.result.is_ok() {
+                let _ = request_latency_us.record(since.elapsed().as_micros().max(1) as u64);
+            }
+            let _ = reply.send(answer.result);
+        }
+    }
+}
+
 async fn run_shard<S: StateMachine + 'static>(
     config: Config,
     net: ShardNet,
@@ -724,6 +756,7 @@ async fn run_shard<S: StateMachine + 'static>(
             core.fetched(fetch.group, entries, fetch.context);
         }
         // Start WAL IO: at most one write in flight; segment jobs beside it.
+        let mut write_queued = false;
         loop {
             if writing.get() {
                 break;
@@ -732,6 +765,7 @@ async fn run_shard<S: StateMachine + 'static>(
             let Some(job) = job else { break };
             if matches!(job, IoJob::Write(_)) {
                 writing.set(true);
+                write_queued = true;
                 write_started = Some(std::time::Instant::now());
             }
             let (disk, done, kick) = (wal_disk.clone(), done.clone(), kick.clone());
@@ -741,6 +775,14 @@ async fn run_shard<S: StateMachine + 'static>(
                 kick.kick();
             })
             .detach();
+        }
+        if write_queued {
+            // glommio hands queued IO to the kernel once per scheduler pass, after every
+            // runnable task has run. Send what raft has for the peers, then let this pass end
+            // (a 1 us timer fires after the reactor has submitted), so the WAL write and the
+            // appends to followers are on their way before applying and answering below.
+            emit(&mut core, link.as_mut(), &mut replies, &mut request_latency_us);
+            glommio::timer::sleep(Duration::from_micros(1)).await;
         }
         core.apply().await;
         core.pump_snapshots().await;
@@ -760,28 +802,7 @@ async fn run_shard<S: StateMachine + 'static>(
             }
             true
         });
-        let (messages, answers) = core.take_output();
-        for envelope in messages {
-            let (to, group) = (envelope.message.to, envelope.group);
-            // Dropped (no connection, queue full): raft probes the peer and resends.
-            if !link.send(to, envelope) {
-                core.report_unreachable(group, to);
-            }
-        }
-        for piece in core.take_pieces() {
-            // Dropped (no connection, queue full): the stream resends after a timeout.
-            let to = piece.to;
-            let _ = link.send_piece(to, piece);
-        }
-        link.flush();
-        for answer in answers {
-            if let Some((reply, since)) = replies.remove(&answer.request) {
-                if answer.result.is_ok() {
-                    let _ = request_latency_us.record(since.elapsed().as_micros().max(1) as u64);
-                }
-                let _ = reply.send(answer.result);
-            }
-        }
+        emit(&mut core, link.as_mut(), &mut replies, &mut request_latency_us);
         if !balance_every.is_zero() && shutdown.is_none() && last_balance.elapsed() >= balance_every {
             core.balance_leaders();
             last_balance = std::time::Instant::now();
