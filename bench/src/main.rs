@@ -389,9 +389,9 @@ fn run_probe(common: &Common) -> Result<probe::DiskProbe, String> {
 }
 
 fn print_probe(probe: &probe::DiskProbe) {
-    println!("device probe (io_uring, O_DIRECT, write + fdatasync at queue depth 1)");
+    println!("device probe (io_uring, O_DIRECT, durable writes at queue depth 1, the faster of O_DSYNC and write + fdatasync)");
     println!(
-        "  {:<10} {:>12} {:>10} {:>10} {:>10}",
+        "  {:<10} {:>12} {:>10} {:>10} {:>10}  method",
         "size", "rounds/s", "p50 us", "p99 us", "MB/s"
     );
     let rows = [
@@ -401,6 +401,7 @@ fn print_probe(probe: &probe::DiskProbe) {
             probe.write_4k_latency_us_p50,
             probe.write_4k_latency_us_p99,
             probe.write_4k_rounds_per_s * 4096.0 / 1e6,
+            probe.durable_method_4k,
         ),
         (
             "64 KiB",
@@ -408,6 +409,7 @@ fn print_probe(probe: &probe::DiskProbe) {
             probe.write_64k_latency_us_p50,
             probe.write_64k_latency_us_p99,
             probe.write_64k_mb_per_s,
+            probe.durable_method_64k,
         ),
         (
             "1 MiB",
@@ -415,10 +417,11 @@ fn print_probe(probe: &probe::DiskProbe) {
             probe.write_1m_latency_us_p50,
             probe.write_1m_latency_us_p99,
             probe.write_1m_mb_per_s,
+            probe.durable_method_1m,
         ),
     ];
-    for (size, rounds, p50, p99, mb) in rows {
-        println!("  {size:<10} {rounds:>12.0} {p50:>10.0} {p99:>10.0} {mb:>10.1}");
+    for (size, rounds, p50, p99, mb, method) in rows {
+        println!("  {size:<10} {rounds:>12.0} {p50:>10.0} {p99:>10.0} {mb:>10.1}  {method}");
     }
     println!(
         "  sequential 1 MiB O_DIRECT, 4 in flight, one fdatasync: {:.0} MB/s",

@@ -139,9 +139,16 @@ fn wal_json_keys_are_stable() {
             ]),
     );
     assert_eq!(keys(&json), ["command", "disk", "machine", "wal", "wal_runs"]);
+    for size in ["4k", "64k", "1m"] {
+        let method = &json["disk"][format!("durable_method_{size}")];
+        assert!(method == "dsync" || method == "fdatasync", "{method}");
+    }
     assert_eq!(
         keys(&json["disk"]),
         [
+            "durable_method_1m",
+            "durable_method_4k",
+            "durable_method_64k",
             "file_bytes",
             "seconds_per_test",
             "sequential_mb_per_s",
