@@ -13,8 +13,8 @@ use crate::disk::Disk;
 use crate::error::{ReadError, WalError};
 use crate::format::{
     align_up, decode_record, encode_record_header, encode_segment_header, peek_own_record_header,
-    record_bytes, seal_record, seal_staged_record, segment_file_name, stage_payload_crc, RecordKind,
-    SegmentHeader, BLOCK_BYTES, RECORD_HEADER_BYTES, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
+    record_bytes, record_crc_seed, seal_record, seal_staged_record, segment_file_name, stage_payload_crc,
+    RecordKind, SegmentHeader, BLOCK_BYTES, RECORD_HEADER_BYTES, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
 };
 
 /// Limits of one WAL. The `tuning` crate maps the operator's config onto this.
@@ -938,12 +938,13 @@ impl<D: Disk> Wal<D> {
                 batch.records as u64,
             );
             seal_record(seq, bytes);
+            let seed = record_crc_seed(seq);
             let mut at = RECORD_HEADER_BYTES;
             while at < batch_len {
                 let record = &mut bytes[at..];
                 record[16..24].copy_from_slice(&number.to_le_bytes());
                 // Every record's payload crc was staged when it was written into the batch.
-                seal_staged_record(seq, record);
+                seal_staged_record(seed, record);
                 // Our own bytes, just sealed: read the fields without a second crc pass.
                 let header = peek_own_record_header(record);
                 debug_assert!(decode_record(seq, record).is_ok(), "a sealed record verifies");
