@@ -643,6 +643,8 @@ async fn run_shard<S: StateMachine + 'static>(
     let transfer_limit = Duration::from_millis(2 * config.raft.election_timeout_ms);
     let mut transferring: Option<std::time::Instant> = None;
     let mut last_checkpoint = std::time::Instant::now();
+    // The WAL's bytes written when the last checkpoint round began.
+    let mut checkpoint_wal_bytes = 0u64;
     // A checkpoint round in progress: the next group to checkpoint.
     let mut checkpoint_cursor: Option<u64> = None;
     let started = std::time::Instant::now();
@@ -807,8 +809,16 @@ async fn run_shard<S: StateMachine + 'static>(
             core.balance_leaders();
             last_balance = std::time::Instant::now();
         }
-        if checkpoint_cursor.is_none() && last_checkpoint.elapsed() >= checkpoint_every {
-            checkpoint_cursor = Some(0);
+        // A round starts on time, or earlier once the WAL has grown by checkpoint_log_bytes
+        // (bounding what a restart must replay and hold in memory).
+        if checkpoint_cursor.is_none() {
+            let written = core.wal().borrow().stats().bytes_written;
+            if last_checkpoint.elapsed() >= checkpoint_every
+                || written - checkpoint_wal_bytes >= config.sm.checkpoint_log_bytes
+            {
+                checkpoint_cursor = Some(0);
+                checkpoint_wal_bytes = written;
+            }
         }
         if let Some(cursor) = checkpoint_cursor.as_mut() {
             let done = core

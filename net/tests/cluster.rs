@@ -812,6 +812,48 @@ fn a_node_restarts_with_more_unapplied_log_than_its_cache_holds() {
     assert!(nodes[0].terminate(), "the node did not exit 0");
 }
 
+/// With checkpoints on a timer that never fires, the WAL still stops growing: a checkpoint round
+/// starts every `sm.checkpoint_log_bytes` written, the log is compacted behind it and its
+/// segments are recycled.
+#[test]
+fn checkpoints_follow_the_log_size_when_the_timer_is_far_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k"]);
+    patch_config(&nodes[0], "sm", "checkpoint_interval_ms = 3600000");
+    patch_config(&nodes[0], "sm", "checkpoint_log_bytes = 4194304");
+    patch_config(&nodes[0], "wal", "retain_entries = 5");
+    nodes[0].start();
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    // 48 MiB through 4 MiB segments: without checkpoints, a dozen segment files or more.
+    let value = vec![3u8; 64 << 10];
+    for i in 0..768 {
+        put_until_ok(
+            &client,
+            format!("big-{}", i % 64).as_bytes(),
+            &value,
+            Duration::from_secs(30),
+        );
+    }
+    let wal_dir = dir.path().join("data-1").join("shard-0").join("wal");
+    let segments = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".wal")
+        })
+        .count();
+    assert!(
+        segments <= 6,
+        "{segments} segment files: the log was not compacted\n{}",
+        nodes[0].log_text()
+    );
+    assert!(nodes[0].terminate(), "the node did not exit 0");
+}
+
 /// Runs `ringraft` with `args`; panics with its stderr unless it exits 0.
 fn ringraft(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_ringraft"))

@@ -203,6 +203,10 @@ pub struct SmConfig {
     pub cache_bytes: u64,
     /// How often the state machine writes a checkpoint (which lets the WAL compact).
     pub checkpoint_interval_ms: u64,
+    /// A checkpoint round also starts once the shard's WAL has written this many bytes since
+    /// the last round began, whatever the interval: it bounds the log a restart replays and the
+    /// unapplied entries it must hold in memory.
+    pub checkpoint_log_bytes: u64,
 }
 
 impl Default for SmConfig {
@@ -211,6 +215,7 @@ impl Default for SmConfig {
             inline_value_bytes_max: 64,
             cache_bytes: 64 << 20,
             checkpoint_interval_ms: 30_000,
+            checkpoint_log_bytes: 256 << 20,
         }
     }
 }

@@ -201,6 +201,7 @@ fn a_limit_of_zero_is_rejected_naming_the_key() {
         ("batching", "entry_commands_max"),
         ("wal", "cache_bytes"),
         ("sm", "checkpoint_interval_ms"),
+        ("sm", "checkpoint_log_bytes"),
         ("raft", "max_inflight_msgs"),
         ("raft", "max_uncommitted_bytes"),
         ("glommio", "ring_depth"),
