@@ -20,7 +20,7 @@ use crate::format::{
     align_up, decode_record, decode_segment_header, parse_segment_file_name, peek_own_record_header,
     record_bytes, RecordKind, BLOCK_BYTES, RECORD_HEADER_BYTES, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
 };
-use crate::wal::{EntryLoc, HardState, Placement, Segment, Wal, WalConfig};
+use crate::wal::{EntryLoc, HardState, Map, Placement, Segment, Wal, WalConfig};
 
 /// A segment file as found at open (its body is read one segment at a time, so recovery holds
 /// at most one segment in memory).
@@ -201,7 +201,7 @@ impl<D: Disk> Wal<D> {
         }
 
         let mut wal = Wal::empty(disk.clone(), config);
-        wal.cache_floor = floors;
+        wal.cache_floor = floors.into_iter().collect();
         wal.next_segment_seq = images.last().map_or(1, |i| i.seq + 1);
         let mut last: Option<u64> = None;
         // Where the walk stopped: (image index, offset, why). `None` while the chain goes on.
@@ -223,7 +223,7 @@ impl<D: Disk> Wal<D> {
                 name: images[i].name.clone(),
                 file: images[i].file.clone(),
                 bytes: images[i].size,
-                max_index: HashMap::new(),
+                max_index: Map::default(),
             });
             drop(current.take()); // free the previous segment before reading the next
             let bytes = load(&disk, &images[i]).await?;
@@ -351,7 +351,7 @@ impl<D: Disk> Wal<D> {
                     name: image.name,
                     file: image.file,
                     bytes: image.size,
-                    max_index: HashMap::new(),
+                    max_index: Map::default(),
                 });
             }
         }

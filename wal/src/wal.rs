@@ -5,6 +5,10 @@
 //! the engine's deterministic simulator all drive the same code.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// The WAL's maps keyed by group: looked up per record on the write path, so a fast hasher
+/// (SipHash showed in profiles; group ids are not attacker-chosen).
+pub(crate) type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 use std::io;
 
 use bytes::Bytes;
@@ -309,7 +313,7 @@ pub(crate) struct Segment<F> {
     pub(crate) bytes: u64,
     /// Highest entry index each group has in this segment: the segment can go once every
     /// group's durable first index passes it.
-    pub(crate) max_index: HashMap<u64, u64>,
+    pub(crate) max_index: Map<u64, u64>,
 }
 
 /// Where the records of a ticket's batch went.
@@ -360,11 +364,11 @@ pub struct Wal<D: Disk> {
     pub(crate) placements: VecDeque<Placement>,
     /// Per group, the hard state and compaction point as of the records placed so far: what a
     /// rollover checkpoint must restate.
-    pub(crate) placed_hard_state: HashMap<u64, HardState>,
-    pub(crate) placed_compaction: HashMap<u64, (u64, u64)>,
+    pub(crate) placed_hard_state: Map<u64, HardState>,
+    pub(crate) placed_compaction: Map<u64, (u64, u64)>,
     /// Per group, the first index made durable by a compaction record: purge relies on these
     /// only.
-    pub(crate) durable_first: HashMap<u64, u64>,
+    pub(crate) durable_first: Map<u64, u64>,
     /// Whether the current segment's checkpoint batch is durable (or none was needed).
     pub(crate) checkpoint_durable: bool,
     open: Option<Batch<D::Buffer>>,
@@ -381,9 +385,9 @@ pub struct Wal<D: Disk> {
     pub(crate) cache_order: VecDeque<(u64, u64, u64)>,
     /// Per group, entries at or above this index are never evicted (the engine sets it to the
     /// first unapplied index: raft reads those synchronously).
-    pub(crate) cache_floor: HashMap<u64, u64>,
+    pub(crate) cache_floor: Map<u64, u64>,
     /// Per group, the ticket of its latest `Meta` record.
-    meta_tickets: HashMap<u64, u64>,
+    meta_tickets: Map<u64, u64>,
     failure: Option<String>,
     stats: WalStats,
 }
@@ -413,9 +417,9 @@ impl<D: Disk> Wal<D> {
             write_offset: SEGMENT_HEADER_BYTES as u64,
             next_batch_number: 1,
             placements: VecDeque::new(),
-            placed_hard_state: HashMap::new(),
-            placed_compaction: HashMap::new(),
-            durable_first: HashMap::new(),
+            placed_hard_state: Map::default(),
+            placed_compaction: Map::default(),
+            durable_first: Map::default(),
             checkpoint_durable: true,
             open: None,
             lazy_commits: BTreeMap::new(),
@@ -426,8 +430,8 @@ impl<D: Disk> Wal<D> {
             durable_ticket: 0,
             cache_bytes: 0,
             cache_order: VecDeque::new(),
-            cache_floor: HashMap::new(),
-            meta_tickets: HashMap::new(),
+            cache_floor: Map::default(),
+            meta_tickets: Map::default(),
             failure: None,
             stats: WalStats::default(),
         }
@@ -1038,7 +1042,7 @@ impl<D: Disk> Wal<D> {
                             name: segment_file_name(seq),
                             file,
                             bytes: self.config.segment_bytes,
-                            max_index: HashMap::new(),
+                            max_index: Map::default(),
                         });
                         Ok(())
                     }
