@@ -846,8 +846,10 @@ fn checkpoints_follow_the_log_size_when_the_timer_is_far_off() {
                 .ends_with(".wal")
         })
         .count();
+    // Live segments behind the last checkpoint round, the prepared one and up to
+    // wal.segments_recycled_max (2) spares: 4 measured; 14 without the trigger.
     assert!(
-        segments <= 6,
+        segments <= 8,
         "{segments} segment files: the log was not compacted\n{}",
         nodes[0].log_text()
     );
