@@ -19,7 +19,9 @@
 //! - Recovery replays every valid batch, truncates a torn tail, and refuses to start with
 //!   [`WalError::Corrupt`] (naming segment and offset) when damage is followed by valid data.
 //! - `term(i)` and cached `entries` never touch the disk; older entries are read through
-//!   [`Wal::read_plan`] and verified against their checksums.
+//!   [`Wal::read_plan`] and verified against their checksums. Entries at or above a group's
+//!   cache floor are never evicted, including right after recovery ([`Wal::open_pinned`]): a
+//!   raft driver can read its unapplied entries synchronously.
 //!
 //! **Invariants**: batches start on 4 KiB boundaries and are numbered consecutively; every record
 //! and payload starts on a 16-byte boundary; every record's crc32c is seeded with its segment's
