@@ -4,7 +4,7 @@
 //! [`perform`]) and reports back with [`Wal::io_done`]. The glommio runner, the benchmark and
 //! the engine's deterministic simulator all drive the same code.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// The WAL's maps keyed by group: looked up per record on the write path, so a fast hasher
 /// (SipHash showed in profiles; group ids are not attacker-chosen).
@@ -383,6 +383,10 @@ pub struct Wal<D: Disk> {
     pub(crate) cache_bytes: usize,
     /// Entries in append order, for cache eviction: (group, index, ticket).
     pub(crate) cache_order: VecDeque<(u64, u64, u64)>,
+    /// Cached entries taken off the front of `cache_order` because their group's floor pins
+    /// them, per group: (index, ticket). They go back to the front when the floor passes them,
+    /// so one group's unapplied entries never hold up eviction for the others.
+    parked: Map<u64, BTreeSet<(u64, u64)>>,
     /// Per group, entries at or above this index are never evicted (the engine sets it to the
     /// first unapplied index: raft reads those synchronously).
     pub(crate) cache_floor: Map<u64, u64>,
@@ -430,6 +434,7 @@ impl<D: Disk> Wal<D> {
             durable_ticket: 0,
             cache_bytes: 0,
             cache_order: VecDeque::new(),
+            parked: Map::default(),
             cache_floor: Map::default(),
             meta_tickets: Map::default(),
             failure: None,
@@ -1078,7 +1083,11 @@ impl<D: Disk> Wal<D> {
                 break; // not on disk yet: must stay readable from memory
             }
             if self.cache_floor.get(&group).is_some_and(|&floor| index >= floor) {
-                break; // not applied yet: raft will read it synchronously
+                // Not applied yet: raft will read it synchronously. Set it aside until the
+                // group's floor passes it, and go on with the entries behind it.
+                self.cache_order.pop_front();
+                self.parked.entry(group).or_default().insert((index, ticket));
+                continue;
             }
             self.cache_order.pop_front();
             let Some(log) = self.groups.get_mut(&group) else {
@@ -1113,6 +1122,17 @@ impl<D: Disk> Wal<D> {
     /// entries synchronously, so they must not need a disk read. Raise it as entries are applied.
     pub fn set_cache_floor(&mut self, group: u64, index: u64) {
         self.cache_floor.insert(group, index);
+        if let Some(parked) = self.parked.get_mut(&group) {
+            // Entries the floor no longer pins are the oldest cached: evictable first.
+            let pinned = parked.split_off(&(index, 0));
+            let released = std::mem::replace(parked, pinned);
+            for (i, ticket) in released.into_iter().rev() {
+                self.cache_order.push_front((group, i, ticket));
+            }
+            if parked.is_empty() {
+                self.parked.remove(&group);
+            }
+        }
         self.evict_cache();
     }
 

@@ -92,3 +92,38 @@ fn reopening_caches_each_group_from_its_floor_on_whatever_the_budget() {
     let read = complete_now(wal.read_plan(2, 1, 11, None).unwrap().execute(&disk)).unwrap();
     assert_eq!(read.len(), 10);
 }
+
+#[test]
+fn one_group_pinned_at_the_front_does_not_stop_eviction_for_the_others() {
+    let disk = MemDisk::new(4);
+    let mut wal = open(&disk, &config());
+    // Group 1 appends first and applies nothing (a leader that cannot commit): pinned.
+    wal.set_cache_floor(1, 1);
+    wal.append(1, &[entry(1, 1, &[1; 300])]).unwrap();
+    drive(&mut wal, &disk);
+    // Group 2, unpinned, writes far past the 1000-byte budget.
+    for index in 1..=50 {
+        wal.append(2, &[entry(index, 1, &[2; 300])]).unwrap();
+        drive(&mut wal, &disk);
+    }
+    let cached = wal.stats().cache_bytes;
+    assert!(
+        cached <= 1000 + 300,
+        "cache holds {cached} bytes: eviction stalled behind group 1"
+    );
+    assert!(
+        wal.entries(1, 1, 2, None).is_ok(),
+        "the pinned entry stays cached"
+    );
+    // Once group 1 applies, its entry can go too.
+    wal.set_cache_floor(1, 2);
+    for index in 51..=55 {
+        wal.append(2, &[entry(index, 1, &[2; 300])]).unwrap();
+        drive(&mut wal, &disk);
+    }
+    assert!(wal.stats().cache_bytes <= 1000, "{:?}", wal.stats());
+    assert!(matches!(
+        wal.entries(1, 1, 2, None),
+        Err(ReadError::NotCached { .. })
+    ));
+}
