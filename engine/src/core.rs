@@ -126,6 +126,9 @@ pub struct ShardConfig {
     pub peers: Vec<u64>,
     /// Idle ticks after which a leader quiesces a group (0: never). See `beat.rs`.
     pub quiesce_after_ticks: u64,
+    /// Live WAL segments beyond which a checkpoint round compacts the groups holding the
+    /// oldest ones through their checkpoints, whatever they retain (`wal.live_segments_max`).
+    pub live_segments_max: usize,
 }
 
 impl ShardConfig {
@@ -160,6 +163,7 @@ impl ShardConfig {
                 .filter(|&id| id != config.node.id)
                 .collect(),
             quiesce_after_ticks: config.raft.quiesce_after_ms / config.raft.tick_interval_ms.max(1),
+            live_segments_max: config.wal.live_segments_max as usize,
         }
     }
 }
@@ -1083,7 +1087,35 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 wal.compact(group, through).map_err(|e| e.to_string())?;
             }
         }
+        self.compact_oldest_segments()?;
         Ok(true)
+    }
+
+    /// Segments are purged oldest first, once every group with entries in one has compacted
+    /// past them. A group that writes little (idle, or one this node left) would keep its
+    /// retained entries, and with them every later segment, forever. Past
+    /// `live_segments_max` live segments, the groups holding the oldest ones are compacted
+    /// through them, as far as their state machines are durable (never further).
+    fn compact_oldest_segments(&mut self) -> Result<(), String> {
+        let mut wal = self.wal.borrow_mut();
+        let live = wal.stats().segments_live;
+        if live <= self.config.live_segments_max {
+            return Ok(());
+        }
+        for (group, index) in wal.pinning_groups_of(live - self.config.live_segments_max) {
+            let Some(g) = self.groups.get(&group) else {
+                continue;
+            };
+            // As in a checkpoint: not past a membership change whose record is not durable.
+            if !wal.meta_durable(group) {
+                continue;
+            }
+            let through = index.min(g.sm.durable_index());
+            if through >= wal.first_index(group) && through <= wal.last_index(group) {
+                wal.compact(group, through).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
     }
 
     /// Delivers a message from a peer. Bad or stale messages are dropped (raft tolerates loss).

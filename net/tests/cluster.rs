@@ -856,6 +856,59 @@ fn checkpoints_follow_the_log_size_when_the_timer_is_far_off() {
     assert!(nodes[0].terminate(), "the node did not exit 0");
 }
 
+/// One group takes every write while the other stays idle with the few entries of its first
+/// election in the oldest segment. Keeping `retain_entries` below its checkpoint, the idle group
+/// would pin that segment, and with it every later one, forever: the WAL must still stay within
+/// `wal.live_segments_max`.
+#[test]
+fn an_idle_group_does_not_pin_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k"]);
+    patch_config(&nodes[0], "sm", "checkpoint_log_bytes = 4194304");
+    patch_config(&nodes[0], "wal", "retain_entries = 5");
+    patch_config(&nodes[0], "wal", "live_segments_max = 4");
+    nodes[0].start();
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    let groups = client.cluster().groups;
+    let keys: Vec<Vec<u8>> = (0..)
+        .map(|i| format!("busy-{i}").into_bytes())
+        .filter(|k| ringraft_engine::group_of(k, groups) == 0)
+        .take(64)
+        .collect();
+    // 48 MiB through 4 MiB segments, all into group 0.
+    let value = vec![9u8; 64 << 10];
+    for i in 0..768 {
+        put_until_ok(&client, &keys[i % keys.len()], &value, Duration::from_secs(30));
+    }
+    let wal_dir = dir.path().join("data-1").join("shard-0").join("wal");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let segments = std::fs::read_dir(&wal_dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".wal")
+            })
+            .count();
+        // live_segments_max live ones, the prepared one and up to 2 recycling spares.
+        if segments <= 7 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{segments} segment files: the idle group pins the WAL\n{}",
+            nodes[0].log_text()
+        );
+        // A few more writes start more checkpoint rounds.
+        put_until_ok(&client, &keys[0], &value, Duration::from_secs(30));
+    }
+    assert!(nodes[0].terminate(), "the node did not exit 0");
+}
+
 /// Runs `ringraft` with `args`; panics with its stderr unless it exits 0.
 fn ringraft(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_ringraft"))

@@ -178,6 +178,11 @@ pub struct WalConfig {
     /// A leader also keeps what its slowest follower still needs (a follower behind the
     /// compacted log would need a snapshot), up to this many entries below the checkpoint.
     pub retain_for_followers_entries: u64,
+    /// Live segments per shard beyond which the groups holding the oldest ones are compacted
+    /// through their checkpoints regardless of `retain_entries` (their lagging followers then
+    /// need snapshots). Segments are purged oldest first, so without this one idle group
+    /// would keep every later segment on disk.
+    pub live_segments_max: u64,
 }
 
 impl Default for WalConfig {
@@ -191,6 +196,7 @@ impl Default for WalConfig {
             segments_recycled_max: 2,
             retain_entries: 10_000,
             retain_for_followers_entries: 100_000,
+            live_segments_max: 16,
         }
     }
 }

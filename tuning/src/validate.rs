@@ -149,13 +149,14 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
 
     // Limits that must not be zero.
     let c = config;
-    let nonzero: [(&str, u64); 25] = [
+    let nonzero: [(&str, u64); 26] = [
         ("shards.groups_per_shard", c.shards.groups_per_shard),
         ("batching.entry_bytes_max", c.batching.entry_bytes_max),
         ("batching.entry_commands_max", c.batching.entry_commands_max),
         ("wal.segment_bytes", c.wal.segment_bytes),
         ("wal.batch_bytes_max", c.wal.batch_bytes_max),
         ("wal.cache_bytes", c.wal.cache_bytes),
+        ("wal.live_segments_max", c.wal.live_segments_max),
         ("sm.cache_bytes", c.sm.cache_bytes),
         ("sm.checkpoint_interval_ms", c.sm.checkpoint_interval_ms),
         ("sm.checkpoint_log_bytes", c.sm.checkpoint_log_bytes),

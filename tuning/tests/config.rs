@@ -200,6 +200,7 @@ fn a_limit_of_zero_is_rejected_naming_the_key() {
         ("shards", "groups_per_shard"),
         ("batching", "entry_commands_max"),
         ("wal", "cache_bytes"),
+        ("wal", "live_segments_max"),
         ("sm", "checkpoint_interval_ms"),
         ("sm", "checkpoint_log_bytes"),
         ("raft", "max_inflight_msgs"),

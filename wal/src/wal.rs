@@ -1190,17 +1190,24 @@ impl<D: Disk> Wal<D> {
     /// Groups that keep the oldest segment alive, with the index each must compact through to
     /// release it. Empty when nothing can be purged by compaction.
     pub fn pinning_groups(&self) -> Vec<(u64, u64)> {
-        if self.segments.len() < 2 {
-            return Vec::new();
+        self.pinning_groups_of(1)
+    }
+
+    /// [`Wal::pinning_groups`] for the `oldest` oldest segments (never the current one): each
+    /// group with entries there not yet durably compacted, with the index it must compact
+    /// through to release them all.
+    pub fn pinning_groups_of(&self, oldest: usize) -> Vec<(u64, u64)> {
+        let count = oldest.min(self.segments.len().saturating_sub(1));
+        let mut pins: BTreeMap<u64, u64> = BTreeMap::new();
+        for segment in self.segments.iter().take(count) {
+            for (&group, &max) in &segment.max_index {
+                if self.durable_first.get(&group).is_none_or(|&first| first <= max) {
+                    let pin = pins.entry(group).or_insert(0);
+                    *pin = (*pin).max(max);
+                }
+            }
         }
-        let mut pins: Vec<(u64, u64)> = self.segments[0]
-            .max_index
-            .iter()
-            .filter(|(group, &max)| self.durable_first.get(group).is_none_or(|&first| first <= max))
-            .map(|(&group, &max)| (group, max))
-            .collect();
-        pins.sort_unstable();
-        pins
+        pins.into_iter().collect()
     }
 
     /// Groups with any state in this WAL.

@@ -292,6 +292,21 @@ fn a_group_that_never_compacts_pins_the_oldest_segment_and_is_reported() {
         .pinning_groups()
         .iter()
         .all(|&(group, index)| group == 2 && index > through));
+    // Over several oldest segments: one pin per group, through its newest entry there; and
+    // compacting through it releases them all at once.
+    let live = wal.stats().segments_live;
+    let pins = wal.pinning_groups_of(live - 1);
+    let pin_2 = pins.iter().find(|p| p.0 == 2).expect("group 2 pins").1;
+    assert!(pin_2 > wal.pinning_groups()[0].1, "{pins:?}");
+    assert!(
+        wal.pinning_groups_of(live + 5) == pins,
+        "never the current segment"
+    );
+    for &(group, index) in &pins {
+        wal.compact(group, index).unwrap();
+    }
+    drive(&mut wal, &disk);
+    assert_eq!(wal.stats().segments_live, 1, "{:?}", wal.stats());
     // Compacting everything but the tail releases all but the newest segments.
     let last = wal.last_index(2);
     wal.compact(2, last - 1).unwrap();
