@@ -812,6 +812,29 @@ fn a_node_restarts_with_more_unapplied_log_than_its_cache_holds() {
     assert!(nodes[0].terminate(), "the node did not exit 0");
 }
 
+/// Puts 48 MiB (768 values of 64 KiB) over `keys`: a dozen of the test cluster's 4 MiB
+/// segments, unless compaction recycles them.
+fn put_48_mib(client: &NetClient, keys: &[Vec<u8>]) {
+    let value = vec![3u8; 64 << 10];
+    for i in 0..768 {
+        put_until_ok(client, &keys[i % keys.len()], &value, Duration::from_secs(30));
+    }
+}
+
+/// Segment files in the WAL of node 1's shard 0.
+fn wal_segment_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("data-1").join("shard-0").join("wal"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".wal")
+        })
+        .count()
+}
+
 /// With checkpoints on a timer that never fires, the WAL still stops growing: a checkpoint round
 /// starts every `sm.checkpoint_log_bytes` written, the log is compacted behind it and its
 /// segments are recycled.
@@ -825,27 +848,9 @@ fn checkpoints_follow_the_log_size_when_the_timer_is_far_off() {
     nodes[0].start();
     let client = connect(&nodes);
     serve_every_group(&client);
-    // 48 MiB through 4 MiB segments: without checkpoints, a dozen segment files or more.
-    let value = vec![3u8; 64 << 10];
-    for i in 0..768 {
-        put_until_ok(
-            &client,
-            format!("big-{}", i % 64).as_bytes(),
-            &value,
-            Duration::from_secs(30),
-        );
-    }
-    let wal_dir = dir.path().join("data-1").join("shard-0").join("wal");
-    let segments = std::fs::read_dir(&wal_dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".wal")
-        })
-        .count();
+    let keys: Vec<Vec<u8>> = (0..64).map(|i| format!("big-{i}").into_bytes()).collect();
+    put_48_mib(&client, &keys);
+    let segments = wal_segment_files(dir.path());
     // Live segments behind the last checkpoint round, the prepared one and up to
     // wal.segments_recycled_max (2) spares: 4 measured; 14 without the trigger.
     assert!(
@@ -876,24 +881,10 @@ fn an_idle_group_does_not_pin_the_wal() {
         .filter(|k| ringraft_engine::group_of(k, groups) == 0)
         .take(64)
         .collect();
-    // 48 MiB through 4 MiB segments, all into group 0.
-    let value = vec![9u8; 64 << 10];
-    for i in 0..768 {
-        put_until_ok(&client, &keys[i % keys.len()], &value, Duration::from_secs(30));
-    }
-    let wal_dir = dir.path().join("data-1").join("shard-0").join("wal");
+    put_48_mib(&client, &keys);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let segments = std::fs::read_dir(&wal_dir)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".wal")
-            })
-            .count();
+        let segments = wal_segment_files(dir.path());
         // live_segments_max live ones, the prepared one and up to 2 recycling spares.
         if segments <= 7 {
             break;
@@ -903,8 +894,8 @@ fn an_idle_group_does_not_pin_the_wal() {
             "{segments} segment files: the idle group pins the WAL\n{}",
             nodes[0].log_text()
         );
-        // A few more writes start more checkpoint rounds.
-        put_until_ok(&client, &keys[0], &value, Duration::from_secs(30));
+        // More writes start more checkpoint rounds.
+        put_48_mib(&client, &keys[..1]);
     }
     assert!(nodes[0].terminate(), "the node did not exit 0");
 }
