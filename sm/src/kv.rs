@@ -744,6 +744,11 @@ impl<D: SmDisk> KvStore<D> {
     /// budget bounds how long it holds the shard.
     pub async fn compact_step(&mut self, budget_bytes: u64) -> Result<u64, SmError> {
         self.check_usable("compact")?;
+        if self.restore.is_some() {
+            // Staged records are live only in the restore's index: compacting now would take
+            // their files for garbage and lose the snapshot being received.
+            return Ok(0);
+        }
         if self.compaction.is_none() {
             let candidate = self
                 .files
@@ -760,7 +765,9 @@ impl<D: SmDisk> KvStore<D> {
         let (file, start) = self.compaction.unwrap();
         let name = data_file_name(file);
         let len = self.files.get(&file).map_or(0, |s| s.len);
-        let want = budget_bytes.max(RECORD_HEADER_BYTES as u64).min(len - start) as usize;
+        let want = budget_bytes
+            .max(RECORD_HEADER_BYTES as u64)
+            .min(len.saturating_sub(start)) as usize;
         let bytes = self
             .disk
             .read_at(&name, start, want)
@@ -1033,6 +1040,10 @@ impl Drop for KvSnapshot {
 impl<D: SmDisk> StateMachine for KvStore<D> {
     type Snapshot = KvSnapshot;
 
+    async fn maintain(&mut self, budget_bytes: u64) -> Result<u64, SmError> {
+        self.compact_step(budget_bytes).await
+    }
+
     async fn apply(
         &mut self,
         index: u64,
@@ -1263,6 +1274,8 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         self.index = restore.index;
         self.applied = restore.applied;
         self.cache.clear();
+        // A compaction under way was of the old state's files.
+        self.compaction = None;
         self.recount_live();
         // Files that held only the old state become garbage once no checkpoint needs them.
         let dead: Vec<u32> = self
