@@ -1091,6 +1091,29 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         Ok(true)
     }
 
+    /// One bounded step of state machine upkeep ([`StateMachine::maintain`]: the KV store
+    /// reclaims the space of overwritten values) for the group at `*cursor`, or the next one
+    /// with something to do; `*cursor` moves on once a group has nothing left. At most one
+    /// step of `budget_bytes` per call, so a runner can call it on every loop.
+    pub async fn maintain_some(&mut self, cursor: &mut u64, budget_bytes: u64) -> Result<(), String> {
+        let next = |from: u64| {
+            self.groups
+                .range(from..)
+                .next()
+                .or_else(|| self.groups.iter().next())
+        };
+        let Some((&group, _)) = next(*cursor) else {
+            return Ok(());
+        };
+        let g = self.groups.get_mut(&group).unwrap();
+        let done =
+            g.sm.maintain(budget_bytes)
+                .await
+                .map_err(|e| format!("group {group}: state machine upkeep: {e}"))?;
+        *cursor = if done == 0 { group + 1 } else { group };
+        Ok(())
+    }
+
     /// Segments are purged oldest first, once every group with entries in one has compacted
     /// past them. A group that writes little (idle, or one this node left) would keep its
     /// retained entries, and with them every later segment, forever. Past

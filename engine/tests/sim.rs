@@ -109,7 +109,8 @@ fn wal_config() -> WalConfig {
 fn kv_config() -> KvConfig {
     KvConfig {
         inline_value_bytes_max: 16,
-        data_file_bytes_max: 64 << 10,
+        // Small data files: they seal often, so upkeep compacts them under faults too.
+        data_file_bytes_max: 4 << 10,
         // Small chunks: a snapshot takes several, so streams resume and reorder under faults.
         snapshot_chunk_bytes: 256,
         ..KvConfig::default()
@@ -124,6 +125,8 @@ struct Node {
     /// A WAL write issued (bytes written, not yet synced) and when it completes.
     write: Option<(u64, MemFileHandle, u64)>,
     restart_at: Option<u64>,
+    /// The group whose state machine upkeep runs next.
+    maintenance_cursor: u64,
     /// This node's tick period in microseconds of true time (its clock drift), and the time
     /// accumulated towards its next tick.
     tick_period_us: u64,
@@ -277,6 +280,7 @@ impl Sim {
                 core: None,
                 write: None,
                 restart_at: None,
+                maintenance_cursor: 0,
                 tick_period_us: TICK_MS
                     * 1000
                     * (1000 - DRIFT_PER_MILLE + rng.below(2 * DRIFT_PER_MILLE + 1))
@@ -598,7 +602,13 @@ impl Sim {
                 } else {
                     format!("g{group}-w{}", self.writes).into_bytes()
                 };
-                let value = format!("v{}", self.writes).into_bytes();
+                // Every other value is longer than the store keeps inline: those go to data
+                // files, which overwrites of the hot keys fill with garbage for upkeep to reclaim.
+                let value = if self.writes % 2 == 0 {
+                    format!("v{}", self.writes).into_bytes()
+                } else {
+                    format!("v{}-{:0>24}", self.writes, self.writes).into_bytes()
+                };
                 self.pending.insert(
                     request,
                     Pending {
@@ -789,6 +799,13 @@ impl Sim {
             // Leader balancing runs on every node, as the runtime does.
             if clock % 500 == 0 {
                 core.balance_leaders();
+            }
+            // State machine upkeep (the KV store compacting its data files) in small steps,
+            // between applies and checkpoints, crashes included.
+            if clock % 50 == 0 {
+                let node = &mut self.nodes[i];
+                let core = node.core.as_mut().unwrap();
+                now(core.maintain_some(&mut node.maintenance_cursor, 4096)).expect("upkeep");
             }
         }
         self.client();

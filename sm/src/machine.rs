@@ -66,4 +66,13 @@ pub trait StateMachine {
     /// Discards a restore in progress, if any (raft declined the snapshot, or another one
     /// replaces it). The current state is untouched; staged data becomes garbage.
     fn restore_abort(&mut self);
+
+    /// Background upkeep between applies, such as reclaiming the space of overwritten values,
+    /// bounded by about `budget_bytes` of IO. Returns the bytes processed; 0 when there is
+    /// nothing to do (the engine then moves on to another group). The engine calls it on every
+    /// loop of the shard, so a state machine that never reclaims space may keep the default.
+    async fn maintain(&mut self, budget_bytes: u64) -> Result<u64, SmError> {
+        let _ = budget_bytes;
+        Ok(0)
+    }
 }

@@ -209,6 +209,9 @@ pub struct SmConfig {
     pub cache_bytes: u64,
     /// How often the state machine writes a checkpoint (which lets the WAL compact).
     pub checkpoint_interval_ms: u64,
+    /// A data file of the KV store is sealed past this size; sealed files mostly holding
+    /// overwritten values are compacted by the shard's upkeep.
+    pub data_file_bytes: u64,
     /// A checkpoint round also starts once the shard's WAL has written this many bytes since
     /// the last round began, whatever the interval: it bounds the log a restart replays and the
     /// unapplied entries it must hold in memory.
@@ -222,6 +225,7 @@ impl Default for SmConfig {
             cache_bytes: 64 << 20,
             checkpoint_interval_ms: 30_000,
             checkpoint_log_bytes: 256 << 20,
+            data_file_bytes: 64 << 20,
         }
     }
 }

@@ -149,7 +149,7 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
 
     // Limits that must not be zero.
     let c = config;
-    let nonzero: [(&str, u64); 26] = [
+    let nonzero: [(&str, u64); 27] = [
         ("shards.groups_per_shard", c.shards.groups_per_shard),
         ("batching.entry_bytes_max", c.batching.entry_bytes_max),
         ("batching.entry_commands_max", c.batching.entry_commands_max),
@@ -160,6 +160,7 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
         ("sm.cache_bytes", c.sm.cache_bytes),
         ("sm.checkpoint_interval_ms", c.sm.checkpoint_interval_ms),
         ("sm.checkpoint_log_bytes", c.sm.checkpoint_log_bytes),
+        ("sm.data_file_bytes", c.sm.data_file_bytes),
         ("raft.tick_interval_ms", c.raft.tick_interval_ms),
         ("raft.election_timeout_ms", c.raft.election_timeout_ms),
         ("raft.heartbeat_interval_ms", c.raft.heartbeat_interval_ms),

@@ -203,6 +203,7 @@ fn a_limit_of_zero_is_rejected_naming_the_key() {
         ("wal", "live_segments_max"),
         ("sm", "checkpoint_interval_ms"),
         ("sm", "checkpoint_log_bytes"),
+        ("sm", "data_file_bytes"),
         ("raft", "max_inflight_msgs"),
         ("raft", "max_uncommitted_bytes"),
         ("glommio", "ring_depth"),
