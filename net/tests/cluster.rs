@@ -738,10 +738,7 @@ fn follower_catches_up(retain_for_followers: u64) {
 #[test]
 fn a_node_whose_disk_fails_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["k"]);
-    nodes[0].start();
-    let client = connect(&nodes);
-    serve_every_group(&client);
+    let (mut nodes, client) = single_node(dir.path(), &[]);
     // The WAL's directory vanishes: open segments keep working, but the next segment cannot be
     // prepared, the WAL fails, the shard stops, and the node must exit rather than linger.
     std::fs::remove_dir_all(dir.path().join("data-1").join("shard-0").join("wal")).unwrap();
@@ -771,12 +768,13 @@ fn a_node_whose_disk_fails_exits_non_zero() {
 #[test]
 fn a_node_restarts_with_more_unapplied_log_than_its_cache_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["k"]);
-    patch_config(&nodes[0], "wal", "cache_bytes = 65536");
-    patch_config(&nodes[0], "sm", "checkpoint_interval_ms = 3600000");
-    nodes[0].start();
-    let client = connect(&nodes);
-    serve_every_group(&client);
+    let (mut nodes, client) = single_node(
+        dir.path(),
+        &[
+            ("wal", "cache_bytes = 65536"),
+            ("sm", "checkpoint_interval_ms = 3600000"),
+        ],
+    );
     let value = vec![5u8; 4096];
     let keys: Vec<Vec<u8>> = (0..400).map(|i| format!("unapplied-{i}").into_bytes()).collect();
     for key in &keys {
@@ -812,6 +810,45 @@ fn a_node_restarts_with_more_unapplied_log_than_its_cache_holds() {
     assert!(nodes[0].terminate(), "the node did not exit 0");
 }
 
+/// One node in `dir` with `settings` ((section, line) pairs) patched into its config, started,
+/// and a client once every group has a leader.
+fn single_node(dir: &Path, settings: &[(&str, &str)]) -> (Vec<Node>, NetClient) {
+    let mut nodes = cluster(dir, &["k"]);
+    for (section, line) in settings {
+        patch_config(&nodes[0], section, line);
+    }
+    nodes[0].start();
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    (nodes, client)
+}
+
+/// Writes 48 MiB more to `key` at a time until `measure()` is at most `bound`; fails after 30 s
+/// naming `what` and the node's log. For space that is reclaimed behind checkpoints, which the
+/// writes themselves trigger.
+fn write_until_within(
+    client: &NetClient,
+    key: &[u8],
+    node: &Node,
+    bound: u64,
+    what: &str,
+    measure: impl Fn() -> u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let measured = measure();
+        if measured <= bound {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{measured} {what} (at most {bound} expected)\n{}",
+            node.log_text()
+        );
+        put_48_mib(client, &[key.to_vec()]);
+    }
+}
+
 /// Puts 48 MiB (768 values of 64 KiB) over `keys`: a dozen of the test cluster's 4 MiB
 /// segments, unless compaction recycles them.
 fn put_48_mib(client: &NetClient, keys: &[Vec<u8>]) {
@@ -841,13 +878,14 @@ fn wal_segment_files(dir: &Path) -> usize {
 #[test]
 fn checkpoints_follow_the_log_size_when_the_timer_is_far_off() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["k"]);
-    patch_config(&nodes[0], "sm", "checkpoint_interval_ms = 3600000");
-    patch_config(&nodes[0], "sm", "checkpoint_log_bytes = 4194304");
-    patch_config(&nodes[0], "wal", "retain_entries = 5");
-    nodes[0].start();
-    let client = connect(&nodes);
-    serve_every_group(&client);
+    let (mut nodes, client) = single_node(
+        dir.path(),
+        &[
+            ("sm", "checkpoint_interval_ms = 3600000"),
+            ("sm", "checkpoint_log_bytes = 4194304"),
+            ("wal", "retain_entries = 5"),
+        ],
+    );
     let keys: Vec<Vec<u8>> = (0..64).map(|i| format!("big-{i}").into_bytes()).collect();
     put_48_mib(&client, &keys);
     let segments = wal_segment_files(dir.path());
@@ -867,12 +905,13 @@ fn checkpoints_follow_the_log_size_when_the_timer_is_far_off() {
 #[test]
 fn overwritten_values_do_not_grow_the_state_machine_files() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["k"]);
-    patch_config(&nodes[0], "sm", "data_file_bytes = 1048576");
-    patch_config(&nodes[0], "sm", "checkpoint_log_bytes = 4194304");
-    nodes[0].start();
-    let client = connect(&nodes);
-    serve_every_group(&client);
+    let (mut nodes, client) = single_node(
+        dir.path(),
+        &[
+            ("sm", "data_file_bytes = 1048576"),
+            ("sm", "checkpoint_log_bytes = 4194304"),
+        ],
+    );
     // 64 keys (4 MiB live), 48 MiB written.
     let keys: Vec<Vec<u8>> = (0..64).map(|i| format!("over-{i}").into_bytes()).collect();
     put_48_mib(&client, &keys);
@@ -888,20 +927,15 @@ fn overwritten_values_do_not_grow_the_state_machine_files() {
             .map(|f| f.metadata().unwrap().len())
             .sum()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let bytes = data_bytes();
-        // Live 4 MiB, plus files awaiting compaction or still listed by a kept checkpoint.
-        if bytes <= 24 << 20 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{bytes} bytes of data files for 4 MiB of live values\n{}",
-            nodes[0].log_text()
-        );
-        put_48_mib(&client, &keys[..1]);
-    }
+    // Live 4 MiB, plus files awaiting compaction or still listed by a kept checkpoint.
+    write_until_within(
+        &client,
+        &keys[0],
+        &nodes[0],
+        24 << 20,
+        "bytes of data files for 4 MiB of live values",
+        data_bytes,
+    );
     for key in &keys {
         assert_eq!(
             client
@@ -921,13 +955,14 @@ fn overwritten_values_do_not_grow_the_state_machine_files() {
 #[test]
 fn an_idle_group_does_not_pin_the_wal() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["k"]);
-    patch_config(&nodes[0], "sm", "checkpoint_log_bytes = 4194304");
-    patch_config(&nodes[0], "wal", "retain_entries = 5");
-    patch_config(&nodes[0], "wal", "live_segments_max = 4");
-    nodes[0].start();
-    let client = connect(&nodes);
-    serve_every_group(&client);
+    let (mut nodes, client) = single_node(
+        dir.path(),
+        &[
+            ("sm", "checkpoint_log_bytes = 4194304"),
+            ("wal", "retain_entries = 5"),
+            ("wal", "live_segments_max = 4"),
+        ],
+    );
     let groups = client.cluster().groups;
     let keys: Vec<Vec<u8>> = (0..)
         .map(|i| format!("busy-{i}").into_bytes())
@@ -935,21 +970,15 @@ fn an_idle_group_does_not_pin_the_wal() {
         .take(64)
         .collect();
     put_48_mib(&client, &keys);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let segments = wal_segment_files(dir.path());
-        // live_segments_max live ones, the prepared one and up to 2 recycling spares.
-        if segments <= 7 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{segments} segment files: the idle group pins the WAL\n{}",
-            nodes[0].log_text()
-        );
-        // More writes start more checkpoint rounds.
-        put_48_mib(&client, &keys[..1]);
-    }
+    // live_segments_max live ones, the prepared one and up to 2 recycling spares.
+    write_until_within(
+        &client,
+        &keys[0],
+        &nodes[0],
+        7,
+        "segment files: the idle group pins the WAL",
+        || wal_segment_files(dir.path()) as u64,
+    );
     assert!(nodes[0].terminate(), "the node did not exit 0");
 }
 
