@@ -580,6 +580,15 @@ fn raft_config(config: &ShardConfig, applied: u64) -> raft::Config {
     }
 }
 
+/// Compacts `group`'s WAL through `through` when that lies within its log (a state machine
+/// may be durable past the log's end after a snapshot; below the first index nothing is left).
+fn compact_within_log<D: Disk>(wal: &mut Wal<D>, group: u64, through: u64) -> Result<(), String> {
+    if through >= wal.first_index(group) && through <= wal.last_index(group) {
+        wal.compact(group, through).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// What to pass to [`ringraft_wal::Wal::open_pinned`] for these recovered state machines: each
 /// group's entries after its durable index. Raft applies them again after a restart and reads
 /// them synchronously, so they must be in memory however much the WAL's cache budget allows.
@@ -1082,10 +1091,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 let floor = durable.saturating_sub(retain.max(retain_for_followers));
                 through = through.min(slowest.max(floor));
             }
-            let mut wal = self.wal.borrow_mut();
-            if through >= wal.first_index(group) && through <= wal.last_index(group) {
-                wal.compact(group, through).map_err(|e| e.to_string())?;
-            }
+            compact_within_log(&mut self.wal.borrow_mut(), group, through)?;
         }
         self.compact_oldest_segments()?;
         Ok(true)
@@ -1133,10 +1139,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if !wal.meta_durable(group) {
                 continue;
             }
-            let through = index.min(g.sm.durable_index());
-            if through >= wal.first_index(group) && through <= wal.last_index(group) {
-                wal.compact(group, through).map_err(|e| e.to_string())?;
-            }
+            compact_within_log(&mut wal, group, index.min(g.sm.durable_index()))?;
         }
         Ok(())
     }
