@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::core::{Consistency, EngineError};
+use crate::reply::Reply;
 use crate::runtime::ShardInput;
 
 /// Where each node's shards take requests.
@@ -75,7 +76,7 @@ impl Client {
     async fn call(
         &self,
         group: u64,
-        make: impl Fn(crate::runtime::Reply) -> ShardInput,
+        make: impl Fn(Reply) -> ShardInput,
         to_leader: bool,
     ) -> Result<Vec<CommandResult>, EngineError> {
         if group >= self.inner.route.groups {
@@ -91,7 +92,7 @@ impl Client {
             tried.push(node);
             let senders = &self.inner.route.nodes[&node];
             let (tx, rx) = flume::bounded(1);
-            match senders[(group % senders.len() as u64) as usize].try_send(make(tx)) {
+            match senders[(group % senders.len() as u64) as usize].try_send(make(Reply::Channel(tx))) {
                 Ok(()) => {}
                 Err(flume::TrySendError::Full(_)) => {
                     return Err(EngineError::Busy("the shard's input queue"))

@@ -29,6 +29,7 @@ mod beat;
 mod client;
 mod core;
 mod meta;
+mod reply;
 mod runtime;
 mod snapshot;
 mod storage;
@@ -41,6 +42,7 @@ pub use crate::core::{
     ShardConfig, ShardCore, ShardStats,
 };
 pub use crate::meta::GroupMeta;
+pub use crate::reply::{Outcome, ReplySink};
 pub use crate::runtime::{
     Engine, GroupStatus, KvFactory, MachineFactory, NodeMetrics, NodeStats, ShardMetrics,
 };

@@ -19,7 +19,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
-use ringraft_sm::{Command, CommandResult, GlommioSmDisk, KvConfig, KvStore, StateMachine};
+use ringraft_sm::{Command, GlommioSmDisk, KvConfig, KvStore, StateMachine};
 use ringraft_tuning::{Config, SyncMode, Topology};
 use ringraft_wal::{perform, GlommioDisk, IoDone, IoJob, Wal, WalConfig};
 
@@ -28,12 +28,10 @@ use crate::core::{
     unapplied_floors, Consistency, EngineError, Envelope, GroupMetrics, RequestId, ShardConfig, ShardCore,
     ShardStats,
 };
+use crate::reply::{AnswerBatch, Reply};
 use crate::snapshot::SnapshotPiece;
 use crate::transport::{InProcess, Inbound, MemberChange, NodeHandle, ShardLink, ShardNet, Transport};
 use hdrhistogram::Histogram;
-
-/// A reply channel for one request.
-pub(crate) type Reply = flume::Sender<Result<Vec<CommandResult>, EngineError>>;
 
 /// What a shard receives from other threads.
 pub(crate) enum ShardInput {
@@ -571,14 +569,16 @@ fn emit<S: StateMachine>(
         let _ = link.send_piece(to, piece);
     }
     link.flush();
+    let mut batch = AnswerBatch::default();
     for answer in answers {
         if let Some((reply, since)) = replies.remove(&answer.request) {
             if answer.result.is_ok() {
                 let _ = request_latency_us.record(since.elapsed().as_micros().max(1) as u64);
             }
-            let _ = reply.send(answer.result);
+            batch.add(reply, answer.result);
         }
     }
+    batch.deliver();
 }
 
 async fn run_shard<S: StateMachine + 'static>(
@@ -686,10 +686,10 @@ async fn run_shard<S: StateMachine + 'static>(
             if let ShardInput::Transfer { group, to, reply } = input {
                 match core.transfer_group(group, to) {
                     Err(error) => {
-                        let _ = reply.send(Err(error));
+                        reply.send(Err(error));
                     }
                     Ok(false) => {
-                        let _ = reply.send(Ok(Vec::new()));
+                        reply.send(Ok(Vec::new()));
                     }
                     Ok(true) => {
                         let deadline = std::time::Instant::now() + transfer_limit;
@@ -735,11 +735,11 @@ async fn run_shard<S: StateMachine + 'static>(
             let (_, answers) = core.take_output();
             for answer in answers {
                 if let Some((reply, _)) = replies.remove(&answer.request) {
-                    let _ = reply.send(answer.result);
+                    reply.send(answer.result);
                 }
             }
             for (_, (reply, _)) in std::mem::take(&mut replies) {
-                let _ = reply.send(Err(EngineError::Failed(cause.clone())));
+                reply.send(Err(EngineError::Failed(cause.clone())));
             }
             link.close();
             stop.set(true);
@@ -797,21 +797,18 @@ async fn run_shard<S: StateMachine + 'static>(
         core.apply().await;
         core.pump_snapshots().await;
         // Transfers complete when this node no longer leads the group.
-        transfers.retain(|(group, reply, deadline)| {
-            let moved = !core.is_leader(*group);
-            if moved {
-                let _ = reply.send(Ok(Vec::new()));
-                return false;
-            }
-            if std::time::Instant::now() >= *deadline {
-                let _ = reply.send(Err(EngineError::Timeout(format!(
+        for (group, reply, deadline) in std::mem::take(&mut transfers) {
+            if !core.is_leader(group) {
+                reply.send(Ok(Vec::new()));
+            } else if std::time::Instant::now() >= deadline {
+                reply.send(Err(EngineError::Timeout(format!(
                     "leadership of group {group} did not move within {} ms",
                     transfer_limit.as_millis()
                 ))));
-                return false;
+            } else {
+                transfers.push((group, reply, deadline));
             }
-            true
-        });
+        }
         emit(&mut core, link.as_mut(), &mut replies, &mut request_latency_us);
         if !balance_every.is_zero() && shutdown.is_none() && last_balance.elapsed() >= balance_every {
             core.balance_leaders();
@@ -855,7 +852,7 @@ async fn run_shard<S: StateMachine + 'static>(
                 // No quorum to finish them (peers gone, leadership lost): these may or may not
                 // have been applied. Never a false ok.
                 for (_, (reply, _)) in std::mem::take(&mut replies) {
-                    let _ = reply.send(Err(EngineError::UnknownOutcome));
+                    reply.send(Err(EngineError::UnknownOutcome));
                 }
             }
             // Then hand leadership over, so clients of this node's groups find a new leader
@@ -912,7 +909,7 @@ fn handle_input(
             // Nothing was done; the client tries another node (the new leader once leadership
             // has been handed over).
             let leader = core.leader(group).filter(|&l| l != core.node());
-            let _ = reply.send(Err(EngineError::NotLeader { leader }));
+            reply.send(Err(EngineError::NotLeader { leader }));
         }
         ShardInput::Submit {
             group,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use ringraft_sm::{Command, CommandResult};
 
 use crate::core::{Consistency, EngineError, Envelope};
+use crate::reply::{Reply, ReplySink};
 use crate::runtime::{GroupStatus, NodeMetrics, NodeStats, ShardInput};
 use crate::snapshot::SnapshotPiece;
 
@@ -146,7 +147,7 @@ impl NodeHandle {
             ShardInput::Submit {
                 group,
                 commands,
-                reply,
+                reply: Reply::Channel(reply),
             },
         )?;
         Ok(Pending(rx))
@@ -161,10 +162,58 @@ impl NodeHandle {
                 group,
                 key,
                 consistency,
-                reply,
+                reply: Reply::Channel(reply),
             },
         )?;
         Ok(Pending(rx))
+    }
+
+    /// Like [`NodeHandle::submit`], but the answer goes to `sink` under `tag` (see
+    /// [`ReplySink`]: one hand-over per shard loop for all of a caller's requests). The caller
+    /// bounds its requests in flight, and with them the sink.
+    pub fn submit_to(
+        &self,
+        group: u64,
+        commands: Vec<Command>,
+        sink: &ReplySink,
+        tag: u64,
+    ) -> Result<(), EngineError> {
+        let reply = Reply::Sink {
+            sink: sink.clone(),
+            tag,
+        };
+        self.send(
+            group,
+            ShardInput::Submit {
+                group,
+                commands,
+                reply,
+            },
+        )
+    }
+
+    /// Like [`NodeHandle::read`], answering to `sink` under `tag`.
+    pub fn read_to(
+        &self,
+        group: u64,
+        key: Vec<u8>,
+        consistency: Consistency,
+        sink: &ReplySink,
+        tag: u64,
+    ) -> Result<(), EngineError> {
+        let reply = Reply::Sink {
+            sink: sink.clone(),
+            tag,
+        };
+        self.send(
+            group,
+            ShardInput::Read {
+                group,
+                key,
+                consistency,
+                reply,
+            },
+        )
     }
 
     /// Hands leadership of `group` to node `to` (or the most up-to-date follower). Answers
@@ -172,7 +221,14 @@ impl NodeHandle {
     /// two election timeouts.
     pub fn transfer_leader(&self, group: u64, to: Option<u64>) -> Result<Pending, EngineError> {
         let (reply, rx) = flume::bounded(1);
-        self.send(group, ShardInput::Transfer { group, to, reply })?;
+        self.send(
+            group,
+            ShardInput::Transfer {
+                group,
+                to,
+                reply: Reply::Channel(reply),
+            },
+        )?;
         Ok(Pending(rx))
     }
 
@@ -185,7 +241,7 @@ impl NodeHandle {
             ShardInput::Membership {
                 group,
                 changes,
-                reply,
+                reply: Reply::Channel(reply),
             },
         )?;
         Ok(Pending(rx))

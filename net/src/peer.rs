@@ -180,7 +180,12 @@ impl Future for Wait<'_> {
             }
             Poll::Ready(())
         } else {
-            self.0.wakers.borrow_mut().push(context.waker().clone());
+            // A task that polls again (or polls a new wait after dropping one, as a select
+            // loop does) is kept once, so the list stays as long as the tasks waiting.
+            let mut wakers = self.0.wakers.borrow_mut();
+            if !wakers.iter().any(|w| w.will_wake(context.waker())) {
+                wakers.push(context.waker().clone());
+            }
             Poll::Pending
         }
     }
@@ -525,5 +530,30 @@ async fn write_side(
         if let Err(e) = writer.flush().await {
             return format!("write: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_keeps_one_waker_per_waiting_task() {
+        struct Nothing;
+        impl std::task::Wake for Nothing {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        let signal = Signal::default();
+        let waker = Waker::from(std::sync::Arc::new(Nothing));
+        let mut context = Context::from_waker(&waker);
+        // A select loop: a new wait each round, dropped when the other branch wins.
+        for _ in 0..1000 {
+            let mut wait = signal.wait();
+            assert!(Pin::new(&mut wait).poll(&mut context).is_pending());
+        }
+        assert_eq!(signal.wakers.borrow().len(), 1);
+        signal.notify();
+        assert!(signal.wakers.borrow().is_empty());
+        assert!(Pin::new(&mut signal.wait()).poll(&mut context).is_ready());
     }
 }

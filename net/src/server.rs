@@ -2,22 +2,27 @@
 //! goes to the shard owning it); clients that route well send each group's requests to its own
 //! shard's port and so never cross cores.
 //!
-//! Per connection: a reader takes frames (length checked before allocating); each request runs
-//! as its own task, so many are in flight (pipelining) and answers go back in completion order,
-//! matched by request id. At most `limits.client_queue_depth` requests are in flight per
-//! connection; more are answered `Busy` at once. A request waits at most
-//! `limits.request_timeout_ms` for its answer, then gets `Timeout`. Anything that is not a
+//! Per connection: a reader takes frames (length checked before allocating) and hands each
+//! submit or get straight to its shard, tagged, with the connection's [`ReplySink`] as the
+//! place to answer; the rarer requests (status, membership...) run as tasks of their own. So
+//! many requests are in flight (pipelining) and answers go back in completion order, matched by
+//! request id. The shard hands over all of one loop's answers for the connection at once; one
+//! task per connection turns them into response frames. At most `limits.client_queue_depth`
+//! requests are in flight per connection; more are answered `Busy` at once. A request waits at
+//! most `limits.request_timeout_ms` for its answer (checked every `SWEEP_INTERVAL`, so up to
+//! that much later), then gets `Timeout`. Anything that is not a
 //! valid frame or request gets an `ERROR` frame (or a `BadRequest` answer) and the connection is
 //! closed; the shard and every other connection carry on.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::io::{BufReader, WriteHalf};
-use futures_lite::AsyncWriteExt;
+use futures_lite::{AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
-use ringraft_engine::{EngineError, NodeHandle};
+use ringraft_engine::{EngineError, NodeHandle, Outcome, ReplySink};
 use ringraft_sm::Command;
 use ringraft_tuning::Config;
 use tracing::{debug, warn};
@@ -27,6 +32,9 @@ use crate::peer::{within, ShardState, Signal};
 use crate::protocol::{self, Body, ClusterInfo, Failure, Member, Request, Response};
 
 const READ_BUFFER_BYTES: usize = 64 << 10;
+
+/// How often a connection looks for requests past `limits.request_timeout_ms`.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
 pub(crate) async fn serve(state: Rc<ShardState>, listener: TcpListener) {
     loop {
@@ -44,9 +52,26 @@ pub(crate) async fn serve(state: Rc<ShardState>, listener: TcpListener) {
 
 struct Connection {
     out: RefCell<Vec<u8>>,
+    /// Requests taken and not yet answered (through the sink or by their own task).
     in_flight: Cell<usize>,
     reading_done: Cell<bool>,
+    /// Wakes the writer.
     signal: Signal,
+    /// Where the shards answer this connection's submits and gets.
+    sink: ReplySink,
+    /// Those requests by tag: the client's request id, the group, when they time out.
+    waiting: RefCell<HashMap<u64, Waiting>>,
+    next_tag: Cell<u64>,
+    /// Wakes the sweeper: the first request to wait, or the end of reading.
+    wake_sweeper: Signal,
+    /// Wakes the answering task when the sweeper answered, or at the end of reading.
+    wake_answerer: Signal,
+}
+
+struct Waiting {
+    id: u64,
+    group: u64,
+    deadline: Instant,
 }
 
 impl Connection {
@@ -54,6 +79,118 @@ impl Connection {
         protocol::encode_response(&mut self.out.borrow_mut(), response);
         self.signal.notify();
     }
+
+    /// Hands a submit or get to its shard. `Err` is the answer to send at once.
+    fn dispatch(&self, state: &ShardState, id: u64, request: Request) -> Result<(), Failure> {
+        let info = &state.info;
+        let tag = self.next_tag.get();
+        let (group, sent) = match request {
+            Request::Submit { group, commands } => {
+                check_keys(info, group, commands.iter().map(Command::key))?;
+                (group, state.handle.submit_to(group, commands, &self.sink, tag))
+            }
+            Request::Get {
+                group,
+                consistency,
+                key,
+            } => {
+                check_keys(info, group, [&key[..]])?;
+                (
+                    group,
+                    state.handle.read_to(group, key, consistency, &self.sink, tag),
+                )
+            }
+            other => unreachable!("only submits and gets are dispatched, not {other:?}"),
+        };
+        sent.map_err(|e| Failure::from_engine(e, |leader| info.address(leader, group)))?;
+        self.next_tag.set(tag + 1);
+        let limit = Duration::from_millis(state.config.limits.request_timeout_ms);
+        let mut waiting = self.waiting.borrow_mut();
+        waiting.insert(
+            tag,
+            Waiting {
+                id,
+                group,
+                deadline: Instant::now() + limit,
+            },
+        );
+        if waiting.len() == 1 {
+            // The sweeper waits for this when nothing waited.
+            self.wake_sweeper.notify();
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+        Ok(())
+    }
+}
+
+/// Turns the shards' answers for one connection into responses. Ends once reading has ended
+/// and nothing waits.
+async fn answer(state: Rc<ShardState>, conn: Rc<Connection>) {
+    loop {
+        if conn.reading_done.get() && conn.waiting.borrow().is_empty() {
+            return;
+        }
+        let answers = async { Some(conn.sink.take().await) }
+            .or(async {
+                conn.wake_answerer.wait().await;
+                None
+            })
+            .await;
+        for (tag, outcome) in answers.into_iter().flatten() {
+            finish(&state, &conn, tag, outcome);
+        }
+        conn.signal.notify();
+    }
+}
+
+/// Answers `Timeout` to requests that waited longer than `limits.request_timeout_ms`, looking
+/// every `SWEEP_INTERVAL` while any request waits. Ends once reading has ended and nothing
+/// waits.
+async fn sweep(state: Rc<ShardState>, conn: Rc<Connection>) {
+    let limit = Duration::from_millis(state.config.limits.request_timeout_ms);
+    loop {
+        if conn.waiting.borrow().is_empty() {
+            if conn.reading_done.get() {
+                return;
+            }
+            conn.wake_sweeper.wait().await;
+            continue;
+        }
+        glommio::timer::sleep(SWEEP_INTERVAL).await;
+        let now = Instant::now();
+        let expired: Vec<u64> = conn
+            .waiting
+            .borrow()
+            .iter()
+            .filter(|(_, w)| w.deadline <= now)
+            .map(|(&tag, _)| tag)
+            .collect();
+        if expired.is_empty() {
+            continue;
+        }
+        for tag in expired {
+            let message = format!(
+                "no answer within {} ms (limits.request_timeout_ms); the request may still take effect",
+                limit.as_millis()
+            );
+            finish(&state, &conn, tag, Err(EngineError::Timeout(message)));
+        }
+        conn.signal.notify();
+        conn.wake_answerer.notify();
+    }
+}
+
+/// Queues the response to the request under `tag`, if it still waits (one that timed out does
+/// not; its late answer is dropped).
+fn finish(state: &ShardState, conn: &Connection, tag: u64, outcome: Outcome) {
+    let Some(w) = conn.waiting.borrow_mut().remove(&tag) else {
+        return;
+    };
+    conn.in_flight.set(conn.in_flight.get() - 1);
+    let outcome = outcome
+        .map(Body::Results)
+        .map_err(|e| Failure::from_engine(e, |leader| state.info.address(leader, w.group)));
+    protocol::encode_response(&mut conn.out.borrow_mut(), &Response { id: w.id, outcome });
 }
 
 async fn connection(state: Rc<ShardState>, stream: TcpStream) {
@@ -65,8 +202,15 @@ async fn connection(state: Rc<ShardState>, stream: TcpStream) {
         in_flight: Cell::new(0),
         reading_done: Cell::new(false),
         signal: Signal::default(),
+        sink: ReplySink::new(),
+        waiting: RefCell::new(HashMap::new()),
+        next_tag: Cell::new(0),
+        wake_sweeper: Signal::default(),
+        wake_answerer: Signal::default(),
     });
     let writing = glommio::spawn_local(write_out(conn.clone(), writer));
+    let answering = glommio::spawn_local(answer(state.clone(), conn.clone()));
+    let sweeping = glommio::spawn_local(sweep(state.clone(), conn.clone()));
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let depth = state.config.limits.client_queue_depth as usize;
     loop {
@@ -104,6 +248,15 @@ async fn connection(state: Rc<ShardState>, stream: TcpStream) {
             });
             continue;
         }
+        if matches!(request, Request::Submit { .. } | Request::Get { .. }) {
+            if let Err(failure) = conn.dispatch(&state, id, request) {
+                conn.respond(&Response {
+                    id,
+                    outcome: Err(failure),
+                });
+            }
+            continue;
+        }
         conn.in_flight.set(conn.in_flight.get() + 1);
         let (state, conn) = (state.clone(), conn.clone());
         glommio::spawn_local(async move {
@@ -114,6 +267,10 @@ async fn connection(state: Rc<ShardState>, stream: TcpStream) {
         .detach();
     }
     conn.reading_done.set(true);
+    conn.wake_sweeper.notify();
+    conn.wake_answerer.notify();
+    sweeping.await;
+    answering.await;
     conn.signal.notify();
     writing.await;
 }
@@ -202,17 +359,8 @@ async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
             check_keys(info, group, [])?;
             (group, state.handle.change_membership(group, changes))
         }
-        Request::Submit { group, commands } => {
-            check_keys(info, group, commands.iter().map(Command::key))?;
-            (group, state.handle.submit(group, commands))
-        }
-        Request::Get {
-            group,
-            consistency,
-            key,
-        } => {
-            check_keys(info, group, [&key[..]])?;
-            (group, state.handle.read(group, key, consistency))
+        Request::Submit { .. } | Request::Get { .. } => {
+            unreachable!("the reader hands submits and gets to their shard itself")
         }
     };
     let to_failure = |e: EngineError| Failure::from_engine(e, |leader| info.address(leader, group));

@@ -1075,3 +1075,46 @@ fn a_node_is_replaced_under_load_and_no_acknowledged_write_is_lost() {
         assert!(nodes[i].terminate(), "node {id} did not exit 0");
     }
 }
+
+/// A leader that lost both followers keeps the put it cannot commit; the node answers `Timeout`
+/// once `limits.request_timeout_ms` has passed (found by the connection's sweeper), long before
+/// check-quorum makes it step down.
+#[test]
+fn a_put_the_leader_cannot_commit_is_answered_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k", "k", "k"]);
+    for node in &nodes {
+        let text = std::fs::read_to_string(&node.config).unwrap();
+        let text = text.replace("election_timeout_ms = 300", "election_timeout_ms = 3000");
+        std::fs::write(&node.config, text).unwrap();
+        patch_config(node, "limits", "request_timeout_ms = 250");
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    let leader = leader_of(&nodes, 0).expect("group 0 has a leader");
+    let key = (0..)
+        .map(|i| format!("stuck-{i}").into_bytes())
+        .find(|k| client.group_of(k) == 0)
+        .unwrap();
+    // The client learns who leads group 0, then the leader loses its quorum.
+    put_until_ok(&client, &key, b"before", Duration::from_secs(30));
+    for node in nodes.iter_mut().filter(|n| n.id != leader) {
+        node.kill();
+    }
+    let began = Instant::now();
+    let outcome = client.put_blocking(&key, b"after");
+    let waited = began.elapsed();
+    match outcome {
+        Err(ClientError::Server(ringraft_net::protocol::Failure::Timeout(message))) => {
+            assert!(message.contains("request_timeout_ms"), "{message}");
+        }
+        other => panic!("expected a Timeout answer, got {other:?} after {waited:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(250),
+        "answered before the timeout: {waited:?}"
+    );
+}
