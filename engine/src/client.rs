@@ -63,7 +63,16 @@ impl Client {
         group_of(key, self.inner.route.groups)
     }
 
-    fn candidates(&self, group: u64) -> Vec<u64> {
+    pub(crate) fn route(&self) -> &Route {
+        &self.inner.route
+    }
+
+    pub(crate) fn remember_leader(&self, group: u64, leader: u64) {
+        self.inner.leaders.lock().unwrap().insert(group, leader);
+    }
+
+    /// The nodes to try for `group`: its known leader first.
+    pub(crate) fn candidates(&self, group: u64) -> Vec<u64> {
         let leader = self.inner.leaders.lock().unwrap().get(&group).copied();
         let mut nodes: Vec<u64> = self.inner.route.nodes.keys().copied().collect();
         if let Some(leader) = leader {
@@ -102,7 +111,7 @@ impl Client {
             match rx.recv_async().await {
                 Ok(Err(EngineError::NotLeader { leader })) if to_leader => {
                     if let Some(leader) = leader {
-                        self.inner.leaders.lock().unwrap().insert(group, leader);
+                        self.remember_leader(group, leader);
                         if !tried.contains(&leader) {
                             next.insert(0, leader);
                         }
@@ -110,7 +119,7 @@ impl Client {
                 }
                 Ok(result) => {
                     if to_leader && result.is_ok() {
-                        self.inner.leaders.lock().unwrap().insert(group, node);
+                        self.remember_leader(group, node);
                     }
                     return result;
                 }
@@ -242,7 +251,7 @@ impl Client {
     }
 }
 
-fn expect_one<T>(
+pub(crate) fn expect_one<T>(
     results: Vec<CommandResult>,
     pick: impl Fn(CommandResult) -> Option<T>,
 ) -> Result<T, EngineError> {

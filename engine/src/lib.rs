@@ -16,7 +16,9 @@
 //! [`Engine::start`] starts one node whose peers are reached through a [`Transport`] (the TCP
 //! one is the `net` crate's); [`Engine::start_in_process`] starts a whole cluster in one process
 //! with channels between nodes; [`Client`] is the embedded API and [`NodeHandle`] a node's own
-//! shards, for network servers.
+//! shards, for network servers. A [`Session`] (from [`Client::session`]) is the embedded API for
+//! one thread with many requests in flight: its answers come a shard loop at a time through one
+//! [`ReplySink`], as the TCP server's connections get theirs (engine/src/reply.rs).
 //!
 //! Metrics: [`Engine::metrics`] (and [`NodeHandle::metrics`]) return a [`NodeMetrics`] snapshot:
 //! per shard counters, commands-per-entry and sync-latency histograms, queue depths; per group
@@ -31,6 +33,7 @@ mod core;
 mod meta;
 mod reply;
 mod runtime;
+mod session;
 mod snapshot;
 mod storage;
 mod transport;
@@ -46,6 +49,7 @@ pub use crate::reply::{Outcome, ReplySink};
 pub use crate::runtime::{
     Engine, GroupStatus, KvFactory, MachineFactory, NodeMetrics, NodeStats, ShardMetrics,
 };
+pub use crate::session::Session;
 pub use crate::snapshot::{PieceKind, SnapshotPiece};
 pub use crate::storage::GroupStorage;
 pub use crate::transport::{Inbound, MemberChange, NodeHandle, Pending, ShardLink, ShardNet, Transport};

@@ -117,6 +117,17 @@ impl ReplySink {
         }
     }
 
+    /// Makes `waker` the one the next delivery wakes; wakes it at once if answers are waiting.
+    pub(crate) fn listen(&self, waker: Waker) {
+        let mut state = self.lock();
+        if state.answers.is_empty() {
+            state.waker = Some(waker);
+        } else {
+            drop(state);
+            waker.wake();
+        }
+    }
+
     /// Every answer delivered so far (empty if none), without waiting.
     pub fn try_take(&self) -> Vec<(u64, Outcome)> {
         std::mem::take(&mut self.lock().answers)

@@ -307,3 +307,157 @@ fn leaders_spread_evenly_over_the_nodes() {
         engine.shutdown().expect("clean shutdown");
     }
 }
+
+/// A session on one glommio executor: many tasks with requests in flight, answers a shard loop at
+/// a time; requests beyond `in_flight_max` get `Busy` at once; tasks that stop waiting (a lost
+/// race against a timer) leave the others served.
+#[test]
+fn a_session_serves_many_tasks_of_one_thread() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (engines, client) = Engine::start_in_process(configs(dir.path())).expect("start");
+    for group in 0..client.groups() {
+        let key = (0..)
+            .map(|i| format!("warm-{i}"))
+            .find(|k| client.group_of(k.as_bytes()) == group)
+            .unwrap();
+        eventually("a leader per group", || client.put_blocking(key.as_bytes(), b"w"));
+    }
+    let tasks = 48;
+    let puts = 40;
+    let remote = client.clone();
+    let (busy, abandoned) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            // Busy: two requests wait, the third is refused before it is sent.
+            let small = Rc::new(remote.session(2));
+            let handles: Vec<_> = (0..3)
+                .map(|i| {
+                    let small = small.clone();
+                    glommio::spawn_local(
+                        async move { small.put(format!("small-{i}").as_bytes(), b"v").await },
+                    )
+                })
+                .collect();
+            let mut busy = 0;
+            for handle in handles {
+                match handle.await {
+                    Err(EngineError::Busy(_)) => busy += 1,
+                    other => assert!(
+                        matches!(other, Ok(()) | Err(EngineError::UnknownOutcome)),
+                        "{other:?}"
+                    ),
+                }
+            }
+            assert_eq!(small.in_flight(), 0);
+
+            let session = Rc::new(remote.session(tasks));
+            let abandoned = Rc::new(Cell::new(0));
+            let handles: Vec<_> = (0..tasks)
+                .map(|t| {
+                    let (session, abandoned) = (session.clone(), abandoned.clone());
+                    glommio::spawn_local(async move {
+                        for i in 0..puts {
+                            let key = format!("s{t}-{i}");
+                            // Every fifth task gives up on its first put after a moment; the
+                            // put may still take effect, so it is retried like any other.
+                            if t % 5 == 0 && i == 0 {
+                                let put = async { Some(session.put(key.as_bytes(), key.as_bytes()).await) };
+                                let gave_up = async {
+                                    glommio::timer::sleep(Duration::from_micros(50)).await;
+                                    None
+                                };
+                                if futures_lite::future::or(put, gave_up).await.is_none() {
+                                    abandoned.set(abandoned.get() + 1);
+                                }
+                            }
+                            loop {
+                                match session.put(key.as_bytes(), key.as_bytes()).await {
+                                    Ok(()) => break,
+                                    Err(
+                                        EngineError::NotLeader { .. }
+                                        | EngineError::Busy(_)
+                                        | EngineError::UnknownOutcome,
+                                    ) => glommio::timer::sleep(Duration::from_millis(5)).await,
+                                    Err(e) => panic!("put {key}: {e}"),
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for handle in handles {
+                handle.await;
+            }
+            assert_eq!(session.in_flight(), 0);
+            (busy, abandoned.get())
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(
+        busy, 1,
+        "the third of three requests in a session of two is refused"
+    );
+    assert!(abandoned <= tasks.div_ceil(5));
+    for t in 0..tasks {
+        for i in 0..puts {
+            let key = format!("s{t}-{i}");
+            let value = eventually("read back", || {
+                client.get_blocking(key.as_bytes(), Consistency::Linearizable)
+            });
+            assert_eq!(value.as_deref(), Some(key.as_bytes()), "{key}");
+        }
+    }
+    for engine in engines {
+        engine.shutdown().expect("clean shutdown");
+    }
+}
+
+/// The task whose waker the session's sink holds gets its answer and ends; the other waiting
+/// task must still hear of its own answer (the listener role is handed over).
+#[test]
+fn a_session_hands_listening_over_when_the_listener_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engines, client) = Engine::start_in_process(configs(dir.path())).expect("start");
+    eventually("a leader", || client.put_blocking(b"slow", b"0"));
+    let remote = client.clone();
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let session = std::rc::Rc::new(remote.session(8));
+            for round in 0..20 {
+                // The put waits for a commit; the local get, sent after it (so its task becomes
+                // the listener), is answered in the shard loop that takes it.
+                let slow = {
+                    let session = session.clone();
+                    glommio::spawn_local(
+                        async move { session.put(b"slow", format!("{round}").as_bytes()).await },
+                    )
+                };
+                let fast = {
+                    let session = session.clone();
+                    glommio::spawn_local(async move { session.get(b"slow", Consistency::Local).await })
+                };
+                fast.await.expect("a local read");
+                let waited = async { Some(slow.await) };
+                let stuck = async {
+                    glommio::timer::sleep(Duration::from_secs(10)).await;
+                    None
+                };
+                let outcome = futures_lite::future::or(waited, stuck).await;
+                let outcome = outcome.expect("the put's answer reached its task");
+                assert!(
+                    matches!(outcome, Ok(()) | Err(EngineError::UnknownOutcome)),
+                    "{outcome:?}"
+                );
+                assert_eq!(session.in_flight(), 0);
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    for engine in engines {
+        engine.shutdown().expect("clean shutdown");
+    }
+}
