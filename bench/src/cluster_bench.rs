@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
-use ringraft_engine::{Client, Consistency, Engine, EngineError, NodeStats};
+use ringraft_engine::{Client, Consistency, Engine, EngineError, NodeStats, Session};
 use ringraft_net::client::{fetch_stats, ClientConfig, NetClient};
 use ringraft_sm::Command;
 use ringraft_tuning::{Config, CpuList, IoMemory};
@@ -144,22 +144,36 @@ enum BenchClient {
     Tcp(NetClient),
 }
 
-impl BenchClient {
+/// What the tasks of one client executor send through: an in-process client's [`Session`]
+/// (answers a shard loop at a time, woken once per loop) or the network client.
+enum LoadClient {
+    InProcess(Session),
+    Tcp(NetClient),
+}
+
+impl LoadClient {
+    fn new(client: BenchClient, in_flight: u64) -> LoadClient {
+        match client {
+            BenchClient::InProcess(c) => LoadClient::InProcess(c.session(in_flight as usize)),
+            BenchClient::Tcp(c) => LoadClient::Tcp(c),
+        }
+    }
+
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), String> {
         match self {
-            BenchClient::InProcess(c) => c.put(key, value).await.map_err(|e| e.to_string()),
-            BenchClient::Tcp(c) => c.put(key, value).await.map_err(|e| e.to_string()),
+            LoadClient::InProcess(c) => c.put(key, value).await.map_err(|e| e.to_string()),
+            LoadClient::Tcp(c) => c.put(key, value).await.map_err(|e| e.to_string()),
         }
     }
 
     async fn get(&self, key: &[u8], consistency: Consistency) -> Result<(), String> {
         match self {
-            BenchClient::InProcess(c) => c
+            LoadClient::InProcess(c) => c
                 .get(key, consistency)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
-            BenchClient::Tcp(c) => c
+            LoadClient::Tcp(c) => c
                 .get(key, consistency)
                 .await
                 .map(|_| ())
@@ -170,19 +184,21 @@ impl BenchClient {
     /// Sets `key` to `value` if it is absent (a mismatch is an answer, not an error).
     async fn compare_and_swap(&self, key: &[u8], value: &[u8]) -> Result<(), String> {
         match self {
-            BenchClient::InProcess(c) => c
+            LoadClient::InProcess(c) => c
                 .compare_and_swap(key, None, Some(value))
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
-            BenchClient::Tcp(c) => c
+            LoadClient::Tcp(c) => c
                 .compare_and_swap(key, None, Some(value))
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
         }
     }
+}
 
+impl BenchClient {
     fn groups(&self) -> u64 {
         match self {
             BenchClient::InProcess(c) => c.groups(),
@@ -528,7 +544,7 @@ fn latency_histogram() -> Histogram<u64> {
 /// One client task: draws operations and keys, paces itself in open loop, records latency.
 #[allow(clippy::too_many_arguments)]
 async fn client_task(
-    client: BenchClient,
+    client: Rc<LoadClient>,
     spec: LoadSpec,
     chooser: KeyChooser,
     seed: u64,
@@ -665,6 +681,7 @@ fn load(
                         }
                     })
                 };
+                let client = Rc::new(LoadClient::new(client, in_flight));
                 let mut tasks = Vec::new();
                 for t in 0..in_flight {
                     let sender = c * in_flight + t;
