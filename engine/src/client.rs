@@ -150,30 +150,12 @@ impl Client {
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
-        let group = self.group_of(key);
-        let results = self
-            .submit(
-                group,
-                vec![Command::Put {
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                }],
-            )
-            .await?;
-        expect_one(results, |r| matches!(r, CommandResult::Ok).then_some(()))
+        put_answer(self.submit(self.group_of(key), put_commands(key, value)).await?)
     }
 
     /// Deletes `key`; `false` if it was absent.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, EngineError> {
-        let group = self.group_of(key);
-        let results = self
-            .submit(group, vec![Command::Delete { key: key.to_vec() }])
-            .await?;
-        expect_one(results, |r| match r {
-            CommandResult::Ok => Some(true),
-            CommandResult::NotFound => Some(false),
-            _ => None,
-        })
+        delete_answer(self.submit(self.group_of(key), delete_commands(key)).await?)
     }
 
     /// Writes `new` (`None` deletes) if the value is `expected`; otherwise returns the current
@@ -184,18 +166,8 @@ impl Client {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<Result<(), Option<Vec<u8>>>, EngineError> {
-        let group = self.group_of(key);
-        let command = Command::CompareAndSwap {
-            key: key.to_vec(),
-            expected: expected.map(<[u8]>::to_vec),
-            new: new.map(<[u8]>::to_vec),
-        };
-        let results = self.submit(group, vec![command]).await?;
-        expect_one(results, |r| match r {
-            CommandResult::Ok => Some(Ok(())),
-            CommandResult::CasMismatch { current } => Some(Err(current)),
-            _ => None,
-        })
+        let commands = cas_commands(key, expected, new);
+        cas_answer(self.submit(self.group_of(key), commands).await?)
     }
 
     pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, EngineError> {
@@ -213,11 +185,7 @@ impl Client {
                 to_leader,
             )
             .await?;
-        expect_one(results, |r| match r {
-            CommandResult::Value(value) => Some(Some(value)),
-            CommandResult::NotFound => Some(None),
-            _ => None,
-        })
+        get_answer(results)
     }
 
     /// Blocking variants, for plain threads.
@@ -251,7 +219,54 @@ impl Client {
     }
 }
 
-pub(crate) fn expect_one<T>(
+pub(crate) fn put_commands(key: &[u8], value: &[u8]) -> Vec<Command> {
+    vec![Command::Put {
+        key: key.to_vec(),
+        value: value.to_vec(),
+    }]
+}
+
+pub(crate) fn put_answer(results: Vec<CommandResult>) -> Result<(), EngineError> {
+    expect_one(results, |r| matches!(r, CommandResult::Ok).then_some(()))
+}
+
+pub(crate) fn delete_commands(key: &[u8]) -> Vec<Command> {
+    vec![Command::Delete { key: key.to_vec() }]
+}
+
+pub(crate) fn delete_answer(results: Vec<CommandResult>) -> Result<bool, EngineError> {
+    expect_one(results, |r| match r {
+        CommandResult::Ok => Some(true),
+        CommandResult::NotFound => Some(false),
+        _ => None,
+    })
+}
+
+pub(crate) fn cas_commands(key: &[u8], expected: Option<&[u8]>, new: Option<&[u8]>) -> Vec<Command> {
+    vec![Command::CompareAndSwap {
+        key: key.to_vec(),
+        expected: expected.map(<[u8]>::to_vec),
+        new: new.map(<[u8]>::to_vec),
+    }]
+}
+
+pub(crate) fn cas_answer(results: Vec<CommandResult>) -> Result<Result<(), Option<Vec<u8>>>, EngineError> {
+    expect_one(results, |r| match r {
+        CommandResult::Ok => Some(Ok(())),
+        CommandResult::CasMismatch { current } => Some(Err(current)),
+        _ => None,
+    })
+}
+
+pub(crate) fn get_answer(results: Vec<CommandResult>) -> Result<Option<Vec<u8>>, EngineError> {
+    expect_one(results, |r| match r {
+        CommandResult::Value(value) => Some(Some(value)),
+        CommandResult::NotFound => Some(None),
+        _ => None,
+    })
+}
+
+fn expect_one<T>(
     results: Vec<CommandResult>,
     pick: impl Fn(CommandResult) -> Option<T>,
 ) -> Result<T, EngineError> {

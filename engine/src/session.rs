@@ -23,7 +23,9 @@ use std::task::{Context, Poll, Waker};
 
 use ringraft_sm::{Command, CommandResult};
 
-use crate::client::{expect_one, Client};
+use crate::client::{
+    cas_answer, cas_commands, delete_answer, delete_commands, get_answer, put_answer, put_commands, Client,
+};
 use crate::core::{Consistency, EngineError};
 use crate::reply::{Outcome, Reply, ReplySink};
 use crate::runtime::ShardInput;
@@ -206,26 +208,18 @@ impl Session {
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
-        let group = self.client.group_of(key);
-        let command = Command::Put {
-            key: key.to_vec(),
-            value: value.to_vec(),
-        };
-        let results = self.submit(group, vec![command]).await?;
-        expect_one(results, |r| matches!(r, CommandResult::Ok).then_some(()))
+        put_answer(
+            self.submit(self.client.group_of(key), put_commands(key, value))
+                .await?,
+        )
     }
 
     /// Deletes `key`; `false` if it was absent.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, EngineError> {
-        let group = self.client.group_of(key);
-        let results = self
-            .submit(group, vec![Command::Delete { key: key.to_vec() }])
-            .await?;
-        expect_one(results, |r| match r {
-            CommandResult::Ok => Some(true),
-            CommandResult::NotFound => Some(false),
-            _ => None,
-        })
+        delete_answer(
+            self.submit(self.client.group_of(key), delete_commands(key))
+                .await?,
+        )
     }
 
     /// Writes `new` (`None` deletes) if the value is `expected`; otherwise returns the current
@@ -236,18 +230,8 @@ impl Session {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<Result<(), Option<Vec<u8>>>, EngineError> {
-        let group = self.client.group_of(key);
-        let command = Command::CompareAndSwap {
-            key: key.to_vec(),
-            expected: expected.map(<[u8]>::to_vec),
-            new: new.map(<[u8]>::to_vec),
-        };
-        let results = self.submit(group, vec![command]).await?;
-        expect_one(results, |r| match r {
-            CommandResult::Ok => Some(Ok(())),
-            CommandResult::CasMismatch { current } => Some(Err(current)),
-            _ => None,
-        })
+        let commands = cas_commands(key, expected, new);
+        cas_answer(self.submit(self.client.group_of(key), commands).await?)
     }
 
     pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, EngineError> {
@@ -259,11 +243,7 @@ impl Session {
             reply,
         };
         let results = self.call(group, make, consistency != Consistency::Local).await?;
-        expect_one(results, |r| match r {
-            CommandResult::Value(value) => Some(Some(value)),
-            CommandResult::NotFound => Some(None),
-            _ => None,
-        })
+        get_answer(results)
     }
 }
 
