@@ -517,19 +517,42 @@ impl<D: SmDisk> KvStore<D> {
     }
 
     async fn put(&mut self, key: &[u8], value: &[u8], version: u64) -> Result<(), SmError> {
-        let loc = if value.len() <= self.config.inline_value_bytes_max {
-            Loc::Inline(value.into())
-        } else {
-            self.append_record(key, value, version).await?
-        };
+        if value.len() <= self.config.inline_value_bytes_max {
+            // An inline value over one of the same length is overwritten in place: no
+            // allocation, no free (snapshots hold copies, never this memory).
+            let old = match self.index.get_mut(key) {
+                Some(slot) => match &mut slot.loc {
+                    Loc::Inline(bytes) if bytes.len() == value.len() => {
+                        bytes.copy_from_slice(value);
+                        slot.version = version;
+                        return Ok(());
+                    }
+                    _ => std::mem::replace(
+                        slot,
+                        Slot {
+                            version,
+                            loc: Loc::Inline(value.into()),
+                        },
+                    ),
+                },
+                None => {
+                    let loc = Loc::Inline(value.into());
+                    self.index.insert(key, Slot { version, loc });
+                    return Ok(());
+                }
+            };
+            self.release(key.len(), &old);
+            return Ok(());
+        }
+        let loc = self.append_record(key, value, version).await?;
         if let Loc::File { file, .. } = loc {
             self.files.entry(file).or_default().live += record_bytes(key.len(), value.len());
         }
-        // Overwrites reuse the existing key allocation.
+        // Overwrites keep the existing key.
         let old = match self.index.get_mut(key) {
             Some(slot) => Some(std::mem::replace(slot, Slot { version, loc })),
             None => {
-                self.index.insert(key.into(), Slot { version, loc });
+                self.index.insert(key, Slot { version, loc });
                 None
             }
         };
@@ -964,7 +987,7 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<ParsedCheckpoint, String> {
         let key_len = r.u32()? as usize;
         let kind = r.take(4)?[0];
         let version = r.u64()?;
-        let key: Box<[u8]> = r.take(key_len)?.into();
+        let key = r.take(key_len)?;
         let loc = match kind {
             0 => {
                 let len = r.u32()? as usize;
@@ -1083,7 +1106,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
 
     fn snapshot(&mut self) -> Result<KvSnapshot, SmError> {
         self.check_usable("snapshot")?;
-        let items: Vec<(Box<[u8]>, Slot)> = self.index.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        let items: Vec<(Box<[u8]>, Slot)> = self.index.iter().map(|(k, s)| (k.into(), s.clone())).collect();
         // No sort: the order is fixed for this snapshot (chunks can be produced again), and a
         // receiver never mixes chunks of two snapshots (the engine identifies each stream), so
         // sorting every key on the shard's loop would buy nothing.

@@ -69,7 +69,8 @@ fn key() -> impl Strategy<Value = Vec<u8>> {
 
 fn value() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        (0usize..8).prop_map(|n| vec![b'i'; n]),                  // inline
+        // Inline; few lengths and many bytes, so overwrites in place change what is stored.
+        (0usize..8, any::<u8>()).prop_map(|(n, b)| vec![b; n]),
         (9usize..700, any::<u8>()).prop_map(|(n, b)| vec![b; n]), // in data files
     ]
 }
