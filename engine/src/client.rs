@@ -24,6 +24,57 @@ struct Inner {
     leaders: Mutex<BTreeMap<u64, u64>>,
 }
 
+/// One call's walk over the nodes: the group's known leader first, each node at most once,
+/// following `NotLeader` to the leader it names. Shared by [`Client`] and [`crate::Session`],
+/// which differ only in how one attempt waits for its answer.
+pub(crate) struct Redirects {
+    group: u64,
+    to_leader: bool,
+    tried: Vec<u64>,
+    next: Vec<u64>,
+}
+
+impl Redirects {
+    /// The next node to ask, or `None` when every candidate was tried.
+    pub(crate) fn next_node(&mut self) -> Option<u64> {
+        while !self.next.is_empty() {
+            let node = self.next.remove(0);
+            if !self.tried.contains(&node) {
+                self.tried.push(node);
+                return Some(node);
+            }
+        }
+        None
+    }
+
+    /// What `node` answered: `Some` to return it to the caller, `None` to ask the next node
+    /// (a redirect; the leader it names goes first).
+    pub(crate) fn settle(
+        &mut self,
+        client: &Client,
+        node: u64,
+        result: Result<Vec<CommandResult>, EngineError>,
+    ) -> Option<Result<Vec<CommandResult>, EngineError>> {
+        match result {
+            Err(EngineError::NotLeader { leader }) if self.to_leader => {
+                if let Some(leader) = leader {
+                    client.remember_leader(self.group, leader);
+                    if !self.tried.contains(&leader) {
+                        self.next.insert(0, leader);
+                    }
+                }
+                None
+            }
+            result => {
+                if self.to_leader && result.is_ok() {
+                    client.remember_leader(self.group, node);
+                }
+                Some(result)
+            }
+        }
+    }
+}
+
 /// See the module docs.
 #[derive(Clone)]
 pub struct Client {
@@ -63,10 +114,6 @@ impl Client {
         group_of(key, self.inner.route.groups)
     }
 
-    pub(crate) fn route(&self) -> &Route {
-        &self.inner.route
-    }
-
     pub(crate) fn remember_leader(&self, group: u64, leader: u64) {
         self.inner.leaders.lock().unwrap().insert(group, leader);
     }
@@ -82,49 +129,45 @@ impl Client {
         nodes
     }
 
+    /// The redirect-following state of one call to `group` (see [`Redirects`]).
+    pub(crate) fn redirects(&self, group: u64, to_leader: bool) -> Result<Redirects, EngineError> {
+        if group >= self.inner.route.groups {
+            return Err(EngineError::UnknownGroup(group));
+        }
+        Ok(Redirects {
+            group,
+            to_leader,
+            tried: Vec::new(),
+            next: self.candidates(group),
+        })
+    }
+
+    /// Where `node` takes requests for `group`: the input of the shard owning it.
+    pub(crate) fn shard_input(&self, node: u64, group: u64) -> &flume::Sender<ShardInput> {
+        let senders = &self.inner.route.nodes[&node];
+        &senders[(group % senders.len() as u64) as usize]
+    }
+
     async fn call(
         &self,
         group: u64,
         make: impl Fn(Reply) -> ShardInput,
         to_leader: bool,
     ) -> Result<Vec<CommandResult>, EngineError> {
-        if group >= self.inner.route.groups {
-            return Err(EngineError::UnknownGroup(group));
-        }
-        let mut tried = Vec::new();
-        let mut next = self.candidates(group);
-        while let Some(node) = next.first().copied() {
-            next.remove(0);
-            if tried.contains(&node) {
-                continue;
-            }
-            tried.push(node);
-            let senders = &self.inner.route.nodes[&node];
+        let mut redirects = self.redirects(group, to_leader)?;
+        while let Some(node) = redirects.next_node() {
             let (tx, rx) = flume::bounded(1);
-            match senders[(group % senders.len() as u64) as usize].try_send(make(Reply::Channel(tx))) {
+            match self.shard_input(node, group).try_send(make(Reply::Channel(tx))) {
                 Ok(()) => {}
                 Err(flume::TrySendError::Full(_)) => {
                     return Err(EngineError::Busy("the shard's input queue"))
                 }
                 Err(flume::TrySendError::Disconnected(_)) => continue, // node stopped: try another
             }
-            match rx.recv_async().await {
-                Ok(Err(EngineError::NotLeader { leader })) if to_leader => {
-                    if let Some(leader) = leader {
-                        self.remember_leader(group, leader);
-                        if !tried.contains(&leader) {
-                            next.insert(0, leader);
-                        }
-                    }
-                }
-                Ok(result) => {
-                    if to_leader && result.is_ok() {
-                        self.remember_leader(group, node);
-                    }
-                    return result;
-                }
-                // The shard stopped with the request in hand.
-                Err(_) => return Err(EngineError::UnknownOutcome),
+            // An error from recv: the shard stopped with the request in hand.
+            let result = rx.recv_async().await.unwrap_or(Err(EngineError::UnknownOutcome));
+            if let Some(result) = redirects.settle(self, node, result) {
+                return result;
             }
         }
         Err(EngineError::NotLeader { leader: None })
@@ -274,4 +317,26 @@ fn expect_one<T>(
         .map_err(|r| EngineError::BadRequest(format!("expected one result, got {}", r.len())))?;
     let shown = format!("{result:?}");
     pick(result).ok_or_else(|| EngineError::BadRequest(format!("unexpected result {shown}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Client` works from any runtime, multi-threaded ones included: its futures are `Send`.
+    #[test]
+    fn client_futures_are_send() {
+        fn send<T: Send>(_: &T) {}
+        let client = Client::new(Route {
+            nodes: BTreeMap::new(),
+            groups: 1,
+        });
+        send(&client.put(b"k", b"v"));
+        send(&client.get(b"k", Consistency::Linearizable));
+        send(&client.compare_and_swap(b"k", None, Some(b"v")));
+        send(&client.delete(b"k"));
+        // No node: nothing to ask.
+        let outcome = futures_lite::future::block_on(client.put(b"k", b"v"));
+        assert_eq!(outcome, Err(EngineError::NotLeader { leader: None }));
+    }
 }

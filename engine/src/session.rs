@@ -87,18 +87,8 @@ impl Session {
         make: impl Fn(Reply) -> ShardInput,
         to_leader: bool,
     ) -> Result<Vec<CommandResult>, EngineError> {
-        let route = self.client.route();
-        if group >= route.groups {
-            return Err(EngineError::UnknownGroup(group));
-        }
-        let mut tried = Vec::new();
-        let mut next = self.client.candidates(group);
-        while let Some(node) = next.first().copied() {
-            next.remove(0);
-            if tried.contains(&node) {
-                continue;
-            }
-            tried.push(node);
+        let mut redirects = self.client.redirects(group, to_leader)?;
+        while let Some(node) = redirects.next_node() {
             let tag = {
                 let mut state = self.state.borrow_mut();
                 if state.slots.len() >= self.in_flight_max {
@@ -110,12 +100,11 @@ impl Session {
                 tag
             };
             let answer = Answer { session: self, tag };
-            let senders = &route.nodes[&node];
             let input = make(Reply::Sink {
                 sink: self.sink.clone(),
                 tag,
             });
-            match senders[(group % senders.len() as u64) as usize].try_send(input) {
+            match self.client.shard_input(node, group).try_send(input) {
                 Ok(()) => {}
                 // `answer` is dropped here, freeing the slot.
                 Err(flume::TrySendError::Full(_)) => {
@@ -123,21 +112,8 @@ impl Session {
                 }
                 Err(flume::TrySendError::Disconnected(_)) => continue, // node stopped: try another
             }
-            match answer.await {
-                Err(EngineError::NotLeader { leader }) if to_leader => {
-                    if let Some(leader) = leader {
-                        self.client.remember_leader(group, leader);
-                        if !tried.contains(&leader) {
-                            next.insert(0, leader);
-                        }
-                    }
-                }
-                result => {
-                    if to_leader && result.is_ok() {
-                        self.client.remember_leader(group, node);
-                    }
-                    return result;
-                }
+            if let Some(result) = redirects.settle(&self.client, node, answer.await) {
+                return result;
             }
         }
         Err(EngineError::NotLeader { leader: None })

@@ -142,29 +142,14 @@ impl NodeHandle {
     /// Hands commands to the group's shard; `Busy` at once when its input queue is full.
     pub fn submit(&self, group: u64, commands: Vec<Command>) -> Result<Pending, EngineError> {
         let (reply, rx) = flume::bounded(1);
-        self.send(
-            group,
-            ShardInput::Submit {
-                group,
-                commands,
-                reply: Reply::Channel(reply),
-            },
-        )?;
+        self.send_submit(group, commands, Reply::Channel(reply))?;
         Ok(Pending(rx))
     }
 
     /// Hands a read to the group's shard.
     pub fn read(&self, group: u64, key: Vec<u8>, consistency: Consistency) -> Result<Pending, EngineError> {
         let (reply, rx) = flume::bounded(1);
-        self.send(
-            group,
-            ShardInput::Read {
-                group,
-                key,
-                consistency,
-                reply: Reply::Channel(reply),
-            },
-        )?;
+        self.send_read(group, key, consistency, Reply::Channel(reply))?;
         Ok(Pending(rx))
     }
 
@@ -178,18 +163,8 @@ impl NodeHandle {
         sink: &ReplySink,
         tag: u64,
     ) -> Result<(), EngineError> {
-        let reply = Reply::Sink {
-            sink: sink.clone(),
-            tag,
-        };
-        self.send(
-            group,
-            ShardInput::Submit {
-                group,
-                commands,
-                reply,
-            },
-        )
+        let sink = sink.clone();
+        self.send_submit(group, commands, Reply::Sink { sink, tag })
     }
 
     /// Like [`NodeHandle::read`], answering to `sink` under `tag`.
@@ -201,10 +176,28 @@ impl NodeHandle {
         sink: &ReplySink,
         tag: u64,
     ) -> Result<(), EngineError> {
-        let reply = Reply::Sink {
-            sink: sink.clone(),
-            tag,
-        };
+        let sink = sink.clone();
+        self.send_read(group, key, consistency, Reply::Sink { sink, tag })
+    }
+
+    fn send_submit(&self, group: u64, commands: Vec<Command>, reply: Reply) -> Result<(), EngineError> {
+        self.send(
+            group,
+            ShardInput::Submit {
+                group,
+                commands,
+                reply,
+            },
+        )
+    }
+
+    fn send_read(
+        &self,
+        group: u64,
+        key: Vec<u8>,
+        consistency: Consistency,
+        reply: Reply,
+    ) -> Result<(), EngineError> {
         self.send(
             group,
             ShardInput::Read {
