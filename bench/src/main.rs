@@ -843,6 +843,10 @@ fn run_sm(args: SmArgs) -> Result<(), String> {
         result.mixed_commands_per_s
     );
     println!(
+        "  snapshot of every key:                         {:>9.1} ms",
+        result.snapshot_ms
+    );
+    println!(
         "  peak RSS {:.1} MiB",
         result.rss_bytes_max as f64 / (1 << 20) as f64
     );

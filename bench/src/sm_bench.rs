@@ -40,6 +40,9 @@ pub struct SmResult {
     pub reads_per_s: f64,
     /// Batches of half puts, half gets (gets through the log).
     pub mixed_commands_per_s: f64,
+    /// Taking a snapshot of the whole store (every key), which the shard's loop waits for when
+    /// a follower needs one.
+    pub snapshot_ms: f64,
     pub rss_bytes_max: u64,
 }
 
@@ -157,6 +160,10 @@ async fn run_on_executor(o: SmBenchOptions, dir: PathBuf) -> Result<SmResult, St
     }
     let mixed_commands_per_s =
         (mixed_batches * o.batch_commands as u64) as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let snapshot = store.snapshot().map_err(|e| e.to_string())?;
+    let snapshot_ms = start.elapsed().as_secs_f64() * 1000.0;
+    drop(snapshot);
     store.checkpoint().await.map_err(|e| e.to_string())?;
     Ok(SmResult {
         batch_commands: o.batch_commands,
@@ -170,6 +177,7 @@ async fn run_on_executor(o: SmBenchOptions, dir: PathBuf) -> Result<SmResult, St
         checkpoint_ms_max: checkpoint_max.as_secs_f64() * 1000.0,
         reads_per_s,
         mixed_commands_per_s,
+        snapshot_ms,
         rss_bytes_max: 0,
     })
 }

@@ -251,6 +251,7 @@ fn sm_json_keys_are_stable() {
             "mixed_commands_per_s",
             "reads_per_s",
             "rss_bytes_max",
+            "snapshot_ms",
             "value_bytes",
         ]
     );

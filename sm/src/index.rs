@@ -46,6 +46,12 @@ impl Key {
     }
 }
 
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Key({:02x?})", self.as_bytes())
+    }
+}
+
 impl Borrow<[u8]> for Key {
     fn borrow(&self) -> &[u8] {
         self.as_bytes()
@@ -140,6 +146,11 @@ impl<V> Index<V> {
         self.parts
             .iter()
             .flat_map(|p| p.iter().map(|(k, v)| (k.as_bytes(), v)))
+    }
+
+    /// Entries with their stored keys (cloning a short key costs no allocation).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&Key, &V)> {
+        self.parts.iter().flat_map(|p| p.iter())
     }
 
     pub(crate) fn extend<K: AsRef<[u8]>>(&mut self, items: impl IntoIterator<Item = (K, V)>) {

@@ -22,7 +22,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::index::Index;
+use crate::index::{Index, Key};
 
 /// The cache map: ahash (keyed per process at random, so clients cannot pick colliding keys)
 /// instead of std's SipHash, which cost 10% of a leader's CPU in the cluster benchmark. The key
@@ -1033,7 +1033,7 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<ParsedCheckpoint, String> {
 #[derive(Debug)]
 pub struct KvSnapshot {
     applied: u64,
-    items: Vec<(Box<[u8]>, Slot)>,
+    items: Vec<(Key, Slot)>,
     chunk_starts: Vec<usize>,
     pins: Rc<RefCell<BTreeMap<u32, usize>>>,
     pinned: BTreeSet<u32>,
@@ -1106,7 +1106,8 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
 
     fn snapshot(&mut self) -> Result<KvSnapshot, SmError> {
         self.check_usable("snapshot")?;
-        let items: Vec<(Box<[u8]>, Slot)> = self.index.iter().map(|(k, s)| (k.into(), s.clone())).collect();
+        let mut items: Vec<(Key, Slot)> = Vec::with_capacity(self.index.len());
+        items.extend(self.index.entries().map(|(k, s)| (k.clone(), s.clone())));
         // No sort: the order is fixed for this snapshot (chunks can be produced again), and a
         // receiver never mixes chunks of two snapshots (the engine identifies each stream), so
         // sorting every key on the shard's loop would buy nothing.
@@ -1117,7 +1118,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 Loc::Inline(v) => v.len(),
                 Loc::File { value_len, .. } => *value_len as usize,
             };
-            let bytes = 16 + key.len() + value_len;
+            let bytes = 16 + key.as_bytes().len() + value_len;
             if size.saturating_add(bytes) > self.config.snapshot_chunk_bytes {
                 chunk_starts.push(i);
                 size = 0;
@@ -1164,6 +1165,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             .unwrap_or(snapshot.items.len());
         let mut body = Vec::new();
         for (key, slot) in &snapshot.items[start..end] {
+            let key = key.as_bytes();
             let value = self.load(key, slot).await?;
             body.extend_from_slice(&(key.len() as u32).to_le_bytes());
             body.extend_from_slice(&(value.len() as u32).to_le_bytes());
