@@ -570,10 +570,13 @@ fn emit<S: StateMachine>(
     }
     link.flush();
     let mut batch = AnswerBatch::default();
+    // One clock read for all of this loop's answers.
+    let now = std::time::Instant::now();
     for answer in answers {
         if let Some((reply, since)) = replies.remove(&answer.request) {
             if answer.result.is_ok() {
-                let _ = request_latency_us.record(since.elapsed().as_micros().max(1) as u64);
+                let micros = now.saturating_duration_since(since).as_micros();
+                let _ = request_latency_us.record(micros.max(1) as u64);
             }
             batch.add(reply, answer.result);
         }
@@ -672,7 +675,9 @@ async fn run_shard<S: StateMachine + 'static>(
             waited = futures_lite::future::or(inbox_ready, kicked).await;
         }
         kick.kicked.set(false);
-        core.set_time_us(started.elapsed().as_micros() as u64);
+        // One clock read per loop: it stamps this loop's requests as they arrive.
+        let loop_began = std::time::Instant::now();
+        core.set_time_us(loop_began.duration_since(started).as_micros() as u64);
         // Take every waiting input (the one waited for first), up to a bound per loop.
         let mut pieces: Vec<SnapshotPiece> = Vec::new();
         for _ in 0..INPUTS_PER_LOOP_MAX {
@@ -700,6 +705,7 @@ async fn run_shard<S: StateMachine + 'static>(
             }
             let extras = Extras {
                 shard,
+                loop_began,
                 sync_latency_us: &sync_latency_us,
                 request_latency_us: &request_latency_us,
                 inbox_depth: inbox.len(),
@@ -883,6 +889,8 @@ async fn run_shard<S: StateMachine + 'static>(
 /// What the runner knows beyond the core, for metrics.
 struct Extras<'a> {
     shard: u64,
+    /// When this loop began: the arrival time of the requests it takes.
+    loop_began: std::time::Instant,
     sync_latency_us: &'a Histogram<u64>,
     request_latency_us: &'a Histogram<u64>,
     inbox_depth: usize,
@@ -899,7 +907,7 @@ fn handle_input(
     let mut register = |reply: Reply| {
         let request = *next_request;
         *next_request += 1;
-        replies.insert(request, (reply, std::time::Instant::now()));
+        replies.insert(request, (reply, extras.loop_began));
         request
     };
     match input {
