@@ -148,25 +148,27 @@ impl Session {
         }
     }
 
-    /// `tag`'s task stops waiting: if it was the listener, another waiting task takes over
-    /// (its waker goes to the sink; it is woken at once if answers are already there).
-    fn leave(&self, tag: u64) {
-        let handover = {
+    /// `tag`'s task stops waiting; returns its slot if it still had one. If it was the
+    /// listener, another waiting task takes over (its waker goes to the sink; it is woken at
+    /// once if answers are already there).
+    fn leave(&self, tag: u64) -> Option<Slot> {
+        let (slot, handover) = {
             let mut state = self.state.borrow_mut();
-            state.slots.remove(&tag);
+            let slot = state.slots.remove(&tag);
             if state.listener != Some(tag) {
-                return;
+                return slot;
             }
             let next = state.slots.iter().find_map(|(&t, slot)| match slot {
                 Slot::Waiting(Some(waker)) => Some((t, waker.clone())),
                 _ => None,
             });
             state.listener = next.as_ref().map(|(t, _)| *t);
-            next
+            (slot, next)
         };
         if let Some((_, waker)) = handover {
             self.sink.listen(waker);
         }
+        slot
     }
 
     /// Proposes commands to one group; one result per command, in order, once applied.
@@ -241,11 +243,9 @@ impl Future for Answer<'_> {
         match state.slots.get_mut(&tag) {
             Some(Slot::Done(_)) => {
                 drop(state);
-                let Some(Slot::Done(outcome)) = session.state.borrow_mut().slots.remove(&tag) else {
+                let Some(Slot::Done(outcome)) = session.leave(tag) else {
                     unreachable!("the slot was just seen done")
                 };
-                // Removed: leave() below only hands the listener role over.
-                session.leave(tag);
                 Poll::Ready(outcome)
             }
             Some(Slot::Waiting(waker)) => {
@@ -262,9 +262,7 @@ impl Future for Answer<'_> {
 
 impl Drop for Answer<'_> {
     fn drop(&mut self) {
-        // Already left when it returned its answer; otherwise it stops waiting now.
-        if self.session.state.borrow().slots.contains_key(&self.tag) {
-            self.session.leave(self.tag);
-        }
+        // After it returned its answer this finds nothing left to do.
+        self.session.leave(self.tag);
     }
 }

@@ -143,9 +143,7 @@ impl<V> Index<V> {
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
-        self.parts
-            .iter()
-            .flat_map(|p| p.iter().map(|(k, v)| (k.as_bytes(), v)))
+        self.entries().map(|(k, v)| (k.as_bytes(), v))
     }
 
     /// Entries with their stored keys (cloning a short key costs no allocation).
