@@ -75,7 +75,7 @@ impl Eq for Key {}
 
 type Part<V> = HashMap<Key, V, ahash::RandomState>;
 
-const PARTS: usize = 256;
+pub(crate) const PARTS: usize = 256;
 
 pub(crate) struct Index<V> {
     router: ahash::RandomState,
@@ -85,7 +85,7 @@ pub(crate) struct Index<V> {
 
 impl<V> Default for Index<V> {
     fn default() -> Self {
-        Index::with_capacity(0)
+        Index::with_capacity(0, None)
     }
 }
 
@@ -96,12 +96,18 @@ impl<V: std::fmt::Debug> std::fmt::Debug for Index<V> {
 }
 
 impl<V> Index<V> {
-    pub(crate) fn with_capacity(capacity: usize) -> Index<V> {
+    /// An index with room for `capacity` keys. With a `seed`, hashing (and so the order of
+    /// iteration) is the same in every process: for deterministic simulation only.
+    pub(crate) fn with_capacity(capacity: usize, seed: Option<u64>) -> Index<V> {
         let per_part = capacity.div_ceil(PARTS);
+        let hasher = |n: u64| match seed {
+            Some(seed) => ahash::RandomState::with_seeds(seed, n, seed ^ n, 0x5eed),
+            None => ahash::RandomState::new(),
+        };
         Index {
-            router: ahash::RandomState::new(),
+            router: hasher(u64::MAX),
             parts: (0..PARTS)
-                .map(|_| Part::with_capacity_and_hasher(per_part, ahash::RandomState::new()))
+                .map(|n| Part::with_capacity_and_hasher(per_part, hasher(n as u64)))
                 .collect(),
             len: 0,
         }
@@ -109,6 +115,16 @@ impl<V> Index<V> {
 
     fn part(&self, key: &[u8]) -> usize {
         (self.router.hash_one(key) >> 56) as usize
+    }
+
+    /// The part (`0..PARTS`) that holds `key`.
+    pub(crate) fn part_of(&self, key: &[u8]) -> usize {
+        self.part(key)
+    }
+
+    /// The entries of one part.
+    pub(crate) fn part_entries(&self, part: usize) -> impl Iterator<Item = (&Key, &V)> {
+        self.parts[part].iter()
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -4,12 +4,14 @@
 //!   records to the active data file (`data-{id}.kv`) through a block-aligned tail buffer, and
 //!   read back with O_DIRECT, verified against their crc, key and version, through a bounded
 //!   cache. The store never serves bytes that fail verification.
-//! - Apply is not durable by itself (the WAL replays it). [`KvStore::checkpoint`] writes out the
-//!   tail, syncs every data file written since the last checkpoint, then writes the whole index
-//!   and applied index to `checkpoint.tmp`, syncs it and renames it to
-//!   `checkpoint-{applied}.ck` (rename and directory sync are durable). The last
-//!   `checkpoints_kept` checkpoints are kept; recovery loads the newest valid one and reports
-//!   damaged ones by name.
+//! - Apply is not durable by itself (the WAL replays it). [`KvStore::checkpoint_now`] writes out
+//!   the tail, syncs every data file written since the last checkpoint, then writes the whole
+//!   index and applied index to `checkpoint.tmp`, syncs it and renames it to
+//!   `checkpoint-{applied}.ck` (rename and directory sync are durable).
+//!   [`KvStore::checkpoint_step`] does the same a step at a time, applies going on between the
+//!   steps, without copying the index (see [`CheckpointJob`]). The last `checkpoints_kept`
+//!   checkpoints are kept (the next older one becomes the next `checkpoint.tmp`); recovery
+//!   loads the newest valid one and reports damaged ones by name.
 //! - Compaction rewrites the live records of the emptiest sealed file into the active one, a
 //!   bounded number of bytes per step; a fully rewritten file is deleted once no kept checkpoint
 //!   and no open snapshot references it.
@@ -22,7 +24,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::index::{Index, Key};
+use crate::index::{Index, Key, PARTS};
 
 /// The cache map: ahash (keyed per process at random, so clients cannot pick colliding keys)
 /// instead of std's SipHash, which cost 10% of a leader's CPU in the cluster benchmark. The key
@@ -53,6 +55,10 @@ pub struct KvConfig {
     pub checkpoints_kept: usize,
     /// Target size of a snapshot chunk (a chunk holds at least one record). Default 1 MiB.
     pub snapshot_chunk_bytes: usize,
+    /// Seeds the key index's hashing, so that its order (and with it snapshot chunks and
+    /// checkpoint steps) repeats from run to run: for deterministic simulation. `None` (the
+    /// default): random per process, so clients cannot choose keys that collide.
+    pub hash_seed: Option<u64>,
 }
 
 impl Default for KvConfig {
@@ -65,6 +71,7 @@ impl Default for KvConfig {
             compaction_live_percent_max: 50,
             checkpoints_kept: 2,
             snapshot_chunk_bytes: 1 << 20,
+            hash_seed: None,
         }
     }
 }
@@ -194,6 +201,46 @@ struct CheckpointInfo {
     files: BTreeSet<u32>,
 }
 
+/// A checkpoint written a step at a time ([`KvStore::checkpoint_step`]) of the index as it was
+/// at `applied`, while applies go on. Nothing is copied when it begins: the index's parts are
+/// encoded in order, a few per step, and a change to a key of a part not yet encoded first
+/// keeps the key's slot as it was (`kept`). The data files it lists stay on disk (pinned) until
+/// it is dropped.
+struct CheckpointJob {
+    applied: u64,
+    active_file: u32,
+    active_len: u64,
+    files: Vec<u32>,
+    /// Keys in the index when it began (the header's entry count).
+    entries: u64,
+    /// Entries encoded so far; `entries` at the end, or the bookkeeping is wrong.
+    encoded: u64,
+    /// Parts of the index encoded so far (in part order).
+    parts_done: usize,
+    /// Per part not yet encoded: keys changed since the checkpoint began, with their slot then
+    /// (`None`: absent then). A part's map is dropped when the part is encoded.
+    kept: Vec<HashMap<Key, Option<Slot>>>,
+    /// Encoded bytes not yet written, starting at file offset `offset` (a block boundary).
+    staged: Vec<u8>,
+    offset: u64,
+    /// Block 0 as first written, header still zero: rewritten with the header at the end.
+    first_block: Option<Vec<u8>>,
+    body_len: u64,
+    body_crc: u32,
+    pins: Rc<RefCell<BTreeMap<u32, usize>>>,
+}
+
+impl Drop for CheckpointJob {
+    fn drop(&mut self) {
+        let mut pins = self.pins.borrow_mut();
+        for file in &self.files {
+            if let Some(count) = pins.get_mut(file) {
+                *count -= 1;
+            }
+        }
+    }
+}
+
 /// A restore in progress.
 #[derive(Debug)]
 struct Restore {
@@ -225,6 +272,8 @@ pub struct KvStore<D: SmDisk> {
     next_file: u32,
     compaction: Option<(u32, u64)>,
     restore: Option<Restore>,
+    /// A stepwise checkpoint under way.
+    checkpoint_job: Option<CheckpointJob>,
     failure: Option<String>,
     warnings: Vec<String>,
 }
@@ -264,10 +313,11 @@ impl<D: SmDisk> KvStore<D> {
             .list()
             .await
             .map_err(|e| SmError::io("list", "state machine directory", e))?;
+        let hash_seed = config.hash_seed;
         let mut store = KvStore {
             disk: disk.clone(),
             config,
-            index: Index::default(),
+            index: Index::with_capacity(0, hash_seed),
             applied: 0,
             durable: 0,
             active_file: 0,
@@ -283,6 +333,7 @@ impl<D: SmDisk> KvStore<D> {
             next_file: 1,
             compaction: None,
             restore: None,
+            checkpoint_job: None,
             failure: None,
             warnings: Vec::new(),
         };
@@ -305,7 +356,7 @@ impl<D: SmDisk> KvStore<D> {
                 .read_at(name, 0, len as usize)
                 .await
                 .map_err(|e| SmError::io("read", name.clone(), e))?;
-            match parse_checkpoint(&bytes) {
+            match parse_checkpoint(&bytes, store.config.hash_seed) {
                 Ok(parsed) if parsed.applied == *applied => {
                     valid.push(CheckpointInfo {
                         applied: *applied,
@@ -450,6 +501,7 @@ impl<D: SmDisk> KvStore<D> {
     }
 
     fn fail(&mut self, error: SmError) -> SmError {
+        self.checkpoint_job = None;
         if self.failure.is_none() {
             self.failure = Some(error.to_string());
         }
@@ -516,7 +568,21 @@ impl<D: SmDisk> KvStore<D> {
         }
     }
 
+    /// Before `key` changes: a checkpoint under way that has yet to write its part keeps the
+    /// slot it had when the checkpoint began (the first change since then is the one to keep).
+    fn keep_for_checkpoint(&mut self, key: &[u8]) {
+        let Some(job) = self.checkpoint_job.as_mut() else {
+            return;
+        };
+        let part = self.index.part_of(key);
+        if part < job.parts_done || job.kept[part].contains_key(key) {
+            return;
+        }
+        job.kept[part].insert(Key::new(key), self.index.get(key).cloned());
+    }
+
     async fn put(&mut self, key: &[u8], value: &[u8], version: u64) -> Result<(), SmError> {
+        self.keep_for_checkpoint(key);
         if value.len() <= self.config.inline_value_bytes_max {
             // An inline value over one of the same length is overwritten in place: no
             // allocation, no free (snapshots hold copies, never this memory).
@@ -563,6 +629,7 @@ impl<D: SmDisk> KvStore<D> {
     }
 
     fn delete(&mut self, key: &[u8]) -> bool {
+        self.keep_for_checkpoint(key);
         match self.index.remove(key) {
             Some(old) => {
                 self.release(key.len(), &old);
@@ -667,19 +734,51 @@ impl<D: SmDisk> KvStore<D> {
         Ok(())
     }
 
-    /// Writes the index and applied index durably (see the module docs for the sequence).
+    /// Writes the index and applied index durably, all at once (see the module docs for the
+    /// sequence). A stepwise checkpoint under way is abandoned.
     pub async fn checkpoint_now(&mut self) -> Result<u64, SmError> {
         self.check_usable("checkpoint")?;
+        self.checkpoint_job = None;
         if self.durable == self.applied && !self.checkpoints.is_empty() {
             return Ok(self.durable);
         }
-        match self.write_checkpoint().await {
-            Ok(()) => Ok(self.durable),
+        let result = match self.checkpoint_begin().await {
+            Ok(()) => self.checkpoint_advance(u64::MAX).await,
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(done) => {
+                assert!(done, "an unbounded checkpoint step finishes");
+                Ok(self.durable)
+            }
             Err(error) => Err(self.fail(error)),
         }
     }
 
-    async fn write_checkpoint(&mut self) -> Result<(), SmError> {
+    /// Makes the state durable a step at a time: the first call writes out the tail and syncs
+    /// the data files; each call encodes and writes about `budget_bytes` of the checkpoint
+    /// (whole parts of the index, 1/256 of the keys each). Applies, reads and compaction may
+    /// run between calls: a change to a key not yet written keeps its slot for the checkpoint
+    /// first (`keep_for_checkpoint`). Returns `Some(index)` once the state at `index` (the applied
+    /// index when this checkpoint began) is durable, `None` while it is under way.
+    pub async fn checkpoint_step(&mut self, budget_bytes: u64) -> Result<Option<u64>, SmError> {
+        self.check_usable("checkpoint")?;
+        if self.checkpoint_job.is_none() {
+            if self.durable == self.applied && !self.checkpoints.is_empty() {
+                return Ok(Some(self.durable));
+            }
+            if let Err(error) = self.checkpoint_begin().await {
+                return Err(self.fail(error));
+            }
+        }
+        match self.checkpoint_advance(budget_bytes).await {
+            Ok(done) => Ok(done.then_some(self.durable)),
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
+    /// Step 1 of the sequence, then the copy of the state to write.
+    async fn checkpoint_begin(&mut self) -> Result<(), SmError> {
         self.flush_tail().await?;
         // Every data file written since the last checkpoint is synced before the checkpoint
         // that points into it can exist.
@@ -690,47 +789,151 @@ impl<D: SmDisk> KvStore<D> {
                 .await
                 .map_err(|e| SmError::io("sync", name.clone(), e))?;
         }
-        let bytes = encode_checkpoint(self);
-        let padded = bytes.len().div_ceil(SM_BLOCK_BYTES) * SM_BLOCK_BYTES;
-        let mut buffer = self.disk.alloc_buffer(padded);
-        buffer.as_mut()[..bytes.len()].copy_from_slice(&bytes);
-        let name = checkpoint_name(self.applied);
-        let io = |op| move |e| SmError::io(op, CHECKPOINT_TMP, e);
-        if self
-            .disk
-            .list()
-            .await
-            .map_err(io("list"))?
-            .iter()
-            .any(|n| n == CHECKPOINT_TMP)
-        {
-            self.disk.remove(CHECKPOINT_TMP).await.map_err(io("remove"))?;
+        // `checkpoint.tmp`, if there, is an old checkpoint kept for reuse (or one abandoned):
+        // it is written over, its header last, and never read as a checkpoint.
+        let mut staged = vec![0; CHECKPOINT_HEADER_BYTES];
+        for (&id, stats) in &self.files {
+            staged.extend_from_slice(&id.to_le_bytes());
+            staged.extend_from_slice(&stats.len.to_le_bytes());
         }
-        self.disk
-            .write_at(CHECKPOINT_TMP, 0, buffer)
-            .await
-            .map_err(io("write"))?;
+        let files: Vec<u32> = self.files.keys().copied().collect();
+        {
+            // Compaction may empty a listed file meanwhile; it stays until this is dropped.
+            let mut pins = self.pins.borrow_mut();
+            for &file in &files {
+                *pins.entry(file).or_insert(0) += 1;
+            }
+        }
+        self.checkpoint_job = Some(CheckpointJob {
+            applied: self.applied,
+            active_file: self.active_file,
+            active_len: self.active_len,
+            files,
+            entries: self.index.len() as u64,
+            encoded: 0,
+            parts_done: 0,
+            kept: (0..PARTS).map(|_| HashMap::default()).collect(),
+            body_len: (staged.len() - CHECKPOINT_HEADER_BYTES) as u64,
+            body_crc: crc32c::crc32c(&staged[CHECKPOINT_HEADER_BYTES..]),
+            staged,
+            offset: 0,
+            first_block: None,
+            pins: self.pins.clone(),
+        });
+        Ok(())
+    }
+
+    /// Encodes and writes about `budget_bytes` more of the checkpoint under way; at its end,
+    /// steps 2 to 4 of the sequence. Returns whether it is durable.
+    async fn checkpoint_advance(&mut self, budget_bytes: u64) -> Result<bool, SmError> {
+        let mut job = self.checkpoint_job.take().expect("a checkpoint under way");
+        let target = usize::try_from(budget_bytes).unwrap_or(usize::MAX);
+        let crc_from = job.staged.len();
+        // Whole parts (1/256 of the keys each; at least one per step): no change can come
+        // between a part's entries.
+        while job.parts_done < PARTS && job.staged.len() - crc_from < target.max(1) {
+            let kept = std::mem::take(&mut job.kept[job.parts_done]);
+            for (key, slot) in self.index.part_entries(job.parts_done) {
+                let slot = match kept.get(key.as_bytes()) {
+                    None => slot,
+                    Some(Some(then)) => then,
+                    Some(None) => continue, // added since
+                };
+                encode_checkpoint_entry(&mut job.staged, key.as_bytes(), slot);
+                job.encoded += 1;
+            }
+            for (key, then) in &kept {
+                if let Some(then) = then {
+                    if self.index.get(key.as_bytes()).is_none() {
+                        // Deleted since.
+                        encode_checkpoint_entry(&mut job.staged, key.as_bytes(), then);
+                        job.encoded += 1;
+                    }
+                }
+            }
+            job.parts_done += 1;
+        }
+        job.body_crc = crc32c::crc32c_append(job.body_crc, &job.staged[crc_from..]);
+        job.body_len += (job.staged.len() - crc_from) as u64;
+        let io = |op| move |e| SmError::io(op, CHECKPOINT_TMP, e);
+        if job.parts_done < PARTS {
+            // Whole blocks out; the partial last one waits for more bytes.
+            let whole = job.staged.len() / SM_BLOCK_BYTES * SM_BLOCK_BYTES;
+            if whole == 0 {
+                self.checkpoint_job = Some(job);
+                return Ok(false);
+            }
+            let mut buffer = self.disk.alloc_buffer(whole);
+            buffer.as_mut().copy_from_slice(&job.staged[..whole]);
+            if job.offset == 0 {
+                job.first_block = Some(job.staged[..SM_BLOCK_BYTES].to_vec());
+            }
+            self.disk
+                .write_at(CHECKPOINT_TMP, job.offset, buffer)
+                .await
+                .map_err(io("write"))?;
+            job.staged.drain(..whole);
+            job.offset += whole as u64;
+            self.checkpoint_job = Some(job);
+            return Ok(false);
+        }
+        assert_eq!(
+            job.encoded, job.entries,
+            "a checkpoint holds exactly the keys of the index when it began"
+        );
+        let header = checkpoint_header(&job);
+        if job.offset == 0 {
+            job.staged[..CHECKPOINT_HEADER_BYTES].copy_from_slice(&header);
+        }
+        let padded = job.staged.len().div_ceil(SM_BLOCK_BYTES) * SM_BLOCK_BYTES;
+        if padded > 0 {
+            let mut buffer = self.disk.alloc_buffer(padded);
+            buffer.as_mut()[..job.staged.len()].copy_from_slice(&job.staged);
+            self.disk
+                .write_at(CHECKPOINT_TMP, job.offset, buffer)
+                .await
+                .map_err(io("write"))?;
+        }
+        if let Some(mut first) = job.first_block.take() {
+            first[..CHECKPOINT_HEADER_BYTES].copy_from_slice(&header);
+            let mut buffer = self.disk.alloc_buffer(SM_BLOCK_BYTES);
+            buffer.as_mut().copy_from_slice(&first);
+            self.disk
+                .write_at(CHECKPOINT_TMP, 0, buffer)
+                .await
+                .map_err(io("write"))?;
+        }
         self.disk.sync(CHECKPOINT_TMP).await.map_err(io("sync"))?;
         // The switch: the rename is durable when it returns (the directory is synced).
+        let name = checkpoint_name(job.applied);
         self.disk
             .rename(CHECKPOINT_TMP, &name)
             .await
             .map_err(io("rename"))?;
-        self.durable = self.applied;
+        debug_assert!(job.applied >= self.durable, "checkpoints only move forward");
+        self.durable = job.applied;
         self.checkpoints.retain(|c| c.name != name);
         self.checkpoints.push_back(CheckpointInfo {
-            applied: self.applied,
+            applied: job.applied,
             name,
-            files: self.files.keys().copied().collect(),
+            files: job.files.iter().copied().collect(),
         });
+        drop(job);
+        // The oldest checkpoint beyond those kept becomes the next one's file: unlinking a
+        // checkpoint of a million keys (~80 MB) held the shard for 15-30 ms on ext4, and
+        // writing over allocated blocks is faster than into new ones.
+        let mut reuse = true;
         while self.checkpoints.len() > self.config.checkpoints_kept {
             let old = self.checkpoints.pop_front().unwrap();
-            self.disk
-                .remove(&old.name)
-                .await
-                .map_err(|e| SmError::io("remove", old.name.clone(), e))?;
+            let renamed = match reuse {
+                true => self.disk.rename(&old.name, CHECKPOINT_TMP).await,
+                false => self.disk.remove(&old.name).await,
+            };
+            renamed.map_err(|e| SmError::io("remove", old.name.clone(), e))?;
+            reuse = false;
         }
-        self.delete_garbage().await
+        self.delete_garbage().await?;
+        Ok(true)
     }
 
     /// Deletes fully compacted files no kept checkpoint or open snapshot references.
@@ -842,6 +1045,7 @@ impl<D: SmDisk> KvStore<D> {
                 let (key, value) = (key.to_vec(), value.to_vec());
                 let loc = self.append_record(&key, &value, version).await?;
                 self.files.entry(self.active_file).or_default().live += record_bytes(key.len(), value.len());
+                self.keep_for_checkpoint(&key);
                 let slot = self.index.get_mut(&key[..]).unwrap();
                 let old = std::mem::replace(slot, Slot { version, loc });
                 self.release(key.len(), &old);
@@ -871,49 +1075,46 @@ struct ParsedCheckpoint {
     index: Index<Slot>,
 }
 
-fn encode_checkpoint<D: SmDisk>(store: &KvStore<D>) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (&id, stats) in &store.files {
-        body.extend_from_slice(&id.to_le_bytes());
-        body.extend_from_slice(&stats.len.to_le_bytes());
-    }
-    for (key, slot) in &store.index {
-        body.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        body.push(matches!(slot.loc, Loc::File { .. }) as u8);
-        body.extend_from_slice(&[0; 3]);
-        body.extend_from_slice(&slot.version.to_le_bytes());
-        body.extend_from_slice(key);
-        match &slot.loc {
-            Loc::Inline(value) => {
-                body.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                body.extend_from_slice(value);
-            }
-            Loc::File {
-                file,
-                offset,
-                value_len,
-            } => {
-                body.extend_from_slice(&file.to_le_bytes());
-                body.extend_from_slice(&offset.to_le_bytes());
-                body.extend_from_slice(&value_len.to_le_bytes());
-            }
+/// One index entry of a checkpoint's body.
+fn encode_checkpoint_entry(body: &mut Vec<u8>, key: &[u8], slot: &Slot) {
+    body.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    body.push(matches!(slot.loc, Loc::File { .. }) as u8);
+    body.extend_from_slice(&[0; 3]);
+    body.extend_from_slice(&slot.version.to_le_bytes());
+    body.extend_from_slice(key);
+    match &slot.loc {
+        Loc::Inline(value) => {
+            body.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            body.extend_from_slice(value);
+        }
+        Loc::File {
+            file,
+            offset,
+            value_len,
+        } => {
+            body.extend_from_slice(&file.to_le_bytes());
+            body.extend_from_slice(&offset.to_le_bytes());
+            body.extend_from_slice(&value_len.to_le_bytes());
         }
     }
-    let mut out = Vec::with_capacity(CHECKPOINT_HEADER_BYTES + body.len());
+}
+
+/// The header of a finished checkpoint body.
+fn checkpoint_header(job: &CheckpointJob) -> [u8; CHECKPOINT_HEADER_BYTES] {
+    let mut out = Vec::with_capacity(CHECKPOINT_HEADER_BYTES);
     out.extend_from_slice(&CHECKPOINT_MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(store.files.len() as u32).to_le_bytes());
-    out.extend_from_slice(&store.applied.to_le_bytes());
-    out.extend_from_slice(&(store.index.len() as u64).to_le_bytes());
-    out.extend_from_slice(&store.active_file.to_le_bytes());
+    out.extend_from_slice(&(job.files.len() as u32).to_le_bytes());
+    out.extend_from_slice(&job.applied.to_le_bytes());
+    out.extend_from_slice(&job.entries.to_le_bytes());
+    out.extend_from_slice(&job.active_file.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&store.active_len.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&job.active_len.to_le_bytes());
+    out.extend_from_slice(&job.body_len.to_le_bytes());
+    out.extend_from_slice(&job.body_crc.to_le_bytes());
     let header_crc = crc32c::crc32c(&out[..60]);
     out.extend_from_slice(&header_crc.to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    out.try_into().expect("64 header bytes")
 }
 
 /// A bounds-checked little-endian reader.
@@ -941,7 +1142,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn parse_checkpoint(bytes: &[u8]) -> Result<ParsedCheckpoint, String> {
+fn parse_checkpoint(bytes: &[u8], hash_seed: Option<u64>) -> Result<ParsedCheckpoint, String> {
     if bytes.len() < CHECKPOINT_HEADER_BYTES {
         return Err("shorter than a checkpoint header".into());
     }
@@ -982,7 +1183,7 @@ fn parse_checkpoint(bytes: &[u8]) -> Result<ParsedCheckpoint, String> {
         let id = r.u32()?;
         files.insert(id, r.u64()?);
     }
-    let mut index = Index::with_capacity(entries.min(1 << 24) as usize);
+    let mut index = Index::with_capacity(entries.min(1 << 24) as usize, hash_seed);
     for _ in 0..entries {
         let key_len = r.u32()? as usize;
         let kind = r.take(4)?[0];
@@ -1102,6 +1303,10 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
 
     async fn checkpoint(&mut self) -> Result<u64, SmError> {
         self.checkpoint_now().await
+    }
+
+    async fn checkpoint_step(&mut self, budget_bytes: u64) -> Result<Option<u64>, SmError> {
+        KvStore::checkpoint_step(self, budget_bytes).await
     }
 
     fn snapshot(&mut self) -> Result<KvSnapshot, SmError> {
@@ -1226,7 +1431,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 applied,
                 next_chunk: 0,
                 chunks,
-                index: Index::default(),
+                index: Index::with_capacity(0, self.config.hash_seed),
             });
         }
         let restore = self.restore.as_mut().unwrap();
@@ -1290,6 +1495,8 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 reason,
             });
         };
+        // A stepwise checkpoint of the old state must not finish after the switch.
+        self.checkpoint_job = None;
         let previous: BTreeSet<u32> = self
             .files
             .keys()

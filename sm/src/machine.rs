@@ -41,8 +41,19 @@ pub trait StateMachine {
     /// The last index made durable by a checkpoint.
     fn durable_index(&self) -> u64;
 
-    /// Makes the state at `applied_index()` durable; returns that index.
+    /// Makes the state at `applied_index()` durable; returns that index. A stepwise checkpoint
+    /// under way ([`StateMachine::checkpoint_step`]) is abandoned.
     async fn checkpoint(&mut self) -> Result<u64, SmError>;
+
+    /// A checkpoint a step at a time, so that a large state never holds the shard for long: the
+    /// first call fixes the state to write (as of `applied_index()` then), each call does about
+    /// `budget_bytes` of the writing, and applies run between calls. Returns `Some(index)` once
+    /// the state at `index` is durable, `None` while the checkpoint is under way. The default
+    /// writes the whole checkpoint in one call.
+    async fn checkpoint_step(&mut self, budget_bytes: u64) -> Result<Option<u64>, SmError> {
+        let _ = budget_bytes;
+        self.checkpoint().await.map(Some)
+    }
 
     /// Starts a consistent snapshot at `applied_index()`.
     fn snapshot(&mut self) -> Result<Self::Snapshot, SmError>;

@@ -107,3 +107,67 @@ fn a_relative_directory_checkpoints() {
         assert_eq!(store.checkpoint().await.unwrap(), 1);
     });
 }
+
+#[test]
+fn stepwise_checkpoints_on_real_files_write_over_the_oldest_and_reopen() {
+    // Four stepwise checkpoints, shrinking: from the third on, each is written over the file of
+    // the oldest (renamed to checkpoint.tmp), which is longer than the new one. Small values
+    // stay inline, so the checkpoint is large; a step is a few KiB, so each takes many writes.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data2 = data.clone();
+    on_executor(move || async move {
+        let disk = GlommioSmDisk::open(&data2).await.unwrap();
+        let mut store = KvStore::open(disk, config()).await.unwrap();
+        for round in 0..4u64 {
+            let commands: Vec<Command> = (0..4000u64)
+                .map(|k| {
+                    let key = format!("key-{k}").into_bytes();
+                    match k < live_keys(round) {
+                        true => Command::Put {
+                            key,
+                            value: vec![(k + round) as u8; 20],
+                        },
+                        false => Command::Delete { key },
+                    }
+                })
+                .collect();
+            let index = round + 1;
+            let bytes = encode_batch(commands);
+            let view = BatchView::new(&bytes).unwrap();
+            store.apply(index, view.batch(), &mut Vec::new()).await.unwrap();
+            let mut steps = 0;
+            let durable = loop {
+                steps += 1;
+                if let Some(durable) = store.checkpoint_step(8 << 10).await.unwrap() {
+                    break durable;
+                }
+            };
+            assert_eq!(durable, index);
+            assert!(steps > 5, "{steps} steps");
+        }
+        let names: Vec<String> = std::fs::read_dir(&data2)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("checkpoint"))
+            .collect();
+        assert_eq!(names.len(), 3, "two kept and the one to write over: {names:?}");
+    });
+    on_executor(move || async move {
+        let mut store = KvStore::open(GlommioSmDisk::open(&data).await.unwrap(), config())
+            .await
+            .unwrap();
+        assert!(store.warnings().is_empty(), "{:?}", store.warnings());
+        assert_eq!(store.durable_index(), 4);
+        for k in 0..4000u64 {
+            let expected = (k < live_keys(3)).then(|| vec![(k + 3) as u8; 20]);
+            let key = format!("key-{k}").into_bytes();
+            assert_eq!(store.read(&key).await.unwrap(), expected, "key-{k}");
+        }
+    });
+}
+
+/// Keys present after round `round` of the test above: fewer each round.
+fn live_keys(round: u64) -> u64 {
+    4000 - round * 900
+}
