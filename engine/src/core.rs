@@ -1053,7 +1053,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     pub async fn checkpoint(&mut self, retain: u64, retain_for_followers: u64) -> Result<(), String> {
         let mut cursor = 0;
         while !self
-            .checkpoint_some(&mut cursor, usize::MAX, retain, retain_for_followers)
+            .checkpoint_some(&mut cursor, usize::MAX, None, retain, retain_for_followers)
             .await?
         {}
         Ok(())
@@ -1064,10 +1064,16 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// nothing). Returns whether the round is complete; otherwise `*cursor` is where it goes on.
     /// A runner spreads a round over its loops this way, so ten thousand groups' checkpoints
     /// (each a write and a sync) never stall the shard at once.
+    ///
+    /// With `step_bytes`, a state machine writes about that much of its checkpoint per call
+    /// ([`StateMachine::checkpoint_step`]) and the call ends there while one is unfinished: a
+    /// million keys (~80 MB of checkpoint) once held the shard for 250-370 ms. Without it, each
+    /// checkpoint is written whole.
     pub async fn checkpoint_some(
         &mut self,
         cursor: &mut u64,
         budget: usize,
+        step_bytes: Option<u64>,
         retain: u64,
         retain_for_followers: u64,
     ) -> Result<bool, String> {
@@ -1085,7 +1091,16 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if g.sm.durable_index() < g.sm.applied_index() {
                 written += 1;
             }
-            let durable = g.sm.checkpoint().await.map_err(|e| e.to_string())?;
+            let durable = match step_bytes {
+                None => g.sm.checkpoint().await.map_err(|e| e.to_string())?,
+                Some(bytes) => match g.sm.checkpoint_step(bytes).await.map_err(|e| e.to_string())? {
+                    Some(durable) => durable,
+                    None => {
+                        *cursor = group;
+                        return Ok(false);
+                    }
+                },
+            };
             let mut through = durable.saturating_sub(retain);
             if let Some(slowest) = self.slowest_follower_match(group) {
                 let floor = durable.saturating_sub(retain.max(retain_for_followers));

@@ -127,6 +127,8 @@ struct Node {
     restart_at: Option<u64>,
     /// The group whose state machine upkeep runs next.
     maintenance_cursor: u64,
+    /// A stepwise checkpoint round under way (as the runtime runs them): the group it is at.
+    checkpoint_cursor: Option<u64>,
     /// This node's tick period in microseconds of true time (its clock drift), and the time
     /// accumulated towards its next tick.
     tick_period_us: u64,
@@ -138,9 +140,15 @@ impl Node {
         let machines: Vec<(u64, KvStore<MemSmDisk>)> = (0..GROUPS)
             .map(|group| {
                 let disk = self.sm_disks.entry(group).or_default().clone();
+                // Seeded hashing: the index's order (snapshot chunks, checkpoint steps) must
+                // not differ from one run of a seed to the next.
+                let config = KvConfig {
+                    hash_seed: Some(self.id << 32 | group),
+                    ..kv_config()
+                };
                 (
                     group,
-                    now(KvStore::open(disk, kv_config())).expect("state machine recovers"),
+                    now(KvStore::open(disk, config)).expect("state machine recovers"),
                 )
             })
             .collect();
@@ -154,6 +162,7 @@ impl Node {
         core.observe_applied();
         self.core = Some(core);
         self.write = None;
+        self.checkpoint_cursor = None;
     }
 
     fn crash(&mut self) {
@@ -281,6 +290,7 @@ impl Sim {
                 write: None,
                 restart_at: None,
                 maintenance_cursor: 0,
+                checkpoint_cursor: None,
                 tick_period_us: TICK_MS
                     * 1000
                     * (1000 - DRIFT_PER_MILLE + rng.below(2 * DRIFT_PER_MILLE + 1))
@@ -790,12 +800,26 @@ impl Sim {
                 node.tick_debt_us -= node.tick_period_us;
                 node.core.as_mut().unwrap().tick();
             }
-            let core = self.nodes[i].core.as_mut().unwrap();
-            if clock % 700 == 0 {
+            let node = &mut self.nodes[i];
+            let core = node.core.as_mut().unwrap();
+            if clock % 1400 == 0 {
                 // Compacting close behind the checkpoint makes followers that were down or cut
-                // off fall behind the log: they catch up by snapshot.
+                // off fall behind the log: they catch up by snapshot. A whole checkpoint
+                // abandons a stepwise one under way.
                 now(core.checkpoint(RETAIN_ENTRIES, RETAIN_ENTRIES)).expect("checkpoint");
+            } else if clock % 700 == 0 && node.checkpoint_cursor.is_none() {
+                node.checkpoint_cursor = Some(0);
             }
+            if let Some(cursor) = node.checkpoint_cursor.as_mut() {
+                // Stepwise, as the runtime does: a few records per millisecond, so applies,
+                // snapshots, upkeep and crashes come between the steps.
+                let done = now(core.checkpoint_some(cursor, 2, Some(64), RETAIN_ENTRIES, RETAIN_ENTRIES))
+                    .expect("checkpoint step");
+                if done {
+                    node.checkpoint_cursor = None;
+                }
+            }
+            let core = self.nodes[i].core.as_mut().unwrap();
             // Leader balancing runs on every node, as the runtime does.
             if clock % 500 == 0 {
                 core.balance_leaders();
@@ -872,7 +896,7 @@ impl Sim {
         }
         // Stop the load and let every node catch up, then compare.
         self.load = false;
-        let settle = self.clock + 2_000;
+        let settle = self.clock + std::env::var("SETTLE").map_or(2_000, |s| s.parse().unwrap());
         while self.clock < settle {
             self.step();
         }
