@@ -1675,6 +1675,20 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if g.raw.raft.lead_transferee.is_some() {
                 g.lease.blocked_until = ticks + 2 * election;
             }
+            // Proposals past the end of the log: it was cut back under them (a newer leader's
+            // entries replaced this node's), and apply only answers them once the log reaches
+            // their index again, which an idle group never does. The outcome is unknown: a
+            // node that kept the entry might still see it committed.
+            let last = g.raw.raft.raft_log.last_index();
+            while g.proposals.back().is_some_and(|p| p.index > last) {
+                let proposal = g.proposals.pop_back().unwrap();
+                for (request, _) in proposal.parts {
+                    self.answers.push(Answer {
+                        request,
+                        result: Err(EngineError::UnknownOutcome),
+                    });
+                }
+            }
             if ready || !g.outgoing.is_empty() || !g.reads_inflight.is_empty() {
                 self.active.insert(group);
             }
@@ -1692,7 +1706,15 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             // acknowledged chunk (the connection may have dropped); after enough rounds raft is
             // told the snapshot failed, and asks for one again later.
             let mut abandoned = Vec::new();
+            // A stream whose snapshot the log has since been compacted past is abandoned at
+            // once: installed, it would leave the follower short of the leader's first entry,
+            // needing another snapshot anyway. raft then asks for a new one.
+            let first = self.wal.borrow().first_index(group);
             for (&to, stream) in g.outgoing.iter_mut() {
+                if stream.serving.index + 1 < first && !stream.done_sent {
+                    abandoned.push(to);
+                    continue;
+                }
                 if ticks - stream.last_progress_tick < retry_after {
                     continue;
                 }

@@ -1048,3 +1048,99 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
          {lease_reads} reads served under a lease"
     );
 }
+
+/// A leader cut off from its group keeps proposing; a new leader's entries then replace the
+/// tail of its log. Proposals whose index the cut-back log no longer reaches are answered
+/// (outcome unknown) without waiting for the group to write that far again: an idle group
+/// never would, and it could never quiesce while they wait.
+#[test]
+fn a_deposed_leaders_proposals_cut_from_its_log_are_answered_without_more_writes() {
+    let mut sim = Sim::new(11);
+    sim.faults = false;
+    sim.load = false;
+    let leader_of =
+        |sim: &Sim| (1..=NODES).find(|&id| sim.nodes[(id - 1) as usize].core.as_ref().unwrap().is_leader(0));
+    while leader_of(&sim).is_none() {
+        assert!(sim.clock < 5_000, "no leader elected");
+        sim.step();
+    }
+    // Past the leader balancing of the first second (a transfer under way refuses proposals).
+    while sim.clock < 1_100 || leader_of(&sim).is_none() {
+        sim.step();
+    }
+    let old = leader_of(&sim).unwrap();
+    let old_term = sim.nodes[(old - 1) as usize]
+        .core
+        .as_ref()
+        .unwrap()
+        .progress(0)
+        .unwrap()
+        .0;
+    for other in (1..=NODES).filter(|&n| n != old) {
+        sim.blocked.insert((old, other));
+        sim.blocked.insert((other, old));
+    }
+    let requests: Vec<u64> = (0..5).map(|n| 1_000_000 + n).collect();
+    for &request in &requests {
+        let key = format!("cut-{request}").into_bytes();
+        sim.pending.insert(
+            request,
+            Pending {
+                group: 0,
+                key: key.clone(),
+                value: b"v".to_vec(),
+                read: false,
+            },
+        );
+        let core = sim.nodes[(old - 1) as usize].core.as_mut().unwrap();
+        core.submit(
+            0,
+            request,
+            vec![Command::Put {
+                key,
+                value: b"v".to_vec(),
+            }],
+        );
+        sim.step();
+    }
+    assert!(
+        requests.iter().all(|r| sim.pending.contains_key(r)),
+        "proposed, not refused"
+    );
+    // The others elect a leader of a later term; then the partition heals, with no more load.
+    let deadline = sim.clock + 5_000;
+    while leader_of(&sim).is_none_or(|l| l == old) {
+        assert!(sim.clock < deadline, "the cut-off majority elected no leader");
+        sim.step();
+    }
+    let new = leader_of(&sim).unwrap();
+    assert!(
+        sim.nodes[(new - 1) as usize]
+            .core
+            .as_ref()
+            .unwrap()
+            .progress(0)
+            .unwrap()
+            .0
+            > old_term
+    );
+    sim.blocked.clear();
+    let deadline = sim.clock + 3_000;
+    while requests.iter().any(|r| sim.pending.contains_key(r)) {
+        assert!(
+            sim.clock < deadline,
+            "proposals of the deposed leader still unanswered: {:?}",
+            requests
+                .iter()
+                .filter(|r| sim.pending.contains_key(r))
+                .collect::<Vec<_>>()
+        );
+        sim.step();
+    }
+    assert!(
+        requests
+            .iter()
+            .all(|r| !sim.acked.iter().any(|a| a.key == format!("cut-{r}").into_bytes())),
+        "none of them was acknowledged"
+    );
+}
