@@ -122,6 +122,11 @@ impl<V> Index<V> {
         self.part(key)
     }
 
+    /// Keys in one part.
+    pub(crate) fn part_len(&self, part: usize) -> usize {
+        self.parts[part].len()
+    }
+
     /// The entries of one part.
     pub(crate) fn part_entries(&self, part: usize) -> impl Iterator<Item = (&Key, &V)> {
         self.parts[part].iter()

@@ -15,9 +15,11 @@
 //! - Compaction rewrites the live records of the emptiest sealed file into the active one, a
 //!   bounded number of bytes per step; a fully rewritten file is deleted once no kept checkpoint
 //!   and no open snapshot references it.
-//! - Snapshots stream the live keys (in an order fixed per snapshot) as numbered, checksummed
-//!   chunks that can be produced again from any number; restore stages the new state beside the
-//!   old and switches with one checkpoint.
+//! - Snapshots stream the live keys as numbered, checksummed chunks (fixed ranges of index
+//!   parts) that can be produced again from any number. Nothing is copied when a snapshot is
+//!   taken: while it is open, the first old slot of each changed key is kept for it
+//!   ([`KvSnapshot`]). Restore stages the new state beside the old and switches with one
+//!   checkpoint; snapshots of the old state then fail.
 //!
 //! Formats: `docs/kv-format.md`.
 
@@ -53,7 +55,8 @@ pub struct KvConfig {
     pub compaction_live_percent_max: u64,
     /// Checkpoints kept (the newest is used; older ones are fallbacks). Default 2.
     pub checkpoints_kept: usize,
-    /// Target size of a snapshot chunk (a chunk holds at least one record). Default 1 MiB.
+    /// Target size of a snapshot chunk (whole index parts; a chunk may hold no record, or more
+    /// than this when one part does). Default 1 MiB.
     pub snapshot_chunk_bytes: usize,
     /// Seeds the key index's hashing, so that its order (and with it snapshot chunks and
     /// checkpoint steps) repeats from run to run: for deterministic simulation. `None` (the
@@ -274,6 +277,9 @@ pub struct KvStore<D: SmDisk> {
     restore: Option<Restore>,
     /// A stepwise checkpoint under way.
     checkpoint_job: Option<CheckpointJob>,
+    /// What open snapshots need of keys changed since they began (shared with each
+    /// [`KvSnapshot`]; dropped here once the snapshot is).
+    snapshot_views: Vec<Rc<RefCell<SnapshotView>>>,
     failure: Option<String>,
     warnings: Vec<String>,
 }
@@ -334,6 +340,7 @@ impl<D: SmDisk> KvStore<D> {
             compaction: None,
             restore: None,
             checkpoint_job: None,
+            snapshot_views: Vec::new(),
             failure: None,
             warnings: Vec::new(),
         };
@@ -568,21 +575,32 @@ impl<D: SmDisk> KvStore<D> {
         }
     }
 
-    /// Before `key` changes: a checkpoint under way that has yet to write its part keeps the
-    /// slot it had when the checkpoint began (the first change since then is the one to keep).
-    fn keep_for_checkpoint(&mut self, key: &[u8]) {
-        let Some(job) = self.checkpoint_job.as_mut() else {
-            return;
-        };
-        let part = self.index.part_of(key);
-        if part < job.parts_done || job.kept[part].contains_key(key) {
+    /// Before `key` changes: a stepwise checkpoint that has yet to write its part, and every
+    /// open snapshot, keep the slot it had when they began (the first change since then is the
+    /// one to keep).
+    fn keep_before_change(&mut self, key: &[u8]) {
+        if self.checkpoint_job.is_none() && self.snapshot_views.is_empty() {
             return;
         }
-        job.kept[part].insert(Key::new(key), self.index.get(key).cloned());
+        let part = self.index.part_of(key);
+        if let Some(job) = self.checkpoint_job.as_mut() {
+            if part >= job.parts_done && !job.kept[part].contains_key(key) {
+                job.kept[part].insert(Key::new(key), self.index.get(key).cloned());
+            }
+        }
+        // Open snapshots keep the first slot of every changed key for as long as they live:
+        // any chunk may be asked for again.
+        self.snapshot_views.retain(|view| Rc::strong_count(view) > 1);
+        for view in &self.snapshot_views {
+            let mut view = view.borrow_mut();
+            if !view.kept[part].contains_key(key) {
+                view.kept[part].insert(Key::new(key), self.index.get(key).cloned());
+            }
+        }
     }
 
     async fn put(&mut self, key: &[u8], value: &[u8], version: u64) -> Result<(), SmError> {
-        self.keep_for_checkpoint(key);
+        self.keep_before_change(key);
         if value.len() <= self.config.inline_value_bytes_max {
             // An inline value over one of the same length is overwritten in place: no
             // allocation, no free (snapshots hold copies, never this memory).
@@ -629,7 +647,7 @@ impl<D: SmDisk> KvStore<D> {
     }
 
     fn delete(&mut self, key: &[u8]) -> bool {
-        self.keep_for_checkpoint(key);
+        self.keep_before_change(key);
         match self.index.remove(key) {
             Some(old) => {
                 self.release(key.len(), &old);
@@ -759,7 +777,7 @@ impl<D: SmDisk> KvStore<D> {
     /// the data files; each call encodes and writes about `budget_bytes` of the checkpoint
     /// (whole parts of the index, 1/256 of the keys each). Applies, reads and compaction may
     /// run between calls: a change to a key not yet written keeps its slot for the checkpoint
-    /// first (`keep_for_checkpoint`). Returns `Some(index)` once the state at `index` (the applied
+    /// first (`keep_before_change`). Returns `Some(index)` once the state at `index` (the applied
     /// index when this checkpoint began) is durable, `None` while it is under way.
     pub async fn checkpoint_step(&mut self, budget_bytes: u64) -> Result<Option<u64>, SmError> {
         self.check_usable("checkpoint")?;
@@ -1045,7 +1063,7 @@ impl<D: SmDisk> KvStore<D> {
                 let (key, value) = (key.to_vec(), value.to_vec());
                 let loc = self.append_record(&key, &value, version).await?;
                 self.files.entry(self.active_file).or_default().live += record_bytes(key.len(), value.len());
-                self.keep_for_checkpoint(&key);
+                self.keep_before_change(&key);
                 let slot = self.index.get_mut(&key[..]).unwrap();
                 let old = std::mem::replace(slot, Slot { version, loc });
                 self.release(key.len(), &old);
@@ -1228,14 +1246,26 @@ fn parse_checkpoint(bytes: &[u8], hash_seed: Option<u64>) -> Result<ParsedCheckp
     })
 }
 
-/// A consistent snapshot of a [`KvStore`]: the live keys (in an order fixed for this snapshot) at
-/// one applied index.
-/// Data files it reads stay on disk while it is alive.
+/// What a snapshot needs of the store beyond its live index: per index part, the keys changed
+/// since the snapshot began, with their slot then (`None`: absent then).
+#[derive(Debug)]
+struct SnapshotView {
+    kept: Vec<HashMap<Key, Option<Slot>>>,
+    /// False once a restore replaced the store's state: the snapshot can no longer be produced.
+    valid: bool,
+}
+
+/// A consistent snapshot of a [`KvStore`]: the live keys at one applied index. Nothing is copied
+/// when it is taken: chunk `n` is a fixed range of the index's parts, produced from the live
+/// index and the slots the store keeps aside for this snapshot when a key changes (see
+/// `keep_before_change`), so it holds the same records whenever it is produced (in an order
+/// that may differ). Data files it reads stay on disk while it is alive.
 #[derive(Debug)]
 pub struct KvSnapshot {
     applied: u64,
-    items: Vec<(Key, Slot)>,
-    chunk_starts: Vec<usize>,
+    view: Rc<RefCell<SnapshotView>>,
+    /// The first index part of each chunk.
+    chunk_parts: Vec<usize>,
     pins: Rc<RefCell<BTreeMap<u32, usize>>>,
     pinned: BTreeSet<u32>,
 }
@@ -1246,7 +1276,7 @@ impl KvSnapshot {
     }
 
     pub fn chunks(&self) -> u64 {
-        self.chunk_starts.len() as u64
+        self.chunk_parts.len() as u64
     }
 }
 
@@ -1311,45 +1341,50 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
 
     fn snapshot(&mut self) -> Result<KvSnapshot, SmError> {
         self.check_usable("snapshot")?;
-        let mut items: Vec<(Key, Slot)> = Vec::with_capacity(self.index.len());
-        items.extend(self.index.entries().map(|(k, s)| (k.clone(), s.clone())));
-        // No sort: the order is fixed for this snapshot (chunks can be produced again), and a
-        // receiver never mixes chunks of two snapshots (the engine identifies each stream), so
-        // sorting every key on the shard's loop would buy nothing.
-        let mut chunk_starts = Vec::new();
-        let mut size = usize::MAX;
-        for (i, (key, slot)) in items.iter().enumerate() {
-            let value_len = match &slot.loc {
-                Loc::Inline(v) => v.len(),
-                Loc::File { value_len, .. } => *value_len as usize,
-            };
-            let bytes = 16 + key.as_bytes().len() + value_len;
-            if size.saturating_add(bytes) > self.config.snapshot_chunk_bytes {
-                chunk_starts.push(i);
+        // Chunks of consecutive whole index parts, about `snapshot_chunk_bytes` each, sizing
+        // parts by their key counts and the record size of a sample of keys (chunk sizes only
+        // steer memory and message sizes; reading every key here is what is avoided).
+        let mut sampled = (0usize, 0usize); // (records, bytes)
+        for part in 0..PARTS {
+            for (key, slot) in self.index.part_entries(part) {
+                let value_len = match &slot.loc {
+                    Loc::Inline(v) => v.len(),
+                    Loc::File { value_len, .. } => *value_len as usize,
+                };
+                sampled = (sampled.0 + 1, sampled.1 + 16 + key.as_bytes().len() + value_len);
+            }
+            if sampled.0 >= 256 {
+                break;
+            }
+        }
+        let record_bytes = sampled.1.checked_div(sampled.0).unwrap_or(1).max(1);
+        let mut chunk_parts = vec![0];
+        let mut size = 0;
+        for part in 0..PARTS {
+            let bytes = self.index.part_len(part) * record_bytes;
+            if size > 0 && size + bytes > self.config.snapshot_chunk_bytes {
+                chunk_parts.push(part);
                 size = 0;
             }
             size += bytes;
         }
-        if chunk_starts.is_empty() {
-            chunk_starts.push(0); // an empty store is one empty chunk
-        }
-        let pinned: BTreeSet<u32> = items
-            .iter()
-            .filter_map(|(_, s)| match s.loc {
-                Loc::File { file, .. } => Some(file),
-                Loc::Inline(_) => None,
-            })
-            .collect();
+        let pinned: BTreeSet<u32> = self.files.keys().copied().collect();
         {
             let mut pins = self.pins.borrow_mut();
             for &file in &pinned {
                 *pins.entry(file).or_insert(0) += 1;
             }
         }
+        let view = Rc::new(RefCell::new(SnapshotView {
+            kept: (0..PARTS).map(|_| HashMap::default()).collect(),
+            valid: true,
+        }));
+        self.snapshot_views.retain(|view| Rc::strong_count(view) > 1);
+        self.snapshot_views.push(view.clone());
         Ok(KvSnapshot {
             applied: self.applied,
-            items,
-            chunk_starts,
+            view,
+            chunk_parts,
             pins: self.pins.clone(),
             pinned,
         })
@@ -1360,16 +1395,44 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         snapshot: &KvSnapshot,
         number: u64,
     ) -> Result<Option<Vec<u8>>, SmError> {
-        let Some(&start) = snapshot.chunk_starts.get(number as usize) else {
+        let Some(&start) = snapshot.chunk_parts.get(number as usize) else {
             return Ok(None);
         };
         let end = snapshot
-            .chunk_starts
+            .chunk_parts
             .get(number as usize + 1)
             .copied()
-            .unwrap_or(snapshot.items.len());
+            .unwrap_or(PARTS);
+        // The records of these parts as they were when the snapshot began.
+        let mut items: Vec<(Key, Slot)> = Vec::new();
+        {
+            let view = snapshot.view.borrow();
+            if !view.valid {
+                return Err(SmError::Failed {
+                    op: "snapshot",
+                    cause: "the store's state was replaced by a restore since the snapshot began".into(),
+                });
+            }
+            for part in start..end {
+                let kept = &view.kept[part];
+                for (key, slot) in self.index.part_entries(part) {
+                    match kept.get(key.as_bytes()) {
+                        None => items.push((key.clone(), slot.clone())),
+                        Some(Some(then)) => items.push((key.clone(), then.clone())),
+                        Some(None) => {} // added since
+                    }
+                }
+                for (key, then) in kept {
+                    if let Some(then) = then {
+                        if self.index.get(key.as_bytes()).is_none() {
+                            items.push((key.clone(), then.clone())); // deleted since
+                        }
+                    }
+                }
+            }
+        }
         let mut body = Vec::new();
-        for (key, slot) in &snapshot.items[start..end] {
+        for (key, slot) in &items {
             let key = key.as_bytes();
             let value = self.load(key, slot).await?;
             body.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -1382,8 +1445,8 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         out.extend_from_slice(&SNAPSHOT_MAGIC);
         out.extend_from_slice(&snapshot.applied.to_le_bytes());
         out.extend_from_slice(&number.to_le_bytes());
-        out.extend_from_slice(&((end - start) as u32).to_le_bytes());
-        out.extend_from_slice(&(snapshot.chunk_starts.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(snapshot.chunk_parts.len() as u32).to_le_bytes());
         out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         let header_crc = crc32c::crc32c(&out);
         out.extend_from_slice(&header_crc.to_le_bytes());
@@ -1495,8 +1558,12 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 reason,
             });
         };
-        // A stepwise checkpoint of the old state must not finish after the switch.
+        // A stepwise checkpoint of the old state must not finish after the switch, and open
+        // snapshots of it can no longer be produced.
         self.checkpoint_job = None;
+        for view in self.snapshot_views.drain(..) {
+            view.borrow_mut().valid = false;
+        }
         let previous: BTreeSet<u32> = self
             .files
             .keys()

@@ -97,7 +97,9 @@ enum Op {
     CheckpointStep(u64),
     Compact(u64),
     Crash,
-    SnapshotRestore,
+    /// A snapshot streamed to a fresh store, with these batches applied to the source (and
+    /// its upkeep run) between the chunks.
+    SnapshotRestore(Vec<Vec<Command>>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -107,7 +109,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (1u64..120).prop_map(Op::CheckpointStep),
         2 => (100u64..3000).prop_map(Op::Compact),
         1 => Just(Op::Crash),
-        1 => Just(Op::SnapshotRestore),
+        1 => proptest::collection::vec(proptest::collection::vec(command(), 1..4), 0..8)
+            .prop_map(Op::SnapshotRestore),
     ]
 }
 
@@ -198,30 +201,46 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 prop_assert_eq!(store.applied_index(), index);
             }
-            Op::SnapshotRestore => {
+            Op::SnapshotRestore(changes) => {
                 let snapshot = store.snapshot().unwrap();
+                let (at, then) = (index, model.clone());
                 let fresh_disk = MemSmDisk::new();
                 let mut fresh = now(KvStore::open(fresh_disk.clone(), config())).unwrap();
                 let mut number = 0;
+                let mut changes = changes.into_iter();
                 while let Some(chunk) = now(store.snapshot_chunk(&snapshot, number)).unwrap() {
                     now(fresh.restore_chunk(&chunk)).unwrap();
                     if number == 1 {
-                        // A resumed sender repeats a chunk: ignored.
+                        // A resumed sender repeats a chunk (produced again, after changes to
+                        // the source): ignored.
                         let again = now(store.snapshot_chunk(&snapshot, 0)).unwrap().unwrap();
                         now(fresh.restore_chunk(&again)).unwrap();
                     }
                     number += 1;
+                    // The source goes on applying (and compacting) while the snapshot streams.
+                    if let Some(commands) = changes.next() {
+                        index += 1;
+                        let bytes = encode_batch(commands.clone());
+                        let view = BatchView::new(&bytes).unwrap();
+                        now(store.apply(index, view.batch(), &mut Vec::new())).unwrap();
+                        for command in &commands {
+                            model_apply(&mut model, command);
+                        }
+                        log.push((index, bytes.to_vec()));
+                        history.push(model.clone());
+                        now(store.compact_step(2000)).unwrap();
+                    }
                 }
                 prop_assert_eq!(number, snapshot.chunks());
                 // A stepwise checkpoint of the source goes on; the fresh store has none.
-                prop_assert_eq!(now(fresh.restore_finish()).unwrap(), index);
-                prop_assert_eq!(contents(&mut fresh, all_keys()), model.clone());
+                prop_assert_eq!(now(fresh.restore_finish()).unwrap(), at);
+                prop_assert_eq!(contents(&mut fresh, all_keys()), then.clone());
                 // The restored store is durable: it survives power loss on its own.
                 drop(fresh);
                 fresh_disk.crash();
                 let mut reopened = now(KvStore::open(fresh_disk, config())).unwrap();
-                prop_assert_eq!(reopened.durable_index(), index);
-                prop_assert_eq!(contents(&mut reopened, all_keys()), model.clone());
+                prop_assert_eq!(reopened.durable_index(), at);
+                prop_assert_eq!(contents(&mut reopened, all_keys()), then);
             }
         }
         prop_assert_eq!(contents(&mut store, all_keys()), model.clone());
@@ -358,4 +377,43 @@ fn a_stepwise_checkpoint_holds_the_state_it_began_with_while_applies_and_compact
     assert_eq!(store.durable_index(), began);
     let keys = (0..3300u32).map(|k| format!("key-{k}").into_bytes());
     assert_eq!(contents(&mut store, keys), expected);
+}
+
+#[test]
+fn a_snapshot_taken_before_a_restore_fails_instead_of_serving_the_new_state() {
+    let (source_disk, target_disk) = (MemSmDisk::new(), MemSmDisk::new());
+    let mut source = now(KvStore::open(source_disk, config())).unwrap();
+    let mut target = now(KvStore::open(target_disk, config())).unwrap();
+    let (mut source_index, mut target_index) = (0, 0);
+    for k in 0..50u32 {
+        let key = format!("key-{k}").into_bytes();
+        apply_one(
+            &mut source,
+            &mut source_index,
+            Command::Put {
+                key: key.clone(),
+                value: b"new".to_vec(),
+            },
+        );
+        apply_one(
+            &mut target,
+            &mut target_index,
+            Command::Put {
+                key,
+                value: b"old".to_vec(),
+            },
+        );
+    }
+    let stale = target.snapshot().unwrap();
+    assert!(now(target.snapshot_chunk(&stale, 0)).unwrap().is_some());
+    let snapshot = source.snapshot().unwrap();
+    let mut number = 0;
+    while let Some(chunk) = now(source.snapshot_chunk(&snapshot, number)).unwrap() {
+        now(target.restore_chunk(&chunk)).unwrap();
+        number += 1;
+    }
+    now(target.restore_finish()).unwrap();
+    assert_eq!(now(target.read(b"key-7")).unwrap(), Some(b"new".to_vec()));
+    let error = now(target.snapshot_chunk(&stale, 0)).unwrap_err();
+    assert!(error.to_string().contains("replaced by a restore"), "{error}");
 }
