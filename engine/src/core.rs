@@ -309,6 +309,10 @@ impl<D: Disk, S: StateMachine> Group<D, S> {
     fn sleep(&mut self) {
         self.asleep = true;
         self.awake.borrow_mut().remove(&self.id);
+        // Every member has everything: no snapshot is needed (an open one costs the state
+        // machine what changes meanwhile).
+        self.serving = None;
+        self.snap.borrow_mut().ready = None;
     }
 
     /// Whether the next loop's passes must visit this group: a Ready, entries to apply, requests
@@ -1494,6 +1498,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             stream,
             meta: Bytes::from(meta.encode()),
             snapshot,
+            taken_tick: self.ticks,
         }));
         let mut raft_snapshot = Snapshot::default();
         let metadata = raft_snapshot.mut_metadata();
@@ -1731,6 +1736,18 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 g.outgoing.remove(&to);
                 g.raw.report_snapshot(to, SnapshotStatus::Failure);
             }
+            // A snapshot no stream sends any more is let go (raft asks for a new one next
+            // time): an open snapshot keeps the old slot of every key changed since, and its
+            // data files, in the state machine. Not at once: raft asks for the one just taken
+            // at its next try.
+            let unused = g.outgoing.is_empty()
+                && g.serving
+                    .as_ref()
+                    .is_some_and(|s| ticks.saturating_sub(s.taken_tick) > 2 * election);
+            if unused {
+                g.serving = None;
+                g.snap.borrow_mut().ready = None;
+            }
             // A staged snapshot that stopped coming (its leader gave up or lost leadership), or
             // that the log overtook, is dropped.
             let installing = g.raw.raft.raft_log.unstable_snapshot().is_some();
@@ -1863,6 +1880,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 g.sleep();
             }
         }
+    }
+
+    /// Groups whose state machine snapshot this node holds for sending.
+    pub fn open_snapshots(&self) -> usize {
+        self.groups.values().filter(|g| g.serving.is_some()).count()
     }
 
     /// Groups quiesced on this node (not ticked).

@@ -67,6 +67,8 @@ pub(crate) struct Serving<T> {
     pub(crate) stream: u64,
     pub(crate) meta: Bytes,
     pub(crate) snapshot: T,
+    /// The shard's tick when it was taken.
+    pub(crate) taken_tick: u64,
 }
 
 impl<T> Serving<T> {

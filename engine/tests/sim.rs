@@ -918,6 +918,17 @@ impl Sim {
                 ));
             }
         }
+        // No snapshot is held open once nobody needs one (an open snapshot makes the state
+        // machine keep what changes).
+        for node in &self.nodes {
+            let open = node.core.as_ref().unwrap().open_snapshots();
+            if open > 0 {
+                self.fail(format!(
+                    "node {} holds {open} snapshot(s) after 2 s idle",
+                    node.id
+                ));
+            }
+        }
         // Idle groups quiesced on every member (and the checks above held with groups falling
         // asleep and waking throughout the fault phase).
         for group in 0..GROUPS {
