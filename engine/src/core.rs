@@ -260,6 +260,9 @@ struct Group<D: Disk, S: StateMachine> {
     snap: SnapSlot,
     /// The snapshot this leader serves and its streams, by follower.
     serving: Option<Rc<Serving<S::Snapshot>>>,
+    /// A stepwise checkpoint of this group's state machine is under way (it began when the
+    /// group's membership records were durable, so it may finish whatever came since).
+    checkpoint_stepping: bool,
     outgoing: BTreeMap<u64, Outgoing<S::Snapshot>>,
     incoming: Option<Incoming>,
     lease: Lease,
@@ -665,6 +668,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     conf_state,
                     snap,
                     serving: None,
+                    checkpoint_stepping: false,
                     outgoing: BTreeMap::new(),
                     incoming: None,
                     lease: Lease::default(),
@@ -1088,10 +1092,13 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 *cursor = group;
                 return Ok(false);
             }
-            if !self.wal.borrow().meta_durable(group) {
+            let g = self.groups.get_mut(&group).unwrap();
+            // Skipped only before it starts: a stepwise one under way holds the state of when
+            // it began, and waiting a whole round would let what it keeps aside grow.
+            let stepping = g.checkpoint_stepping && step_bytes.is_some();
+            if !stepping && !self.wal.borrow().meta_durable(group) {
                 continue;
             }
-            let g = self.groups.get_mut(&group).unwrap();
             if g.sm.durable_index() < g.sm.applied_index() {
                 written += 1;
             }
@@ -1100,11 +1107,13 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 Some(bytes) => match g.sm.checkpoint_step(bytes).await.map_err(|e| e.to_string())? {
                     Some(durable) => durable,
                     None => {
+                        g.checkpoint_stepping = true;
                         *cursor = group;
                         return Ok(false);
                     }
                 },
             };
+            g.checkpoint_stepping = false;
             let mut through = durable.saturating_sub(retain);
             if let Some(slowest) = self.slowest_follower_match(group) {
                 let floor = durable.saturating_sub(retain.max(retain_for_followers));
@@ -2107,6 +2116,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             // after the snapshot. The metadata record written when the data was staged (durable
             // before raft saw the message) lets a restart in between finish the reset.
             let metadata = ready.snapshot().get_metadata().clone();
+            // The switch abandons a stepwise checkpoint of the old state: the next one starts
+            // afresh, after the membership check.
+            g.checkpoint_stepping = false;
             let installed =
                 g.sm.restore_finish()
                     .await
