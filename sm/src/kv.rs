@@ -204,6 +204,60 @@ struct CheckpointInfo {
     files: BTreeSet<u32>,
 }
 
+/// Every data file the store has, kept on disk (not deleted as garbage) while this lives:
+/// what a stepwise checkpoint or a snapshot may still point into.
+#[derive(Debug)]
+struct PinnedFiles {
+    pins: Rc<RefCell<BTreeMap<u32, usize>>>,
+    files: Vec<u32>,
+}
+
+impl PinnedFiles {
+    fn new<D: SmDisk>(store: &KvStore<D>) -> PinnedFiles {
+        let files: Vec<u32> = store.files.keys().copied().collect();
+        let mut pins = store.pins.borrow_mut();
+        for &file in &files {
+            *pins.entry(file).or_insert(0) += 1;
+        }
+        PinnedFiles {
+            pins: store.pins.clone(),
+            files,
+        }
+    }
+}
+
+impl Drop for PinnedFiles {
+    fn drop(&mut self) {
+        let mut pins = self.pins.borrow_mut();
+        for file in &self.files {
+            if let Some(count) = pins.get_mut(file) {
+                *count -= 1;
+            }
+        }
+    }
+}
+
+/// The entries of index part `part` as they were when a checkpoint or snapshot began: the live
+/// ones, with `kept` (the slots then of keys changed since; `None`: absent then) in place of
+/// what changed, and the keys deleted since.
+fn part_as_it_was<'a>(
+    index: &'a Index<Slot>,
+    part: usize,
+    kept: &'a HashMap<Key, Option<Slot>>,
+) -> impl Iterator<Item = (&'a Key, &'a Slot)> {
+    let live = index
+        .part_entries(part)
+        .filter_map(|(key, slot)| match kept.get(key.as_bytes()) {
+            None => Some((key, slot)),
+            Some(then) => then.as_ref().map(|then| (key, then)), // None: added since
+        });
+    let deleted = kept.iter().filter_map(|(key, then)| {
+        let then = then.as_ref()?;
+        index.get(key.as_bytes()).is_none().then_some((key, then))
+    });
+    live.chain(deleted)
+}
+
 /// A checkpoint written a step at a time ([`KvStore::checkpoint_step`]) of the index as it was
 /// at `applied`, while applies go on. Nothing is copied when it begins: the index's parts are
 /// encoded in order, a few per step, and a change to a key of a part not yet encoded first
@@ -213,7 +267,8 @@ struct CheckpointJob {
     applied: u64,
     active_file: u32,
     active_len: u64,
-    files: Vec<u32>,
+    /// The data files when it began (the checkpoint's file table).
+    files: PinnedFiles,
     /// Keys in the index when it began (the header's entry count).
     entries: u64,
     /// Entries encoded so far; `entries` at the end, or the bookkeeping is wrong.
@@ -230,18 +285,6 @@ struct CheckpointJob {
     first_block: Option<Vec<u8>>,
     body_len: u64,
     body_crc: u32,
-    pins: Rc<RefCell<BTreeMap<u32, usize>>>,
-}
-
-impl Drop for CheckpointJob {
-    fn drop(&mut self) {
-        let mut pins = self.pins.borrow_mut();
-        for file in &self.files {
-            if let Some(count) = pins.get_mut(file) {
-                *count -= 1;
-            }
-        }
-    }
 }
 
 /// A restore in progress.
@@ -814,19 +857,12 @@ impl<D: SmDisk> KvStore<D> {
             staged.extend_from_slice(&id.to_le_bytes());
             staged.extend_from_slice(&stats.len.to_le_bytes());
         }
-        let files: Vec<u32> = self.files.keys().copied().collect();
-        {
-            // Compaction may empty a listed file meanwhile; it stays until this is dropped.
-            let mut pins = self.pins.borrow_mut();
-            for &file in &files {
-                *pins.entry(file).or_insert(0) += 1;
-            }
-        }
         self.checkpoint_job = Some(CheckpointJob {
             applied: self.applied,
             active_file: self.active_file,
             active_len: self.active_len,
-            files,
+            // Compaction may empty a listed file meanwhile; it stays until this is dropped.
+            files: PinnedFiles::new(self),
             entries: self.index.len() as u64,
             encoded: 0,
             parts_done: 0,
@@ -836,7 +872,6 @@ impl<D: SmDisk> KvStore<D> {
             staged,
             offset: 0,
             first_block: None,
-            pins: self.pins.clone(),
         });
         Ok(())
     }
@@ -851,23 +886,9 @@ impl<D: SmDisk> KvStore<D> {
         // between a part's entries.
         while job.parts_done < PARTS && job.staged.len() - crc_from < target.max(1) {
             let kept = std::mem::take(&mut job.kept[job.parts_done]);
-            for (key, slot) in self.index.part_entries(job.parts_done) {
-                let slot = match kept.get(key.as_bytes()) {
-                    None => slot,
-                    Some(Some(then)) => then,
-                    Some(None) => continue, // added since
-                };
+            for (key, slot) in part_as_it_was(&self.index, job.parts_done, &kept) {
                 encode_checkpoint_entry(&mut job.staged, key.as_bytes(), slot);
                 job.encoded += 1;
-            }
-            for (key, then) in &kept {
-                if let Some(then) = then {
-                    if self.index.get(key.as_bytes()).is_none() {
-                        // Deleted since.
-                        encode_checkpoint_entry(&mut job.staged, key.as_bytes(), then);
-                        job.encoded += 1;
-                    }
-                }
             }
             job.parts_done += 1;
         }
@@ -934,7 +955,7 @@ impl<D: SmDisk> KvStore<D> {
         self.checkpoints.push_back(CheckpointInfo {
             applied: job.applied,
             name,
-            files: job.files.iter().copied().collect(),
+            files: job.files.files.iter().copied().collect(),
         });
         drop(job);
         // The oldest checkpoint beyond those kept becomes the next one's file: unlinking a
@@ -1122,7 +1143,7 @@ fn checkpoint_header(job: &CheckpointJob) -> [u8; CHECKPOINT_HEADER_BYTES] {
     let mut out = Vec::with_capacity(CHECKPOINT_HEADER_BYTES);
     out.extend_from_slice(&CHECKPOINT_MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(job.files.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(job.files.files.len() as u32).to_le_bytes());
     out.extend_from_slice(&job.applied.to_le_bytes());
     out.extend_from_slice(&job.entries.to_le_bytes());
     out.extend_from_slice(&job.active_file.to_le_bytes());
@@ -1266,8 +1287,7 @@ pub struct KvSnapshot {
     view: Rc<RefCell<SnapshotView>>,
     /// The first index part of each chunk.
     chunk_parts: Vec<usize>,
-    pins: Rc<RefCell<BTreeMap<u32, usize>>>,
-    pinned: BTreeSet<u32>,
+    _files: PinnedFiles,
 }
 
 impl KvSnapshot {
@@ -1277,17 +1297,6 @@ impl KvSnapshot {
 
     pub fn chunks(&self) -> u64 {
         self.chunk_parts.len() as u64
-    }
-}
-
-impl Drop for KvSnapshot {
-    fn drop(&mut self) {
-        let mut pins = self.pins.borrow_mut();
-        for file in &self.pinned {
-            if let Some(count) = pins.get_mut(file) {
-                *count -= 1;
-            }
-        }
     }
 }
 
@@ -1368,13 +1377,6 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             }
             size += bytes;
         }
-        let pinned: BTreeSet<u32> = self.files.keys().copied().collect();
-        {
-            let mut pins = self.pins.borrow_mut();
-            for &file in &pinned {
-                *pins.entry(file).or_insert(0) += 1;
-            }
-        }
         let view = Rc::new(RefCell::new(SnapshotView {
             kept: (0..PARTS).map(|_| HashMap::default()).collect(),
             valid: true,
@@ -1385,8 +1387,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             applied: self.applied,
             view,
             chunk_parts,
-            pins: self.pins.clone(),
-            pinned,
+            _files: PinnedFiles::new(self),
         })
     }
 
@@ -1414,21 +1415,8 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 });
             }
             for part in start..end {
-                let kept = &view.kept[part];
-                for (key, slot) in self.index.part_entries(part) {
-                    match kept.get(key.as_bytes()) {
-                        None => items.push((key.clone(), slot.clone())),
-                        Some(Some(then)) => items.push((key.clone(), then.clone())),
-                        Some(None) => {} // added since
-                    }
-                }
-                for (key, then) in kept {
-                    if let Some(then) = then {
-                        if self.index.get(key.as_bytes()).is_none() {
-                            items.push((key.clone(), then.clone())); // deleted since
-                        }
-                    }
-                }
+                let entries = part_as_it_was(&self.index, part, &view.kept[part]);
+                items.extend(entries.map(|(key, slot)| (key.clone(), slot.clone())));
             }
         }
         let mut body = Vec::new();
