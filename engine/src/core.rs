@@ -314,6 +314,12 @@ impl<D: Disk, S: StateMachine> Group<D, S> {
         self.awake.borrow_mut().remove(&self.id);
         // Every member has everything: no snapshot is needed (an open one costs the state
         // machine what changes meanwhile).
+        self.let_go_of_snapshot();
+    }
+
+    /// Drops the snapshot this node holds for sending, and raft's metadata for it: raft gets a
+    /// new one when it next needs one.
+    fn let_go_of_snapshot(&mut self) {
         self.serving = None;
         self.snap.borrow_mut().ready = None;
     }
@@ -1403,10 +1409,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             }
             if g.raw.raft.state != StateRole::Leader {
                 g.outgoing.clear();
-                g.serving = None;
                 // A snapshot prepared in an earlier term must not be offered again without its
                 // data (a later leadership would send raft's message for it and fail forever).
-                g.snap.borrow_mut().ready = None;
+                g.let_go_of_snapshot();
                 continue;
             }
             if std::mem::take(&mut g.snap.borrow_mut().wanted) {
@@ -1754,8 +1759,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     .as_ref()
                     .is_some_and(|s| ticks.saturating_sub(s.taken_tick) > 2 * election);
             if unused {
-                g.serving = None;
-                g.snap.borrow_mut().ready = None;
+                g.let_go_of_snapshot();
             }
             // A staged snapshot that stopped coming (its leader gave up or lost leadership), or
             // that the log overtook, is dropped.

@@ -113,13 +113,9 @@ impl<V> Index<V> {
         }
     }
 
-    fn part(&self, key: &[u8]) -> usize {
-        (self.router.hash_one(key) >> 56) as usize
-    }
-
     /// The part (`0..PARTS`) that holds `key`.
     pub(crate) fn part_of(&self, key: &[u8]) -> usize {
-        self.part(key)
+        (self.router.hash_one(key) >> 56) as usize
     }
 
     /// Keys in one part.
@@ -137,16 +133,16 @@ impl<V> Index<V> {
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<&V> {
-        self.parts[self.part(key)].get(key)
+        self.parts[self.part_of(key)].get(key)
     }
 
     pub(crate) fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
-        let part = self.part(key);
+        let part = self.part_of(key);
         self.parts[part].get_mut(key)
     }
 
     pub(crate) fn insert(&mut self, key: &[u8], value: V) -> Option<V> {
-        let part = self.part(key);
+        let part = self.part_of(key);
         let old = self.parts[part].insert(Key::new(key), value);
         if old.is_none() {
             self.len += 1;
@@ -155,7 +151,7 @@ impl<V> Index<V> {
     }
 
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let part = self.part(key);
+        let part = self.part_of(key);
         let old = self.parts[part].remove(key);
         if old.is_some() {
             self.len -= 1;

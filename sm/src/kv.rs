@@ -838,7 +838,7 @@ impl<D: SmDisk> KvStore<D> {
         }
     }
 
-    /// Step 1 of the sequence, then the copy of the state to write.
+    /// Step 1 of the sequence; the state to write is the index as it is now (nothing copied).
     async fn checkpoint_begin(&mut self) -> Result<(), SmError> {
         self.flush_tail().await?;
         // Every data file written since the last checkpoint is synced before the checkpoint
@@ -964,11 +964,11 @@ impl<D: SmDisk> KvStore<D> {
         let mut reuse = true;
         while self.checkpoints.len() > self.config.checkpoints_kept {
             let old = self.checkpoints.pop_front().unwrap();
-            let renamed = match reuse {
-                true => self.disk.rename(&old.name, CHECKPOINT_TMP).await,
-                false => self.disk.remove(&old.name).await,
+            let (op, done) = match reuse {
+                true => ("rename", self.disk.rename(&old.name, CHECKPOINT_TMP).await),
+                false => ("remove", self.disk.remove(&old.name).await),
             };
-            renamed.map_err(|e| SmError::io("remove", old.name.clone(), e))?;
+            done.map_err(|e| SmError::io(op, old.name.clone(), e))?;
             reuse = false;
         }
         self.delete_garbage().await?;
