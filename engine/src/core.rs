@@ -263,6 +263,9 @@ struct Group<D: Disk, S: StateMachine> {
     /// A stepwise checkpoint of this group's state machine is under way (it began when the
     /// group's membership records were durable, so it may finish whatever came since).
     checkpoint_stepping: bool,
+    /// This node handed its leadership over ([`ShardCore::transfer_leadership`]) and has not
+    /// yet heard from the new leader.
+    handed_over: bool,
     outgoing: BTreeMap<u64, Outgoing<S::Snapshot>>,
     incoming: Option<Incoming>,
     lease: Lease,
@@ -675,6 +678,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     snap,
                     serving: None,
                     checkpoint_stepping: false,
+                    handed_over: false,
                     outgoing: BTreeMap::new(),
                     incoming: None,
                     lease: Lease::default(),
@@ -1530,12 +1534,23 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
 
     /// Hands leadership of every group this node leads to its most up-to-date follower (raft's
     /// leader transfer: the follower campaigns at once, without waiting for an election
-    /// timeout), so a planned stop costs clients no timeout. Returns how many groups this node
-    /// still leads and could hand over (a group without followers is not counted).
+    /// timeout), so a planned stop costs clients no timeout. Returns how many groups are not
+    /// handed over yet: still led by this node (a group without followers is not counted), or
+    /// given up but without a known new leader. This node steps down when the transferee's
+    /// vote request arrives, before the transferee has won; counting such a group until the new
+    /// leader's first message names it means that once this returns 0, every handed-over group
+    /// has a leader (which a stopping node's clients can be sent to).
     pub fn transfer_leadership(&mut self) -> usize {
-        let mut leading = 0;
+        let mut pending = 0;
         for g in self.groups.values_mut() {
             if g.raw.raft.state != StateRole::Leader {
+                if g.handed_over && g.raw.raft.leader_id == raft::INVALID_ID {
+                    g.wake();
+                    self.active.insert(g.id);
+                    pending += 1;
+                } else {
+                    g.handed_over = false;
+                }
                 continue;
             }
             let Some(to) = best_follower(&g.raw.raft) else {
@@ -1543,12 +1558,13 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             };
             g.wake();
             self.active.insert(g.id);
-            leading += 1;
+            pending += 1;
+            g.handed_over = true;
             if g.raw.raft.lead_transferee.is_none() {
                 g.raw.transfer_leader(to);
             }
         }
-        leading
+        pending
     }
 
     /// Starts handing leadership of `group` to node `to` (or, with `None`, to the most
