@@ -10,12 +10,12 @@ use ringraft_sm::{Command, CommandResult};
 
 use crate::core::{Consistency, EngineError};
 use crate::reply::Reply;
-use crate::runtime::ShardInput;
+use crate::runtime::{ShardInput, ShardQueue};
 
 /// Where each node's shards take requests.
 #[derive(Clone)]
 pub(crate) struct Route {
-    pub(crate) nodes: BTreeMap<u64, Vec<flume::Sender<ShardInput>>>,
+    pub(crate) nodes: BTreeMap<u64, Vec<ShardQueue>>,
     pub(crate) groups: u64,
 }
 
@@ -143,7 +143,7 @@ impl Client {
     }
 
     /// Where `node` takes requests for `group`: the input of the shard owning it.
-    pub(crate) fn shard_input(&self, node: u64, group: u64) -> &flume::Sender<ShardInput> {
+    pub(crate) fn shard_input(&self, node: u64, group: u64) -> &ShardQueue {
         let senders = &self.inner.route.nodes[&node];
         &senders[(group % senders.len() as u64) as usize]
     }
@@ -157,12 +157,16 @@ impl Client {
         let mut redirects = self.redirects(group, to_leader)?;
         while let Some(node) = redirects.next_node() {
             let (tx, rx) = flume::bounded(1);
-            match self.shard_input(node, group).try_send(make(Reply::Channel(tx))) {
+            match self.shard_input(node, group).try_send(make(Reply::channel(tx))) {
                 Ok(()) => {}
-                Err(flume::TrySendError::Full(_)) => {
-                    return Err(EngineError::Busy("the shard's input queue"))
+                Err(flume::TrySendError::Full(input)) => {
+                    input.unsent();
+                    return Err(EngineError::Busy("the shard's input queue"));
                 }
-                Err(flume::TrySendError::Disconnected(_)) => continue, // node stopped: try another
+                Err(flume::TrySendError::Disconnected(input)) => {
+                    input.unsent();
+                    continue; // node stopped: try another
+                }
             }
             // An error from recv: the shard stopped with the request in hand.
             let result = rx.recv_async().await.unwrap_or(Err(EngineError::UnknownOutcome));

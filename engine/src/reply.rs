@@ -28,21 +28,56 @@ use crate::core::EngineError;
 /// A request's outcome: one result per command, in order, or why there are none.
 pub type Outcome = Result<Vec<CommandResult>, EngineError>;
 
-/// Where one request's answer goes.
-pub(crate) enum Reply {
+/// Where one request's answer goes. Every request is answered: a reply dropped unanswered (a
+/// shard stopping on an error, a request still queued when its shard's thread ends) answers
+/// `UnknownOutcome` on its way out, so no caller waits forever.
+pub(crate) struct Reply(Option<ReplyTo>);
+
+enum ReplyTo {
     Channel(flume::Sender<Outcome>),
     Sink { sink: ReplySink, tag: u64 },
 }
 
 impl Reply {
+    /// A one-shot channel of the request's own.
+    pub(crate) fn channel(tx: flume::Sender<Outcome>) -> Reply {
+        Reply(Some(ReplyTo::Channel(tx)))
+    }
+
+    /// Tag `tag` in a sink the caller shares among its requests.
+    pub(crate) fn sink(sink: ReplySink, tag: u64) -> Reply {
+        Reply(Some(ReplyTo::Sink { sink, tag }))
+    }
+
+    fn take(&mut self) -> ReplyTo {
+        self.0.take().expect("a reply is answered once")
+    }
+
+    /// Lets go of a reply without answering it: for a request that never reached its shard,
+    /// whose sender answers its caller itself.
+    pub(crate) fn forget(mut self) {
+        self.0 = None;
+    }
+
     /// Hands over one answer now (paths off the loop's batch: errors, shutdown).
-    pub(crate) fn send(self, outcome: Outcome) {
-        match self {
+    pub(crate) fn send(mut self, outcome: Outcome) {
+        match self.take() {
             // The receiver is gone when its caller gave up waiting: nothing to do.
-            Reply::Channel(tx) => {
+            ReplyTo::Channel(tx) => {
                 let _ = tx.send(outcome);
             }
-            Reply::Sink { sink, tag } => sink.deliver(std::iter::once((tag, outcome))),
+            ReplyTo::Sink { sink, tag } => sink.deliver(std::iter::once((tag, outcome))),
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            // The request may have been proposed before it was dropped: its outcome is
+            // unknown, never a false ok.
+            let reply = Reply(self.0.take());
+            reply.send(Err(EngineError::UnknownOutcome));
         }
     }
 }
@@ -54,10 +89,12 @@ pub(crate) struct AnswerBatch {
 }
 
 impl AnswerBatch {
-    pub(crate) fn add(&mut self, reply: Reply, outcome: Outcome) {
-        match reply {
-            Reply::Channel(_) => reply.send(outcome),
-            Reply::Sink { sink, tag } => {
+    pub(crate) fn add(&mut self, mut reply: Reply, outcome: Outcome) {
+        match reply.take() {
+            ReplyTo::Channel(tx) => {
+                let _ = tx.send(outcome);
+            }
+            ReplyTo::Sink { sink, tag } => {
                 // A loop answers a handful of sinks (one per client connection or session).
                 match self.sinks.iter_mut().find(|(s, _)| Arc::ptr_eq(&s.0, &sink.0)) {
                     Some((_, answers)) => answers.push((tag, outcome)),
@@ -163,28 +200,10 @@ mod tests {
         let (a, b) = (ReplySink::new(), ReplySink::new());
         let (tx, rx) = flume::bounded(1);
         let mut batch = AnswerBatch::default();
-        batch.add(
-            Reply::Sink {
-                sink: a.clone(),
-                tag: 1,
-            },
-            Ok(vec![]),
-        );
-        batch.add(
-            Reply::Sink {
-                sink: b.clone(),
-                tag: 7,
-            },
-            Err(EngineError::UnknownOutcome),
-        );
-        batch.add(Reply::Channel(tx), Ok(vec![CommandResult::Ok]));
-        batch.add(
-            Reply::Sink {
-                sink: a.clone(),
-                tag: 2,
-            },
-            Ok(vec![CommandResult::NotFound]),
-        );
+        batch.add(Reply::sink(a.clone(), 1), Ok(vec![]));
+        batch.add(Reply::sink(b.clone(), 7), Err(EngineError::UnknownOutcome));
+        batch.add(Reply::channel(tx), Ok(vec![CommandResult::Ok]));
+        batch.add(Reply::sink(a.clone(), 2), Ok(vec![CommandResult::NotFound]));
         // A channel answer goes at once; sinks wait for deliver().
         assert_eq!(rx.try_recv().unwrap(), Ok(vec![CommandResult::Ok]));
         assert!(a.try_take().is_empty());

@@ -14,6 +14,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -70,6 +71,20 @@ pub(crate) enum ShardInput {
     Shutdown {
         done: flume::Sender<()>,
     },
+}
+
+impl ShardInput {
+    /// An input that never reached its shard (its queue full or the shard gone): whoever
+    /// tried to send it answers its caller, so a reply inside goes without an answer.
+    pub(crate) fn unsent(self) {
+        match self {
+            ShardInput::Submit { reply, .. }
+            | ShardInput::Read { reply, .. }
+            | ShardInput::Membership { reply, .. }
+            | ShardInput::Transfer { reply, .. } => reply.forget(),
+            _ => {}
+        }
+    }
 }
 
 /// One group as its shard sees it.
@@ -209,8 +224,81 @@ const CHECKPOINT_SHARE: u32 = 5;
 const MAINTENANCE_BYTES_PER_LOOP: u64 = 1 << 20;
 
 /// One shard's input channel: client requests and peer messages.
-fn inbox(config: &Config) -> (flume::Sender<ShardInput>, flume::Receiver<ShardInput>) {
-    flume::bounded(config.limits.client_queue_depth as usize + PEER_QUEUE_MAX)
+fn inbox(config: &Config) -> (ShardQueue, flume::Receiver<ShardInput>) {
+    let (tx, rx) = flume::bounded(config.limits.client_queue_depth as usize + PEER_QUEUE_MAX);
+    let queue = ShardQueue {
+        tx,
+        rx: rx.clone(),
+        closed: Arc::new(AtomicBool::new(false)),
+    };
+    (queue, rx)
+}
+
+/// A shard's input queue as its senders hold it. Every request put in is answered, even when the
+/// shard stops: the shard closes the queue and then answers what is left in it; a sender that
+/// finds the queue closed after putting its input in answers what is left itself. (With a plain
+/// channel, an input sent between the shard's last read and the end of its thread would wait
+/// forever.) Senders hold a receiver too, so the channel itself never disconnects; `closed` is
+/// what says the shard is gone.
+#[derive(Clone)]
+pub(crate) struct ShardQueue {
+    tx: flume::Sender<ShardInput>,
+    rx: flume::Receiver<ShardInput>,
+    closed: Arc<AtomicBool>,
+}
+
+impl ShardQueue {
+    /// `Disconnected` once the shard has stopped; `Full` at once when the queue is.
+    pub(crate) fn try_send(&self, input: ShardInput) -> Result<(), flume::TrySendError<ShardInput>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(flume::TrySendError::Disconnected(input));
+        }
+        self.tx.try_send(input)?;
+        self.after_send();
+        Ok(())
+    }
+
+    /// Waits for room (queries and stop requests, not the data path); `Err` once the shard has
+    /// stopped.
+    pub(crate) fn send(&self, input: ShardInput) -> Result<(), ShardInput> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(input);
+        }
+        self.tx.send(input).map_err(|e| e.into_inner())?;
+        self.after_send();
+        Ok(())
+    }
+
+    /// [`ShardQueue::send`] for async callers.
+    pub(crate) async fn send_async(&self, input: ShardInput) -> Result<(), ShardInput> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(input);
+        }
+        self.tx.send_async(input).await.map_err(|e| e.into_inner())?;
+        self.after_send();
+        Ok(())
+    }
+
+    /// The shard may have closed the queue and answered what was in it just before this
+    /// sender's input arrived (both flags are SeqCst: either the shard's last pass sees the
+    /// input, or this load sees `closed`).
+    fn after_send(&self) {
+        if self.closed.load(Ordering::SeqCst) {
+            self.answer_left("the shard has stopped");
+        }
+    }
+
+    /// The shard's last act: no input is taken any more; everything in the queue is answered.
+    fn close(&self, cause: &str) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.answer_left(cause);
+    }
+
+    fn answer_left(&self, cause: &str) {
+        while let Ok(input) = self.rx.try_recv() {
+            fail_input(input, cause);
+        }
+    }
 }
 
 /// Raises RLIMIT_MEMLOCK and divides it among `shards` executors of this process.
@@ -225,7 +313,7 @@ fn plan_memory(config: &Config, shards: u64) -> Result<u64, EngineError> {
 /// A running node: one executor per shard.
 pub struct Engine {
     node: u64,
-    inputs: Vec<flume::Sender<ShardInput>>,
+    inputs: Vec<ShardQueue>,
     threads: Vec<glommio::ExecutorJoinHandle<Result<(), String>>>,
     groups: u64,
     /// The first shard that stopped with an error, and why.
@@ -380,7 +468,7 @@ impl Engine {
         io_memory_bytes: u64,
         transport: Arc<dyn Transport>,
         factory: Arc<dyn MachineFactory<S>>,
-        senders: Vec<flume::Sender<ShardInput>>,
+        senders: Vec<ShardQueue>,
         receivers: Vec<flume::Receiver<ShardInput>>,
     ) -> Result<Engine, EngineError> {
         let cpus = ringraft_tuning::resolve_cpus(&config, topology);
@@ -409,17 +497,37 @@ impl Engine {
             let transport = transport.clone();
             let factory = factory.clone();
             let failed = failure.clone();
+            let queue = senders[shard].clone();
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("ringraft-n{}-s{shard}", config.node.id))
                 .io_memory(io_memory_bytes as usize)
                 .ring_depth(config.glommio.ring_depth as usize)
                 .spawn(move || async move {
-                    let result = run_shard(config, net, shards, rx, transport, factory).await;
+                    let mut shutdown = None;
+                    let result =
+                        run_shard(config, net, shards, rx.clone(), transport, factory, &mut shutdown).await;
                     if let Err(cause) = &result {
                         failed
                             .lock()
                             .unwrap()
                             .get_or_insert_with(|| format!("shard {shard}: {cause}"));
+                        // Stay until told to stop, answering every request with the cause: the
+                        // node's other shards keep serving, and no caller waits forever on a
+                        // queue nobody reads.
+                        if shutdown.is_none() {
+                            shutdown = serve_failed(&rx, cause).await;
+                        }
+                    }
+                    // Whatever came in after the last read never reached raft: it is answered
+                    // too, and so is anything sent from now on.
+                    queue.close(
+                        result
+                            .as_ref()
+                            .err()
+                            .map_or("the shard has stopped", String::as_str),
+                    );
+                    if let Some(done) = shutdown {
+                        let _ = done.send(());
                     }
                     result
                 });
@@ -595,6 +703,41 @@ fn emit<S: StateMachine>(
     batch.deliver();
 }
 
+/// A failed shard's loop: answers every request with `cause` until a stop request comes
+/// (returned), or until no one can send any more (`None`).
+async fn serve_failed(inbox: &flume::Receiver<ShardInput>, cause: &str) -> Option<flume::Sender<()>> {
+    loop {
+        match inbox.recv_async().await {
+            Ok(ShardInput::Shutdown { done }) => return Some(done),
+            Ok(input) => fail_input(input, cause),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Answers an input the shard will not serve: requests get `Failed(cause)` (they never reached
+/// raft, so they took no effect); queries get nothing (their callers see an empty answer);
+/// peer messages are dropped, as a lossy network may.
+fn fail_input(input: ShardInput, cause: &str) {
+    match input {
+        ShardInput::Submit { reply, .. }
+        | ShardInput::Read { reply, .. }
+        | ShardInput::Membership { reply, .. }
+        | ShardInput::Transfer { reply, .. } => reply.send(Err(EngineError::Failed(cause.to_string()))),
+        ShardInput::Shutdown { done } => {
+            let _ = done.send(());
+        }
+        ShardInput::Peer(_)
+        | ShardInput::Piece(_)
+        | ShardInput::Stats { .. }
+        | ShardInput::Metrics { .. }
+        | ShardInput::Status { .. } => {}
+    }
+}
+
+/// Runs one shard until it is told to stop (`Ok`, its stop already answered) or fails (`Err`).
+/// A stop request taken from the inbox is left in `shutdown` for the caller when the loop
+/// fails before it could answer it.
 async fn run_shard<S: StateMachine + 'static>(
     config: Config,
     net: ShardNet,
@@ -602,6 +745,7 @@ async fn run_shard<S: StateMachine + 'static>(
     inbox: flume::Receiver<ShardInput>,
     transport: Arc<dyn Transport>,
     factory: Arc<dyn MachineFactory<S>>,
+    shutdown: &mut Option<flume::Sender<()>>,
 ) -> Result<(), String> {
     let shard = net.shard;
     let dir: PathBuf = config.node.data_dir.join(format!("shard-{shard}"));
@@ -656,7 +800,6 @@ async fn run_shard<S: StateMachine + 'static>(
     // Leadership transfers under way: (group, reply, deadline).
     let mut transfers: Vec<(u64, Reply, std::time::Instant)> = Vec::new();
     let mut next_request: RequestId = 1;
-    let mut shutdown: Option<flume::Sender<()>> = None;
     // When shutdown began; in-flight requests get until `drain_limit` to be answered.
     let mut draining: Option<std::time::Instant> = None;
     let drain_limit = Duration::from_millis(config.limits.request_timeout_ms);
@@ -728,7 +871,7 @@ async fn run_shard<S: StateMachine + 'static>(
                 &mut core,
                 &mut replies,
                 &mut next_request,
-                &mut shutdown,
+                shutdown,
                 &extras,
             );
         }
@@ -762,9 +905,6 @@ async fn run_shard<S: StateMachine + 'static>(
             }
             link.close();
             stop.set(true);
-            if let Some(done) = &shutdown {
-                let _ = done.send(());
-            }
             return Err(cause);
         }
         for _ in 0..ticks.replace(0) {
@@ -867,7 +1007,7 @@ async fn run_shard<S: StateMachine + 'static>(
         }
         core.maintain_some(&mut maintenance_cursor, MAINTENANCE_BYTES_PER_LOOP)
             .await?;
-        if let Some(done) = &shutdown {
+        if let Some(done) = shutdown.as_ref() {
             let since = *draining.get_or_insert_with(|| {
                 // Stop accepting connections and requests; answer what is in flight (peer
                 // links stay up: in-flight proposals need the followers to commit).
@@ -895,11 +1035,11 @@ async fn run_shard<S: StateMachine + 'static>(
                 core.checkpoint(config.wal.retain_entries, config.wal.retain_for_followers_entries)
                     .await?;
                 stop.set(true);
+                if let Some(cause) = core.failure() {
+                    return Err(cause.to_string());
+                }
                 let _ = done.send(());
-                return match core.failure() {
-                    Some(cause) => Err(cause.to_string()),
-                    None => Ok(()),
-                };
+                return Ok(());
             }
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }

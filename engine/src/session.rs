@@ -100,17 +100,18 @@ impl Session {
                 tag
             };
             let answer = Answer { session: self, tag };
-            let input = make(Reply::Sink {
-                sink: self.sink.clone(),
-                tag,
-            });
+            let input = make(Reply::sink(self.sink.clone(), tag));
             match self.client.shard_input(node, group).try_send(input) {
                 Ok(()) => {}
                 // `answer` is dropped here, freeing the slot.
-                Err(flume::TrySendError::Full(_)) => {
-                    return Err(EngineError::Busy("the shard's input queue"))
+                Err(flume::TrySendError::Full(input)) => {
+                    input.unsent();
+                    return Err(EngineError::Busy("the shard's input queue"));
                 }
-                Err(flume::TrySendError::Disconnected(_)) => continue, // node stopped: try another
+                Err(flume::TrySendError::Disconnected(input)) => {
+                    input.unsent();
+                    continue; // node stopped: try another
+                }
             }
             if let Some(result) = redirects.settle(&self.client, node, answer.await) {
                 return result;

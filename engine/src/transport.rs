@@ -19,7 +19,7 @@ use ringraft_sm::{Command, CommandResult};
 
 use crate::core::{Consistency, EngineError, Envelope};
 use crate::reply::{Reply, ReplySink};
-use crate::runtime::{GroupStatus, NodeMetrics, NodeStats, ShardInput};
+use crate::runtime::{GroupStatus, NodeMetrics, NodeStats, ShardInput, ShardQueue};
 use crate::snapshot::SnapshotPiece;
 
 /// Creates each shard's link. Shared by the node's shards (`Send + Sync`).
@@ -55,7 +55,7 @@ pub struct ShardNet {
 
 /// Delivers raft messages to one shard.
 #[derive(Clone)]
-pub struct Inbound(pub(crate) flume::Sender<ShardInput>);
+pub struct Inbound(pub(crate) ShardQueue);
 
 impl std::fmt::Debug for Inbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,7 +81,7 @@ impl Inbound {
 pub struct NodeHandle {
     pub(crate) node: u64,
     pub(crate) groups: u64,
-    pub(crate) shards: Vec<flume::Sender<ShardInput>>,
+    pub(crate) shards: Vec<ShardQueue>,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -122,7 +122,7 @@ impl NodeHandle {
         self.shards.len() as u64
     }
 
-    fn shard_of(&self, group: u64) -> Result<&flume::Sender<ShardInput>, EngineError> {
+    fn shard_of(&self, group: u64) -> Result<&ShardQueue, EngineError> {
         if group >= self.groups {
             return Err(EngineError::UnknownGroup(group));
         }
@@ -132,8 +132,12 @@ impl NodeHandle {
     fn send(&self, group: u64, input: ShardInput) -> Result<(), EngineError> {
         match self.shard_of(group)?.try_send(input) {
             Ok(()) => Ok(()),
-            Err(flume::TrySendError::Full(_)) => Err(EngineError::Busy("the shard's input queue")),
-            Err(flume::TrySendError::Disconnected(_)) => {
+            Err(flume::TrySendError::Full(input)) => {
+                input.unsent();
+                Err(EngineError::Busy("the shard's input queue"))
+            }
+            Err(flume::TrySendError::Disconnected(input)) => {
+                input.unsent();
                 Err(EngineError::Failed("the shard has stopped".into()))
             }
         }
@@ -142,14 +146,14 @@ impl NodeHandle {
     /// Hands commands to the group's shard; `Busy` at once when its input queue is full.
     pub fn submit(&self, group: u64, commands: Vec<Command>) -> Result<Pending, EngineError> {
         let (reply, rx) = flume::bounded(1);
-        self.send_submit(group, commands, Reply::Channel(reply))?;
+        self.send_submit(group, commands, Reply::channel(reply))?;
         Ok(Pending(rx))
     }
 
     /// Hands a read to the group's shard.
     pub fn read(&self, group: u64, key: Vec<u8>, consistency: Consistency) -> Result<Pending, EngineError> {
         let (reply, rx) = flume::bounded(1);
-        self.send_read(group, key, consistency, Reply::Channel(reply))?;
+        self.send_read(group, key, consistency, Reply::channel(reply))?;
         Ok(Pending(rx))
     }
 
@@ -164,7 +168,7 @@ impl NodeHandle {
         tag: u64,
     ) -> Result<(), EngineError> {
         let sink = sink.clone();
-        self.send_submit(group, commands, Reply::Sink { sink, tag })
+        self.send_submit(group, commands, Reply::sink(sink, tag))
     }
 
     /// Like [`NodeHandle::read`], answering to `sink` under `tag`.
@@ -177,7 +181,7 @@ impl NodeHandle {
         tag: u64,
     ) -> Result<(), EngineError> {
         let sink = sink.clone();
-        self.send_read(group, key, consistency, Reply::Sink { sink, tag })
+        self.send_read(group, key, consistency, Reply::sink(sink, tag))
     }
 
     fn send_submit(&self, group: u64, commands: Vec<Command>, reply: Reply) -> Result<(), EngineError> {
@@ -219,7 +223,7 @@ impl NodeHandle {
             ShardInput::Transfer {
                 group,
                 to,
-                reply: Reply::Channel(reply),
+                reply: Reply::channel(reply),
             },
         )?;
         Ok(Pending(rx))
@@ -234,7 +238,7 @@ impl NodeHandle {
             ShardInput::Membership {
                 group,
                 changes,
-                reply: Reply::Channel(reply),
+                reply: Reply::channel(reply),
             },
         )?;
         Ok(Pending(rx))
@@ -287,7 +291,7 @@ impl NodeHandle {
 #[derive(Clone)]
 pub(crate) struct InProcess {
     /// node -> one sender per shard.
-    pub(crate) shards: Arc<BTreeMap<u64, Vec<flume::Sender<ShardInput>>>>,
+    pub(crate) shards: Arc<BTreeMap<u64, Vec<ShardQueue>>>,
 }
 
 impl Transport for InProcess {
@@ -301,7 +305,7 @@ impl Transport for InProcess {
 
 struct InProcessLink {
     shard: usize,
-    shards: Arc<BTreeMap<u64, Vec<flume::Sender<ShardInput>>>>,
+    shards: Arc<BTreeMap<u64, Vec<ShardQueue>>>,
 }
 
 impl ShardLink for InProcessLink {

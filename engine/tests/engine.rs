@@ -481,3 +481,67 @@ fn a_session_hands_listening_over_when_the_listener_finishes() {
         engine.shutdown().expect("clean shutdown");
     }
 }
+
+/// A shard whose WAL fails (here its directory vanishes, so the next segment cannot be made)
+/// cannot go on. Every request must still be answered: those it held, those queued when it
+/// failed, and those sent afterwards (`Failed`, with the cause); the engine reports the failure
+/// and stops with an error. Before, requests queued at the failure waited forever.
+#[test]
+fn a_failed_shard_answers_every_request_and_the_engine_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = configs(dir.path()).remove(0);
+    config.cluster.nodes.truncate(1);
+    let (engines, client) = Engine::start_in_process(vec![config]).expect("start");
+    eventually("first put", || client.put_blocking(b"before", b"v"));
+    std::fs::remove_dir_all(dir.path().join("node1").join("shard-0").join("wal")).unwrap();
+    let (done_tx, done_rx) = flume::bounded(1);
+    let remote = client.clone();
+    let tasks = 32;
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let session = std::rc::Rc::new(remote.session(tasks));
+            let handles: Vec<_> = (0..tasks)
+                .map(|t| {
+                    let session = session.clone();
+                    glommio::spawn_local(async move {
+                        let value = vec![t as u8; 60 << 10];
+                        // Writes fill segments until a new one is needed; then every answer is
+                        // an error, and the task stops at the first `Failed`.
+                        for i in 0.. {
+                            match session.put(format!("t{t}-{i}").as_bytes(), &value).await {
+                                Err(EngineError::Failed(cause)) => return cause,
+                                Ok(()) | Err(EngineError::UnknownOutcome | EngineError::Busy(_)) => {}
+                                Err(other) => panic!("task {t}: {other}"),
+                            }
+                        }
+                        unreachable!()
+                    })
+                })
+                .collect();
+            let mut causes = Vec::new();
+            for handle in handles {
+                causes.push(handle.await);
+            }
+            let _ = done_tx.send(causes);
+        })
+        .unwrap();
+    let causes = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("every request answered after the shard failed");
+    assert_eq!(causes.len(), tasks);
+    let failure = engines[0].failure().expect("the engine reports the failed shard");
+    assert!(failure.contains("shard 0"), "{failure}");
+    // A request sent now is refused at once, not left in a queue nobody reads.
+    match client.put_blocking(b"after", b"v") {
+        Err(EngineError::Failed(_) | EngineError::NotLeader { .. }) => {}
+        other => panic!("a put to a failed shard: {other:?}"),
+    }
+    assert!(
+        engines[0].status().is_empty(),
+        "a failed shard has no status to give"
+    );
+    for engine in engines {
+        let stopped = engine.shutdown();
+        assert!(stopped.is_err(), "shutdown reports the failure: {stopped:?}");
+    }
+}
