@@ -26,7 +26,9 @@ use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
 };
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole, Storage};
-use ringraft_sm::{encode_batch, BatchView, Command, CommandLimits, CommandResult, StateMachine};
+use ringraft_sm::{
+    encode_batch, encode_batch_vec, BatchView, Command, CommandLimits, CommandResult, StateMachine,
+};
 use ringraft_wal::{Disk, ReadError, Ticket, Wal};
 
 use crate::beat::{Beat, BEAT_GROUP};
@@ -1972,7 +1974,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 continue;
             }
             while !g.queue.is_empty() {
-                let mut commands = Vec::new();
+                let mut commands = Vec::with_capacity(g.queue_commands.min(self.config.entry_commands_max));
                 let mut parts = Vec::new();
                 let mut bytes = 64;
                 while let Some((_, front, size)) = g.queue.front() {
@@ -1990,7 +1992,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     commands.extend(front);
                 }
                 let count = commands.len();
-                let data = encode_batch(commands).to_vec();
+                let data = encode_batch_vec(commands, bytes);
                 let index = g.raw.raft.raft_log.last_index() + 1;
                 let term = g.raw.raft.term;
                 match g.raw.propose(Vec::new(), data) {

@@ -122,18 +122,44 @@ pub const BATCH_HEADER_BYTES: usize = 16;
 
 /// Encodes commands into a batch payload: header + rkyv archive.
 pub fn encode_batch(commands: Vec<Command>) -> AlignedVec<16> {
-    let count = commands.len() as u32;
-    let archive =
-        rkyv::to_bytes::<rancor::Error>(&Batch { commands }).expect("archiving a batch cannot fail");
-    let mut out = AlignedVec::<16>::with_capacity(BATCH_HEADER_BYTES + archive.len());
-    out.extend_from_slice(&BATCH_MAGIC);
-    out.push(BATCH_VERSION);
-    out.push(0);
-    out.extend_from_slice(&(archive.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&archive).to_le_bytes());
-    out.extend_from_slice(&count.to_le_bytes());
-    out.extend_from_slice(&archive);
+    let bytes: usize = commands.iter().map(command_size_estimate).sum();
+    let mut out = AlignedVec::<16>::with_capacity(BATCH_HEADER_BYTES + bytes + 64);
+    out.extend_from_slice(&[0; BATCH_HEADER_BYTES]);
+    let count = commands.len();
+    let mut out = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&Batch { commands }, out)
+        .expect("archiving a batch cannot fail");
+    write_batch_header(&mut out, count);
     out
+}
+
+/// [`encode_batch`] into a plain `Vec` (what a raft entry holds), sized once from
+/// `bytes_estimate` (the commands' [`command_size_estimate`]s, summed): the archive is written
+/// after the header in place, with no copy and no regrowth. The bytes are the same: the header
+/// is 16 bytes, a multiple of every alignment in the archive, and the archive's pointers are
+/// relative. (A `Vec<u8>` from the system allocator is 16-byte aligned on the platforms this
+/// runs on; [`BatchView::new`] copies a payload that is not.)
+pub fn encode_batch_vec(commands: Vec<Command>, bytes_estimate: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + bytes_estimate + 64);
+    out.resize(BATCH_HEADER_BYTES, 0);
+    let count = commands.len();
+    let mut out = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&Batch { commands }, out)
+        .expect("archiving a batch cannot fail");
+    write_batch_header(&mut out, count);
+    // The entry lives on in the log and the WAL's cache, which count its length: give back the
+    // estimate's slack (the system allocator shrinks in place, without a copy).
+    out.shrink_to_fit();
+    out
+}
+
+/// Fills the header of a payload whose archive follows it.
+fn write_batch_header(out: &mut [u8], count: usize) {
+    let (header, archive) = out.split_at_mut(BATCH_HEADER_BYTES);
+    header[0..2].copy_from_slice(&BATCH_MAGIC);
+    header[2] = BATCH_VERSION;
+    header[3] = 0;
+    header[4..8].copy_from_slice(&(archive.len() as u32).to_le_bytes());
+    header[8..12].copy_from_slice(&crc32c::crc32c(archive).to_le_bytes());
+    header[12..16].copy_from_slice(&(count as u32).to_le_bytes());
 }
 
 /// Builds a batch from commands arriving one by one, within the limits.

@@ -1,7 +1,10 @@
 //! The batch format: round trip, golden bytes, validation of bytes from disk or network.
 
 use proptest::prelude::*;
-use ringraft_sm::{encode_batch, ArchivedCommand, BatchBuilder, BatchView, Command, CommandLimits, SmError};
+use ringraft_sm::{
+    command_size_estimate, encode_batch, encode_batch_vec, ArchivedCommand, BatchBuilder, BatchView, Command,
+    CommandLimits, SmError,
+};
 
 fn sample() -> Vec<Command> {
     vec![
@@ -47,6 +50,23 @@ fn batch_bytes_match_the_golden_file() {
         expected == actual,
         "the batch format changed (bump BATCH_VERSION, re-bless):\n{actual}"
     );
+}
+
+/// The raft entry path encodes into a `Vec` after the header in place: byte for byte the same
+/// payload, with any size estimate (too small: the `Vec` grows).
+#[test]
+fn the_vec_encoding_matches_the_golden_file_too() {
+    let commands = sample();
+    let estimate: usize = commands.iter().map(command_size_estimate).sum();
+    for estimate in [estimate, 0, 10 * estimate] {
+        assert_eq!(
+            encode_batch_vec(sample(), estimate),
+            encode_batch(sample()).to_vec()
+        );
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/batch-v1.hex");
+    let expected = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(hex(&encode_batch_vec(sample(), estimate)), expected);
 }
 
 #[test]
@@ -173,5 +193,7 @@ proptest! {
         let bytes = encode_batch(commands.clone());
         let view = BatchView::new(&bytes).unwrap();
         prop_assert_eq!(view.batch().commands.len(), commands.len());
+        let estimate = commands.iter().map(command_size_estimate).sum();
+        prop_assert_eq!(encode_batch_vec(commands, estimate), bytes.to_vec());
     }
 }
