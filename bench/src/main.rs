@@ -10,6 +10,10 @@ use ringraft_bench::{machine, probe, wal_bench};
 use ringraft_wal::{SyncMode, WalConfig};
 use serde_json::json;
 
+/// The allocator of the `ringraft` binary (the nodes this runs are measured as they ship).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ringraft-bench",

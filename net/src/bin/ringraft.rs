@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ringraft_engine::MemberChange;
 use ringraft_net::client::{fetch_group_metrics, ClientConfig, NetClient};
 
+/// jemalloc: glibc's malloc spent a fifth of a loaded leader's shard thread in `_int_malloc`
+/// and `malloc_consolidate` (see ARCHITECTURE.md).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "ringraft", version, about = "A ringraft node")]
 struct Cli {
