@@ -287,7 +287,8 @@ impl Conn {
 struct Inner {
     config: ClientConfig,
     info: ClusterInfo,
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Open connections by (node, shard): the address is made only to open one.
+    conns: Mutex<HashMap<(u64, u64), Arc<Conn>>>,
     leaders: Mutex<HashMap<u64, u64>>,
 }
 
@@ -391,15 +392,21 @@ impl NetClient {
         self.inner.leaders.lock().unwrap().get(&group).copied()
     }
 
-    fn conn(&self, addr: &str) -> Result<Arc<Conn>, ClientError> {
+    /// The connection to the shard of `node` that serves `group`, opened if need be.
+    fn conn(&self, node: u64, group: u64) -> Result<Arc<Conn>, ClientError> {
+        let info = &self.inner.info;
+        let key = (node, group % info.shards.max(1));
         let mut conns = self.inner.conns.lock().unwrap();
-        if let Some(conn) = conns.get(addr) {
+        if let Some(conn) = conns.get(&key) {
             if !conn.dead.load(Ordering::SeqCst) {
                 return Ok(conn.clone());
             }
         }
-        let conn = Conn::open(addr, &self.inner.config)?;
-        conns.insert(addr.to_string(), conn.clone());
+        let addr = info
+            .address(node, group)
+            .ok_or_else(|| ClientError::Protocol(format!("node {node} is not in the cluster")))?;
+        let conn = Conn::open(&addr, &self.inner.config)?;
+        conns.insert(key, conn.clone());
         Ok(conn)
     }
 
@@ -440,18 +447,14 @@ impl NetClient {
                     backoff = (backoff * 2).min(config.backoff_max);
                 }
             }
-            let addr = self
-                .inner
-                .info
-                .address(target, group)
-                .ok_or_else(|| ClientError::Protocol(format!("node {target} is not in the cluster")))?;
-            let outcome = match self.conn(&addr) {
+            let outcome = match self.conn(target, group) {
                 Ok(conn) => conn.call(&request, config.request_timeout).await,
+                Err(e @ ClientError::Protocol(_)) => return Err(e),
                 Err(e) => Err(e),
             };
             let error = match outcome {
                 Ok(Ok(body)) => {
-                    if to_leader {
+                    if to_leader && self.leader_of(group) != Some(target) {
                         self.inner.leaders.lock().unwrap().insert(group, target);
                     }
                     return Ok(body);
