@@ -489,8 +489,13 @@ pub fn run(o: ClusterBenchOptions, rates: &[Option<f64>]) -> Result<Vec<ClusterR
                 let mut processes_note = String::new();
                 for process in &mut processes {
                     if let Ok(Some(status)) = process.child.try_wait() {
+                        // The log's end says why (the file may not outlive this run's
+                        // directory).
+                        let log = std::fs::read_to_string(&process.log).unwrap_or_default();
+                        let lines: Vec<&str> = log.lines().collect();
+                        let tail = lines[lines.len().saturating_sub(5)..].join("\n    ");
                         processes_note.push_str(&format!(
-                            "\nnode {} exited ({status}); its log: {}",
+                            "\nnode {} exited ({status}); its log: {}\n    {tail}",
                             process.id,
                             process.log.display()
                         ));

@@ -10,7 +10,7 @@ use ringraft_sm::{Command, CommandResult};
 
 use crate::core::{Consistency, EngineError};
 use crate::reply::Reply;
-use crate::runtime::{ShardInput, ShardQueue};
+use crate::runtime::{Refused, ShardInput, ShardQueue};
 
 /// Where each node's shards take requests.
 #[derive(Clone)]
@@ -159,14 +159,8 @@ impl Client {
             let (tx, rx) = flume::bounded(1);
             match self.shard_input(node, group).try_send(make(Reply::channel(tx))) {
                 Ok(()) => {}
-                Err(flume::TrySendError::Full(input)) => {
-                    input.unsent();
-                    return Err(EngineError::Busy("the shard's input queue"));
-                }
-                Err(flume::TrySendError::Disconnected(input)) => {
-                    input.unsent();
-                    continue; // node stopped: try another
-                }
+                Err(Refused::Full) => return Err(EngineError::Busy("the shard's input queue")),
+                Err(Refused::Stopped) => continue, // node stopped: try another
             }
             // An error from recv: the shard stopped with the request in hand.
             let result = rx.recv_async().await.unwrap_or(Err(EngineError::UnknownOutcome));

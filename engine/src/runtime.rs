@@ -76,7 +76,7 @@ pub(crate) enum ShardInput {
 impl ShardInput {
     /// An input that never reached its shard (its queue full or the shard gone): whoever
     /// tried to send it answers its caller, so a reply inside goes without an answer.
-    pub(crate) fn unsent(self) {
+    fn unsent(self) {
         match self {
             ShardInput::Submit { reply, .. }
             | ShardInput::Read { reply, .. }
@@ -234,6 +234,15 @@ fn inbox(config: &Config) -> (ShardQueue, flume::Receiver<ShardInput>) {
     (queue, rx)
 }
 
+/// Why [`ShardQueue::try_send`] did not take an input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The queue is full: `Busy`.
+    Full,
+    /// The shard has stopped: another node may serve.
+    Stopped,
+}
+
 /// A shard's input queue as its senders hold it. Every request put in is answered, even when the
 /// shard stops: the shard closes the queue and then answers what is left in it; a sender that
 /// finds the queue closed after putting its input in answers what is left itself. (With a plain
@@ -248,12 +257,22 @@ pub(crate) struct ShardQueue {
 }
 
 impl ShardQueue {
-    /// `Disconnected` once the shard has stopped; `Full` at once when the queue is.
-    pub(crate) fn try_send(&self, input: ShardInput) -> Result<(), flume::TrySendError<ShardInput>> {
+    /// Puts `input` in without waiting. Refused at once when the queue is full or the shard has
+    /// stopped; the caller answers its own caller then, so a reply inside goes unanswered.
+    pub(crate) fn try_send(&self, input: ShardInput) -> Result<(), Refused> {
         if self.closed.load(Ordering::SeqCst) {
-            return Err(flume::TrySendError::Disconnected(input));
+            input.unsent();
+            return Err(Refused::Stopped);
         }
-        self.tx.try_send(input)?;
+        match self.tx.try_send(input) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(input)) => {
+                input.unsent();
+                return Err(Refused::Full);
+            }
+            // Senders hold a receiver: the channel never disconnects.
+            Err(flume::TrySendError::Disconnected(_)) => unreachable!("a shard queue never disconnects"),
+        }
         self.after_send();
         Ok(())
     }

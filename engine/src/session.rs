@@ -28,7 +28,7 @@ use crate::client::{
 };
 use crate::core::{Consistency, EngineError};
 use crate::reply::{Outcome, Reply, ReplySink};
-use crate::runtime::ShardInput;
+use crate::runtime::{Refused, ShardInput};
 
 enum Slot {
     Waiting(Option<Waker>),
@@ -104,14 +104,8 @@ impl Session {
             match self.client.shard_input(node, group).try_send(input) {
                 Ok(()) => {}
                 // `answer` is dropped here, freeing the slot.
-                Err(flume::TrySendError::Full(input)) => {
-                    input.unsent();
-                    return Err(EngineError::Busy("the shard's input queue"));
-                }
-                Err(flume::TrySendError::Disconnected(input)) => {
-                    input.unsent();
-                    continue; // node stopped: try another
-                }
+                Err(Refused::Full) => return Err(EngineError::Busy("the shard's input queue")),
+                Err(Refused::Stopped) => continue, // node stopped: try another
             }
             if let Some(result) = redirects.settle(&self.client, node, answer.await) {
                 return result;

@@ -19,7 +19,7 @@ use ringraft_sm::{Command, CommandResult};
 
 use crate::core::{Consistency, EngineError, Envelope};
 use crate::reply::{Reply, ReplySink};
-use crate::runtime::{GroupStatus, NodeMetrics, NodeStats, ShardInput, ShardQueue};
+use crate::runtime::{GroupStatus, NodeMetrics, NodeStats, Refused, ShardInput, ShardQueue};
 use crate::snapshot::SnapshotPiece;
 
 /// Creates each shard's link. Shared by the node's shards (`Send + Sync`).
@@ -130,17 +130,12 @@ impl NodeHandle {
     }
 
     fn send(&self, group: u64, input: ShardInput) -> Result<(), EngineError> {
-        match self.shard_of(group)?.try_send(input) {
-            Ok(()) => Ok(()),
-            Err(flume::TrySendError::Full(input)) => {
-                input.unsent();
-                Err(EngineError::Busy("the shard's input queue"))
-            }
-            Err(flume::TrySendError::Disconnected(input)) => {
-                input.unsent();
-                Err(EngineError::Failed("the shard has stopped".into()))
-            }
-        }
+        self.shard_of(group)?
+            .try_send(input)
+            .map_err(|refused| match refused {
+                Refused::Full => EngineError::Busy("the shard's input queue"),
+                Refused::Stopped => EngineError::Failed("the shard has stopped".into()),
+            })
     }
 
     /// Hands commands to the group's shard; `Busy` at once when its input queue is full.
