@@ -492,7 +492,13 @@ fn a_failed_shard_answers_every_request_and_the_engine_reports_it() {
     let mut config = configs(dir.path()).remove(0);
     config.cluster.nodes.truncate(1);
     let (engines, client) = Engine::start_in_process(vec![config]).expect("start");
-    eventually("first put", || client.put_blocking(b"before", b"v"));
+    for group in 0..client.groups() {
+        let key = (0..)
+            .map(|i| format!("before-{i}"))
+            .find(|k| client.group_of(k.as_bytes()) == group)
+            .unwrap();
+        eventually("a leader per group", || client.put_blocking(key.as_bytes(), b"v"));
+    }
     std::fs::remove_dir_all(dir.path().join("node1").join("shard-0").join("wal")).unwrap();
     let (done_tx, done_rx) = flume::bounded(1);
     let remote = client.clone();
