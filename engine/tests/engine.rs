@@ -47,6 +47,17 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, EngineError>) -> T
     }
 }
 
+/// Puts a key of every group until each answers: every group has elected a leader.
+fn wait_for_every_leader(client: &Client) {
+    for group in 0..client.groups() {
+        let key = (0..)
+            .map(|i| format!("warm-{i}"))
+            .find(|k| client.group_of(k.as_bytes()) == group)
+            .unwrap();
+        eventually("a leader per group", || client.put_blocking(key.as_bytes(), b"w"));
+    }
+}
+
 fn exercise(client: &Client) {
     eventually("first put", || client.put_blocking(b"hello", b"world"));
     assert_eq!(
@@ -317,13 +328,7 @@ fn a_session_serves_many_tasks_of_one_thread() {
 
     let dir = tempfile::tempdir().unwrap();
     let (engines, client) = Engine::start_in_process(configs(dir.path())).expect("start");
-    for group in 0..client.groups() {
-        let key = (0..)
-            .map(|i| format!("warm-{i}"))
-            .find(|k| client.group_of(k.as_bytes()) == group)
-            .unwrap();
-        eventually("a leader per group", || client.put_blocking(key.as_bytes(), b"w"));
-    }
+    wait_for_every_leader(&client);
     let tasks = 48;
     let puts = 40;
     let remote = client.clone();
@@ -492,13 +497,7 @@ fn a_failed_shard_answers_every_request_and_the_engine_reports_it() {
     let mut config = configs(dir.path()).remove(0);
     config.cluster.nodes.truncate(1);
     let (engines, client) = Engine::start_in_process(vec![config]).expect("start");
-    for group in 0..client.groups() {
-        let key = (0..)
-            .map(|i| format!("before-{i}"))
-            .find(|k| client.group_of(k.as_bytes()) == group)
-            .unwrap();
-        eventually("a leader per group", || client.put_blocking(key.as_bytes(), b"v"));
-    }
+    wait_for_every_leader(&client);
     std::fs::remove_dir_all(dir.path().join("node1").join("shard-0").join("wal")).unwrap();
     let (done_tx, done_rx) = flume::bounded(1);
     let remote = client.clone();
