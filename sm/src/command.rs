@@ -125,11 +125,7 @@ pub fn encode_batch(commands: Vec<Command>) -> AlignedVec<16> {
     let bytes: usize = commands.iter().map(command_size_estimate).sum();
     let mut out = AlignedVec::<16>::with_capacity(BATCH_HEADER_BYTES + bytes + 64);
     out.extend_from_slice(&[0; BATCH_HEADER_BYTES]);
-    let count = commands.len();
-    let mut out = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&Batch { commands }, out)
-        .expect("archiving a batch cannot fail");
-    write_batch_header(&mut out, count);
-    out
+    archive_after_header(commands, out)
 }
 
 /// [`encode_batch`] into a plain `Vec` (what a raft entry holds), sized once from
@@ -140,14 +136,23 @@ pub fn encode_batch(commands: Vec<Command>) -> AlignedVec<16> {
 /// runs on; [`BatchView::new`] copies a payload that is not.)
 pub fn encode_batch_vec(commands: Vec<Command>, bytes_estimate: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + bytes_estimate + 64);
-    out.resize(BATCH_HEADER_BYTES, 0);
+    out.extend_from_slice(&[0; BATCH_HEADER_BYTES]);
+    let mut out = archive_after_header(commands, out);
+    // The entry lives on in the log and the WAL's cache, which count its length: give back the
+    // estimate's slack (the system allocator shrinks in place, without a copy).
+    out.shrink_to_fit();
+    out
+}
+
+/// Archives `commands` into `out`, which holds a zeroed header so far, then fills the header.
+fn archive_after_header<W>(commands: Vec<Command>, out: W) -> W
+where
+    W: rkyv::ser::Writer<rancor::Error> + std::ops::DerefMut<Target = [u8]>,
+{
     let count = commands.len();
     let mut out = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&Batch { commands }, out)
         .expect("archiving a batch cannot fail");
     write_batch_header(&mut out, count);
-    // The entry lives on in the log and the WAL's cache, which count its length: give back the
-    // estimate's slack (the system allocator shrinks in place, without a copy).
-    out.shrink_to_fit();
     out
 }
 
