@@ -74,15 +74,27 @@ pub(crate) enum ShardInput {
 }
 
 impl ShardInput {
-    /// An input that never reached its shard (its queue full or the shard gone): whoever
-    /// tried to send it answers its caller, so a reply inside goes without an answer.
-    fn unsent(self) {
+    /// The reply a request carries (queries and peer inputs carry none).
+    fn into_reply(self) -> Option<Reply> {
         match self {
             ShardInput::Submit { reply, .. }
             | ShardInput::Read { reply, .. }
             | ShardInput::Membership { reply, .. }
-            | ShardInput::Transfer { reply, .. } => reply.forget(),
-            _ => {}
+            | ShardInput::Transfer { reply, .. } => Some(reply),
+            ShardInput::Peer(_)
+            | ShardInput::Piece(_)
+            | ShardInput::Stats { .. }
+            | ShardInput::Metrics { .. }
+            | ShardInput::Status { .. }
+            | ShardInput::Shutdown { .. } => None,
+        }
+    }
+
+    /// An input that never reached its shard (its queue full or the shard gone): whoever
+    /// tried to send it answers its caller, so a reply inside goes without an answer.
+    fn unsent(self) {
+        if let Some(reply) = self.into_reply() {
+            reply.forget();
         }
     }
 }
@@ -738,19 +750,10 @@ async fn serve_failed(inbox: &flume::Receiver<ShardInput>, cause: &str) -> Optio
 /// raft, so they took no effect); queries get nothing (their callers see an empty answer);
 /// peer messages are dropped, as a lossy network may.
 fn fail_input(input: ShardInput, cause: &str) {
-    match input {
-        ShardInput::Submit { reply, .. }
-        | ShardInput::Read { reply, .. }
-        | ShardInput::Membership { reply, .. }
-        | ShardInput::Transfer { reply, .. } => reply.send(Err(EngineError::Failed(cause.to_string()))),
-        ShardInput::Shutdown { done } => {
-            let _ = done.send(());
-        }
-        ShardInput::Peer(_)
-        | ShardInput::Piece(_)
-        | ShardInput::Stats { .. }
-        | ShardInput::Metrics { .. }
-        | ShardInput::Status { .. } => {}
+    if let ShardInput::Shutdown { done } = input {
+        let _ = done.send(());
+    } else if let Some(reply) = input.into_reply() {
+        reply.send(Err(EngineError::Failed(cause.to_string())));
     }
 }
 
