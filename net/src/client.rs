@@ -449,6 +449,8 @@ impl NetClient {
             }
             let outcome = match self.conn(target, group) {
                 Ok(conn) => conn.call(&request, config.request_timeout).await,
+                // `target` is not in the cluster: no retry helps (opening a connection
+                // fails only as Unreachable).
                 Err(e @ ClientError::Protocol(_)) => return Err(e),
                 Err(e) => Err(e),
             };
