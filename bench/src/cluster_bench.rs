@@ -320,24 +320,6 @@ impl NodeProcess {
     }
 }
 
-/// A base port with `count` consecutive free ports on 127.0.0.1.
-fn free_port_range(count: u16) -> Result<u16, String> {
-    for _ in 0..200 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
-        let base = first.local_addr().map_err(|e| e.to_string())?.port();
-        if base.checked_add(count).is_none() {
-            continue;
-        }
-        let rest: Result<Vec<_>, _> = (1..count)
-            .map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)))
-            .collect();
-        if rest.is_ok() {
-            return Ok(base);
-        }
-    }
-    Err(format!("found no {count} consecutive free ports on 127.0.0.1"))
-}
-
 /// Writes each node's config and starts `exe node --config FILE` for it.
 fn start_processes(o: &ClusterBenchOptions, exe: &std::path::Path) -> Result<Vec<NodeProcess>, String> {
     start_processes_with(o, exe, &|_| {})
@@ -352,18 +334,17 @@ pub(crate) fn start_processes_with(
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let root = o.dir.join("cluster");
     std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let mut nodes = Vec::new();
-    for id in 1..=o.nodes {
-        let mut address = ringraft_tuning::NodeAddress {
+    // A peer and a client port range per node, every port distinct.
+    let bases = ringraft_net::ports::local_port_ranges(2 * o.nodes as usize, o.shards as u16)?;
+    let nodes: Vec<_> = (1..=o.nodes)
+        .zip(bases.chunks(2))
+        .map(|(id, ports)| ringraft_tuning::NodeAddress {
             id,
             host: std::net::IpAddr::from([127, 0, 0, 1]),
-            peer_port: 0,
-            client_port: 0,
-        };
-        address.peer_port = free_port_range(o.shards as u16)?;
-        address.client_port = free_port_range(o.shards as u16)?;
-        nodes.push(address);
-    }
+            peer_port: ports[0],
+            client_port: ports[1],
+        })
+        .collect();
     let mut processes = Vec::new();
     for address in &nodes {
         let mut config = Config::local_cluster(o.nodes, address.id);

@@ -21,6 +21,7 @@ pub mod handshake;
 pub mod metrics;
 pub mod node;
 mod peer;
+pub mod ports;
 pub mod protocol;
 pub mod raft_wire;
 mod server;

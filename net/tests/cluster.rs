@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,12 +15,9 @@ use ringraft_engine::Consistency;
 use ringraft_net::client::{fetch_status, ClientConfig, ClientError, NetClient};
 use ringraft_net::frame;
 
-/// Free TCP ports (bound to 0, then released).
+/// Free TCP ports, outside the kernel's ephemeral range (see `ringraft_net::ports`).
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    ringraft_net::ports::local_port_ranges(n, 1).unwrap()
 }
 
 struct Node {
