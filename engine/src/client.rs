@@ -4,7 +4,8 @@
 //! every other answer as it is (`Busy` at once; the caller decides when to retry).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ringraft_sm::{Command, CommandResult};
 
@@ -21,7 +22,10 @@ pub(crate) struct Route {
 
 struct Inner {
     route: Route,
-    leaders: Mutex<BTreeMap<u64, u64>>,
+    /// Each group's leader as last seen, 0 when unknown (node ids are positive). A hint read
+    /// and written by every request from any thread: an atomic per group, so requests to
+    /// different groups never contend, and written only when it changes.
+    leaders: Box<[AtomicU64]>,
 }
 
 /// One call's walk over the nodes: the group's known leader first, each node at most once,
@@ -99,8 +103,8 @@ impl Client {
     pub(crate) fn new(route: Route) -> Client {
         Client {
             inner: Arc::new(Inner {
+                leaders: (0..route.groups).map(|_| AtomicU64::new(0)).collect(),
                 route,
-                leaders: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -115,17 +119,20 @@ impl Client {
     }
 
     pub(crate) fn remember_leader(&self, group: u64, leader: u64) {
-        self.inner.leaders.lock().unwrap().insert(group, leader);
+        let known = &self.inner.leaders[group as usize];
+        if known.load(Ordering::Relaxed) != leader {
+            known.store(leader, Ordering::Relaxed);
+        }
     }
 
     /// The nodes to try for `group`: its known leader first.
     pub(crate) fn candidates(&self, group: u64) -> Vec<u64> {
-        let leader = self.inner.leaders.lock().unwrap().get(&group).copied();
-        let mut nodes: Vec<u64> = self.inner.route.nodes.keys().copied().collect();
-        if let Some(leader) = leader {
-            nodes.retain(|&n| n != leader);
-            nodes.insert(0, leader);
+        let leader = self.inner.leaders[group as usize].load(Ordering::Relaxed);
+        let mut nodes = Vec::with_capacity(self.inner.route.nodes.len());
+        if leader != 0 {
+            nodes.push(leader);
         }
+        nodes.extend(self.inner.route.nodes.keys().copied().filter(|&n| n != leader));
         nodes
     }
 
@@ -268,7 +275,10 @@ pub(crate) fn put_commands(key: &[u8], value: &[u8]) -> Vec<Command> {
 }
 
 pub(crate) fn put_answer(results: Vec<CommandResult>) -> Result<(), EngineError> {
-    expect_one(results, |r| matches!(r, CommandResult::Ok).then_some(()))
+    expect_one(results, |r| match r {
+        CommandResult::Ok => Ok(()),
+        other => Err(other),
+    })
 }
 
 pub(crate) fn delete_commands(key: &[u8]) -> Vec<Command> {
@@ -277,9 +287,9 @@ pub(crate) fn delete_commands(key: &[u8]) -> Vec<Command> {
 
 pub(crate) fn delete_answer(results: Vec<CommandResult>) -> Result<bool, EngineError> {
     expect_one(results, |r| match r {
-        CommandResult::Ok => Some(true),
-        CommandResult::NotFound => Some(false),
-        _ => None,
+        CommandResult::Ok => Ok(true),
+        CommandResult::NotFound => Ok(false),
+        other => Err(other),
     })
 }
 
@@ -293,28 +303,29 @@ pub(crate) fn cas_commands(key: &[u8], expected: Option<&[u8]>, new: Option<&[u8
 
 pub(crate) fn cas_answer(results: Vec<CommandResult>) -> Result<Result<(), Option<Vec<u8>>>, EngineError> {
     expect_one(results, |r| match r {
-        CommandResult::Ok => Some(Ok(())),
-        CommandResult::CasMismatch { current } => Some(Err(current)),
-        _ => None,
+        CommandResult::Ok => Ok(Ok(())),
+        CommandResult::CasMismatch { current } => Ok(Err(current)),
+        other => Err(other),
     })
 }
 
 pub(crate) fn get_answer(results: Vec<CommandResult>) -> Result<Option<Vec<u8>>, EngineError> {
     expect_one(results, |r| match r {
-        CommandResult::Value(value) => Some(Some(value)),
-        CommandResult::NotFound => Some(None),
-        _ => None,
+        CommandResult::Value(value) => Ok(Some(value)),
+        CommandResult::NotFound => Ok(None),
+        other => Err(other),
     })
 }
 
+/// The one result of a one-command request, as `pick` reads it; `pick` hands back a result it
+/// does not expect, shown in the error (formatted only then: this runs for every request).
 fn expect_one<T>(
     results: Vec<CommandResult>,
-    pick: impl Fn(CommandResult) -> Option<T>,
+    pick: impl FnOnce(CommandResult) -> Result<T, CommandResult>,
 ) -> Result<T, EngineError> {
     let [result] = <[CommandResult; 1]>::try_from(results)
         .map_err(|r| EngineError::BadRequest(format!("expected one result, got {}", r.len())))?;
-    let shown = format!("{result:?}");
-    pick(result).ok_or_else(|| EngineError::BadRequest(format!("unexpected result {shown}")))
+    pick(result).map_err(|unexpected| EngineError::BadRequest(format!("unexpected result {unexpected:?}")))
 }
 
 #[cfg(test)]
@@ -336,5 +347,31 @@ mod tests {
         // No node: nothing to ask.
         let outcome = futures_lite::future::block_on(client.put(b"k", b"v"));
         assert_eq!(outcome, Err(EngineError::NotLeader { leader: None }));
+    }
+
+    #[test]
+    fn answers_read_their_one_result_and_name_an_unexpected_one() {
+        assert_eq!(put_answer(vec![CommandResult::Ok]), Ok(()));
+        assert_eq!(delete_answer(vec![CommandResult::NotFound]), Ok(false));
+        assert_eq!(
+            get_answer(vec![CommandResult::Value(b"v".to_vec())]),
+            Ok(Some(b"v".to_vec()))
+        );
+        assert_eq!(
+            cas_answer(vec![CommandResult::CasMismatch { current: None }]),
+            Ok(Err(None))
+        );
+        fn bad<T: std::fmt::Debug>(outcome: Result<T, EngineError>) -> String {
+            match outcome {
+                Err(EngineError::BadRequest(why)) => why,
+                other => panic!("not a BadRequest: {other:?}"),
+            }
+        }
+        assert_eq!(
+            bad(put_answer(vec![CommandResult::NotFound])),
+            "unexpected result NotFound"
+        );
+        assert!(bad(get_answer(vec![CommandResult::Ok])).contains("Ok"));
+        assert_eq!(bad(put_answer(vec![])), "expected one result, got 0");
     }
 }
