@@ -18,7 +18,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -36,32 +35,11 @@ enum Slot {
     Done(Outcome),
 }
 
-/// Hashes a tag: tags are this session's own counter, never chosen by anyone else, so a
-/// multiply (Fibonacci hashing) spreads them well; SipHash cost a few percent of a benchmark
-/// client's CPU.
-#[derive(Default)]
-struct TagHasher(u64);
-
-impl Hasher for TagHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u64(&mut self, tag: u64) {
-        self.0 = tag.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
 #[derive(Default)]
 struct State {
     next_tag: u64,
-    slots: HashMap<u64, Slot, BuildHasherDefault<TagHasher>>,
+    /// ahash: SipHash cost a few percent of a benchmark client's CPU.
+    slots: HashMap<u64, Slot, ahash::RandomState>,
     /// The tag whose task's waker the sink holds.
     listener: Option<u64>,
 }

@@ -112,6 +112,9 @@ type Waiter = (
     Duration,
 );
 
+/// A connection's requests waiting for answers, by id (ahash: SipHash showed in profiles).
+type Pending = HashMap<u64, Waiter, ahash::RandomState>;
+
 /// How often a connection's sweeper times out requests (a timeout may fire this much late).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -119,7 +122,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 struct Conn {
     addr: String,
     frames: flume::Sender<Vec<u8>>,
-    pending: Arc<Mutex<HashMap<u64, Waiter>>>,
+    pending: Arc<Mutex<Pending>>,
     next_id: AtomicU64,
     dead: Arc<AtomicBool>,
 }
@@ -140,7 +143,7 @@ impl Conn {
         stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
         let read_stream = stream.try_clone().map_err(|e| unreachable(e.to_string()))?;
         let (frames, queued) = flume::unbounded::<Vec<u8>>();
-        let pending: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
+        let pending: Arc<Mutex<Pending>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
         let fail_all = {
             let (pending, dead, addr) = (pending.clone(), dead.clone(), addr.to_string());
@@ -288,8 +291,10 @@ struct Inner {
     config: ClientConfig,
     info: ClusterInfo,
     /// Open connections by (node, shard): the address is made only to open one.
-    conns: Mutex<HashMap<(u64, u64), Arc<Conn>>>,
-    leaders: Mutex<HashMap<u64, u64>>,
+    conns: Mutex<HashMap<(u64, u64), Arc<Conn>, ahash::RandomState>>,
+    /// Each group's leader as last seen, 0 when unknown (node ids are positive): read by
+    /// every request from any thread, so an atomic per group rather than a shared lock.
+    leaders: Box<[AtomicU64]>,
 }
 
 /// See the module docs.
@@ -310,6 +315,10 @@ impl std::fmt::Debug for NetClient {
 pub fn fetch_cluster(addr: &str, config: &ClientConfig) -> Result<ClusterInfo, ClientError> {
     let conn = Conn::open(addr, config)?;
     match futures_lite::future::block_on(conn.call(&Request::Cluster, config.request_timeout))? {
+        Ok(Body::Cluster(info)) if info.groups > GROUPS_MAX => Err(ClientError::Protocol(format!(
+            "the cluster says it has {} groups; this client handles at most {GROUPS_MAX}",
+            info.groups
+        ))),
         Ok(Body::Cluster(info)) if info.groups > 0 && info.shards > 0 => Ok(info),
         Ok(other) => Err(ClientError::Protocol(format!(
             "unexpected cluster answer {other:?}"
@@ -317,6 +326,10 @@ pub fn fetch_cluster(addr: &str, config: &ClientConfig) -> Result<ClusterInfo, C
         Err(failure) => Err(failure.into()),
     }
 }
+
+/// The most groups a cluster may have for this client (it keeps 8 bytes per group; a server
+/// claiming more is refused rather than trusted with the client's memory).
+pub const GROUPS_MAX: u64 = 1 << 20;
 
 /// Asks one node (any of its client ports) for its per-group status.
 pub fn fetch_status(addr: &str, config: &ClientConfig) -> Result<Vec<GroupStatus>, ClientError> {
@@ -367,9 +380,9 @@ impl NetClient {
                     return Ok(NetClient {
                         inner: Arc::new(Inner {
                             config,
+                            leaders: (0..info.groups).map(|_| AtomicU64::new(0)).collect(),
                             info,
                             conns: Mutex::default(),
-                            leaders: Mutex::default(),
                         }),
                     })
                 }
@@ -389,7 +402,17 @@ impl NetClient {
 
     /// The node this client believes leads `group`, if any.
     pub fn leader_of(&self, group: u64) -> Option<u64> {
-        self.inner.leaders.lock().unwrap().get(&group).copied()
+        let leader = self.inner.leaders.get(group as usize)?.load(Ordering::Relaxed);
+        (leader != 0).then_some(leader)
+    }
+
+    /// Remembers `leader` (0: unknown) for `group`, writing only a change.
+    fn set_leader(&self, group: u64, leader: u64) {
+        if let Some(known) = self.inner.leaders.get(group as usize) {
+            if known.load(Ordering::Relaxed) != leader {
+                known.store(leader, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The connection to the shard of `node` that serves `group`, opened if need be.
@@ -456,8 +479,8 @@ impl NetClient {
             };
             let error = match outcome {
                 Ok(Ok(body)) => {
-                    if to_leader && self.leader_of(group) != Some(target) {
-                        self.inner.leaders.lock().unwrap().insert(group, target);
+                    if to_leader {
+                        self.set_leader(group, target);
                     }
                     return Ok(body);
                 }
@@ -468,18 +491,18 @@ impl NetClient {
                 ClientError::Server(Failure::NotLeader { leader, .. }) if to_leader && node.is_none() => {
                     match leader {
                         Some(leader) if *leader != target => {
-                            self.inner.leaders.lock().unwrap().insert(group, *leader);
+                            self.set_leader(group, *leader);
                             target = *leader;
                         }
                         _ => {
-                            self.inner.leaders.lock().unwrap().remove(&group);
+                            self.set_leader(group, 0);
                             target = self.next_member(target);
                         }
                     }
                 }
                 ClientError::Server(Failure::Busy(_)) => {}
                 ClientError::Unreachable { .. } if node.is_none() => {
-                    self.inner.leaders.lock().unwrap().remove(&group);
+                    self.set_leader(group, 0);
                     target = self.next_member(target);
                 }
                 ClientError::Lost { .. } | ClientError::Timeout(_) if retry_lost && node.is_none() => {
@@ -609,7 +632,7 @@ impl NetClient {
         };
         self.route(group, request, true, true, None).await?;
         // Leadership moved: forget the cached leader.
-        self.inner.leaders.lock().unwrap().remove(&group);
+        self.set_leader(group, 0);
         Ok(())
     }
 
@@ -670,5 +693,65 @@ impl NetClient {
         commands: Vec<Command>,
     ) -> Result<Vec<CommandResult>, ClientError> {
         futures_lite::future::block_on(self.submit(group, commands))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ClusterInfo, Member, Response};
+
+    /// A server that answers one connection's first request with `body`.
+    fn answering_once(body: Body) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = Blocking(BufReader::new(stream.try_clone().unwrap()));
+            let request = futures_lite::future::block_on(frame::read(&mut reader, 1 << 20)).unwrap();
+            let (id, _) = protocol::decode_request(request.kind, &request.payload);
+            let mut out = Vec::new();
+            protocol::encode_response(
+                &mut out,
+                &Response {
+                    id,
+                    outcome: Ok(body),
+                },
+            );
+            let mut stream = stream;
+            stream.write_all(&out).unwrap();
+            // Hold the connection until the client lets go.
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 1]);
+        });
+        addr
+    }
+
+    fn cluster(groups: u64) -> Body {
+        Body::Cluster(ClusterInfo {
+            cluster: 7,
+            groups,
+            shards: 1,
+            members: vec![Member {
+                id: 1,
+                host: "127.0.0.1".into(),
+                client_port: 1,
+                peer_port: 2,
+            }],
+        })
+    }
+
+    #[test]
+    fn a_cluster_claiming_too_many_groups_is_refused() {
+        let config = |addr: &String| ClientConfig::new([addr.clone()]);
+        let addr = answering_once(cluster(GROUPS_MAX + 1));
+        match fetch_cluster(&addr, &config(&addr)) {
+            Err(ClientError::Protocol(why)) => assert!(why.contains("at most"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let addr = answering_once(cluster(GROUPS_MAX));
+        let client = NetClient::connect(config(&addr)).unwrap();
+        assert_eq!(client.cluster().groups, GROUPS_MAX);
+        assert_eq!(client.leader_of(GROUPS_MAX - 1), None);
+        assert_eq!(client.leader_of(GROUPS_MAX), None);
     }
 }
