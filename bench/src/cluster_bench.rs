@@ -16,6 +16,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use ringraft_engine::{Client, Consistency, Engine, EngineError, NodeStats, Session};
 use ringraft_net::client::{fetch_stats, ClientConfig, NetClient};
+use ringraft_net::executor_client::ExecutorClient;
 use ringraft_sm::Command;
 use ringraft_tuning::{Config, CpuList, IoMemory};
 use serde::Serialize;
@@ -145,17 +146,18 @@ enum BenchClient {
 }
 
 /// What the tasks of one client executor send through: an in-process client's [`Session`]
-/// (answers a shard loop at a time, woken once per loop) or the network client.
+/// (answers a shard loop at a time, woken once per loop) or the network client's calls over
+/// this executor's own connections (no thread hand-offs per request).
 enum LoadClient {
     InProcess(Session),
-    Tcp(NetClient),
+    Tcp(ExecutorClient),
 }
 
 impl LoadClient {
     fn new(client: BenchClient, in_flight: u64) -> LoadClient {
         match client {
             BenchClient::InProcess(c) => LoadClient::InProcess(c.session(in_flight as usize)),
-            BenchClient::Tcp(c) => LoadClient::Tcp(c),
+            BenchClient::Tcp(c) => LoadClient::Tcp(c.on_executor()),
         }
     }
 

@@ -9,7 +9,9 @@
 //!   backoff, and returns every other answer as it is.
 //! - Pipelines: any number of requests share one connection per (node, shard); each connection
 //!   has a writer thread that puts everything queued into one write, and a reader thread that
-//!   matches answers to requests by id.
+//!   matches answers to requests by id. On a glommio executor, [`NetClient::on_executor`] gives
+//!   the same calls over that executor's own connections instead
+//!   ([`crate::executor_client`]).
 //!
 //! A write whose connection is lost after it was sent, or that times out, is reported as such:
 //! its outcome is unknown (it may have been applied). Reads are retried on another node.
@@ -92,6 +94,36 @@ impl ClientError {
     }
 }
 
+/// What one frame read from a server means: an answer, or why the connection ends (`None`: it
+/// closed or broke, so whatever waits on it is lost).
+pub(crate) fn answer_in(frame: Result<frame::Frame, FrameError>) -> Result<Response, Option<ClientError>> {
+    let frame = match frame {
+        Ok(frame) => frame,
+        Err(FrameError::Closed | FrameError::Io(_)) => return Err(None),
+        Err(e) => {
+            return Err(Some(ClientError::Protocol(format!(
+                "server sent a bad frame: {e}"
+            ))))
+        }
+    };
+    match frame.kind {
+        kind::RESPONSE => {
+            protocol::decode_response(&frame.payload).map_err(|e| Some(ClientError::Protocol(e.to_string())))
+        }
+        kind::ERROR => {
+            let message = frame::Cursor::new(&frame.payload)
+                .string("error")
+                .unwrap_or_else(|e| e.to_string());
+            Err(Some(ClientError::Protocol(format!(
+                "server refused the connection: {message}"
+            ))))
+        }
+        other => Err(Some(ClientError::Protocol(format!(
+            "unexpected frame kind {other:#04x}"
+        )))),
+    }
+}
+
 /// A blocking reader as an `AsyncRead` that is always ready (the reader thread blocks in it).
 struct Blocking<R>(R);
 
@@ -116,7 +148,7 @@ type Waiter = (
 type Pending = HashMap<u64, Waiter, ahash::RandomState>;
 
 /// How often a connection's sweeper times out requests (a timeout may fire this much late).
-const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
 /// One pipelined connection.
 struct Conn {
@@ -189,42 +221,19 @@ impl Conn {
                 .spawn(move || {
                     let mut reader = Blocking(BufReader::with_capacity(64 << 10, read_stream));
                     loop {
-                        let frame = match futures_lite::future::block_on(frame::read(&mut reader, max)) {
-                            Ok(frame) => frame,
-                            Err(FrameError::Closed | FrameError::Io(_)) => break,
-                            Err(e) => {
-                                fail_all(Some(ClientError::Protocol(format!(
-                                    "server sent a bad frame: {e}"
-                                ))));
-                                break;
-                            }
-                        };
-                        if frame.kind == kind::ERROR {
-                            let message = frame::Cursor::new(&frame.payload)
-                                .string("error")
-                                .unwrap_or_else(|e| e.to_string());
-                            fail_all(Some(ClientError::Protocol(format!(
-                                "server refused the connection: {message}"
-                            ))));
-                            break;
-                        }
-                        let response = match frame.kind {
-                            kind::RESPONSE => protocol::decode_response(&frame.payload),
-                            other => Err(frame::Malformed(format!("unexpected frame kind {other:#04x}"))),
-                        };
-                        match response {
+                        let frame = futures_lite::future::block_on(frame::read(&mut reader, max));
+                        match answer_in(frame) {
                             Ok(response) => {
                                 if let Some((waiter, _, _)) = pending.lock().unwrap().remove(&response.id) {
                                     let _ = waiter.send(Ok(response));
                                 }
                             }
-                            Err(e) => {
-                                fail_all(Some(ClientError::Protocol(e.to_string())));
+                            Err(error) => {
+                                fail_all(error);
                                 break;
                             }
                         }
                     }
-                    fail_all(None);
                 })
                 .map_err(|e| unreachable(format!("thread: {e}")))?;
         }
@@ -392,6 +401,10 @@ impl NetClient {
         Err(last)
     }
 
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
     pub fn cluster(&self) -> &ClusterInfo {
         &self.inner.info
     }
@@ -439,10 +452,11 @@ impl NetClient {
         members[(at + 1) % members.len()].id
     }
 
-    /// Sends `request` for `group`: to the believed leader when `to_leader`, following
-    /// redirects; otherwise to `node` (or the believed leader) as it is.
-    async fn route(
+    /// Sends `request` for `group` over `carrier`: to the believed leader when `to_leader`,
+    /// following redirects; otherwise to `node` (or the believed leader) as it is.
+    async fn route<C: Carrier>(
         &self,
+        carrier: &C,
         group: u64,
         request: Request,
         to_leader: bool,
@@ -470,13 +484,11 @@ impl NetClient {
                     backoff = (backoff * 2).min(config.backoff_max);
                 }
             }
-            let outcome = match self.conn(target, group) {
-                Ok(conn) => conn.call(&request, config.request_timeout).await,
-                // `target` is not in the cluster: no retry helps (opening a connection
-                // fails only as Unreachable).
-                Err(e @ ClientError::Protocol(_)) => return Err(e),
-                Err(e) => Err(e),
-            };
+            // A Protocol error (`target` not in the cluster, a bad answer) ends the call below:
+            // no retry helps.
+            let outcome = carrier
+                .call(target, group, &request, config.request_timeout)
+                .await;
             let error = match outcome {
                 Ok(Ok(body)) => {
                     if to_leader {
@@ -518,51 +530,30 @@ impl NetClient {
         })
     }
 
+    /// Calls made over `carrier`.
+    pub(crate) fn via<'a, C: Carrier>(&'a self, carrier: &'a C) -> Via<'a, C> {
+        Via {
+            client: self,
+            carrier,
+        }
+    }
+
     /// Commands for one group (all keys must belong to it), applied in order.
     pub async fn submit(
         &self,
         group: u64,
         commands: Vec<Command>,
     ) -> Result<Vec<CommandResult>, ClientError> {
-        match self
-            .route(group, Request::Submit { group, commands }, true, false, None)
-            .await?
-        {
-            Body::Results(results) => Ok(results),
-            other => Err(ClientError::Protocol(format!("unexpected answer {other:?}"))),
-        }
-    }
-
-    async fn one(&self, command: Command) -> Result<CommandResult, ClientError> {
-        let group = self.group_of(command.key());
-        let results = self.submit(group, vec![command]).await?;
-        <[CommandResult; 1]>::try_from(results)
-            .map(|[r]| r)
-            .map_err(|r| ClientError::Protocol(format!("expected one result, got {}", r.len())))
+        self.via(self).submit(group, commands).await
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
-        match self
-            .one(Command::Put {
-                key: key.to_vec(),
-                value: value.to_vec(),
-            })
-            .await?
-        {
-            CommandResult::Ok => Ok(()),
-            other => Err(ClientError::Protocol(format!("unexpected put result {other:?}"))),
-        }
+        self.via(self).put(key, value).await
     }
 
     /// `false` if the key was absent.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
-        match self.one(Command::Delete { key: key.to_vec() }).await? {
-            CommandResult::Ok => Ok(true),
-            CommandResult::NotFound => Ok(false),
-            other => Err(ClientError::Protocol(format!(
-                "unexpected delete result {other:?}"
-            ))),
-        }
+        self.via(self).delete(key).await
     }
 
     /// Writes `new` (`None` deletes) if the value is `expected`; else `Err(current value)`.
@@ -572,22 +563,13 @@ impl NetClient {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<Result<(), Option<Vec<u8>>>, ClientError> {
-        let command = Command::CompareAndSwap {
-            key: key.to_vec(),
-            expected: expected.map(<[u8]>::to_vec),
-            new: new.map(<[u8]>::to_vec),
-        };
-        match self.one(command).await? {
-            CommandResult::Ok => Ok(Ok(())),
-            CommandResult::CasMismatch { current } => Ok(Err(current)),
-            other => Err(ClientError::Protocol(format!("unexpected CAS result {other:?}"))),
-        }
+        self.via(self).compare_and_swap(key, expected, new).await
     }
 
     /// Reads a key: `Linearizable` from the leader (ReadIndex), `Local` from whichever replica
     /// is asked (possibly stale).
     pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, ClientError> {
-        self.get_at(None, key, consistency).await
+        self.via(self).get_at(None, key, consistency).await
     }
 
     /// Reads a key from one particular node (`Local`: that replica's applied state).
@@ -597,30 +579,7 @@ impl NetClient {
         key: &[u8],
         consistency: Consistency,
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        self.get_at(Some(node), key, consistency).await
-    }
-
-    async fn get_at(
-        &self,
-        node: Option<u64>,
-        key: &[u8],
-        consistency: Consistency,
-    ) -> Result<Option<Vec<u8>>, ClientError> {
-        let group = self.group_of(key);
-        let request = Request::Get {
-            group,
-            consistency,
-            key: key.to_vec(),
-        };
-        let to_leader = consistency != Consistency::Local;
-        match self.route(group, request, to_leader, true, node).await? {
-            Body::Results(results) => match results.as_slice() {
-                [CommandResult::Value(v)] => Ok(Some(v.clone())),
-                [CommandResult::NotFound] => Ok(None),
-                other => Err(ClientError::Protocol(format!("unexpected get result {other:?}"))),
-            },
-            other => Err(ClientError::Protocol(format!("unexpected answer {other:?}"))),
-        }
+        self.via(self).get_at(Some(node), key, consistency).await
     }
 
     /// Hands leadership of `group` to node `to` (`None`: the most up-to-date follower); returns
@@ -630,7 +589,7 @@ impl NetClient {
             group,
             to: to.unwrap_or(0),
         };
-        self.route(group, request, true, true, None).await?;
+        self.route(self, group, request, true, true, None).await?;
         // Leadership moved: forget the cached leader.
         self.set_leader(group, 0);
         Ok(())
@@ -640,7 +599,7 @@ impl NetClient {
     /// once the change is applied. An admin operation (docs/client-protocol.md, `MEMBER`).
     pub async fn change_membership(&self, group: u64, changes: Vec<MemberChange>) -> Result<(), ClientError> {
         let request = Request::Member { group, changes };
-        self.route(group, request, true, true, None).await?;
+        self.route(self, group, request, true, true, None).await?;
         Ok(())
     }
 
@@ -696,6 +655,141 @@ impl NetClient {
     }
 }
 
+/// What carries one request to the shard of a node serving a group and brings its answer back:
+/// a [`NetClient`]'s own connections (threads), or an executor's glommio connections
+/// ([`crate::executor_client::ExecutorClient`]). Routing, redirects and retries above it are the
+/// same for both.
+pub(crate) trait Carrier {
+    fn call(
+        &self,
+        node: u64,
+        group: u64,
+        request: &Request,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Result<Body, Failure>, ClientError>>;
+}
+
+impl Carrier for NetClient {
+    async fn call(
+        &self,
+        node: u64,
+        group: u64,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Result<Body, Failure>, ClientError> {
+        self.conn(node, group)?.call(request, timeout).await
+    }
+}
+
+/// A client's calls over one carrier.
+pub(crate) struct Via<'a, C> {
+    client: &'a NetClient,
+    carrier: &'a C,
+}
+
+impl<C: Carrier> Via<'_, C> {
+    /// Commands for one group (all keys must belong to it), applied in order.
+    pub(crate) async fn submit(
+        &self,
+        group: u64,
+        commands: Vec<Command>,
+    ) -> Result<Vec<CommandResult>, ClientError> {
+        match self
+            .client
+            .route(
+                self.carrier,
+                group,
+                Request::Submit { group, commands },
+                true,
+                false,
+                None,
+            )
+            .await?
+        {
+            Body::Results(results) => Ok(results),
+            other => Err(ClientError::Protocol(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn one(&self, command: Command) -> Result<CommandResult, ClientError> {
+        let group = self.client.group_of(command.key());
+        let results = self.submit(group, vec![command]).await?;
+        <[CommandResult; 1]>::try_from(results)
+            .map(|[r]| r)
+            .map_err(|r| ClientError::Protocol(format!("expected one result, got {}", r.len())))
+    }
+
+    pub(crate) async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        match self
+            .one(Command::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            })
+            .await?
+        {
+            CommandResult::Ok => Ok(()),
+            other => Err(ClientError::Protocol(format!("unexpected put result {other:?}"))),
+        }
+    }
+
+    /// `false` if the key was absent.
+    pub(crate) async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
+        match self.one(Command::Delete { key: key.to_vec() }).await? {
+            CommandResult::Ok => Ok(true),
+            CommandResult::NotFound => Ok(false),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected delete result {other:?}"
+            ))),
+        }
+    }
+
+    /// Writes `new` (`None` deletes) if the value is `expected`; else `Err(current value)`.
+    pub(crate) async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<Result<(), Option<Vec<u8>>>, ClientError> {
+        let command = Command::CompareAndSwap {
+            key: key.to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            new: new.map(<[u8]>::to_vec),
+        };
+        match self.one(command).await? {
+            CommandResult::Ok => Ok(Ok(())),
+            CommandResult::CasMismatch { current } => Ok(Err(current)),
+            other => Err(ClientError::Protocol(format!("unexpected CAS result {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn get_at(
+        &self,
+        node: Option<u64>,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let group = self.client.group_of(key);
+        let request = Request::Get {
+            group,
+            consistency,
+            key: key.to_vec(),
+        };
+        let to_leader = consistency != Consistency::Local;
+        match self
+            .client
+            .route(self.carrier, group, request, to_leader, true, node)
+            .await?
+        {
+            Body::Results(results) => match results.as_slice() {
+                [CommandResult::Value(v)] => Ok(Some(v.clone())),
+                [CommandResult::NotFound] => Ok(None),
+                other => Err(ClientError::Protocol(format!("unexpected get result {other:?}"))),
+            },
+            other => Err(ClientError::Protocol(format!("unexpected answer {other:?}"))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -738,6 +832,40 @@ mod tests {
                 peer_port: 2,
             }],
         })
+    }
+
+    /// Reads one frame from `bytes` and says what it means to a client.
+    fn answer_of(bytes: &[u8]) -> Result<Response, Option<ClientError>> {
+        let mut reader = futures_lite::io::Cursor::new(bytes.to_vec());
+        answer_in(futures_lite::future::block_on(frame::read(&mut reader, 1 << 20)))
+    }
+
+    #[test]
+    fn what_a_frame_from_the_server_means() {
+        let mut ok = Vec::new();
+        let response = Response {
+            id: 9,
+            outcome: Ok(Body::Results(vec![CommandResult::Ok])),
+        };
+        protocol::encode_response(&mut ok, &response);
+        assert_eq!(answer_of(&ok), Ok(response));
+        // Closed at a frame boundary, or mid-frame: whatever waits is lost.
+        assert_eq!(answer_of(&[]), Err(None));
+        assert_eq!(answer_of(&ok[..ok.len() - 1]), Err(None));
+        let protocol_error = |bytes: &[u8]| match answer_of(bytes) {
+            Err(Some(ClientError::Protocol(why))) => why,
+            other => panic!("{other:?}"),
+        };
+        let mut refused = Vec::new();
+        protocol::encode_error(&mut refused, "go away");
+        assert_eq!(protocol_error(&refused), "server refused the connection: go away");
+        let mut other = Vec::new();
+        let start = frame::begin(&mut other, 0x7e);
+        frame::finish(&mut other, start);
+        assert!(protocol_error(&other).contains("unexpected frame kind 0x7e"));
+        let mut corrupt = ok.clone();
+        corrupt[0] ^= 0xff;
+        assert!(protocol_error(&corrupt).contains("bad frame"));
     }
 
     #[test]

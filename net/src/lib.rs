@@ -7,7 +7,7 @@
 //! ([`raft_wire`]: entry data at 16-byte offsets, read in place), the client protocol
 //! ([`protocol`]; spec in `docs/client-protocol.md`), the transport ([`TcpTransport`], the
 //! engine's `Transport` seam) and the per-shard client server, and the client library
-//! ([`client`]).
+//! ([`client`], and [`executor_client`] for callers on a glommio executor).
 //!
 //! **Invariants**: a frame's length is checked against `limits.frame_bytes_max` before its
 //! payload is allocated; nothing a peer sends reaches raft before its handshake authenticated
@@ -16,6 +16,7 @@
 //! connection only; shard `s` talks only to shard `s` of other nodes.
 
 pub mod client;
+pub mod executor_client;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;

@@ -1115,3 +1115,127 @@ fn a_put_the_leader_cannot_commit_is_answered_timeout() {
         "answered before the timeout: {waited:?}"
     );
 }
+
+/// The glommio-native client: every call kind over the executor's own connections, many tasks
+/// at once; then the leader is killed -9 under that load: every call ends (ok, or an error that
+/// says whether its outcome is unknown), the client finds the new leader, and every write it
+/// was told succeeded is there.
+#[test]
+fn an_executor_client_calls_over_its_own_connections_and_survives_a_killed_leader() {
+    use std::rc::Rc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["secret", "secret", "secret"]);
+    for node in &mut nodes {
+        node.start();
+    }
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    let (acked, nodes) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let calls = Rc::new(client.on_executor());
+            // Every kind of call, from 32 tasks at once.
+            let tasks: Vec<_> = (0..32u32)
+                .map(|t| {
+                    let calls = calls.clone();
+                    glommio::spawn_local(async move {
+                        let key = format!("exec-{t}").into_bytes();
+                        let (v1, v2) = (format!("one-{t}").into_bytes(), format!("two-{t}").into_bytes());
+                        calls.put(&key, &v1).await.unwrap();
+                        let read = calls.get(&key, Consistency::Linearizable).await.unwrap();
+                        assert_eq!(read, Some(v1.clone()));
+                        assert_eq!(
+                            calls.compare_and_swap(&key, Some(&v1), Some(&v2)).await.unwrap(),
+                            Ok(())
+                        );
+                        assert_eq!(
+                            calls.compare_and_swap(&key, Some(&v1), None).await.unwrap(),
+                            Err(Some(v2.clone()))
+                        );
+                        let group = calls.client().group_of(&key);
+                        let results = calls
+                            .submit(group, vec![ringraft_sm::Command::Delete { key: key.clone() }])
+                            .await
+                            .unwrap();
+                        assert_eq!(results, vec![ringraft_sm::CommandResult::Ok]);
+                        assert!(!calls.delete(&key).await.unwrap());
+                        assert_eq!(calls.get(&key, Consistency::Linearizable).await.unwrap(), None);
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await;
+            }
+            // One connection per (node, shard) at most, shared by every task.
+            let open = calls.connections();
+            assert!((1..=3).contains(&open), "{open} connections");
+
+            // Load from 16 tasks, then kill -9 the leader of a group under it.
+            let stop = Rc::new(std::cell::Cell::new(false));
+            let load: Vec<_> = (0..16u64)
+                .map(|t| {
+                    let (calls, stop) = (calls.clone(), stop.clone());
+                    glommio::spawn_local(async move {
+                        let mut acked = Vec::new();
+                        let mut n = 0u64;
+                        while !stop.get() {
+                            let key = format!("load-{t}-{n}").into_bytes();
+                            match calls.put(&key, &n.to_le_bytes()).await {
+                                Ok(()) => acked.push(key),
+                                Err(error) => {
+                                    // Retries end in GaveUp (carrying the last cause); any
+                                    // other error may only be an outcome the client cannot know.
+                                    let known = matches!(error, ClientError::GaveUp { .. })
+                                        || error.outcome_unknown();
+                                    assert!(known, "unexpected error: {error}");
+                                }
+                            }
+                            n += 1;
+                        }
+                        acked
+                    })
+                })
+                .collect();
+            glommio::timer::sleep(Duration::from_millis(800)).await;
+            let group = calls.client().group_of(b"load-0-0");
+            let victim = leader_of(&nodes, group).expect("group has a leader");
+            let mut nodes = nodes;
+            nodes[victim as usize - 1].kill();
+            // The client finds the new leader: a put to the killed leader's group succeeds.
+            let began = Instant::now();
+            let key = (0u32..)
+                .map(|i| format!("after-{i}").into_bytes())
+                .find(|k| calls.client().group_of(k) == group)
+                .unwrap();
+            loop {
+                match calls.put(&key, b"x").await {
+                    Ok(()) => break,
+                    Err(e) if began.elapsed() > Duration::from_secs(30) => {
+                        panic!("no put after the kill: {e}")
+                    }
+                    Err(_) => glommio::timer::sleep(Duration::from_millis(10)).await,
+                }
+            }
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+            stop.set(true);
+            let mut acked = vec![key];
+            for task in load {
+                acked.extend(task.await);
+            }
+            (acked, nodes)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    // Every acknowledged write is readable (linearizably, through the threaded client).
+    let client = connect(&nodes);
+    assert!(acked.len() > 100, "only {} puts acknowledged", acked.len());
+    for key in &acked {
+        let value = client.get_blocking(key, Consistency::Linearizable).unwrap();
+        assert!(
+            value.is_some(),
+            "acknowledged {} is missing",
+            String::from_utf8_lossy(key)
+        );
+    }
+}
