@@ -59,8 +59,9 @@ struct Connection {
     signal: Signal,
     /// Where the shards answer this connection's submits and gets.
     sink: ReplySink,
-    /// Those requests by tag: the client's request id, the group, when they time out.
-    waiting: RefCell<HashMap<u64, Waiting>>,
+    /// Those requests by tag: the client's request id, the group, when they time out (ahash:
+    /// an insert and a remove per request).
+    waiting: RefCell<HashMap<u64, Waiting, ahash::RandomState>>,
     next_tag: Cell<u64>,
     /// Wakes the sweeper: the first request to wait, or the end of reading.
     wake_sweeper: Signal,
@@ -203,7 +204,7 @@ async fn connection(state: Rc<ShardState>, stream: TcpStream) {
         reading_done: Cell::new(false),
         signal: Signal::default(),
         sink: ReplySink::new(),
-        waiting: RefCell::new(HashMap::new()),
+        waiting: RefCell::default(),
         next_tag: Cell::new(0),
         wake_sweeper: Signal::default(),
         wake_answerer: Signal::default(),
