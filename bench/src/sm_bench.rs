@@ -73,8 +73,11 @@ async fn run_on_executor(o: SmBenchOptions, dir: PathBuf) -> Result<SmResult, St
         .map_err(|e| e.to_string())?;
     let value = vec![0x42u8; o.value_bytes];
     // Pre-encoded batches (encoding is the proposer's cost, measured elsewhere); the replica's
-    // costs are measured here: validation and apply.
-    let batches: Vec<_> = (0..64u64)
+    // costs are measured here: validation and apply. Enough batches that every key is written
+    // (up to 4096 batches: 4M keys at 1,024 commands each): with fewer, the store would hold
+    // only the keys they name and stay in the CPU's caches, whatever `--keys` says.
+    let put_batches = (o.keys.div_ceil(o.batch_commands as u64)).clamp(64, 4096);
+    let batches: Vec<_> = (0..put_batches)
         .map(|b| {
             let commands = (0..o.batch_commands as u64)
                 .map(|i| Command::Put {
@@ -94,7 +97,7 @@ async fn run_on_executor(o: SmBenchOptions, dir: PathBuf) -> Result<SmResult, St
     let mut applied_batches = 0u64;
     while start.elapsed() < o.duration {
         index += 1;
-        let view = BatchView::new(&batches[(index % 64) as usize]).map_err(|e| e.to_string())?;
+        let view = BatchView::new(&batches[(index % put_batches) as usize]).map_err(|e| e.to_string())?;
         results.clear();
         store
             .apply(index, view.batch(), &mut results)
@@ -113,9 +116,9 @@ async fn run_on_executor(o: SmBenchOptions, dir: PathBuf) -> Result<SmResult, St
     let commands_per_s = (applied_batches * o.batch_commands as u64) as f64 / elapsed;
     let batches_per_s = applied_batches as f64 / elapsed;
 
-    // Reads through the index (local reads).
-    let keys: Vec<Vec<u8>> = (0..4096u64)
-        .map(|i| key(i * 7919 % o.keys.min(64 * o.batch_commands as u64), o.key_bytes))
+    // Reads through the index (local reads), spread over every key.
+    let keys: Vec<Vec<u8>> = (0..65536u64)
+        .map(|i| key(i * 7919 % o.keys, o.key_bytes))
         .collect();
     let start = Instant::now();
     let mut reads = 0u64;
@@ -132,7 +135,7 @@ async fn run_on_executor(o: SmBenchOptions, dir: PathBuf) -> Result<SmResult, St
         .map(|b| {
             let commands = (0..o.batch_commands as u64)
                 .map(|i| {
-                    let k = key((b * 31 + i) % o.keys, o.key_bytes);
+                    let k = key((b * o.batch_commands as u64 + i) * 7919 % o.keys, o.key_bytes);
                     if i % 2 == 0 {
                         Command::Put {
                             key: k,
