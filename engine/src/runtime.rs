@@ -967,6 +967,9 @@ async fn run_shard<S: StateMachine + 'static>(
             })
             .detach();
         }
+        // Zero-filling a new segment goes slowly while the log does not need it yet, so it
+        // does not crowd the log's writes out of the device.
+        wal_disk.pace_zero_fill(!core.wal().borrow().segment_needed_soon());
         if write_queued {
             // glommio hands queued IO to the kernel once per scheduler pass, after every
             // runnable task has run. Send what raft has for the peers, then let this pass end

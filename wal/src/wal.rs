@@ -749,6 +749,18 @@ impl<D: Disk> Wal<D> {
         Ticket(self.next_ticket - 1)
     }
 
+    /// Whether the next segment should be ready soon and is not: none is prepared and the
+    /// current one is at least half written (or there is none). A disk that paces segment
+    /// preparation (zero-filling a new file, so that it does not crowd the log's own writes out
+    /// of the device) should then go at full speed.
+    pub fn segment_needed_soon(&self) -> bool {
+        self.ready.is_empty()
+            && self
+                .segments
+                .back()
+                .is_none_or(|s| self.write_offset.saturating_mul(2) >= s.bytes)
+    }
+
     /// Whether appended records are waiting for a write or a write is in flight.
     pub fn has_pending(&self) -> bool {
         self.open.is_some() || !self.sealed.is_empty() || self.in_flight.is_some()

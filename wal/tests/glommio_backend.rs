@@ -166,3 +166,29 @@ fn iopoll_guard_file_is_created_and_reads_work_in_a_fresh_directory() {
         });
     }
 }
+
+#[test]
+fn a_paced_segment_creation_writes_the_whole_file_with_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    // More than one 1 MiB chunk, and a partial one.
+    let len = 3 * (1 << 20) + 8192;
+    on_executor(move || async move {
+        let disk = ringraft_wal::GlommioDisk::open(&path, SyncMode::Fdatasync)
+            .await
+            .unwrap();
+        disk.pace_zero_fill(true);
+        ringraft_wal::Disk::create(&disk, "paced.wal", len).await.unwrap();
+        // Paced or not, the same file: turning pacing off changes only the speed.
+        disk.pace_zero_fill(false);
+        ringraft_wal::Disk::create(&disk, "unpaced.wal", len)
+            .await
+            .unwrap();
+    });
+    for name in ["paced.wal", "unpaced.wal"] {
+        let bytes = std::fs::read(dir.path().join(name)).unwrap();
+        assert_eq!(bytes.len() as u64, len, "{name}");
+        assert!(bytes.iter().all(|&b| b == 0), "{name} is not all zeros");
+        assert!(!dir.path().join(format!("{name}.creating")).exists());
+    }
+}
