@@ -43,6 +43,19 @@ pub struct ExecutorClient {
     client: NetClient,
     /// Open connections by (node, shard).
     conns: RefCell<HashMap<(u64, u64), Rc<LocalConn>, ahash::RandomState>>,
+    /// Connections being opened: calls that need one meanwhile wait for that attempt instead
+    /// of each opening their own (a thousand tasks starting at once would otherwise flood the
+    /// server's accept queue, and dropped SYNs wait a second or more for their retry).
+    opening: RefCell<HashMap<(u64, u64), Rc<Opening>, ahash::RandomState>>,
+    /// Connection attempts made so far.
+    attempts: Cell<u64>,
+}
+
+/// One attempt to open a connection, and the calls waiting for it.
+#[derive(Default)]
+struct Opening {
+    result: RefCell<Option<Result<Rc<LocalConn>, ClientError>>>,
+    waiting: RefCell<Vec<Waker>>,
 }
 
 impl std::fmt::Debug for ExecutorClient {
@@ -60,6 +73,8 @@ impl NetClient {
         ExecutorClient {
             client: self.clone(),
             conns: RefCell::default(),
+            opening: RefCell::default(),
+            attempts: Cell::new(0),
         }
     }
 }
@@ -73,6 +88,12 @@ impl ExecutorClient {
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.conns.borrow().values().filter(|c| !c.dead.get()).count()
+    }
+
+    /// Connections this client has tried to open (one attempt at a time per node and shard,
+    /// however many calls wait for it).
+    pub fn connection_attempts(&self) -> u64 {
+        self.attempts.get()
     }
 
     /// Commands for one group (all keys must belong to it), applied in order.
@@ -108,26 +129,66 @@ impl ExecutorClient {
         self.client.via(self).get_at(None, key, consistency).await
     }
 
-    /// The connection to the shard of `node` that serves `group`, opened if need be.
+    /// The connection to the shard of `node` that serves `group`, opened if need be (once:
+    /// calls needing it meanwhile share the attempt and its outcome).
     async fn conn(&self, node: u64, group: u64) -> Result<Rc<LocalConn>, ClientError> {
         let info = self.client.cluster();
         let key = (node, group % info.shards.max(1));
-        let open = |conns: &HashMap<_, Rc<LocalConn>, _>| conns.get(&key).filter(|c| !c.dead.get()).cloned();
-        if let Some(conn) = open(&self.conns.borrow()) {
-            return Ok(conn);
+        if let Some(conn) = self.conns.borrow().get(&key).filter(|c| !c.dead.get()) {
+            return Ok(conn.clone());
+        }
+        let under_way = self.opening.borrow().get(&key).cloned();
+        if let Some(opening) = under_way {
+            return futures_lite::future::poll_fn(|cx| match opening.result.borrow().as_ref() {
+                Some(result) => Poll::Ready(result.clone()),
+                None => {
+                    opening.waiting.borrow_mut().push(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
         }
         let addr = info
             .address(node, group)
             .ok_or_else(|| ClientError::Protocol(format!("node {node} is not in the cluster")))?;
-        let conn = LocalConn::open(&addr, self.client.config()).await?;
-        // Another task may have opened one meanwhile: use the first, close this one.
-        let mut conns = self.conns.borrow_mut();
-        if let Some(first) = open(&conns) {
-            conn.close();
-            return Ok(first);
+        let attempt = Attempt {
+            client: self,
+            key,
+            addr: addr.clone(),
+            opening: Rc::new(Opening::default()),
+        };
+        self.opening.borrow_mut().insert(key, attempt.opening.clone());
+        self.attempts.set(self.attempts.get() + 1);
+        let result = LocalConn::open(&addr, self.client.config()).await;
+        if let Ok(conn) = &result {
+            self.conns.borrow_mut().insert(key, conn.clone());
         }
-        conns.insert(key, conn.clone());
-        Ok(conn)
+        *attempt.opening.result.borrow_mut() = Some(result.clone());
+        result
+    }
+}
+
+/// An attempt under way: when it ends, even by its call being dropped, it leaves the map and
+/// every call waiting for it gets its outcome.
+struct Attempt<'a> {
+    client: &'a ExecutorClient,
+    key: (u64, u64),
+    addr: String,
+    opening: Rc<Opening>,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.client.opening.borrow_mut().remove(&self.key);
+        self.opening.result.borrow_mut().get_or_insert_with(|| {
+            Err(ClientError::Unreachable {
+                addr: self.addr.clone(),
+                message: "the call opening the connection was dropped".into(),
+            })
+        });
+        for waker in self.opening.waiting.borrow_mut().drain(..) {
+            waker.wake();
+        }
     }
 }
 

@@ -1166,9 +1166,15 @@ fn an_executor_client_calls_over_its_own_connections_and_survives_a_killed_leade
             for task in tasks {
                 task.await;
             }
-            // One connection per (node, shard) at most, shared by every task.
+            // One connection per (node, shard) at most, shared by every task, and opened once
+            // although 32 tasks needed it at the same moment.
             let open = calls.connections();
             assert!((1..=3).contains(&open), "{open} connections");
+            let attempts = calls.connection_attempts();
+            assert!(
+                attempts <= 3,
+                "{attempts} connection attempts for {open} connections"
+            );
 
             // Load from 16 tasks, then kill -9 the leader of a group under it.
             let stop = Rc::new(std::cell::Cell::new(false));
