@@ -124,6 +124,18 @@ pub(crate) fn answer_in(frame: Result<frame::Frame, FrameError>) -> Result<Respo
     }
 }
 
+/// The socket address `addr` (`host:port`) names; `Unreachable` when it names none.
+pub(crate) fn socket_addr(addr: &str) -> Result<std::net::SocketAddr, ClientError> {
+    let unreachable = |message: String| ClientError::Unreachable {
+        addr: addr.to_string(),
+        message,
+    };
+    addr.to_socket_addrs()
+        .map_err(|e| unreachable(e.to_string()))?
+        .next()
+        .ok_or_else(|| unreachable("no address".into()))
+}
+
 /// A blocking reader as an `AsyncRead` that is always ready (the reader thread blocks in it).
 struct Blocking<R>(R);
 
@@ -165,11 +177,7 @@ impl Conn {
             addr: addr.to_string(),
             message,
         };
-        let socket = addr
-            .to_socket_addrs()
-            .map_err(|e| unreachable(e.to_string()))?
-            .next()
-            .ok_or_else(|| unreachable("no address".into()))?;
+        let socket = socket_addr(addr)?;
         let stream = TcpStream::connect_timeout(&socket, config.connect_timeout)
             .map_err(|e| unreachable(e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;

@@ -22,7 +22,6 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::ToSocketAddrs;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -33,7 +32,7 @@ use glommio::net::TcpStream;
 use ringraft_engine::Consistency;
 use ringraft_sm::{Command, CommandResult};
 
-use crate::client::{answer_in, Carrier, ClientError, NetClient, SWEEP_INTERVAL};
+use crate::client::{answer_in, socket_addr, Carrier, ClientError, NetClient, SWEEP_INTERVAL};
 use crate::frame;
 use crate::peer::Signal;
 use crate::protocol::{self, Body, Failure, Request, Response};
@@ -242,11 +241,7 @@ impl LocalConn {
             addr: addr.to_string(),
             message,
         };
-        let socket = addr
-            .to_socket_addrs()
-            .map_err(|e| unreachable(e.to_string()))?
-            .next()
-            .ok_or_else(|| unreachable("no address".into()))?;
+        let socket = socket_addr(addr)?;
         let stream = TcpStream::connect_timeout(socket, config.connect_timeout)
             .await
             .map_err(|e| unreachable(e.to_string()))?;

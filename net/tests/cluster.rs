@@ -168,6 +168,17 @@ fn serve_every_group(client: &NetClient) {
     }
 }
 
+/// Three nodes sharing a key, started, every group with a leader that served a write.
+fn three_serving_nodes(dir: &Path) -> (Vec<Node>, NetClient) {
+    let mut nodes = cluster(dir, &["secret", "secret", "secret"]);
+    for node in &mut nodes {
+        node.start();
+    }
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    (nodes, client)
+}
+
 /// A register for porcupine: write ids are unique per write; 0 is "absent".
 #[derive(Clone)]
 struct Register;
@@ -351,12 +362,7 @@ fn leader_of(nodes: &[Node], group: u64) -> Option<u64> {
 #[test]
 fn three_processes_survive_killing_the_leader_and_lose_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["secret", "secret", "secret"]);
-    for node in &mut nodes {
-        node.start();
-    }
-    let client = connect(&nodes);
-    serve_every_group(&client);
+    let (mut nodes, client) = three_serving_nodes(dir.path());
     let load = Load::start(&client);
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -1125,12 +1131,7 @@ fn an_executor_client_calls_over_its_own_connections_and_survives_a_killed_leade
     use std::rc::Rc;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["secret", "secret", "secret"]);
-    for node in &mut nodes {
-        node.start();
-    }
-    let client = connect(&nodes);
-    serve_every_group(&client);
+    let (nodes, client) = three_serving_nodes(dir.path());
     let (acked, nodes) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .spawn(move || async move {
             let calls = Rc::new(client.on_executor());
