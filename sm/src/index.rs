@@ -17,61 +17,90 @@ use std::hash::{Hash, Hasher};
 /// a tag).
 pub(crate) const INLINE_KEY_BYTES: usize = 22;
 
-/// A key: inline when short, boxed otherwise. Hashes, compares and borrows as its bytes.
+/// A key: inline when short, boxed otherwise.
+pub(crate) type Key = SmallBytes<INLINE_KEY_BYTES>;
+
+/// Bytes held in place when at most `N` of them, boxed otherwise; hashes, compares, borrows
+/// and derefs as its bytes. Index keys use it (`Key`), and so do in-memory values in the
+/// index entry (`kv::InlineValue`).
 #[derive(Clone)]
-pub(crate) enum Key {
-    Inline { len: u8, bytes: [u8; INLINE_KEY_BYTES] },
+pub(crate) enum SmallBytes<const N: usize> {
+    Inline { len: u8, bytes: [u8; N] },
     Heap(Box<[u8]>),
 }
 
-impl Key {
-    pub(crate) fn new(key: &[u8]) -> Key {
-        if key.len() <= INLINE_KEY_BYTES {
-            let mut bytes = [0; INLINE_KEY_BYTES];
-            bytes[..key.len()].copy_from_slice(key);
-            Key::Inline {
-                len: key.len() as u8,
+impl<const N: usize> SmallBytes<N> {
+    pub(crate) fn new(from: &[u8]) -> SmallBytes<N> {
+        const { assert!(N <= u8::MAX as usize) };
+        if from.len() <= N {
+            let mut bytes = [0; N];
+            bytes[..from.len()].copy_from_slice(from);
+            SmallBytes::Inline {
+                len: from.len() as u8,
                 bytes,
             }
         } else {
-            Key::Heap(key.into())
+            SmallBytes::Heap(from.into())
         }
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
-            Key::Inline { len, bytes } => &bytes[..*len as usize],
-            Key::Heap(bytes) => bytes,
+            SmallBytes::Inline { len, bytes } => &bytes[..*len as usize],
+            SmallBytes::Heap(bytes) => bytes,
         }
     }
 }
 
-impl std::fmt::Debug for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Key({:02x?})", self.as_bytes())
+impl<const N: usize> From<&[u8]> for SmallBytes<N> {
+    fn from(bytes: &[u8]) -> SmallBytes<N> {
+        SmallBytes::new(bytes)
     }
 }
 
-impl Borrow<[u8]> for Key {
+impl<const N: usize> std::ops::Deref for SmallBytes<N> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl<const N: usize> std::ops::DerefMut for SmallBytes<N> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            SmallBytes::Inline { len, bytes } => &mut bytes[..*len as usize],
+            SmallBytes::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for SmallBytes<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x?}", self.as_bytes())
+    }
+}
+
+impl<const N: usize> Borrow<[u8]> for SmallBytes<N> {
     fn borrow(&self) -> &[u8] {
         self.as_bytes()
     }
 }
 
-impl Hash for Key {
+impl<const N: usize> Hash for SmallBytes<N> {
     // Must hash exactly as `[u8]` does: lookups hash the borrowed form.
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.as_bytes().hash(state)
     }
 }
 
-impl PartialEq for Key {
-    fn eq(&self, other: &Key) -> bool {
+impl<const N: usize> PartialEq for SmallBytes<N> {
+    fn eq(&self, other: &SmallBytes<N>) -> bool {
         self.as_bytes() == other.as_bytes()
     }
 }
 
-impl Eq for Key {}
+impl<const N: usize> Eq for SmallBytes<N> {}
 
 type Part<V> = HashMap<Key, V, ahash::RandomState>;
 
@@ -231,7 +260,7 @@ mod tests {
         for (i, key) in keys.iter().enumerate() {
             assert_eq!(index.get(key), Some(&i), "{} bytes", key.len());
             assert_eq!(Key::new(key).as_bytes(), &key[..]);
-            let inline = matches!(Key::new(key), Key::Inline { .. });
+            let inline = matches!(Key::new(key), SmallBytes::Inline { .. });
             assert_eq!(inline, key.len() <= INLINE_KEY_BYTES);
         }
         assert_eq!(index.insert(&keys[6], 99), Some(6));

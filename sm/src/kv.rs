@@ -26,7 +26,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::index::{Index, Key, PARTS};
+use crate::index::{Index, Key, SmallBytes, PARTS};
 
 /// The cache map: ahash (keyed per process at random, so clients cannot pick colliding keys)
 /// instead of std's SipHash, which cost 10% of a leader's CPU in the cluster benchmark. The key
@@ -161,63 +161,7 @@ const IN_PLACE_VALUE_BYTES: usize = 64;
 /// machine in the TCP benchmark went to copying into and out of those allocations. The price
 /// is a larger index entry for every key (80 B of slot instead of 32 B, the same 24 B key):
 /// at 64 B values about what the separate allocation cost, more for tiny or file-held values.
-#[derive(Clone)]
-enum InlineValue {
-    InPlace {
-        len: u8,
-        bytes: [u8; IN_PLACE_VALUE_BYTES],
-    },
-    Boxed(Box<[u8]>),
-}
-
-impl From<&[u8]> for InlineValue {
-    fn from(value: &[u8]) -> InlineValue {
-        if value.len() <= IN_PLACE_VALUE_BYTES {
-            let mut bytes = [0; IN_PLACE_VALUE_BYTES];
-            bytes[..value.len()].copy_from_slice(value);
-            InlineValue::InPlace {
-                len: value.len() as u8,
-                bytes,
-            }
-        } else {
-            InlineValue::Boxed(value.into())
-        }
-    }
-}
-
-impl std::ops::Deref for InlineValue {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            InlineValue::InPlace { len, bytes } => &bytes[..*len as usize],
-            InlineValue::Boxed(bytes) => bytes,
-        }
-    }
-}
-
-impl std::ops::DerefMut for InlineValue {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        match self {
-            InlineValue::InPlace { len, bytes } => &mut bytes[..*len as usize],
-            InlineValue::Boxed(bytes) => bytes,
-        }
-    }
-}
-
-impl PartialEq for InlineValue {
-    fn eq(&self, other: &InlineValue) -> bool {
-        **self == **other
-    }
-}
-
-impl Eq for InlineValue {}
-
-impl std::fmt::Debug for InlineValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:02x?}", &**self)
-    }
-}
+type InlineValue = SmallBytes<IN_PLACE_VALUE_BYTES>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Loc {
@@ -1661,7 +1605,7 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
             let value = InlineValue::from(&bytes[..]);
             assert_eq!(&*value, &bytes[..]);
-            let in_place = matches!(value, InlineValue::InPlace { .. });
+            let in_place = matches!(value, SmallBytes::Inline { .. });
             assert_eq!(in_place, len <= IN_PLACE_VALUE_BYTES, "{len} bytes");
             // Overwritten in place, compared by its bytes only.
             let mut copy = value.clone();
