@@ -27,14 +27,14 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use futures_lite::io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use futures_lite::io::{BufReader, ReadHalf, WriteHalf};
 use glommio::net::TcpStream;
 use ringraft_engine::Consistency;
 use ringraft_sm::{Command, CommandResult};
 
 use crate::client::{answer_in, socket_addr, Carrier, ClientError, NetClient, SWEEP_INTERVAL};
 use crate::frame;
-use crate::peer::Signal;
+use crate::peer::{write_queued, Signal};
 use crate::protocol::{self, Body, Failure, Request, Response};
 
 /// See the module docs.
@@ -348,23 +348,13 @@ impl Drop for Answer<'_> {
 }
 
 /// Writes requests as they come: everything queued since the last write goes in one write.
-async fn write_requests(conn: Rc<LocalConn>, mut writer: WriteHalf<TcpStream>) {
-    let mut buf = Vec::new();
-    loop {
-        if conn.out.borrow().is_empty() {
-            if conn.dead.get() || conn.closing.get() {
-                let _ = writer.close().await;
-                return;
-            }
-            conn.wake_writer.wait().await;
-            continue;
-        }
-        std::mem::swap(&mut buf, &mut conn.out.borrow_mut());
-        if writer.write_all(&buf).await.is_err() || writer.flush().await.is_err() {
-            conn.fail_all(None);
-            return;
-        }
-        buf.clear();
+async fn write_requests(conn: Rc<LocalConn>, writer: WriteHalf<TcpStream>) {
+    let finished = || conn.dead.get() || conn.closing.get();
+    if write_queued(&conn.out, &conn.wake_writer, finished, writer)
+        .await
+        .is_err()
+    {
+        conn.fail_all(None);
     }
 }
 

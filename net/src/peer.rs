@@ -168,6 +168,32 @@ impl Signal {
     }
 }
 
+/// Writes what is queued in `out` as it comes, everything queued since the last write in one
+/// write, woken by `signal`, until `finished()` holds with nothing queued; then closes
+/// `writer`. Err: a write failed (the connection is broken).
+pub(crate) async fn write_queued<W: futures_lite::AsyncWrite + Unpin>(
+    out: &RefCell<Vec<u8>>,
+    signal: &Signal,
+    finished: impl Fn() -> bool,
+    mut writer: W,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        if out.borrow().is_empty() {
+            if finished() {
+                let _ = writer.close().await;
+                return Ok(());
+            }
+            signal.wait().await;
+            continue;
+        }
+        std::mem::swap(&mut buf, &mut out.borrow_mut());
+        writer.write_all(&buf).await?;
+        writer.flush().await?;
+        buf.clear();
+    }
+}
+
 pub(crate) struct Wait<'a>(&'a Signal);
 
 impl Future for Wait<'_> {

@@ -20,7 +20,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{BufReader, WriteHalf};
-use futures_lite::{AsyncWriteExt, FutureExt};
+use futures_lite::FutureExt;
 use glommio::net::{TcpListener, TcpStream};
 use ringraft_engine::{EngineError, NodeHandle, Outcome, ReplySink};
 use ringraft_sm::Command;
@@ -28,7 +28,7 @@ use ringraft_tuning::Config;
 use tracing::{debug, warn};
 
 use crate::frame::{self, FrameError};
-use crate::peer::{within, ShardState, Signal};
+use crate::peer::{within, write_queued, ShardState, Signal};
 use crate::protocol::{self, Body, ClusterInfo, Failure, Member, Request, Response};
 
 const READ_BUFFER_BYTES: usize = 64 << 10;
@@ -277,23 +277,10 @@ async fn connection(state: Rc<ShardState>, stream: TcpStream) {
 }
 
 /// Writes answers as they come: everything queued since the last write goes in one write.
-async fn write_out(conn: Rc<Connection>, mut writer: WriteHalf<TcpStream>) {
-    let mut buf = Vec::new();
-    loop {
-        if conn.out.borrow().is_empty() {
-            if conn.reading_done.get() && conn.in_flight.get() == 0 {
-                let _ = writer.close().await;
-                return;
-            }
-            conn.signal.wait().await;
-            continue;
-        }
-        std::mem::swap(&mut buf, &mut conn.out.borrow_mut());
-        if writer.write_all(&buf).await.is_err() || writer.flush().await.is_err() {
-            return;
-        }
-        buf.clear();
-    }
+async fn write_out(conn: Rc<Connection>, writer: WriteHalf<TcpStream>) {
+    let finished = || conn.reading_done.get() && conn.in_flight.get() == 0;
+    // A failed write ends the connection: the reader sees it broken too.
+    let _ = write_queued(&conn.out, &conn.signal, finished, writer).await;
 }
 
 /// The cluster's layout as the `CLUSTER` request answers it.
