@@ -22,10 +22,37 @@ pub(crate) struct Route {
 
 struct Inner {
     route: Route,
-    /// Each group's leader as last seen, 0 when unknown (node ids are positive). A hint read
-    /// and written by every request from any thread: an atomic per group, so requests to
-    /// different groups never contend, and written only when it changes.
-    leaders: Box<[AtomicU64]>,
+    leaders: LeaderCache,
+}
+
+/// Each group's leader as a client last saw it: a hint read and written by every request from
+/// any thread, so an atomic per group (requests to different groups never contend), written
+/// only when it changes. Shared by the embedded and the network clients.
+#[derive(Debug)]
+pub struct LeaderCache(Box<[AtomicU64]>);
+
+impl LeaderCache {
+    /// Nothing known yet for any of `groups` groups.
+    pub fn new(groups: u64) -> LeaderCache {
+        // 0 stands for unknown: node ids are positive.
+        LeaderCache((0..groups).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// The leader last seen for `group`, if any (none for a group beyond the count).
+    pub fn get(&self, group: u64) -> Option<u64> {
+        let leader = self.0.get(group as usize)?.load(Ordering::Relaxed);
+        (leader != 0).then_some(leader)
+    }
+
+    /// Remembers `leader` for `group` (`None`: forgets it).
+    pub fn set(&self, group: u64, leader: Option<u64>) {
+        let leader = leader.unwrap_or(0);
+        if let Some(known) = self.0.get(group as usize) {
+            if known.load(Ordering::Relaxed) != leader {
+                known.store(leader, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// One call's walk over the nodes: the group's known leader first, each node at most once,
@@ -103,7 +130,7 @@ impl Client {
     pub(crate) fn new(route: Route) -> Client {
         Client {
             inner: Arc::new(Inner {
-                leaders: (0..route.groups).map(|_| AtomicU64::new(0)).collect(),
+                leaders: LeaderCache::new(route.groups),
                 route,
             }),
         }
@@ -119,20 +146,22 @@ impl Client {
     }
 
     pub(crate) fn remember_leader(&self, group: u64, leader: u64) {
-        let known = &self.inner.leaders[group as usize];
-        if known.load(Ordering::Relaxed) != leader {
-            known.store(leader, Ordering::Relaxed);
-        }
+        self.inner.leaders.set(group, Some(leader));
     }
 
     /// The nodes to try for `group`: its known leader first.
     pub(crate) fn candidates(&self, group: u64) -> Vec<u64> {
-        let leader = self.inner.leaders[group as usize].load(Ordering::Relaxed);
+        let leader = self.inner.leaders.get(group);
         let mut nodes = Vec::with_capacity(self.inner.route.nodes.len());
-        if leader != 0 {
-            nodes.push(leader);
-        }
-        nodes.extend(self.inner.route.nodes.keys().copied().filter(|&n| n != leader));
+        nodes.extend(leader);
+        nodes.extend(
+            self.inner
+                .route
+                .nodes
+                .keys()
+                .copied()
+                .filter(|&n| Some(n) != leader),
+        );
         nodes
     }
 
@@ -347,6 +376,22 @@ mod tests {
         // No node: nothing to ask.
         let outcome = futures_lite::future::block_on(client.put(b"k", b"v"));
         assert_eq!(outcome, Err(EngineError::NotLeader { leader: None }));
+    }
+
+    #[test]
+    fn the_leader_cache_remembers_and_forgets_per_group() {
+        let leaders = LeaderCache::new(3);
+        assert_eq!(leaders.get(1), None);
+        leaders.set(1, Some(7));
+        assert_eq!(
+            (leaders.get(0), leaders.get(1), leaders.get(2)),
+            (None, Some(7), None)
+        );
+        leaders.set(1, None);
+        assert_eq!(leaders.get(1), None);
+        // A group beyond the count is never known, and remembering it changes nothing.
+        leaders.set(3, Some(1));
+        assert_eq!(leaders.get(3), None);
     }
 
     #[test]

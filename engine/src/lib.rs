@@ -39,7 +39,7 @@ mod storage;
 mod transport;
 
 pub use crate::beat::{Beat, BEAT_GROUP};
-pub use crate::client::{group_of, Client};
+pub use crate::client::{group_of, Client, LeaderCache};
 pub use crate::core::{
     unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, GroupMetrics, RequestId,
     ShardConfig, ShardCore, ShardStats,

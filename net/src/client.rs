@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ringraft_engine::{Consistency, GroupMetrics, GroupStatus, MemberChange, NodeStats};
+use ringraft_engine::{Consistency, GroupMetrics, GroupStatus, LeaderCache, MemberChange, NodeStats};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::frame::{self, kind, FrameError};
@@ -309,9 +309,7 @@ struct Inner {
     info: ClusterInfo,
     /// Open connections by (node, shard): the address is made only to open one.
     conns: Mutex<HashMap<(u64, u64), Arc<Conn>, ahash::RandomState>>,
-    /// Each group's leader as last seen, 0 when unknown (node ids are positive): read by
-    /// every request from any thread, so an atomic per group rather than a shared lock.
-    leaders: Box<[AtomicU64]>,
+    leaders: LeaderCache,
 }
 
 /// See the module docs.
@@ -397,7 +395,7 @@ impl NetClient {
                     return Ok(NetClient {
                         inner: Arc::new(Inner {
                             config,
-                            leaders: (0..info.groups).map(|_| AtomicU64::new(0)).collect(),
+                            leaders: LeaderCache::new(info.groups),
                             info,
                             conns: Mutex::default(),
                         }),
@@ -423,33 +421,32 @@ impl NetClient {
 
     /// The node this client believes leads `group`, if any.
     pub fn leader_of(&self, group: u64) -> Option<u64> {
-        let leader = self.inner.leaders.get(group as usize)?.load(Ordering::Relaxed);
-        (leader != 0).then_some(leader)
+        self.inner.leaders.get(group)
     }
 
-    /// Remembers `leader` (0: unknown) for `group`, writing only a change.
-    fn set_leader(&self, group: u64, leader: u64) {
-        if let Some(known) = self.inner.leaders.get(group as usize) {
-            if known.load(Ordering::Relaxed) != leader {
-                known.store(leader, Ordering::Relaxed);
-            }
-        }
+    /// Which connection carries requests for `group` to `node`: (node, shard).
+    pub(crate) fn conn_key(&self, node: u64, group: u64) -> (u64, u64) {
+        (node, group % self.inner.info.shards.max(1))
+    }
+
+    /// `host:port` of the client port serving `group` on `node`.
+    pub(crate) fn address_of(&self, node: u64, group: u64) -> Result<String, ClientError> {
+        self.inner
+            .info
+            .address(node, group)
+            .ok_or_else(|| ClientError::Protocol(format!("node {node} is not in the cluster")))
     }
 
     /// The connection to the shard of `node` that serves `group`, opened if need be.
     fn conn(&self, node: u64, group: u64) -> Result<Arc<Conn>, ClientError> {
-        let info = &self.inner.info;
-        let key = (node, group % info.shards.max(1));
+        let key = self.conn_key(node, group);
         let mut conns = self.inner.conns.lock().unwrap();
         if let Some(conn) = conns.get(&key) {
             if !conn.dead.load(Ordering::SeqCst) {
                 return Ok(conn.clone());
             }
         }
-        let addr = info
-            .address(node, group)
-            .ok_or_else(|| ClientError::Protocol(format!("node {node} is not in the cluster")))?;
-        let conn = Conn::open(&addr, &self.inner.config)?;
+        let conn = Conn::open(&self.address_of(node, group)?, &self.inner.config)?;
         conns.insert(key, conn.clone());
         Ok(conn)
     }
@@ -500,7 +497,7 @@ impl NetClient {
             let error = match outcome {
                 Ok(Ok(body)) => {
                     if to_leader {
-                        self.set_leader(group, target);
+                        self.inner.leaders.set(group, Some(target));
                     }
                     return Ok(body);
                 }
@@ -511,18 +508,18 @@ impl NetClient {
                 ClientError::Server(Failure::NotLeader { leader, .. }) if to_leader && node.is_none() => {
                     match leader {
                         Some(leader) if *leader != target => {
-                            self.set_leader(group, *leader);
+                            self.inner.leaders.set(group, Some(*leader));
                             target = *leader;
                         }
                         _ => {
-                            self.set_leader(group, 0);
+                            self.inner.leaders.set(group, None);
                             target = self.next_member(target);
                         }
                     }
                 }
                 ClientError::Server(Failure::Busy(_)) => {}
                 ClientError::Unreachable { .. } if node.is_none() => {
-                    self.set_leader(group, 0);
+                    self.inner.leaders.set(group, None);
                     target = self.next_member(target);
                 }
                 ClientError::Lost { .. } | ClientError::Timeout(_) if retry_lost && node.is_none() => {
@@ -599,7 +596,7 @@ impl NetClient {
         };
         self.route(self, group, request, true, true, None).await?;
         // Leadership moved: forget the cached leader.
-        self.set_leader(group, 0);
+        self.inner.leaders.set(group, None);
         Ok(())
     }
 

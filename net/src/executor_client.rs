@@ -131,8 +131,7 @@ impl ExecutorClient {
     /// The connection to the shard of `node` that serves `group`, opened if need be (once:
     /// calls needing it meanwhile share the attempt and its outcome).
     async fn conn(&self, node: u64, group: u64) -> Result<Rc<LocalConn>, ClientError> {
-        let info = self.client.cluster();
-        let key = (node, group % info.shards.max(1));
+        let key = self.client.conn_key(node, group);
         if let Some(conn) = self.conns.borrow().get(&key).filter(|c| !c.dead.get()) {
             return Ok(conn.clone());
         }
@@ -147,9 +146,7 @@ impl ExecutorClient {
             })
             .await;
         }
-        let addr = info
-            .address(node, group)
-            .ok_or_else(|| ClientError::Protocol(format!("node {node} is not in the cluster")))?;
+        let addr = self.client.address_of(node, group)?;
         let attempt = Attempt {
             client: self,
             key,
