@@ -45,6 +45,18 @@ impl Command {
     }
 }
 
+impl ArchivedCommand {
+    /// The key the command reads or writes, in place.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            ArchivedCommand::Put { key, .. }
+            | ArchivedCommand::Delete { key }
+            | ArchivedCommand::CompareAndSwap { key, .. }
+            | ArchivedCommand::Get { key } => key.as_slice(),
+        }
+    }
+}
+
 /// What the archive holds.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[rkyv(derive(Debug))]

@@ -175,6 +175,11 @@ struct Slot {
     loc: Loc,
 }
 
+/// How many commands ahead of the one being applied its index slot is prefetched: far enough
+/// that the memory arrives in time (a put applies in ~0.2 µs, a miss takes ~0.1 µs), near
+/// enough that the prefetched lines are still cached when used.
+const PREFETCH_AHEAD: usize = 4;
+
 #[derive(Clone, Copy, Debug, Default)]
 struct FileStats {
     len: u64,
@@ -770,7 +775,16 @@ impl<D: SmDisk> KvStore<D> {
         batch: &ArchivedBatch,
         results: &mut Vec<CommandResult>,
     ) -> Result<(), SmError> {
-        for command in batch.commands.iter() {
+        let commands = batch.commands.as_slice();
+        for command in commands.iter().take(PREFETCH_AHEAD) {
+            self.index.prefetch(command.key());
+        }
+        for (at, command) in commands.iter().enumerate() {
+            // The index slot of a command a few ahead starts loading now, while this one is
+            // applied (each lookup is about two cache misses; this overlaps them).
+            if let Some(ahead) = commands.get(at + PREFETCH_AHEAD) {
+                self.index.prefetch(ahead.key());
+            }
             let result = match command {
                 ArchivedCommand::Put { key, value } => {
                     self.put(key.as_slice(), value.as_slice(), index).await?;
