@@ -36,6 +36,7 @@ mod runtime;
 mod session;
 mod snapshot;
 mod storage;
+mod tickets;
 mod transport;
 
 pub use crate::beat::{Beat, BEAT_GROUP};
@@ -52,6 +53,7 @@ pub use crate::runtime::{
 pub use crate::session::Session;
 pub use crate::snapshot::{PieceKind, SnapshotPiece};
 pub use crate::storage::GroupStorage;
+pub use crate::tickets::Tickets;
 pub use crate::transport::{Inbound, MemberChange, NodeHandle, Pending, ShardLink, ShardNet, Transport};
 pub use hdrhistogram::Histogram;
 pub use raft;

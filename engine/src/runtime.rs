@@ -26,11 +26,11 @@ use ringraft_wal::{perform, GlommioDisk, IoDone, IoJob, Wal, WalConfig};
 
 use crate::client::{Client, Route};
 use crate::core::{
-    unapplied_floors, Consistency, EngineError, Envelope, GroupMetrics, RequestId, ShardConfig, ShardCore,
-    ShardStats,
+    unapplied_floors, Consistency, EngineError, Envelope, GroupMetrics, ShardConfig, ShardCore, ShardStats,
 };
 use crate::reply::{AnswerBatch, Reply};
 use crate::snapshot::SnapshotPiece;
+use crate::tickets::Tickets;
 use crate::transport::{InProcess, Inbound, MemberChange, NodeHandle, ShardLink, ShardNet, Transport};
 use hdrhistogram::Histogram;
 
@@ -702,7 +702,7 @@ impl Future for Kicked<'_> {
 fn emit<S: StateMachine>(
     core: &mut ShardCore<GlommioDisk, S>,
     link: &mut dyn ShardLink,
-    replies: &mut BTreeMap<RequestId, (Reply, std::time::Instant)>,
+    replies: &mut Tickets<(Reply, std::time::Instant)>,
     request_latency_us: &mut Histogram<u64>,
 ) {
     let (messages, answers) = core.take_output();
@@ -723,7 +723,7 @@ fn emit<S: StateMachine>(
     // One clock read for all of this loop's answers.
     let now = std::time::Instant::now();
     for answer in answers {
-        if let Some((reply, since)) = replies.remove(&answer.request) {
+        if let Some((reply, since)) = replies.remove(answer.request) {
             if answer.result.is_ok() {
                 let micros = now.saturating_duration_since(since).as_micros();
                 let _ = request_latency_us.record(micros.max(1) as u64);
@@ -816,12 +816,12 @@ async fn run_shard<S: StateMachine + 'static>(
         .detach();
     }
     let entry_bytes_max = config.batching.entry_bytes_max as usize;
-    // Requests waiting for their answers, with when they reached the shard.
-    let mut replies: BTreeMap<RequestId, (Reply, std::time::Instant)> = BTreeMap::new();
+    // Requests waiting for their answers, with when they reached the shard; a request's id is
+    // its ticket.
+    let mut replies: Tickets<(Reply, std::time::Instant)> = Tickets::default();
     let mut request_latency_us = new_histogram();
     // Leadership transfers under way: (group, reply, deadline).
     let mut transfers: Vec<(u64, Reply, std::time::Instant)> = Vec::new();
-    let mut next_request: RequestId = 1;
     // When shutdown began; in-flight requests get until `drain_limit` to be answered.
     let mut draining: Option<std::time::Instant> = None;
     let drain_limit = Duration::from_millis(config.limits.request_timeout_ms);
@@ -888,14 +888,7 @@ async fn run_shard<S: StateMachine + 'static>(
                 request_latency_us: &request_latency_us,
                 inbox_depth: inbox.len(),
             };
-            handle_input(
-                input,
-                &mut core,
-                &mut replies,
-                &mut next_request,
-                shutdown,
-                &extras,
-            );
+            handle_input(input, &mut core, &mut replies, shutdown, &extras);
         }
         for piece in pieces {
             core.step_piece(piece).await;
@@ -918,11 +911,11 @@ async fn run_shard<S: StateMachine + 'static>(
             let cause = cause.to_string();
             let (_, answers) = core.take_output();
             for answer in answers {
-                if let Some((reply, _)) = replies.remove(&answer.request) {
+                if let Some((reply, _)) = replies.remove(answer.request) {
                     reply.send(answer.result);
                 }
             }
-            for (_, (reply, _)) in std::mem::take(&mut replies) {
+            for (reply, _) in replies.drain() {
                 reply.send(Err(EngineError::Failed(cause.clone())));
             }
             link.close();
@@ -1042,7 +1035,7 @@ async fn run_shard<S: StateMachine + 'static>(
             if since.elapsed() >= drain_limit && !replies.is_empty() {
                 // No quorum to finish them (peers gone, leadership lost): these may or may not
                 // have been applied. Never a false ok.
-                for (_, (reply, _)) in std::mem::take(&mut replies) {
+                for (reply, _) in replies.drain() {
                     reply.send(Err(EngineError::UnknownOutcome));
                 }
             }
@@ -1084,17 +1077,11 @@ struct Extras<'a> {
 fn handle_input(
     input: ShardInput,
     core: &mut ShardCore<GlommioDisk, impl StateMachine>,
-    replies: &mut BTreeMap<RequestId, (Reply, std::time::Instant)>,
-    next_request: &mut RequestId,
+    replies: &mut Tickets<(Reply, std::time::Instant)>,
     shutdown: &mut Option<flume::Sender<()>>,
     extras: &Extras<'_>,
 ) {
-    let mut register = |reply: Reply| {
-        let request = *next_request;
-        *next_request += 1;
-        replies.insert(request, (reply, extras.loop_began));
-        request
-    };
+    let mut register = |reply: Reply| replies.insert((reply, extras.loop_began));
     match input {
         ShardInput::Submit { reply, group, .. } | ShardInput::Read { reply, group, .. }
             if shutdown.is_some() =>

@@ -15,14 +15,13 @@
 //! closed; the shard and every other connection carry on.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{BufReader, WriteHalf};
 use futures_lite::FutureExt;
 use glommio::net::{TcpListener, TcpStream};
-use ringraft_engine::{EngineError, NodeHandle, Outcome, ReplySink};
+use ringraft_engine::{EngineError, NodeHandle, Outcome, ReplySink, Tickets};
 use ringraft_sm::Command;
 use ringraft_tuning::Config;
 use tracing::{debug, warn};
@@ -59,10 +58,9 @@ struct Connection {
     signal: Signal,
     /// Where the shards answer this connection's submits and gets.
     sink: ReplySink,
-    /// Those requests by tag: the client's request id, the group, when they time out (ahash:
-    /// an insert and a remove per request).
-    waiting: RefCell<HashMap<u64, Waiting, ahash::RandomState>>,
-    next_tag: Cell<u64>,
+    /// Those requests by tag (their ticket here): the client's request id, the group, when
+    /// they time out.
+    waiting: RefCell<Tickets<Waiting>>,
     /// Wakes the sweeper: the first request to wait, or the end of reading.
     wake_sweeper: Signal,
     /// Wakes the answering task when the sweeper answered, or at the end of reading.
@@ -84,37 +82,38 @@ impl Connection {
     /// Hands a submit or get to its shard. `Err` is the answer to send at once.
     fn dispatch(&self, state: &ShardState, id: u64, request: Request) -> Result<(), Failure> {
         let info = &state.info;
-        let tag = self.next_tag.get();
-        let (group, sent) = match request {
+        let group = match &request {
             Request::Submit { group, commands } => {
-                check_keys(info, group, commands.iter().map(Command::key))?;
-                (group, state.handle.submit_to(group, commands, &self.sink, tag))
+                check_keys(info, *group, commands.iter().map(Command::key))?;
+                *group
             }
+            Request::Get { group, key, .. } => {
+                check_keys(info, *group, [&key[..]])?;
+                *group
+            }
+            other => unreachable!("only submits and gets are dispatched, not {other:?}"),
+        };
+        // The tag is the request's ticket, so it waits before it is sent.
+        let limit = Duration::from_millis(state.config.limits.request_timeout_ms);
+        let tag = self.waiting.borrow_mut().insert(Waiting {
+            id,
+            group,
+            deadline: Instant::now() + limit,
+        });
+        let sent = match request {
+            Request::Submit { group, commands } => state.handle.submit_to(group, commands, &self.sink, tag),
             Request::Get {
                 group,
                 consistency,
                 key,
-            } => {
-                check_keys(info, group, [&key[..]])?;
-                (
-                    group,
-                    state.handle.read_to(group, key, consistency, &self.sink, tag),
-                )
-            }
+            } => state.handle.read_to(group, key, consistency, &self.sink, tag),
             other => unreachable!("only submits and gets are dispatched, not {other:?}"),
         };
-        sent.map_err(|e| Failure::from_engine(e, |leader| info.address(leader, group)))?;
-        self.next_tag.set(tag + 1);
-        let limit = Duration::from_millis(state.config.limits.request_timeout_ms);
-        let mut waiting = self.waiting.borrow_mut();
-        waiting.insert(
-            tag,
-            Waiting {
-                id,
-                group,
-                deadline: Instant::now() + limit,
-            },
-        );
+        if let Err(e) = sent {
+            self.waiting.borrow_mut().remove(tag);
+            return Err(Failure::from_engine(e, |leader| info.address(leader, group)));
+        }
+        let waiting = self.waiting.borrow();
         if waiting.len() == 1 {
             // The sweeper waits for this when nothing waited.
             self.wake_sweeper.notify();
@@ -164,7 +163,7 @@ async fn sweep(state: Rc<ShardState>, conn: Rc<Connection>) {
             .borrow()
             .iter()
             .filter(|(_, w)| w.deadline <= now)
-            .map(|(&tag, _)| tag)
+            .map(|(tag, _)| tag)
             .collect();
         if expired.is_empty() {
             continue;
@@ -184,7 +183,7 @@ async fn sweep(state: Rc<ShardState>, conn: Rc<Connection>) {
 /// Queues the response to the request under `tag`, if it still waits (one that timed out does
 /// not; its late answer is dropped).
 fn finish(state: &ShardState, conn: &Connection, tag: u64, outcome: Outcome) {
-    let Some(w) = conn.waiting.borrow_mut().remove(&tag) else {
+    let Some(w) = conn.waiting.borrow_mut().remove(tag) else {
         return;
     };
     conn.in_flight.set(conn.in_flight.get() - 1);
@@ -204,8 +203,7 @@ async fn connection(state: Rc<ShardState>, stream: TcpStream) {
         reading_done: Cell::new(false),
         signal: Signal::default(),
         sink: ReplySink::new(),
-        waiting: RefCell::default(),
-        next_tag: Cell::new(0),
+        waiting: RefCell::new(Tickets::default()),
         wake_sweeper: Signal::default(),
         wake_answerer: Signal::default(),
     });
