@@ -358,8 +358,9 @@ async fn write_requests(conn: Rc<LocalConn>, writer: WriteHalf<TcpStream>) {
 /// Hands each answer to its call, until the connection ends.
 async fn read_answers(conn: Rc<LocalConn>, reader: ReadHalf<TcpStream>, frame_bytes_max: u64) {
     let mut reader = BufReader::with_capacity(64 << 10, reader);
+    let mut arena = bytes::BytesMut::new();
     loop {
-        match answer_in(frame::read(&mut reader, frame_bytes_max).await) {
+        match answer_in(frame::read_in(&mut reader, frame_bytes_max, &mut arena).await) {
             Ok(response) => {
                 // Absent: it timed out, or its caller stopped waiting.
                 if let Some(slot) = conn.waiting.borrow_mut().get_mut(&response.id) {

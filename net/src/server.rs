@@ -18,6 +18,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures_lite::io::{BufReader, WriteHalf};
 use futures_lite::FutureExt;
 use glommio::net::{TcpListener, TcpStream};
@@ -212,11 +213,12 @@ async fn connection(state: Rc<ShardState>, stream: TcpStream) {
     let sweeping = glommio::spawn_local(sweep(state.clone(), conn.clone()));
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let depth = state.config.limits.client_queue_depth as usize;
+    let mut arena = BytesMut::new();
     loop {
         if state.clients_closed.get() {
             break;
         }
-        let frame = match frame::read(&mut reader, state.frame_max).await {
+        let frame = match frame::read_in(&mut reader, state.frame_max, &mut arena).await {
             Ok(frame) => frame,
             Err(FrameError::Closed) => break,
             Err(e) => {

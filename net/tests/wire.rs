@@ -357,3 +357,61 @@ proptest! {
         }
     }
 }
+
+/// Frames carved from one arena: each keeps its own bytes while later frames fill the arena
+/// and the arena moves on to new memory (frames of 0 bytes to more than an arena).
+#[test]
+fn frames_read_from_an_arena_keep_their_bytes() {
+    let payloads: Vec<Vec<u8>> = (0..400u32)
+        .map(|n| {
+            let len = match n % 7 {
+                0 => 0,
+                1 => frame::ARENA_BYTES + 3,
+                _ => (n as usize * 997) % 9000,
+            };
+            (0..len).map(|i| (i as u32 ^ n.wrapping_mul(31)) as u8).collect()
+        })
+        .collect();
+    let mut stream = Vec::new();
+    for (n, payload) in payloads.iter().enumerate() {
+        frame::encode(&mut stream, n as u8, payload);
+    }
+    let mut reader = futures_lite::io::Cursor::new(stream);
+    let mut arena = bytes::BytesMut::new();
+    let mut kept = Vec::new();
+    futures_lite::future::block_on(async {
+        for (n, payload) in payloads.iter().enumerate() {
+            let frame = frame::read_in(&mut reader, 1 << 20, &mut arena).await.unwrap();
+            assert_eq!((frame.kind, &frame.payload[..]), (n as u8, &payload[..]));
+            // Every third frame outlives the reading of the others.
+            if n % 3 == 0 {
+                kept.push((n, frame.payload));
+            }
+        }
+        let end = frame::read_in(&mut reader, 1 << 20, &mut arena).await;
+        assert!(matches!(end, Err(frame::FrameError::Closed)), "{end:?}");
+    });
+    for (n, payload) in kept {
+        assert_eq!(&payload[..], &payloads[n][..], "frame {n}");
+    }
+}
+
+/// A frame whose checksum fails is an error, and the arena serves the next stream afterwards.
+#[test]
+fn a_corrupt_frame_read_from_an_arena_is_an_error() {
+    let mut stream = Vec::new();
+    frame::encode(&mut stream, 1, b"first");
+    let at = stream.len() - 2;
+    stream[at] ^= 0x40;
+    let mut arena = bytes::BytesMut::new();
+    futures_lite::future::block_on(async {
+        let mut reader = futures_lite::io::Cursor::new(stream);
+        let bad = frame::read_in(&mut reader, 1 << 20, &mut arena).await;
+        assert!(bad.is_err(), "{bad:?}");
+        let mut good = Vec::new();
+        frame::encode(&mut good, 2, b"second");
+        let mut reader = futures_lite::io::Cursor::new(good);
+        let frame = frame::read_in(&mut reader, 1 << 20, &mut arena).await.unwrap();
+        assert_eq!(&frame.payload[..], b"second");
+    });
+}
