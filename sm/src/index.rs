@@ -208,6 +208,13 @@ impl<V> Part<V> {
         if (self.len + self.deleted + 1) * LOAD_DEN > self.ctrl.len() * LOAD_NUM {
             self.rehash(hash_of);
         }
+        self.place(hash, Key::new(key), value);
+        None
+    }
+
+    /// Puts a key known to be absent in the first free slot from its home (a deleted one is
+    /// reused). There is room: callers keep the load under its bound.
+    fn place(&mut self, hash: u64, key: Key, value: V) {
         let mask = self.mask();
         let mut at = hash as usize & mask;
         while self.ctrl[at] >= FULL {
@@ -217,9 +224,8 @@ impl<V> Part<V> {
             self.deleted -= 1;
         }
         self.ctrl[at] = Part::<V>::tag(hash);
-        self.slots[at] = Some((Key::new(key), value));
+        self.slots[at] = Some((key, value));
         self.len += 1;
-        None
     }
 
     fn remove(&mut self, hash: u64, key: &[u8]) -> Option<V> {
@@ -247,16 +253,8 @@ impl<V> Part<V> {
             (buckets * 2).max(8)
         };
         let old = std::mem::replace(self, Part::with_buckets(buckets));
-        let mask = self.mask();
         for (key, value) in old.slots.into_vec().into_iter().flatten() {
-            let hash = hash_of(key.as_bytes());
-            let mut at = hash as usize & mask;
-            while self.ctrl[at] != EMPTY {
-                at = (at + 1) & mask;
-            }
-            self.ctrl[at] = Part::<V>::tag(hash);
-            self.slots[at] = Some((key, value));
-            self.len += 1;
+            self.place(hash_of(key.as_bytes()), key, value);
         }
     }
 
