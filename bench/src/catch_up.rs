@@ -77,6 +77,7 @@ pub fn run(o: &CatchUpOptions) -> Result<CatchUpResult, String> {
         read_consistency: ringraft_engine::Consistency::Linearizable,
         rate: None,
         ops: None,
+        spin_us: 0,
     };
     let _ = std::fs::remove_dir_all(o.dir.join("cluster"));
     let retain = o.retain_entries;

@@ -57,6 +57,9 @@ pub struct ClusterBenchOptions {
     /// End the measured window after this many acknowledged operations (or at `duration`,
     /// whichever comes first).
     pub ops: Option<u64>,
+    /// The nodes' `glommio.spin_before_park_us` (refused by the config check unless shards
+    /// are pinned).
+    pub spin_us: u64,
 }
 
 /// Keys are part of the JSON output (docs/bench-output.md).
@@ -133,6 +136,7 @@ fn configs_in_process(o: &ClusterBenchOptions) -> Result<Vec<Config>, String> {
             config.shards.pin = o.nodes == 1 && o.shards <= online;
             config.shards.groups_per_shard = o.groups_per_shard;
             config.glommio.io_memory_bytes = ringraft_tuning::IoMemory::Bytes(plan.per_shard_bytes);
+            config.glommio.spin_before_park_us = o.spin_us;
             config
         })
         .collect())
@@ -357,6 +361,7 @@ pub(crate) fn start_processes_with(
         config.shards.pin = o.nodes == 1 && o.shards <= online;
         config.shards.groups_per_shard = o.groups_per_shard;
         config.glommio.io_memory_bytes = IoMemory::Auto(ringraft_tuning::AutoKeyword::Auto);
+        config.glommio.spin_before_park_us = o.spin_us;
         tweak(&mut config);
         let path = root.join(format!("node{}.toml", address.id));
         std::fs::write(&path, config.to_toml())

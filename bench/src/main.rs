@@ -237,6 +237,10 @@ struct ClusterArgs {
     /// Unmeasured warm-up seconds.
     #[arg(long, default_value_t = 2.0, value_parser = non_negative_f64)]
     warmup_s: f64,
+    /// The nodes' `glommio.spin_before_park_us`: microseconds an idle shard polls before it
+    /// sleeps. Needs pinned shards (one node, at most one shard per online CPU).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=ringraft_tuning::SPIN_BEFORE_PARK_US_MAX))]
+    spin_us: u64,
 }
 
 #[derive(Args, Debug)]
@@ -333,6 +337,10 @@ struct WalArgs {
     /// Pin the benchmark's executor to this (online) CPU; unpinned by default.
     #[arg(long)]
     cpu: Option<usize>,
+    /// Microseconds the executor polls for completions before it sleeps when it has nothing to
+    /// run (glommio's spin_before_park; the node's `glommio.spin_before_park_us`). Needs --cpu.
+    #[arg(long, default_value_t = 0, requires = "cpu", value_parser = clap::value_parser!(u64).range(0..=ringraft_tuning::SPIN_BEFORE_PARK_US_MAX))]
+    spin_us: u64,
     /// glommio io_memory of the executor in MiB. Default: sized from the locked-memory limit
     /// (raised soft to hard first), as the node does; glommio registers it in three rings.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
@@ -562,6 +570,7 @@ fn cluster_options(
         },
         rate: args.rate,
         ops: args.ops,
+        spin_us: args.spin_us,
     }
 }
 
@@ -911,6 +920,7 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
             config: config.clone(),
             retain_entries: args.retain_entries,
             cpu: args.cpu,
+            spin_before_park: Duration::from_micros(args.spin_us),
             io_memory_bytes: io_memory_bytes as usize,
         };
         runs.push(wal_bench::run(options, probe.clone())?);

@@ -30,6 +30,9 @@ pub struct WalBenchOptions {
     pub retain_entries: u64,
     /// Pin the executor to this CPU (must be online); unpinned when `None`.
     pub cpu: Option<usize>,
+    /// Poll this long for completions before sleeping when idle (zero: sleep at once; only
+    /// when pinned).
+    pub spin_before_park: Duration,
     pub io_memory_bytes: usize,
 }
 
@@ -98,7 +101,14 @@ pub fn run(options: WalBenchOptions, disk: Option<DiskProbe>) -> Result<WalResul
     // A fresh log for each run.
     let _ = std::fs::remove_dir_all(&wal_dir);
     let opts = options.clone();
-    let handle = LocalExecutorBuilder::new(placement)
+    let mut builder = LocalExecutorBuilder::new(placement);
+    if !options.spin_before_park.is_zero() {
+        if options.cpu.is_none() {
+            return Err("spinning before parking needs a pinned executor (--cpu)".into());
+        }
+        builder = builder.spin_before_park(options.spin_before_park);
+    }
+    let handle = builder
         .name("ringraft-bench-wal")
         .io_memory(options.io_memory_bytes)
         .spawn(move || async move { run_on_executor(opts, wal_dir).await })

@@ -529,7 +529,12 @@ impl Engine {
             let factory = factory.clone();
             let failed = failure.clone();
             let queue = senders[shard].clone();
-            let spawned = LocalExecutorBuilder::new(placement)
+            let mut builder = LocalExecutorBuilder::new(placement);
+            if config.glommio.spin_before_park_us > 0 {
+                // Validated: only with pinned shards (glommio spins no other executor).
+                builder = builder.spin_before_park(Duration::from_micros(config.glommio.spin_before_park_us));
+            }
+            let spawned = builder
                 .name(&format!("ringraft-n{}-s{shard}", config.node.id))
                 .io_memory(io_memory_bytes as usize)
                 .ring_depth(config.glommio.ring_depth as usize)

@@ -30,6 +30,6 @@ pub use recommend::{recommend, Recommendation, RESERVE_CPU0_ABOVE};
 pub use topology::{parse_cpu_list, Cpu, Topology};
 pub use uring::{io_uring_status, IoUringStatus};
 pub use validate::{
-    resolve_cpus, validate, COMMAND_OVERHEAD_BYTES, FRAME_OVERHEAD_BYTES, WAL_BLOCK_BYTES,
-    WAL_RECORD_OVERHEAD_BYTES,
+    resolve_cpus, validate, COMMAND_OVERHEAD_BYTES, FRAME_OVERHEAD_BYTES, SPIN_BEFORE_PARK_US_MAX,
+    WAL_BLOCK_BYTES, WAL_RECORD_OVERHEAD_BYTES,
 };

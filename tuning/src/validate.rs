@@ -23,6 +23,10 @@ pub fn resolve_cpus(config: &Config, topology: &Topology) -> Vec<usize> {
     }
 }
 
+/// The longest `glommio.spin_before_park_us`: a device slower than this to sync leaves the shard
+/// nothing to do for long enough that sleeping costs nothing noticeable.
+pub const SPIN_BEFORE_PARK_US_MAX: u64 = 10_000;
+
 /// Checks `config` against itself and against this machine's `topology`.
 pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors> {
     let mut errors = Vec::new();
@@ -327,6 +331,24 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
             "glommio.ring_depth",
             format!("{} exceeds io_uring's 32768", c.glommio.ring_depth),
             "use 128..4096",
+        );
+    }
+    if c.glommio.spin_before_park_us > 0 && !c.shards.pin {
+        // glommio ignores it for unpinned executors; saying so beats a silent no-op.
+        error(
+            "glommio.spin_before_park_us",
+            format!("{} µs with shards.pin = false", c.glommio.spin_before_park_us),
+            "spin only with shards pinned to cores of their own (shards.pin = true), or use 0",
+        );
+    }
+    if c.glommio.spin_before_park_us > SPIN_BEFORE_PARK_US_MAX {
+        error(
+            "glommio.spin_before_park_us",
+            format!(
+                "{} exceeds {SPIN_BEFORE_PARK_US_MAX}",
+                c.glommio.spin_before_park_us
+            ),
+            "use a little more than the device's sync latency (100-500 µs), or 0",
         );
     }
     if let IoMemory::Bytes(bytes) = c.glommio.io_memory_bytes {

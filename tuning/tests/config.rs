@@ -283,6 +283,22 @@ fn ring_depth_above_io_uring_limit_is_rejected() {
 }
 
 #[test]
+fn spinning_needs_pinned_shards_and_a_bounded_time() {
+    let errors = errors_naming(
+        "[shards]\npin = false\n[glommio]\nspin_before_park_us = 200\n",
+        "glommio.spin_before_park_us",
+    );
+    assert!(errors.to_string().contains("shards.pin"), "{errors}");
+    errors_naming(
+        "[glommio]\nspin_before_park_us = 10001\n",
+        "glommio.spin_before_park_us",
+    );
+    let pinned = parse("[glommio]\nspin_before_park_us = 10000\n");
+    validate(&pinned, &two_cpus()).unwrap();
+    assert_eq!(pinned.glommio.spin_before_park_us, 10_000);
+}
+
+#[test]
 fn explicit_io_memory_must_be_whole_blocks_of_the_minimum() {
     errors_naming("[glommio]\nio_memory_bytes = 1000\n", "glommio.io_memory_bytes");
     validate(&parse("[glommio]\nio_memory_bytes = 16777216\n"), &two_cpus()).unwrap();
