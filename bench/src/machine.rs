@@ -10,6 +10,8 @@ pub struct Machine {
     pub memory_bytes: u64,
     /// The block device under the benchmark directory, as `major:minor` and its model if known.
     pub disk: String,
+    /// CPUs taking that device's completion interrupts, if they can be told.
+    pub disk_interrupt_cpus: Option<Vec<usize>>,
     pub ringraft_version: String,
     pub date_unix_s: u64,
 }
@@ -50,6 +52,7 @@ pub fn detect(dir: &std::path::Path) -> Machine {
             .and_then(|v| v.split_whitespace().next().and_then(|kb| kb.parse::<u64>().ok()))
             .map_or(0, |kb| kb * 1024),
         disk,
+        disk_interrupt_cpus: ringraft_tuning::device_interrupt_cpus(dir),
         ringraft_version: env!("CARGO_PKG_VERSION").to_string(),
         date_unix_s: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -867,8 +867,12 @@ fn run_sm(args: SmArgs) -> Result<(), String> {
 }
 
 fn print_machine(machine: &machine::Machine) {
+    let interrupts = match &machine.disk_interrupt_cpus {
+        Some(cpus) => format!(" (interrupts on CPUs {cpus:?})"),
+        None => String::new(),
+    };
     println!(
-        "machine: {} | {} CPUs | kernel {} | disk {} | ringraft {}",
+        "machine: {} | {} CPUs | kernel {} | disk {}{interrupts} | ringraft {}",
         machine.cpu_model, machine.cpus_online, machine.kernel, machine.disk, machine.ringraft_version
     );
 }
