@@ -334,12 +334,18 @@ struct WalArgs {
     /// Entries kept per group; older ones are compacted during the run.
     #[arg(long, default_value_t = 10_000)]
     retain_entries: u64,
-    /// Pin the benchmark's executor to this (online) CPU; unpinned by default.
-    #[arg(long)]
+    /// Pin the benchmark's executor to this (online) CPU. Default: the first CPU taking the
+    /// disk's completion interrupts, if they can be told (woken there, a write's completion
+    /// needs no cross-CPU wake-up), else unpinned.
+    #[arg(long, conflicts_with = "unpinned")]
     cpu: Option<usize>,
+    /// Leave the executor unpinned.
+    #[arg(long)]
+    unpinned: bool,
     /// Microseconds the executor polls for completions before it sleeps when it has nothing to
-    /// run (glommio's spin_before_park; the node's `glommio.spin_before_park_us`). Needs --cpu.
-    #[arg(long, default_value_t = 0, requires = "cpu", value_parser = clap::value_parser!(u64).range(0..=ringraft_tuning::SPIN_BEFORE_PARK_US_MAX))]
+    /// run (glommio's spin_before_park; the node's `glommio.spin_before_park_us`). Needs a
+    /// pinned executor.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=ringraft_tuning::SPIN_BEFORE_PARK_US_MAX))]
     spin_us: u64,
     /// glommio io_memory of the executor in MiB. Default: sized from the locked-memory limit
     /// (raised soft to hard first), as the node does; glommio registers it in three rings.
@@ -897,6 +903,27 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
     check_cpu(args.cpu)?;
     let io_memory_bytes = io_memory(args.io_memory_mib, 1)?;
     let machine = machine::detect_after_create(&common.dir)?;
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = match (args.cpu, args.unpinned) {
+        (Some(cpu), _) => Some(cpu),
+        (None, true) => None,
+        (None, false) => {
+            let first = machine
+                .disk_interrupt_cpus
+                .as_ref()
+                .and_then(|cpus| cpus.first().copied());
+            let cpu = first.filter(|&cpu| cpu < online);
+            if let Some(cpu) = cpu {
+                eprintln!("wal: executor pinned to CPU {cpu}, which takes the disk's completion interrupts");
+            }
+            cpu
+        }
+    };
+    if args.spin_us > 0 && cpu.is_none() {
+        return Err(
+            "--spin-us needs a pinned executor (--cpu N, or a disk whose interrupt CPUs are known)".into(),
+        );
+    }
     let probe = if args.no_probe {
         None
     } else {
@@ -923,7 +950,7 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
             sync_mode: mode,
             config: config.clone(),
             retain_entries: args.retain_entries,
-            cpu: args.cpu,
+            cpu,
             spin_before_park: Duration::from_micros(args.spin_us),
             io_memory_bytes: io_memory_bytes as usize,
         };

@@ -40,6 +40,10 @@ pub struct WalBenchOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct WalResult {
     pub sync_mode: String,
+    /// The CPU the executor was pinned to; `null`: unpinned.
+    pub cpu: Option<usize>,
+    /// Microseconds it polled before sleeping when idle.
+    pub spin_before_park_us: u64,
     pub io_memory_bytes: u64,
     pub groups: u64,
     pub writers: u64,
@@ -231,6 +235,8 @@ async fn run_on_executor(options: WalBenchOptions, wal_dir: PathBuf) -> Result<W
     let us = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(WalResult {
         sync_mode: options.sync_mode.to_string(),
+        cpu: options.cpu,
+        spin_before_park_us: options.spin_before_park.as_micros() as u64,
         io_memory_bytes: options.io_memory_bytes as u64,
         groups: options.groups,
         writers: options.writers,

@@ -70,6 +70,29 @@ fn bad_arguments_are_clear_errors() {
     assert!(error.contains("wal.batch_bytes_max"), "{error}");
     let error = stderr_of(&["wal", "--dir", dir, "--no-probe", "--cpu", "4096"]);
     assert!(error.contains("not an online CPU"), "{error}");
+    let error = stderr_of(&[
+        "wal",
+        "--dir",
+        dir,
+        "--no-probe",
+        "--unpinned",
+        "--spin-us",
+        "100",
+    ]);
+    assert!(error.contains("--spin-us needs a pinned executor"), "{error}");
+    let error = stderr_of(&["wal", "--dir", dir, "--no-probe", "--unpinned", "--cpu", "0"]);
+    assert!(error.contains("--unpinned") && error.contains("--cpu"), "{error}");
+    let error = stderr_of(&[
+        "wal",
+        "--dir",
+        dir,
+        "--no-probe",
+        "--cpu",
+        "0",
+        "--spin-us",
+        "10001",
+    ]);
+    assert!(error.contains("--spin-us"), "{error}");
     assert!(stderr_of(&["cluster", "--zipf-theta", "1.5"]).contains("--zipf-theta"));
     assert!(stderr_of(&["cluster", "--rate", "0"]).contains("--rate"));
     assert!(stderr_of(&["cluster", "--workload", "everything"]).contains("read-heavy"));
@@ -168,6 +191,7 @@ fn wal_json_keys_are_stable() {
     assert_eq!(
         keys(&json["wal"]),
         [
+            "cpu",
             "disk",
             "duration_s",
             "entries",
@@ -187,6 +211,7 @@ fn wal_json_keys_are_stable() {
             "recovery_s",
             "rss_bytes_max",
             "segment_files",
+            "spin_before_park_us",
             "sync_mode",
             "syncs_per_s",
             "write_bytes_mean",
@@ -200,6 +225,7 @@ fn wal_json_keys_are_stable() {
             "cpus_online",
             "date_unix_s",
             "disk",
+            "disk_interrupt_cpus",
             "kernel",
             "memory_bytes",
             "ringraft_version"
