@@ -41,9 +41,9 @@ fn split(ticket: u64) -> (usize, u32) {
 }
 
 impl<T> Tickets<T> {
-    /// Keeps `value` and returns its ticket (never 0 for the first use of a slot; unique among
-    /// the tickets of waiting values, and unequal to any ticket of the same slot for the next
-    /// 2^32 uses of it).
+    /// Keeps `value` and returns its ticket (never 0, which protocols may keep for "no id";
+    /// unique among the tickets of waiting values, and unequal to any ticket of the same slot
+    /// for the next 2^32 - 1 uses of it).
     pub fn insert(&mut self, value: T) -> u64 {
         self.len += 1;
         let index = match self.free.pop() {
@@ -72,7 +72,8 @@ impl<T> Tickets<T> {
             return None;
         }
         let value = slot.value.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
+        // Generations skip 0, so that no ticket is 0.
+        slot.generation = slot.generation.wrapping_add(1).max(1);
         self.free.push(index as u32);
         self.len -= 1;
         Some(value)
@@ -83,6 +84,18 @@ impl<T> Tickets<T> {
         let (index, generation) = split(ticket);
         let slot = self.slots.get(index)?;
         (slot.generation == generation).then_some(slot.value.as_ref()?)
+    }
+
+    /// The value under `ticket`, if it still waits, to change.
+    pub fn get_mut(&mut self, ticket: u64) -> Option<&mut T> {
+        let (index, generation) = split(ticket);
+        let slot = self.slots.get_mut(index)?;
+        (slot.generation == generation).then_some(slot.value.as_mut()?)
+    }
+
+    /// Every waiting value, to change.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.slots.iter_mut().filter_map(|slot| slot.value.as_mut())
     }
 
     pub fn len(&self) -> usize {
@@ -146,6 +159,19 @@ mod tests {
         assert_eq!(tickets.remove(b), None);
     }
 
+    #[test]
+    fn no_ticket_is_zero_even_when_a_generation_wraps() {
+        let mut tickets = Tickets::default();
+        let first = tickets.insert('a');
+        tickets.slots[0].generation = u32::MAX;
+        let last = (u32::MAX as u64) << 32;
+        assert_eq!(tickets.remove(first), None, "the generation moved on");
+        assert_eq!(tickets.remove(last), Some('a'));
+        let next = tickets.insert('b');
+        assert_eq!(next, 1 << 32, "generation 0 is skipped");
+        assert_ne!(next, 0);
+    }
+
     proptest::proptest! {
         #[test]
         fn tickets_agree_with_a_map(ops in proptest::collection::vec((proptest::prelude::any::<bool>(), 0usize..64), 1..400)) {
@@ -160,7 +186,22 @@ mod tests {
                     given.push(ticket);
                 } else if !given.is_empty() {
                     let ticket = given[pick % given.len()];
-                    assert_eq!(tickets.remove(ticket), model.remove(&ticket));
+                    if pick % 3 == 0 {
+                        // Changed in place, stale tickets reaching nothing.
+                        if let Some(value) = tickets.get_mut(ticket) {
+                            *value += 1000;
+                        }
+                        if let Some(value) = model.get_mut(&ticket) {
+                            *value += 1000;
+                        }
+                        assert_eq!(tickets.get(ticket), model.get(&ticket));
+                    } else {
+                        assert_eq!(tickets.remove(ticket), model.remove(&ticket));
+                    }
+                }
+                if n % 50 == 49 {
+                    tickets.values_mut().for_each(|value| *value += 1);
+                    model.values_mut().for_each(|value| *value += 1);
                 }
                 assert_eq!(tickets.len(), model.len());
                 let mut all: Vec<_> = tickets.iter().map(|(t, v)| (t, *v)).collect();

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::io::{BufReader, ReadHalf, WriteHalf};
 use glommio::net::TcpStream;
-use ringraft_engine::Consistency;
+use ringraft_engine::{Consistency, Tickets};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::client::{answer_in, socket_addr, Carrier, ClientError, NetClient, SWEEP_INTERVAL};
@@ -224,8 +224,10 @@ struct LocalConn {
     out: RefCell<Vec<u8>>,
     wake_writer: Signal,
     wake_sweeper: Signal,
-    waiting: RefCell<HashMap<u64, Waiting, ahash::RandomState>>,
-    next_id: Cell<u64>,
+    /// Calls waiting, under their request ids: a ticket per call (an index, not a hash map
+    /// lookup, on each of the three touches per call; a late answer to a timed-out call never
+    /// reaches the call that reuses its slot).
+    waiting: RefCell<Tickets<Waiting>>,
     /// Broken or closed: nothing more is sent on it.
     dead: Cell<bool>,
     /// Closing: the writer ends once `out` is written.
@@ -250,7 +252,6 @@ impl LocalConn {
             wake_writer: Signal::default(),
             wake_sweeper: Signal::default(),
             waiting: RefCell::default(),
-            next_id: Cell::new(1),
             dead: Cell::new(false),
             closing: Cell::new(false),
         });
@@ -267,17 +268,12 @@ impl LocalConn {
                 message: "connection closed".into(),
             });
         }
-        let id = self.next_id.get();
-        self.next_id.set(id + 1);
-        self.waiting.borrow_mut().insert(
-            id,
-            Waiting {
-                deadline: Instant::now() + timeout,
-                timeout,
-                answer: None,
-                waker: None,
-            },
-        );
+        let id = self.waiting.borrow_mut().insert(Waiting {
+            deadline: Instant::now() + timeout,
+            timeout,
+            answer: None,
+            waker: None,
+        });
         protocol::encode_request(&mut self.out.borrow_mut(), id, request);
         self.wake_writer.notify();
         self.wake_sweeper.notify();
@@ -323,7 +319,7 @@ impl Future for Answer<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut waiting = self.conn.waiting.borrow_mut();
         let slot = waiting
-            .get_mut(&self.id)
+            .get_mut(self.id)
             .expect("a call's slot lives as long as its Answer");
         match slot.answer.take() {
             Some(answer) => Poll::Ready(answer),
@@ -340,7 +336,7 @@ impl Future for Answer<'_> {
 
 impl Drop for Answer<'_> {
     fn drop(&mut self) {
-        self.conn.waiting.borrow_mut().remove(&self.id);
+        self.conn.waiting.borrow_mut().remove(self.id);
     }
 }
 
@@ -363,7 +359,7 @@ async fn read_answers(conn: Rc<LocalConn>, reader: ReadHalf<TcpStream>, frame_by
         match answer_in(frame::read_in(&mut reader, frame_bytes_max, &mut arena).await) {
             Ok(response) => {
                 // Absent: it timed out, or its caller stopped waiting.
-                if let Some(slot) = conn.waiting.borrow_mut().get_mut(&response.id) {
+                if let Some(slot) = conn.waiting.borrow_mut().get_mut(response.id) {
                     if slot.answer.is_none() {
                         slot.answer = Some(Ok(response));
                         if let Some(waker) = slot.waker.take() {
