@@ -58,6 +58,19 @@ pub fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     info!(node = config.node.id, data_dir = %config.node.data_dir.display(), "node running");
+    if config.shards.pin {
+        let cpus = ringraft_tuning::resolve_cpus(&config, &Topology::detect());
+        if let Some((interrupted, elsewhere)) =
+            ringraft_tuning::shards_away_from_interrupts(&config.node.data_dir, &cpus)
+        {
+            info!(
+                ?interrupted,
+                ?elsewhere,
+                "the data disk interrupts other CPUs than some shards run on: those shards are woken \
+                 across CPUs after each WAL write (shards.cpus can list the interrupted CPUs first)"
+            );
+        }
+    }
     let engine = Arc::new(engine);
     let stop = Arc::new(AtomicBool::new(false));
     let metrics = match config.node.metrics_addr {

@@ -29,6 +29,25 @@ pub fn device_interrupt_cpus(path: &Path) -> Option<Vec<usize>> {
     )
 }
 
+/// Shards placed away from the data disk's interrupts: `(interrupted CPUs, shard CPUs not
+/// among them)` when some of `shard_cpus` are elsewhere (each such shard is woken from another
+/// CPU after every WAL write), `None` when all are there or the CPUs cannot be told. The data
+/// directory may not exist yet: its nearest existing ancestor stands for it (the same device
+/// unless a mount comes between).
+pub fn shards_away_from_interrupts(
+    data_dir: &Path,
+    shard_cpus: &[usize],
+) -> Option<(Vec<usize>, Vec<usize>)> {
+    let existing = data_dir.ancestors().find(|p| p.exists())?;
+    let interrupted = device_interrupt_cpus(existing)?;
+    let elsewhere: Vec<usize> = shard_cpus
+        .iter()
+        .copied()
+        .filter(|cpu| !interrupted.contains(cpu))
+        .collect();
+    (!elsewhere.is_empty()).then_some((interrupted, elsewhere))
+}
+
 /// [`device_interrupt_cpus`] for device `major:minor`, reading sysfs at `sys` and procfs at
 /// `proc_root` (tests pass a made-up tree).
 pub fn interrupt_cpus_in(sys: &Path, proc_root: &Path, major: u32, minor: u32) -> Option<Vec<usize>> {

@@ -23,7 +23,7 @@ pub use config::{
     ENV_NODE_ID,
 };
 pub use error::{ConfigError, ConfigErrors};
-pub use irq::{device_interrupt_cpus, interrupt_cpus_in};
+pub use irq::{device_interrupt_cpus, interrupt_cpus_in, shards_away_from_interrupts};
 pub use memlock::{
     plan_io_memory, raise_memlock, read_memlock, IoMemoryPlan, Limit, Memlock, IO_MEMORY_AUTO_MAX_BYTES,
     IO_MEMORY_MIN_BYTES, IO_MEMORY_RECOMMENDED_BYTES, MEMLOCK_RESERVE_BYTES, RINGS_PER_EXECUTOR,

@@ -64,3 +64,18 @@ fn check_rejects_a_bad_file_naming_key_and_fix() {
         "{error}"
     );
 }
+
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    // A reader that is already gone, as when the output is piped into `head`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_ringraft-tune"))
+        .stdout(writer)
+        .output()
+        .expect("run ringraft-tune");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{:?}", output.status);
+}
