@@ -21,8 +21,8 @@ use ringraft_sm::Command;
 use ringraft_tuning::{Config, CpuList, IoMemory};
 use serde::Serialize;
 
-use crate::key;
 use crate::workload::{latency_ns, Distribution, KeyChooser, Op, Pacer, Workload};
+use crate::write_key;
 
 /// Where the cluster comes from.
 #[derive(Clone, Debug)]
@@ -562,6 +562,7 @@ async fn client_task(
     shared: Rc<TaskShared>,
 ) {
     let value = vec![0x5au8; spec.value_bytes];
+    let mut k = Vec::with_capacity(spec.key_bytes);
     let mut rng = seed | 1;
     let mut draw = move || {
         rng ^= rng << 13;
@@ -581,7 +582,7 @@ async fn client_task(
             }
             None => Instant::now(),
         };
-        let k = key(chooser.index(draw()), spec.key_bytes);
+        write_key(chooser.index(draw()), spec.key_bytes, &mut k);
         let result = match spec.workload.pick(draw()) {
             Op::Put => client.put(&k, &value).await,
             Op::Get => client.get(&k, spec.consistency).await,
