@@ -229,14 +229,10 @@ impl BenchClient {
         }
     }
 
-    /// A read through the log of `group`: succeeds once the group has a leader.
-    fn probe(&self, group: u64) -> Result<(), (bool, String)> {
-        // A key of this group (the network server checks that keys belong to their group).
-        let key = (0u64..)
-            .map(|i| format!("warmup-{i}").into_bytes())
-            .find(|k| ringraft_engine::group_of(k, self.groups()) == group)
-            .expect("some key hashes to every group");
-        let commands = vec![Command::Get { key }];
+    /// A read of `key` (a key of `group`: the network server checks that keys belong to their
+    /// group) through the group's log: succeeds once the group has a leader.
+    fn probe(&self, group: u64, key: &[u8]) -> Result<(), (bool, String)> {
+        let commands = vec![Command::Get { key: key.to_vec() }];
         match self {
             BenchClient::InProcess(c) => match c.submit_blocking(group, commands) {
                 Ok(_) => Ok(()),
@@ -253,18 +249,66 @@ impl BenchClient {
 
 /// Waits until every group answers a write-path request. Thousands of groups electing at once
 /// on a small machine take a while: the deadline grows with the group count.
+///
+/// Groups are probed from `PROBE_THREADS` threads at once, and one pass over candidate keys
+/// finds a key for every group: probing 10,000 groups one at a time, each with its own search
+/// for a key, took minutes of the benchmark's start (the search alone ~50M hashes).
 fn wait_for_leaders(client: &BenchClient) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(30) + Duration::from_millis(20 * client.groups());
-    for group in 0..client.groups() {
-        loop {
-            match client.probe(group) {
-                Ok(()) => break,
-                Err((true, _)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Err((_, error)) => return Err(format!("group {group} did not elect a leader: {error}")),
-            }
+    const PROBE_THREADS: u64 = 8;
+    let groups = client.groups();
+    let deadline = Instant::now() + Duration::from_secs(30) + Duration::from_millis(20 * groups);
+    let keys = keys_of_every_group(groups);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for first in 0..PROBE_THREADS.min(groups) {
+            let (keys, failed) = (&keys, &failed);
+            scope.spawn(move || {
+                for group in (first..groups).step_by(PROBE_THREADS as usize) {
+                    loop {
+                        if failed.lock().unwrap().is_some() {
+                            return;
+                        }
+                        match client.probe(group, &keys[group as usize]) {
+                            Ok(()) => break,
+                            Err((true, _)) if Instant::now() < deadline => {
+                                std::thread::sleep(Duration::from_millis(20))
+                            }
+                            Err((_, error)) => {
+                                let message = format!("group {group} did not elect a leader: {error}");
+                                failed.lock().unwrap().get_or_insert(message);
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap() {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// A key of each of `groups` groups (`warmup-{i}`, the first that hashes there), found in one
+/// pass.
+fn keys_of_every_group(groups: u64) -> Vec<Vec<u8>> {
+    let mut keys: Vec<Option<Vec<u8>>> = vec![None; groups as usize];
+    let mut missing = groups;
+    for i in 0u64.. {
+        if missing == 0 {
+            break;
+        }
+        let key = format!("warmup-{i}").into_bytes();
+        let slot = &mut keys[ringraft_engine::group_of(&key, groups) as usize];
+        if slot.is_none() {
+            *slot = Some(key);
+            missing -= 1;
         }
     }
-    Ok(())
+    keys.into_iter()
+        .map(|k| k.expect("every group has a key"))
+        .collect()
 }
 
 /// A node process started by the benchmark.
@@ -818,7 +862,18 @@ fn load(
 
 #[cfg(test)]
 mod tests {
-    use super::cpus_interrupts_first;
+    use super::{cpus_interrupts_first, keys_of_every_group};
+
+    #[test]
+    fn every_group_gets_a_key_of_its_own() {
+        for groups in [1, 3, 1000] {
+            let keys = keys_of_every_group(groups);
+            assert_eq!(keys.len() as u64, groups);
+            for (group, key) in keys.iter().enumerate() {
+                assert_eq!(ringraft_engine::group_of(key, groups), group as u64);
+            }
+        }
+    }
 
     #[test]
     fn shards_go_to_the_interrupted_cpus_first_then_the_rest_wrapping() {
