@@ -625,6 +625,18 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("apply-lag") && table.contains(" 1*"), "{table}");
+    // Piped into a reader that is already gone (as into `head`): it ends quietly.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let piped = Command::new(env!("CARGO_BIN_EXE_ringraft"))
+        .args(["status", "--addr", &nodes[0].addr()])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(piped.status.signal(), Some(libc::SIGPIPE), "{:?}", piped.status);
     // Prometheus metrics reflect the work done.
     let mut http = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
     http.set_read_timeout(timeout).unwrap();

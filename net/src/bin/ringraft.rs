@@ -73,6 +73,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Cmd::Run { .. }) {
+        // An admin command piped into `head` ends quietly when the reader goes, instead of
+        // panicking on the failed print (Rust ignores SIGPIPE). Its sockets are std's, which
+        // send with MSG_NOSIGNAL, so only its output is concerned. A node (`run`) keeps ignoring
+        // it: a peer or client closing its socket is an error value there, never the end.
+        // SAFETY: setting a signal's disposition to its default before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Cmd::Run { config } => ringraft_net::node::run(&config),
         Cmd::Status { addr, json } => status(&addr, json),
