@@ -37,7 +37,8 @@ pub fn run(path: &std::path::Path) -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if let Err(errors) = ringraft_tuning::validate(&config, &Topology::detect()) {
+    let topology = Topology::detect();
+    if let Err(errors) = ringraft_tuning::validate(&config, &topology) {
         eprintln!("ringraft: {}: {errors}", path.display());
         return ExitCode::from(2);
     }
@@ -59,7 +60,7 @@ pub fn run(path: &std::path::Path) -> ExitCode {
     };
     info!(node = config.node.id, data_dir = %config.node.data_dir.display(), "node running");
     if config.shards.pin {
-        let cpus = ringraft_tuning::resolve_cpus(&config, &Topology::detect());
+        let cpus = ringraft_tuning::resolve_cpus(&config, &topology);
         if let Some((interrupted, elsewhere)) =
             ringraft_tuning::shards_away_from_interrupts(&config.node.data_dir, &cpus)
         {

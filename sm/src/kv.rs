@@ -257,7 +257,7 @@ impl Drop for PinnedFiles {
     }
 }
 
-/// The entries of index part `part` as they were when a checkpoint or snapshot began: the live
+/// The entries of index part `part` as they were when a snapshot began: the live
 /// ones, with `kept` (the slots then of keys changed since; `None`: absent then) in place of
 /// what changed, and the keys deleted since.
 fn part_as_it_was<'a>(
