@@ -467,6 +467,9 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     messages: Vec<Envelope>,
     pieces: Vec<SnapshotPiece>,
     answers: Vec<Answer>,
+    /// The results of the entry being applied, kept between entries so a large batch does not
+    /// regrow a fresh vector each time.
+    apply_results: Vec<CommandResult>,
     ticks: u64,
     next_read_context: u64,
     failure: Option<String>,
@@ -702,6 +705,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             messages: Vec::new(),
             pieces: Vec::new(),
             answers: Vec::new(),
+            apply_results: Vec::new(),
             ticks: 0,
             next_read_context: 1,
             failure: None,
@@ -891,7 +895,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 .map_err(|e| EngineError::TooLarge(e.to_string()))?;
             bytes += ringraft_sm::command_size_estimate(command);
         }
-        if bytes + 64 > self.config.entry_bytes_max || commands.len() > self.config.entry_commands_max {
+        if bytes + ringraft_sm::BATCH_SLACK_BYTES > self.config.entry_bytes_max
+            || commands.len() > self.config.entry_commands_max
+        {
             return Err(EngineError::TooLarge(format!(
                 "{} commands of ~{bytes} bytes exceed one entry (batching.entry_bytes_max {}, entry_commands_max {})",
                 commands.len(),
@@ -2356,7 +2362,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
 
     async fn apply_group(&mut self, group: u64) -> Result<(), String> {
         let g = self.groups.get_mut(&group).unwrap();
-        let mut results = Vec::new();
+        let mut results = std::mem::take(&mut self.apply_results);
         let mut last_applied = None;
         while let Some(entry) = g.committed.pop_front() {
             results.clear();
@@ -2441,6 +2447,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 }
             }
         }
+        results.clear();
+        self.apply_results = results;
         if let Some(index) = last_applied {
             g.applied = index;
             g.raw.advance_apply_to(index);

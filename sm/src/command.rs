@@ -131,11 +131,14 @@ pub const BATCH_MAGIC: [u8; 2] = *b"RB";
 pub const BATCH_VERSION: u8 = 1;
 /// Header before the archive; the archive starts 16-byte aligned when the payload does.
 pub const BATCH_HEADER_BYTES: usize = 16;
+/// What an archive holds beyond its commands' [`command_size_estimate`]s: the root
+/// (`ArchivedBatch`, 8 bytes) and the padding that aligns the command array (under 4 bytes).
+pub const BATCH_SLACK_BYTES: usize = 64;
 
 /// Encodes commands into a batch payload: header + rkyv archive.
 pub fn encode_batch(commands: Vec<Command>) -> AlignedVec<16> {
     let bytes: usize = commands.iter().map(command_size_estimate).sum();
-    let mut out = AlignedVec::<16>::with_capacity(BATCH_HEADER_BYTES + bytes + 64);
+    let mut out = AlignedVec::<16>::with_capacity(BATCH_HEADER_BYTES + bytes + BATCH_SLACK_BYTES);
     out.extend_from_slice(&[0; BATCH_HEADER_BYTES]);
     archive_after_header(commands, out)
 }
@@ -147,7 +150,7 @@ pub fn encode_batch(commands: Vec<Command>) -> AlignedVec<16> {
 /// relative. (A `Vec<u8>` from the system allocator is 16-byte aligned on the platforms this
 /// runs on; [`BatchView::new`] copies a payload that is not.)
 pub fn encode_batch_vec(commands: Vec<Command>, bytes_estimate: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + bytes_estimate + 64);
+    let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + bytes_estimate + BATCH_SLACK_BYTES);
     out.extend_from_slice(&[0; BATCH_HEADER_BYTES]);
     let mut out = archive_after_header(commands, out);
     // The entry lives on in the log and the WAL's cache, which count its length: give back the
@@ -223,18 +226,22 @@ impl BatchBuilder {
     }
 }
 
-/// Archived size of one command, rounded up generously (tag, lengths, padding).
+/// An upper bound on the archived size of one command: its archived enum (tag, relative
+/// pointers, lengths) plus its bytes, each rounded up to 4. Summed over a batch, plus
+/// [`BATCH_SLACK_BYTES`], it bounds the archive, so a buffer sized from it never regrows while a
+/// batch is archived into it (a regrowth copies the whole entry).
 pub fn command_size_estimate(command: &Command) -> usize {
     let pad = |n: usize| n.div_ceil(4) * 4;
-    32 + match command {
-        Command::Put { key, value } => pad(key.len()) + pad(value.len()),
-        Command::Delete { key } | Command::Get { key } => pad(key.len()),
-        Command::CompareAndSwap { key, expected, new } => {
-            pad(key.len())
-                + expected.as_ref().map_or(0, |v| pad(v.len()))
-                + new.as_ref().map_or(0, |v| pad(v.len()))
+    std::mem::size_of::<ArchivedCommand>()
+        + match command {
+            Command::Put { key, value } => pad(key.len()) + pad(value.len()),
+            Command::Delete { key } | Command::Get { key } => pad(key.len()),
+            Command::CompareAndSwap { key, expected, new } => {
+                pad(key.len())
+                    + expected.as_ref().map_or(0, |v| pad(v.len()))
+                    + new.as_ref().map_or(0, |v| pad(v.len()))
+            }
         }
-    }
 }
 
 /// A validated batch, read in place. Holds either the caller's bytes (when the archive is

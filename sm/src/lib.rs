@@ -20,7 +20,7 @@ mod machine;
 pub use command::{
     command_size_estimate, encode_batch, encode_batch_vec, ArchivedBatch, ArchivedCommand, Batch,
     BatchBuilder, BatchView, Command, CommandLimits, CommandResult, BATCH_HEADER_BYTES, BATCH_MAGIC,
-    BATCH_VERSION,
+    BATCH_SLACK_BYTES, BATCH_VERSION,
 };
 pub use disk::{GlommioSmDisk, MemSmDisk, SmDisk, SM_BLOCK_BYTES, SM_IOPOLL_GUARD_FILE};
 pub use error::SmError;

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 use ringraft_sm::{
     command_size_estimate, encode_batch, encode_batch_vec, ArchivedCommand, BatchBuilder, BatchView, Command,
-    CommandLimits, SmError,
+    CommandLimits, SmError, BATCH_HEADER_BYTES, BATCH_SLACK_BYTES,
 };
 
 fn sample() -> Vec<Command> {
@@ -171,6 +171,24 @@ fn oversized_commands_are_refused_at_the_api() {
     assert!(builder.is_empty());
 }
 
+fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..70)
+}
+
+fn any_command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        (any_bytes(), any_bytes()).prop_map(|(key, value)| Command::Put { key, value }),
+        any_bytes().prop_map(|key| Command::Delete { key }),
+        any_bytes().prop_map(|key| Command::Get { key }),
+        (
+            any_bytes(),
+            proptest::option::of(any_bytes()),
+            proptest::option::of(any_bytes())
+        )
+            .prop_map(|(key, expected, new)| Command::CompareAndSwap { key, expected, new }),
+    ]
+}
+
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -185,6 +203,16 @@ proptest! {
         bytes.extend_from_slice(&count.to_le_bytes());
         bytes.extend_from_slice(&body);
         let _ = BatchView::new(&bytes);
+    }
+
+    /// The estimates bound the archive, so the entry path's buffer, sized from them, never
+    /// regrows (a regrowth copies the whole entry): every kind of command, any sizes, many of them.
+    #[test]
+    fn size_estimates_bound_the_encoding(commands in proptest::collection::vec(any_command(), 0..800)) {
+        let estimate: usize = commands.iter().map(command_size_estimate).sum();
+        let encoded = encode_batch_vec(commands, estimate);
+        prop_assert!(encoded.len() <= BATCH_HEADER_BYTES + estimate + BATCH_SLACK_BYTES);
+        prop_assert_eq!(encoded.capacity(), encoded.len());
     }
 
     #[test]
