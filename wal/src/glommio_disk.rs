@@ -197,12 +197,19 @@ impl Disk for GlommioDisk {
             .dma_open(self.dir.join(&temporary))
             .await
             .map_err(dma_error)?;
+        // One zeroed chunk, written again and again (zeroing a fresh 1 MiB buffer per chunk
+        // was ~3% of a follower's CPU while segments were being created).
+        let zeros = Rc::new(self.alloc_buffer(ZERO_FILL_CHUNK_BYTES.min(len as usize)));
         let mut at = 0u64;
         while at < len {
             let chunk = ZERO_FILL_CHUNK_BYTES.min((len - at) as usize);
-            let buffer = self.alloc_buffer(chunk);
+            let buffer = if chunk == zeros.len() {
+                zeros.clone()
+            } else {
+                Rc::new(self.alloc_buffer(chunk))
+            };
             let began = std::time::Instant::now();
-            let written = file.write_at(buffer, at).await.map_err(dma_error)?;
+            let written = file.write_rc_at(buffer, at).await.map_err(dma_error)?;
             if written != chunk {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
