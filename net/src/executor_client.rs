@@ -25,7 +25,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::io::{BufReader, ReadHalf, WriteHalf};
 use glommio::net::TcpStream;
@@ -33,6 +33,7 @@ use ringraft_engine::{Consistency, Tickets};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::client::{answer_in, socket_addr, Carrier, ClientError, NetClient, SWEEP_INTERVAL};
+use crate::coarse::CoarseInstant;
 use crate::frame;
 use crate::peer::{write_queued, Signal};
 use crate::protocol::{self, Body, Failure, Request, Response};
@@ -210,7 +211,7 @@ impl Drop for ExecutorClient {
 
 /// A call waiting on a connection.
 struct Waiting {
-    deadline: Instant,
+    deadline: CoarseInstant,
     timeout: Duration,
     answer: Option<Result<Response, ClientError>>,
     waker: Option<Waker>,
@@ -269,7 +270,7 @@ impl LocalConn {
             });
         }
         let id = self.waiting.borrow_mut().insert(Waiting {
-            deadline: Instant::now() + timeout,
+            deadline: CoarseInstant::now() + timeout,
             timeout,
             answer: None,
             waker: None,
@@ -388,7 +389,7 @@ async fn sweep(conn: Rc<LocalConn>) {
             continue;
         }
         glommio::timer::sleep(SWEEP_INTERVAL).await;
-        let now = Instant::now();
+        let now = CoarseInstant::now();
         for slot in conn.waiting.borrow_mut().values_mut() {
             if slot.answer.is_none() && slot.deadline <= now {
                 slot.answer = Some(Err(ClientError::Timeout(slot.timeout)));

@@ -16,6 +16,7 @@
 //! connection only; shard `s` talks only to shard `s` of other nodes.
 
 pub mod client;
+pub mod coarse;
 pub mod executor_client;
 pub mod frame;
 pub mod handshake;

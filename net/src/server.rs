@@ -16,7 +16,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_lite::io::{BufReader, WriteHalf};
@@ -27,6 +27,7 @@ use ringraft_sm::Command;
 use ringraft_tuning::Config;
 use tracing::{debug, warn};
 
+use crate::coarse::CoarseInstant;
 use crate::frame::{self, FrameError};
 use crate::peer::{within, write_queued, ShardState, Signal};
 use crate::protocol::{self, Body, ClusterInfo, Failure, Member, Request, Response};
@@ -71,7 +72,7 @@ struct Connection {
 struct Waiting {
     id: u64,
     group: u64,
-    deadline: Instant,
+    deadline: CoarseInstant,
 }
 
 impl Connection {
@@ -99,7 +100,7 @@ impl Connection {
         let tag = self.waiting.borrow_mut().insert(Waiting {
             id,
             group,
-            deadline: Instant::now() + limit,
+            deadline: CoarseInstant::now() + limit,
         });
         let sent = match request {
             Request::Submit { group, commands } => state.handle.submit_to(group, commands, &self.sink, tag),
@@ -158,7 +159,7 @@ async fn sweep(state: Rc<ShardState>, conn: Rc<Connection>) {
             continue;
         }
         glommio::timer::sleep(SWEEP_INTERVAL).await;
-        let now = Instant::now();
+        let now = CoarseInstant::now();
         let expired: Vec<u64> = conn
             .waiting
             .borrow()
