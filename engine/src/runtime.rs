@@ -922,11 +922,12 @@ async fn run_shard<S: StateMachine + 'static>(
         // queue while a WAL write is in flight (see `ShardInbox`): they are taken in the loop
         // that sees the write complete, and proposed in it.
         let proposable = core.has_queued() && (!writing.get() || core.queued_bytes() >= entry_bytes_max);
-        let take_proposals =
+        let write_over =
             || !writing.get() || done.borrow().iter().any(|d| matches!(d, IoDone::Written { .. }));
+        let mut take_proposals = write_over();
         let mut waited = None;
-        if !inbox.has_input(take_proposals()) && !kick.kicked.get() && !core.has_ready() && !proposable {
-            let inbox_ready = inbox.recv(take_proposals());
+        if !inbox.has_input(take_proposals) && !kick.kicked.get() && !core.has_ready() && !proposable {
+            let inbox_ready = inbox.recv(take_proposals);
             let kicked = async {
                 Kicked(&kick).await;
                 None
@@ -934,7 +935,8 @@ async fn run_shard<S: StateMachine + 'static>(
             waited = futures_lite::future::or(inbox_ready, kicked).await;
         }
         kick.kicked.set(false);
-        let take_proposals = take_proposals();
+        // The wait may have ended with the write's completion.
+        take_proposals = take_proposals || write_over();
         // One clock read per loop: it stamps this loop's requests as they arrive.
         let loop_began = std::time::Instant::now();
         core.set_time_us(loop_began.duration_since(started).as_micros() as u64);
