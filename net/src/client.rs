@@ -26,6 +26,7 @@ use std::time::Duration;
 use ringraft_engine::{Consistency, GroupMetrics, GroupStatus, LeaderCache, MemberChange, NodeStats};
 use ringraft_sm::{Command, CommandResult};
 
+use crate::coarse::CoarseInstant;
 use crate::frame::{self, kind, FrameError};
 use crate::protocol::{self, Body, ClusterInfo, Failure, Request, Response};
 
@@ -152,7 +153,7 @@ impl<R: std::io::Read + Unpin> futures_lite::AsyncRead for Blocking<R> {
 /// Where a request's answer goes, and when it stops waiting.
 type Waiter = (
     flume::Sender<Result<Response, ClientError>>,
-    std::time::Instant,
+    CoarseInstant,
     Duration,
 );
 
@@ -257,7 +258,7 @@ impl Conn {
                     if dead.load(Ordering::SeqCst) {
                         return;
                     }
-                    let now = std::time::Instant::now();
+                    let now = CoarseInstant::now();
                     pending.lock().unwrap().retain(|_, (waiter, deadline, timeout)| {
                         if now < *deadline {
                             return true;
@@ -280,7 +281,7 @@ impl Conn {
     async fn call(&self, request: &Request, timeout: Duration) -> Result<Result<Body, Failure>, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = flume::bounded(1);
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = CoarseInstant::now() + timeout;
         self.pending.lock().unwrap().insert(id, (tx, deadline, timeout));
         let not_sent = || ClientError::Unreachable {
             addr: self.addr.clone(),

@@ -1,10 +1,10 @@
 //! A coarse monotonic clock for request deadlines.
 //!
-//! Every pipelined request gets a deadline on the server and in the executor client, and a
+//! Every pipelined request gets a deadline on the server and in both clients, and a
 //! sweeper compares them with the time every `SWEEP_INTERVAL`. `Instant::now` reads the TSC
 //! and scales it (~25-35 ns in this VM); at half a million requests a second that was ~1.4% of
 //! a leader's shard thread and ~2.6% of a benchmark client thread. `CLOCK_MONOTONIC_COARSE`
-//! is the same clock at the kernel tick's resolution (1-4 ms), read from the vDSO without the
+//! is the same clock at the kernel tick's resolution (1-10 ms), read from the vDSO without the
 //! TSC. Deadlines are seconds long and swept at tens of milliseconds, so a tick does not matter;
 //! both ends of a comparison use this clock.
 
