@@ -7,8 +7,8 @@
 //! completions, ticks), then `propose`, `collect_ready`, start the next WAL write if none is in
 //! flight (group commit: everything appended since the last write goes in it), `apply`, and send
 //! the output. The loop sleeps only when it has nothing to do. Requests to propose that arrive
-//! while a WAL write is in flight stay in their queue until the loop that sees it complete
-//! ([`ShardInbox`]): they could only join the entry proposed then.
+//! while a WAL write is in flight do not wake it ([`ShardInbox`]): they could only join the entry
+//! proposed once the write completes.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -214,10 +214,10 @@ impl NodeStats {
 
 /// Peer messages a shard queues for another node's shard before dropping (raft resends).
 const PEER_QUEUE_MAX: usize = 4096;
-/// Requests to propose a shard's queue holds beyond `limits.client_queue_depth`. While the
-/// shard's WAL write is in flight it leaves them there (see [`ShardInbox`]): at a million puts
-/// a second and 1-2 ms writes, about 2,000 arrive per write, so this leaves room for several
-/// connections at full depth and for writes of ~10 ms before `Busy`.
+/// Requests to propose a shard's queue holds beyond `limits.client_queue_depth`. They do not
+/// wake the shard while its WAL write is in flight (see [`ShardInbox`]), so a write's worth may
+/// wait there: at a million puts a second and 1-2 ms writes, about 2,000; this leaves room for
+/// several connections at full depth and for writes of ~10 ms before `Busy`.
 const PROPOSALS_QUEUE_MAX: usize = 16384;
 /// Inputs a shard takes per loop iteration before doing its work.
 const INPUTS_PER_LOOP_MAX: usize = 8192;
@@ -263,11 +263,12 @@ fn inbox(config: &Config) -> (ShardQueue, ShardInbox) {
 }
 
 /// The shard's end of its input channels. Requests to propose (`Submit`) have a queue of their
-/// own so that the shard can leave them there while its WAL write is in flight: they could only
-/// join the entry proposed once that write completes, and taking them as they came woke the
-/// shard tens of thousands of times a second for a few requests each (in-process, one node:
-/// ~50k loops and ~50k io_uring_enter calls a second; ~17k calls leaving them). Reads and peer
-/// messages are taken at once, whatever the WAL is doing.
+/// own so that they need not wake the shard while its WAL write is in flight: they could only
+/// join the entry proposed once that write completes, and waking for them woke the shard tens of
+/// thousands of times a second for a few requests each (in-process, one node: ~50k loops and
+/// ~50k io_uring_enter calls a second; ~17k calls not waking for them). Whenever the shard is
+/// awake it takes every input, proposals too, so their handling overlaps the write instead of
+/// all landing between it and the next one. Reads and peer messages wake it at once.
 pub(crate) struct ShardInbox {
     inputs: flume::Receiver<ShardInput>,
     proposals: flume::Receiver<ShardInput>,
@@ -918,16 +919,14 @@ async fn run_shard<S: StateMachine + 'static>(
     let balance_every = Duration::from_millis(config.raft.leader_balance_interval_ms);
     let mut last_balance = std::time::Instant::now();
     loop {
-        // Wait for work unless some is already there. Requests to propose are left in their
-        // queue while a WAL write is in flight (see `ShardInbox`): they are taken in the loop
-        // that sees the write complete, and proposed in it.
+        // Wait for work unless some is already there. Requests to propose do not wake the shard
+        // while a WAL write is in flight (see `ShardInbox`); once it is awake, it takes them.
         let proposable = core.has_queued() && (!writing.get() || core.queued_bytes() >= entry_bytes_max);
-        let write_over =
-            || !writing.get() || done.borrow().iter().any(|d| matches!(d, IoDone::Written { .. }));
-        let mut take_proposals = write_over();
+        let wake_for_proposals =
+            !writing.get() || done.borrow().iter().any(|d| matches!(d, IoDone::Written { .. }));
         let mut waited = None;
-        if !inbox.has_input(take_proposals) && !kick.kicked.get() && !core.has_ready() && !proposable {
-            let inbox_ready = inbox.recv(take_proposals);
+        if !inbox.has_input(wake_for_proposals) && !kick.kicked.get() && !core.has_ready() && !proposable {
+            let inbox_ready = inbox.recv(wake_for_proposals);
             let kicked = async {
                 Kicked(&kick).await;
                 None
@@ -935,15 +934,13 @@ async fn run_shard<S: StateMachine + 'static>(
             waited = futures_lite::future::or(inbox_ready, kicked).await;
         }
         kick.kicked.set(false);
-        // The wait may have ended with the write's completion.
-        take_proposals = take_proposals || write_over();
         // One clock read per loop: it stamps this loop's requests as they arrive.
         let loop_began = std::time::Instant::now();
         core.set_time_us(loop_began.duration_since(started).as_micros() as u64);
         // Take every waiting input (the one waited for first), up to a bound per loop.
         let mut pieces: Vec<SnapshotPiece> = Vec::new();
         for _ in 0..INPUTS_PER_LOOP_MAX {
-            let Some(input) = waited.take().or_else(|| inbox.try_recv(take_proposals)) else {
+            let Some(input) = waited.take().or_else(|| inbox.try_recv(true)) else {
                 break;
             };
             if let ShardInput::Piece(piece) = input {
@@ -1287,7 +1284,8 @@ mod tests {
         queue.try_send(submit(tx.clone())).unwrap();
         queue.try_send(read(tx)).unwrap();
         assert_eq!(inbox.len(), 2);
-        // A WAL write in flight: the read is taken, the request to propose stays.
+        // What the shard waits for while its WAL write is in flight: the read, not the request to
+        // propose.
         assert!(matches!(inbox.try_recv(false), Some(ShardInput::Read { .. })));
         assert!(inbox.try_recv(false).is_none());
         assert!(!inbox.has_input(false));
