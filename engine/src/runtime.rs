@@ -922,8 +922,9 @@ async fn run_shard<S: StateMachine + 'static>(
         // Wait for work unless some is already there. Requests to propose do not wake the shard
         // while a WAL write is in flight (see `ShardInbox`); once it is awake, it takes them.
         let proposable = core.has_queued() && (!writing.get() || core.queued_bytes() >= entry_bytes_max);
-        let wake_for_proposals =
-            !writing.get() || done.borrow().iter().any(|d| matches!(d, IoDone::Written { .. }));
+        // (A completed write needs no look here: its task kicks the loop, which then does not
+        // wait.)
+        let wake_for_proposals = !writing.get();
         let mut waited = None;
         if !inbox.has_input(wake_for_proposals) && !kick.kicked.get() && !core.has_ready() && !proposable {
             let inbox_ready = inbox.recv(wake_for_proposals);
