@@ -261,6 +261,9 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(doc, deny(rustdoc::broken_intra_doc_links))]
 #![cfg_attr(feature = "native-tls", feature(thread_local))]
+// ringraft: this vendored crate's warnings with newer compilers are upstream's; hide them in
+// ringraft's builds (see RINGRAFT.md).
+#![allow(warnings)]
 
 #[macro_use]
 extern crate nix;
@@ -536,6 +539,8 @@ pub struct RingIoStats {
     pub(crate) file_bytes_written: u64,
     pub(crate) file_buffered_writes: u64,
     pub(crate) file_buffered_bytes_written: u64,
+    // ringraft patch: io_uring_enter calls made for this ring.
+    pub(crate) kernel_entries: u64,
 
     // Distributions
     pub(crate) pre_reactor_io_scheduler_latency_us: sketches_ddsketch::DDSketch,
@@ -558,6 +563,7 @@ impl Default for RingIoStats {
             file_bytes_written: 0,
             file_buffered_writes: 0,
             file_buffered_bytes_written: 0,
+            kernel_entries: 0,
             pre_reactor_io_scheduler_latency_us: sketches_ddsketch::DDSketch::new(
                 sketches_ddsketch::Config::new(0.01, 2048, 1.0e-9),
             ),
@@ -589,6 +595,7 @@ impl Debug for RingIoStats {
                 "file_buffered_bytes_written",
                 &self.file_buffered_bytes_written,
             )
+            .field("kernel_entries", &self.kernel_entries)
             .finish_non_exhaustive()
     }
 }
@@ -650,6 +657,11 @@ impl RingIoStats {
         (self.file_buffered_writes, self.file_buffered_bytes_written)
     }
 
+    /// The number of `io_uring_enter` calls made for this ring (a ringraft patch).
+    pub fn kernel_entries(&self) -> u64 {
+        self.kernel_entries
+    }
+
     /// The pre-reactor IO scheduler latency
     ///
     /// Returns a distribution of measures tracking the time between the moment
@@ -692,6 +704,7 @@ impl<'a> Sum<&'a RingIoStats> for RingIoStats {
             a.file_bytes_written += b.file_bytes_written;
             a.file_buffered_writes += b.file_buffered_writes;
             a.file_buffered_bytes_written += b.file_buffered_bytes_written;
+            a.kernel_entries += b.kernel_entries;
             a.pre_reactor_io_scheduler_latency_us
                 .merge(&b.pre_reactor_io_scheduler_latency_us)
                 .unwrap();

@@ -831,6 +831,7 @@ impl UringCommon for PollRing {
     }
 
     fn submit_sqes(&mut self) -> io::Result<usize> {
+        self.stats.kernel_entries += 1;
         let x = self.ring.submit_sqes()? as usize;
         self.in_kernel += x;
         Ok(x)
@@ -1072,13 +1073,19 @@ impl SleepableRing {
             // We have now prepared the SQE that links the two rings. We now need to submit
             // it successfully to be able to safely sleep.
 
-            if self
-                .submit_sqes()
+            // ringraft patch: the SQE is submitted and waited on in one io_uring_enter. The
+            // kernel only waits once it has taken the SQE; interrupted, it still reports it
+            // taken.
+            self.stats.kernel_entries += 1;
+            let submitted = self
+                .ring
+                .submit_sqes_and_wait(1)
+                .map(|n| n as usize)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
+                .or_else(Reactor::intr_ok)?;
+            self.in_kernel += submitted;
+            if submitted != 1 {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
                 // Waiting here is unsafe because we could end up waiting much longer than
                 // needed.
@@ -1086,14 +1093,8 @@ impl SleepableRing {
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                // The rings were linked, and we slept until a completion.
+                Ok(1)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1157,6 +1158,7 @@ impl UringCommon for SleepableRing {
     }
 
     fn submit_sqes(&mut self) -> io::Result<usize> {
+        self.stats.kernel_entries += 1;
         let x = self.ring.submit_sqes()? as usize;
         self.in_kernel += x;
         Ok(x)
@@ -1222,6 +1224,8 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    // ringraft patch: when the timer in `latency_preemption_timeout_src` expires.
+    latency_preemption_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1353,6 +1357,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1820,16 +1825,37 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        //
+        // ringraft patch: the latency ring holds at most one timer, whose deadline is known.
+        // Instead of cancelling and re-arming it on every pass (an io_uring_enter each), a
+        // pending timer is kept whenever it expires no later than the one that would replace
+        // it: an early expiry costs at most one extra pass or wake-up, never a late one.
+        let now = Instant::now();
+        let desired = preempt_timer();
+        // A pass that may sleep (no preemption timer wanted) decides below, once it knows
+        // whether it sleeps.
+        let kept_latency_timer = self.keep_latency_timer(desired.map(|d| now + d));
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // up sleeping. ringraft patch: a pending one is kept until it fires.
+        let throughput_pending = match self.throughput_preemption_timeout_src.take() {
+            Some(src) if src.result().is_none() => {
+                self.throughput_preemption_timeout_src.set(Some(src));
+                true
+            }
+            old => {
+                drop(old);
+                false
+            }
+        };
+        if !throughput_pending {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1850,10 +1876,34 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+            //
+            // ringraft patch: a pending timer that expires no later than the user timer is
+            // kept. With no user timer, a pending one is cancelled, so an idle executor
+            // sleeps until woken.
+            let want = user_timer.map(|dur| now + dur);
+            let keep = match (want, self.latency_preemption_deadline.get()) {
+                // Within 50 µs late (deadlines computed at slightly different instants for
+                // the same user timer) to 1 ms early.
+                (Some(want), Some(deadline))
+                    if deadline + Duration::from_millis(1) >= want =>
+                {
+                    self.keep_latency_timer(Some(want + Duration::from_micros(50)))
+                }
+                _ => false,
+            };
+            if !keep {
+                drop(self.latency_preemption_timeout_src.take());
+                self.latency_preemption_deadline.set(None);
+                if let Some(dur) = user_timer {
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.latency_preemption_deadline.set(want);
+                }
+                flush_cancellations!(into &mut woke; lat_ring);
+                flush_rings!(lat_ring)?;
+                // The cancelled timer's completion is in the ring already: consume it, or the
+                // ring link below would wake us at once.
+                consume_rings!(into &mut woke; lat_ring);
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1864,7 +1914,7 @@ impl Reactor {
             // details. This translates to `sys_membarrier()` /
             // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
             membarrier::heavy();
-            let events = process_remote_channels() + self.flush_syscall_thread();
+            let events = process_remote_channels() + self.flush_syscall_thread() + woke;
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
                     self.link_rings_and_sleep(&mut main_ring)
@@ -1880,9 +1930,13 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+            if !kept_latency_timer {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_preemption_deadline
+                    .set(Some(Instant::now() + preempt));
+                flush_rings!(lat_ring, main_ring)?;
+            }
         }
 
         // A Note about `need_preempt`:
@@ -1893,6 +1947,30 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// ringraft patch: keeps the pending latency-ring timer if it expires no later than
+    /// `want`; otherwise drops it (queueing its cancellation) and returns false.
+    fn keep_latency_timer(&self, want: Option<Instant>) -> bool {
+        let src = self.latency_preemption_timeout_src.take();
+        match (src, self.latency_preemption_deadline.get(), want) {
+            (Some(src), Some(deadline), Some(want))
+                if src.result().is_none() && deadline <= want =>
+            {
+                self.latency_preemption_timeout_src.set(Some(src));
+                true
+            }
+            (src, _, None) => {
+                // Nothing wanted yet (a pass that may sleep): leave it for now.
+                self.latency_preemption_timeout_src.set(src);
+                false
+            }
+            (src, _, _) => {
+                drop(src);
+                self.latency_preemption_deadline.set(None);
+                false
+            }
+        }
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
