@@ -53,6 +53,9 @@ impl std::fmt::Display for SyncMode {
 /// Name of the small file opened first on every executor; see [`GlommioDisk::open`].
 pub const IOPOLL_GUARD_FILE: &str = ".iopoll-guard";
 const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+/// The suffix of a segment file while it is being created (`docs/wal-format.md`, "Files").
+const CREATING_SUFFIX: &str = ".wal.creating";
+
 /// While paced (see [`GlommioDisk::pace_zero_fill`]), creating a segment waits this many times
 /// as long as each chunk's write took before writing the next: the fill takes at most about
 /// one part in five of the device. Unpaced, three nodes on one virtio disk each zero-filling a
@@ -90,6 +93,16 @@ impl GlommioDisk {
         // relative data_dir would fail every directory sync.
         let dir = std::fs::canonicalize(dir.as_ref())
             .map_err(|e| WalError::io("resolve directory", shown.clone(), e))?;
+        // A segment whose creation a crash interrupted: never renamed into place, so nothing
+        // refers to it; delete it rather than let it hold its share of the disk.
+        let entries = std::fs::read_dir(&dir).map_err(|e| WalError::io("list", shown.clone(), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().ends_with(CREATING_SUFFIX) {
+                std::fs::remove_file(entry.path())
+                    .map_err(|e| WalError::io("remove", name.to_string_lossy().into_owned(), e))?;
+            }
+        }
         let guard = dir.join(IOPOLL_GUARD_FILE);
         let guard_ok = std::fs::metadata(&guard).is_ok_and(|m| m.len() >= 4096);
         if !guard_ok {
@@ -115,6 +128,49 @@ impl GlommioDisk {
             sync_mode,
             paced: Rc::new(Cell::new(false)),
         })
+    }
+
+    /// Creates `name` by filling `temporary` with zeros and renaming it.
+    async fn create_through(&self, temporary: &str, name: &str, len: u64) -> io::Result<Rc<DmaFile>> {
+        // Written in full with zeros (not fallocated): writes into unwritten extents sync ~3x
+        // slower, and the WAL must never grow a file on its sync path.
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(true);
+        let file = options
+            .dma_open(self.dir.join(temporary))
+            .await
+            .map_err(dma_error)?;
+        // One zeroed chunk, written again and again (zeroing a fresh 1 MiB buffer per chunk
+        // was ~3% of a follower's CPU while segments were being created).
+        let zeros = Rc::new(self.alloc_buffer(ZERO_FILL_CHUNK_BYTES.min(len as usize)));
+        let mut at = 0u64;
+        while at < len {
+            let chunk = ZERO_FILL_CHUNK_BYTES.min((len - at) as usize);
+            let buffer = if chunk == zeros.len() {
+                zeros.clone()
+            } else {
+                Rc::new(self.alloc_buffer(chunk))
+            };
+            let began = std::time::Instant::now();
+            let written = file.write_rc_at(buffer, at).await.map_err(dma_error)?;
+            if written != chunk {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "short write while zero-filling",
+                ));
+            }
+            at += chunk as u64;
+            if self.paced.get() && at < len {
+                glommio::timer::sleep(began.elapsed() * ZERO_FILL_PACE).await;
+            }
+        }
+        file.fdatasync().await.map_err(dma_error)?;
+        let _ = file.close().await;
+        glommio::io::rename(self.dir.join(temporary), self.dir.join(name))
+            .await
+            .map_err(dma_error)?;
+        self.sync_dir().await?;
+        Ok(self.open(name).await?.0)
     }
 
     /// Whether creating a segment paces its zero-fill from now on (off at first: opening a log
@@ -188,46 +244,16 @@ impl Disk for GlommioDisk {
     }
 
     async fn create(&self, name: &str, len: u64) -> io::Result<Rc<DmaFile>> {
-        // Written in full with zeros (not fallocated): writes into unwritten extents sync ~3x
-        // slower, and the WAL must never grow a file on its sync path.
         let temporary = format!("{name}.creating");
-        let mut options = OpenOptions::new();
-        options.read(true).write(true).create(true).truncate(true);
-        let file = options
-            .dma_open(self.dir.join(&temporary))
-            .await
-            .map_err(dma_error)?;
-        // One zeroed chunk, written again and again (zeroing a fresh 1 MiB buffer per chunk
-        // was ~3% of a follower's CPU while segments were being created).
-        let zeros = Rc::new(self.alloc_buffer(ZERO_FILL_CHUNK_BYTES.min(len as usize)));
-        let mut at = 0u64;
-        while at < len {
-            let chunk = ZERO_FILL_CHUNK_BYTES.min((len - at) as usize);
-            let buffer = if chunk == zeros.len() {
-                zeros.clone()
-            } else {
-                Rc::new(self.alloc_buffer(chunk))
-            };
-            let began = std::time::Instant::now();
-            let written = file.write_rc_at(buffer, at).await.map_err(dma_error)?;
-            if written != chunk {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "short write while zero-filling",
-                ));
-            }
-            at += chunk as u64;
-            if self.paced.get() && at < len {
-                glommio::timer::sleep(began.elapsed() * ZERO_FILL_PACE).await;
+        match self.create_through(&temporary, name, len).await {
+            Ok(file) => Ok(file),
+            Err(error) => {
+                // A fill that failed (a full disk, most often) must not keep the space it took:
+                // the WAL retries, and the retry starts over.
+                let _ = glommio::io::remove(self.dir.join(&temporary)).await;
+                Err(error)
             }
         }
-        file.fdatasync().await.map_err(dma_error)?;
-        let _ = file.close().await;
-        glommio::io::rename(self.dir.join(&temporary), self.dir.join(name))
-            .await
-            .map_err(dma_error)?;
-        self.sync_dir().await?;
-        Ok(self.open(name).await?.0)
     }
 
     async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
@@ -387,9 +413,14 @@ impl GlommioWal {
                 Some(job) => {
                     let this = self.clone();
                     glommio::spawn_local(async move {
+                        if let IoJob::Prepare(prepare) = &job {
+                            if !prepare.delay.is_zero() {
+                                glommio::timer::sleep(prepare.delay).await;
+                            }
+                        }
                         let done: IoDone<GlommioDisk> = perform(&this.disk, job).await;
                         // Failing to delete a spare segment costs space, not data; a failed
-                        // prepare fails the WAL and wakes waiters below.
+                        // prepare is retried (see `Wal::prepare_error`).
                         let _ = this.wal.borrow_mut().io_done(done);
                         for waker in this.durable_waiters.borrow_mut().drain(..) {
                             waker.wake();

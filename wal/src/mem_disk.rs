@@ -1,7 +1,7 @@
 //! An in-memory [`Disk`] that lies the way real disks do, for tests and the deterministic
 //! simulator: written bytes are volatile until synced; [`MemDisk::crash`] keeps, drops or garbles
 //! each unsynced sector (seeded, so a failing seed replays exactly); faults can be injected for the
-//! next write, sync or create; bits can be flipped in place. Every operation completes at once, so
+//! next write, sync, create, rename or open; bits can be flipped in place. Every operation completes at once, so
 //! callers may drive it with [`crate::complete_now`].
 
 use std::cell::RefCell;
@@ -26,6 +26,10 @@ pub enum MemFault {
     Sync(i32),
     /// The next `create` fails with this errno.
     Create(i32),
+    /// The next `rename` fails with this errno; nothing is renamed.
+    Rename(i32),
+    /// The next `open` fails with this errno.
+    Open(i32),
 }
 
 #[derive(Debug, Default)]
@@ -183,6 +187,9 @@ impl Disk for MemDisk {
     }
 
     async fn open(&self, name: &str) -> io::Result<(MemFileHandle, u64)> {
+        if let Some(MemFault::Open(errno)) = self.take_fault(|f| matches!(f, MemFault::Open(_))) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         let state = self.state.borrow();
         let file = state.files.get(name).ok_or_else(|| Self::not_found(name))?;
         let len = file.borrow().current.len() as u64;
@@ -206,6 +213,9 @@ impl Disk for MemDisk {
     }
 
     async fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        if let Some(MemFault::Rename(errno)) = self.take_fault(|f| matches!(f, MemFault::Rename(_))) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         let mut state = self.state.borrow_mut();
         let file = state.files.remove(from).ok_or_else(|| Self::not_found(from))?;
         state.files.insert(to.to_string(), file);

@@ -143,16 +143,41 @@ pub struct WriteJob<D: Disk> {
 pub struct PrepareJob {
     pub seq: u64,
     pub name: String,
+    /// A purged segment to reuse, under its current name (which is `name` itself when an
+    /// earlier attempt renamed it and then failed).
     pub recycle_from: Option<String>,
     pub segment_bytes: u64,
+    /// How long the runner waits before performing the job: zero, except when it retries a
+    /// preparation that failed (see [`Wal::prepare_error`]). The WAL has no clock; the runner
+    /// has.
+    pub delay: std::time::Duration,
+}
+
+/// The wait before retrying a failed segment preparation: doubling from 10 ms, at most 1 s. A
+/// full disk frees up at an operator's pace, so retrying faster would only add load.
+fn prepare_retry_delay(consecutive_failures: u32) -> std::time::Duration {
+    let exponent = consecutive_failures.saturating_sub(1).min(7);
+    std::time::Duration::from_millis(10 << exponent).min(std::time::Duration::from_secs(1))
 }
 
 /// The outcome of an [`IoJob`].
 #[derive(Debug)]
 pub enum IoDone<D: Disk> {
-    Written { batch: u64, result: io::Result<()> },
-    Prepared { seq: u64, result: io::Result<D::File> },
-    Removed { name: String, result: io::Result<()> },
+    Written {
+        batch: u64,
+        result: io::Result<()>,
+    },
+    /// `recycled`: for a recycling job, the name the reused file has now (its old name if the
+    /// rename did not happen, the new one if it did), so a failed attempt loses no file.
+    Prepared {
+        seq: u64,
+        result: io::Result<D::File>,
+        recycled: Option<String>,
+    },
+    Removed {
+        name: String,
+        result: io::Result<()>,
+    },
 }
 
 /// Performs a job against `disk`: writes are followed by a sync of the same file, and a prepared
@@ -175,10 +200,14 @@ pub async fn perform<D: Disk>(disk: &D, job: IoJob<D>) -> IoDone<D> {
             }
         }
         IoJob::Prepare(prepare) => {
+            let mut recycled = prepare.recycle_from.clone();
             let result = async {
                 let file = match &prepare.recycle_from {
                     Some(old) => {
-                        disk.rename(old, &prepare.name).await?;
+                        if *old != prepare.name {
+                            disk.rename(old, &prepare.name).await?;
+                            recycled = Some(prepare.name.clone());
+                        }
                         disk.open(&prepare.name).await?.0
                     }
                     None => disk.create(&prepare.name, prepare.segment_bytes).await?,
@@ -201,6 +230,7 @@ pub async fn perform<D: Disk>(disk: &D, job: IoJob<D>) -> IoDone<D> {
             IoDone::Prepared {
                 seq: prepare.seq,
                 result,
+                recycled,
             }
         }
         IoJob::Remove { name } => {
@@ -344,6 +374,8 @@ pub struct WalStats {
     pub segments_ready: usize,
     pub cache_bytes: usize,
     pub pending_bytes: usize,
+    /// Segment preparations that failed (and were retried) since the WAL was opened.
+    pub prepare_failures: u64,
 }
 
 /// One shard's write-ahead log. See the crate docs for the contract.
@@ -378,6 +410,12 @@ pub struct Wal<D: Disk> {
     sealed: VecDeque<Batch<D::Buffer>>,
     in_flight: Option<InFlight>,
     preparing: bool,
+    /// A segment preparation to try again after it failed: its sequence and, when it recycled
+    /// a purged segment, that file's current name.
+    prepare_retry: Option<(u64, Option<String>)>,
+    /// Failures of the preparation being retried, in a row (for the backoff), and the last one.
+    prepare_failures_in_row: u32,
+    prepare_error: Option<String>,
     pub(crate) next_ticket: u64,
     pub(crate) durable_ticket: u64,
     pub(crate) cache_bytes: usize,
@@ -430,6 +468,9 @@ impl<D: Disk> Wal<D> {
             sealed: VecDeque::new(),
             in_flight: None,
             preparing: false,
+            prepare_retry: None,
+            prepare_failures_in_row: 0,
+            prepare_error: None,
             next_ticket: 1,
             durable_ticket: 0,
             cache_bytes: 0,
@@ -454,6 +495,13 @@ impl<D: Disk> Wal<D> {
     /// The cause of the failure that stopped this WAL, if any. A failed WAL refuses appends.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
+    }
+
+    /// Why the last segment preparation failed, while it is being retried (`None` once one
+    /// succeeds). Writes that need a new segment wait meanwhile; appends are still taken, so
+    /// the caller's own limits (the engine's `Busy`) bound what accumulates.
+    pub fn prepare_error(&self) -> Option<&str> {
+        self.prepare_error.as_deref()
     }
 
     fn check_usable(&self, op: &'static str) -> Result<(), WalError> {
@@ -806,13 +854,23 @@ impl<D: Disk> Wal<D> {
         }
         if !self.preparing && self.ready.is_empty() {
             self.preparing = true;
-            let seq = self.next_segment_seq;
-            self.next_segment_seq += 1;
+            let (seq, recycled, delay) = match self.prepare_retry.take() {
+                // The same sequence again: nothing was written into the segment, and a recycled
+                // file keeps the name it got. Every attempt rewrites the header and syncs it
+                // again, so a failed sync is never trusted to have kept earlier bytes.
+                Some((seq, recycled)) => (seq, recycled, prepare_retry_delay(self.prepare_failures_in_row)),
+                None => {
+                    let seq = self.next_segment_seq;
+                    self.next_segment_seq += 1;
+                    (seq, None, std::time::Duration::ZERO)
+                }
+            };
             return Some(IoJob::Prepare(PrepareJob {
                 seq,
                 name: segment_file_name(seq),
-                recycle_from: self.free.pop_front().map(|(name, _)| name),
+                recycle_from: recycled.or_else(|| self.free.pop_front().map(|(name, _)| name)),
                 segment_bytes: self.config.segment_bytes,
+                delay,
             }));
         }
         if self.in_flight.is_some() {
@@ -1024,8 +1082,10 @@ impl<D: Disk> Wal<D> {
         })
     }
 
-    /// Takes the outcome of a job from [`Wal::poll_io`]. A failed write or segment preparation
-    /// fails the WAL: the returned error says why, and every later append returns it too.
+    /// Takes the outcome of a job from [`Wal::poll_io`]. A failed write fails the WAL: the
+    /// returned error says why, and every later append returns it too. A failed segment
+    /// preparation is returned (for the runner to report) and retried, see
+    /// [`Wal::prepare_error`]; a failed removal is returned and costs only space.
     pub fn io_done(&mut self, done: IoDone<D>) -> Result<(), WalError> {
         match done {
             IoDone::Written { batch, result } => {
@@ -1050,10 +1110,16 @@ impl<D: Disk> Wal<D> {
                 self.purge();
                 Ok(())
             }
-            IoDone::Prepared { seq, result } => {
+            IoDone::Prepared {
+                seq,
+                result,
+                recycled,
+            } => {
                 self.preparing = false;
                 match result {
                     Ok(file) => {
+                        self.prepare_failures_in_row = 0;
+                        self.prepare_error = None;
                         self.ready.push_back(Segment {
                             seq,
                             name: segment_file_name(seq),
@@ -1063,7 +1129,21 @@ impl<D: Disk> Wal<D> {
                         });
                         Ok(())
                     }
-                    Err(error) => Err(self.fail_io("prepare segment", segment_file_name(seq), error)),
+                    // Not a failure of the WAL: no acknowledged byte depends on a segment being
+                    // prepared (ENOSPC while creating one is the usual cause). Writes that need
+                    // the segment wait; the preparation is retried with a backoff, until disk
+                    // space is freed or a purged segment can be recycled.
+                    Err(error) => {
+                        self.prepare_failures_in_row = self.prepare_failures_in_row.saturating_add(1);
+                        self.stats.prepare_failures += 1;
+                        // A reused file that is gone (removed behind the WAL's back) is not
+                        // waited for: the next attempt creates a segment instead.
+                        let recycled = recycled.filter(|_| error.kind() != io::ErrorKind::NotFound);
+                        self.prepare_retry = Some((seq, recycled));
+                        let error = WalError::io("prepare segment", segment_file_name(seq), error);
+                        self.prepare_error = Some(error.to_string());
+                        Err(error)
+                    }
                 }
             }
             IoDone::Removed { name, result } => match result {

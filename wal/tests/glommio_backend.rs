@@ -192,3 +192,30 @@ fn a_paced_segment_creation_writes_the_whole_file_with_zeros() {
         assert!(!dir.path().join(format!("{name}.creating")).exists());
     }
 }
+
+#[test]
+fn a_failed_segment_creation_leaves_no_partial_file_and_leftovers_go_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    // What a crash in the middle of a creation leaves behind.
+    let leftover = dir.path().join("00000000000000000007.wal.creating");
+    std::fs::write(&leftover, [0u8; 4096]).unwrap();
+    // A non-empty directory stands where the new segment must go: the fill succeeds, the
+    // rename into place fails.
+    std::fs::create_dir(dir.path().join("blocked.wal")).unwrap();
+    std::fs::write(dir.path().join("blocked.wal").join("x"), b"x").unwrap();
+    let error = on_executor(move || async move {
+        let disk = ringraft_wal::GlommioDisk::open(&path, SyncMode::Fdatasync)
+            .await
+            .unwrap();
+        ringraft_wal::Disk::create(&disk, "blocked.wal", 1 << 20)
+            .await
+            .unwrap_err()
+            .to_string()
+    });
+    assert!(!leftover.exists(), "a crash's leftover is deleted at open");
+    assert!(
+        !dir.path().join("blocked.wal.creating").exists(),
+        "the failed fill ({error}) keeps no space"
+    );
+}

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use ringraft_wal::format::{segment_file_name, BLOCK_BYTES, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
-use ringraft_wal::{complete_now, HardState, MemDisk, MemFault, Wal, WalConfig, WalError};
+use ringraft_wal::{complete_now, perform, HardState, IoJob, MemDisk, MemFault, Wal, WalConfig, WalError};
 
 /// Appends `count` entries of 100 bytes to group 1, one batch (and one write) each.
 fn write_batches(wal: &mut Wal<MemDisk>, disk: &MemDisk, count: u64) {
@@ -361,21 +361,108 @@ fn short_write_and_disk_full_are_errors_not_panics() {
 }
 
 #[test]
-fn failed_segment_creation_is_an_error() {
+fn failed_segment_creation_is_retried_with_a_backoff_and_loses_nothing() {
     let disk = MemDisk::new(13);
+    disk.inject(MemFault::Create(libc::ENOSPC));
+    disk.inject(MemFault::Create(libc::ENOSPC));
     disk.inject(MemFault::Create(libc::ENOSPC));
     let config = small_config();
     let mut wal = open(&disk, &config);
-    wal.append(1, &[entry(1, 1, b"a")]).unwrap();
-    let job = wal.poll_io().unwrap();
-    let error = wal
-        .io_done(complete_now(ringraft_wal::perform(&disk, job)))
-        .unwrap_err();
-    assert!(error.to_string().contains("prepare segment"), "{error}");
-    assert!(matches!(
-        wal.append(1, &[entry(2, 1, b"b")]),
-        Err(WalError::Failed { .. })
-    ));
+    let first = wal.append(1, &[entry(1, 1, b"a")]).unwrap();
+    let mut delays = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(job) = wal.poll_io() {
+        if let IoJob::Prepare(prepare) = &job {
+            delays.push(prepare.delay.as_millis());
+        }
+        if let Err(error) = wal.io_done(complete_now(perform(&disk, job))) {
+            errors.push(error.to_string());
+            // Not a failure of the WAL: appends are taken, nothing is durable yet.
+            assert_eq!(wal.failure(), None);
+            assert_eq!(wal.prepare_error(), Some(errors.last().unwrap().as_str()));
+            assert!(wal.durable_ticket() < first);
+            let index = wal.last_index(1) + 1;
+            wal.append(1, &[entry(index, 1, &payload_for(1, index, 1, 100))])
+                .unwrap();
+        }
+    }
+    assert_eq!(delays[..4], [0, 10, 20, 40], "{delays:?}");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    for error in &errors {
+        assert!(error.contains("prepare segment"), "{error}");
+        assert!(
+            error.contains(&segment_file_name(1)),
+            "the same segment again: {error}"
+        );
+        assert!(error.contains("No space left"), "{error}");
+    }
+    assert_eq!(wal.prepare_error(), None);
+    assert_eq!(wal.stats().prepare_failures, 3);
+    assert_eq!(wal.durable_ticket(), wal.last_ticket());
+    let before = state_of(&wal, &disk);
+    assert_eq!(wal.last_index(1), 4);
+    drop(wal);
+    disk.crash();
+    let wal = open(&disk, &config);
+    assert_eq!(state_of(&wal, &disk), before);
+    assert_eq!(disk.names(), [segment_file_name(1), segment_file_name(2)]);
+}
+
+#[test]
+fn failed_recycling_keeps_the_file_and_is_retried() {
+    // A fault at each step of recycling a purged segment: the rename, the open, the header's
+    // write and its sync. The retry reuses the file under whichever name it has by then.
+    for fault in [
+        MemFault::Rename(libc::EIO),
+        MemFault::Open(libc::EIO),
+        MemFault::Write(libc::EIO),
+        MemFault::Sync(libc::EIO),
+    ] {
+        let disk = MemDisk::new(15);
+        let config = small_config();
+        let mut wal = open(&disk, &config);
+        let mut injected = false;
+        let mut errors = Vec::new();
+        while wal.last_index(1) < 80 {
+            let index = wal.last_index(1) + 1;
+            wal.append(1, &[entry(index, 1, &payload_for(1, index, 1, 100))])
+                .unwrap();
+            if index > 10 {
+                wal.compact(1, index - 10).unwrap(); // segments keep becoming free
+            }
+            while let Some(job) = wal.poll_io() {
+                if let IoJob::Prepare(prepare) = &job {
+                    if prepare.recycle_from.is_some() && !injected {
+                        disk.inject(fault);
+                        injected = true;
+                    }
+                }
+                if let Err(error) = wal.io_done(complete_now(perform(&disk, job))) {
+                    errors.push(error.to_string());
+                }
+            }
+            // No file is lost or left behind: every segment file is live, ready or free.
+            let stats = wal.stats();
+            let files = disk.names().len();
+            assert_eq!(
+                files,
+                stats.segments_live + stats.segments_ready + stats.segments_free,
+                "{fault:?}: {:?}",
+                disk.names()
+            );
+        }
+        assert!(injected, "{fault:?}: the test must recycle a segment");
+        assert_eq!(errors.len(), 1, "{fault:?}: {errors:?}");
+        assert!(errors[0].contains("prepare segment"), "{fault:?}: {}", errors[0]);
+        assert_eq!(wal.failure(), None, "{fault:?}");
+        assert_eq!(wal.durable_ticket(), wal.last_ticket(), "{fault:?}");
+        let before = state_of(&wal, &disk);
+        drop(wal);
+        disk.crash();
+        let wal = open(&disk, &config);
+        assert_eq!(state_of(&wal, &disk), before, "{fault:?}");
+        assert_eq!(wal.last_index(1), 80, "{fault:?}");
+    }
 }
 
 #[test]
