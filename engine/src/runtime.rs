@@ -125,6 +125,10 @@ pub struct ShardMetrics {
     /// Bytes appended but not yet written.
     pub wal_pending_bytes: u64,
     pub wal_segments_live: u64,
+    /// Segment preparations that failed (a full disk, most often) and were retried; while
+    /// `wal_prepare_error` is set, writes that need a new segment wait for space.
+    pub wal_prepare_failures: u64,
+    pub wal_prepare_error: Option<String>,
     /// Commands per proposed raft entry.
     pub commands_per_entry: Histogram<u64>,
     /// WAL write-to-durable latency (one write + its sync), microseconds.
@@ -982,8 +986,12 @@ async fn run_shard<S: StateMachine + 'static>(
                     let _ = sync_latency_us.record(started.elapsed().as_micros().max(1) as u64);
                 }
             }
-            // A failure is recorded in the WAL and reaches the core through on_durable.
-            let _ = core.wal().borrow_mut().io_done(completion);
+            // A failed write is recorded in the WAL and reaches the core through on_durable. A
+            // failed segment preparation (a full disk) or removal is only reported: the WAL
+            // retries the preparation, and writes needing the segment wait meanwhile.
+            if let Err(error) = core.wal().borrow_mut().io_done(completion) {
+                tracing::warn!("shard {shard}: wal: {error}");
+            }
             core.on_durable();
         }
         if let Some(cause) = core.failure() {
@@ -1036,6 +1044,11 @@ async fn run_shard<S: StateMachine + 'static>(
             }
             let (disk, done, kick) = (wal_disk.clone(), done.clone(), kick.clone());
             glommio::spawn_local(async move {
+                if let IoJob::Prepare(prepare) = &job {
+                    if !prepare.delay.is_zero() {
+                        glommio::timer::sleep(prepare.delay).await;
+                    }
+                }
                 let completion = perform(&disk, job).await;
                 done.borrow_mut().push(completion);
                 kick.kick();
@@ -1243,6 +1256,8 @@ fn handle_input(
                 wal_cache_bytes: wal.cache_bytes as u64,
                 wal_pending_bytes: wal.pending_bytes as u64,
                 wal_segments_live: wal.segments_live as u64,
+                wal_prepare_failures: wal.prepare_failures,
+                wal_prepare_error: core.wal().borrow().prepare_error().map(str::to_owned),
                 commands_per_entry: core.commands_per_entry().clone(),
                 commit_latency_us: core.commit_latency_us().clone(),
                 sync_latency_us: extras.sync_latency_us.clone(),

@@ -42,7 +42,7 @@ use ringraft_engine::{
     unapplied_floors, Answer, Consistency, EngineError, Envelope, ShardConfig, ShardCore, SnapshotPiece,
 };
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
-use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFileHandle, SplitMix64, Wal, WalConfig};
+use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFault, MemFileHandle, SplitMix64, Wal, WalConfig};
 
 fn now<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
@@ -124,6 +124,12 @@ struct Node {
     core: Option<Core>,
     /// A WAL write issued (bytes written, not yet synced) and when it completes.
     write: Option<(u64, MemFileHandle, u64)>,
+    /// A segment preparation the WAL retries after a failure, and when (its backoff).
+    prepare: Option<(u64, IoJob<MemDisk>)>,
+    /// Until when the WAL's disk is full: creating a segment fails with ENOSPC.
+    disk_full_until: u64,
+    /// Segment preparations that failed on this node (across restarts).
+    prepare_failures: u64,
     restart_at: Option<u64>,
     /// The group whose state machine upkeep runs next.
     maintenance_cursor: u64,
@@ -162,6 +168,7 @@ impl Node {
         core.observe_applied();
         self.core = Some(core);
         self.write = None;
+        self.prepare = None;
         self.checkpoint_cursor = None;
     }
 
@@ -188,6 +195,8 @@ struct Pending {
 const HOT_KEYS: u64 = 2;
 /// Entries kept below a checkpoint when compacting: few, so snapshots are common.
 const RETAIN_ENTRIES: u64 = 5;
+/// Linux's errno for a full disk.
+const ENOSPC: i32 = 28;
 
 type Value = Option<Vec<u8>>;
 
@@ -288,6 +297,9 @@ impl Sim {
                 sm_disks: BTreeMap::new(),
                 core: None,
                 write: None,
+                prepare: None,
+                disk_full_until: 0,
+                prepare_failures: 0,
                 restart_at: None,
                 maintenance_cursor: 0,
                 checkpoint_cursor: None,
@@ -366,13 +378,34 @@ impl Sim {
         self.rng.below(100) < percent
     }
 
-    /// Performs the node's WAL IO: segment jobs at once, one write at a time that lands
-    /// (volatile) when issued and is synced when its simulated latency has passed.
+    /// Performs the node's WAL IO: segment jobs at once (a retried preparation after its
+    /// backoff), one write at a time that lands (volatile) when issued and is synced when its
+    /// simulated latency has passed. While the node's disk is full, creating a segment fails.
     fn wal_io(&mut self, i: usize) {
         let clock = self.clock;
         let latency = 1 + self.rng.below(3);
         let node = &mut self.nodes[i];
         let Some(core) = node.core.as_mut() else { return };
+        let mut segment_job = |job: IoJob<MemDisk>, core: &mut Core| {
+            let create = matches!(&job, IoJob::Prepare(p) if p.recycle_from.is_none());
+            let full = create && clock < node.disk_full_until;
+            if full {
+                node.wal_disk.inject(MemFault::Create(ENOSPC));
+            }
+            let done = now(ringraft_wal::perform(&node.wal_disk, job));
+            match core.wal().borrow_mut().io_done(done) {
+                Ok(()) => {}
+                // A full disk fails only the preparation: the WAL retries it.
+                Err(error) if full && error.to_string().contains("prepare segment") => {
+                    node.prepare_failures += 1;
+                }
+                Err(error) => panic!("segment job: {error}"),
+            }
+        };
+        if node.prepare.as_ref().is_some_and(|(due, _)| clock >= *due) {
+            let (_, job) = node.prepare.take().unwrap();
+            segment_job(job, core);
+        }
         if let Some((done_at, file, batch)) = node.write.take() {
             if clock < done_at {
                 node.write = Some((done_at, file, batch));
@@ -395,10 +428,11 @@ impl Sim {
                     node.write = Some((clock + latency, write.file, write.batch));
                     break;
                 }
-                Some(other) => {
-                    let done = now(ringraft_wal::perform(&node.wal_disk, other));
-                    core.wal().borrow_mut().io_done(done).expect("segment job");
+                Some(IoJob::Prepare(prepare)) if !prepare.delay.is_zero() => {
+                    let due = clock + prepare.delay.as_millis() as u64;
+                    node.prepare = Some((due, IoJob::Prepare(prepare)));
                 }
+                Some(other) => segment_job(other, core),
             }
         }
     }
@@ -648,6 +682,12 @@ impl Sim {
                 self.nodes[i].restart_at = Some(self.clock + 50 + self.rng.below(400));
             }
         }
+        // A node's disk fills up for a while: its WAL cannot create segments (its writes stall
+        // at the next rollover), and it must carry on once space is back.
+        if self.chance(1) && self.rng.below(4) == 0 {
+            let i = self.rng.below(NODES) as usize;
+            self.nodes[i].disk_full_until = self.clock + 20 + self.rng.below(300);
+        }
         if self.chance(1) {
             let a = 1 + self.rng.below(NODES);
             let b = 1 + self.rng.below(NODES);
@@ -867,7 +907,7 @@ impl Sim {
 
     /// Runs the seed; returns how many writes were acknowledged, snapshots installed, and
     /// groups whose membership ended other than it began.
-    fn run(mut self) -> (usize, u64, usize, u64) {
+    fn run(mut self) -> (usize, u64, usize, u64, u64) {
         while self.clock < FAULT_PHASE_MS {
             self.step();
         }
@@ -1002,7 +1042,14 @@ impl Sim {
         }
         let initial: BTreeSet<u64> = (1..=INITIAL_VOTERS).collect();
         let changed = members.iter().filter(|m| **m != initial).count();
-        (self.acked.len(), installed, changed, self.lease_reads_total)
+        let prepare_failures = self.nodes.iter().map(|n| n.prepare_failures).sum();
+        (
+            self.acked.len(),
+            installed,
+            changed,
+            self.lease_reads_total,
+            prepare_failures,
+        )
     }
 }
 
@@ -1023,7 +1070,8 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     // liveness phase after it must still serve every group); over many seeds the checks must
     // have had real work to judge.
     let seeds = seeds();
-    let runs: Vec<(usize, u64, usize, u64)> = seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
+    let runs: Vec<(usize, u64, usize, u64, u64)> = seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
+    let prepare_failures: u64 = runs.iter().map(|r| r.4).sum();
     let lease_reads: u64 = runs.iter().map(|r| r.3).sum();
     let acked: usize = runs.iter().map(|r| r.0).sum();
     let installed: u64 = runs.iter().map(|r| r.1).sum();
@@ -1054,9 +1102,15 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
         "only {lease_reads} lease reads served under a lease over {} seeds",
         seeds.len()
     );
+    // Full disks failed segment preparations, which the WAL retried while the checks held.
+    assert!(
+        seeds.len() < 20 || prepare_failures >= seeds.len() as u64 / 4,
+        "only {prepare_failures} segment preparations failed on a full disk over {} seeds",
+        seeds.len()
+    );
     eprintln!(
         "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership, \
-         {lease_reads} reads served under a lease"
+         {lease_reads} reads served under a lease, {prepare_failures} segment preparations failed"
     );
 }
 

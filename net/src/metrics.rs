@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 12] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 14] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -129,6 +129,18 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "gauge",
             "Bytes appended to the WAL and not yet written.",
             |s| s.wal_pending_bytes as f64,
+        ),
+        (
+            "ringraft_wal_prepare_failures_total",
+            "counter",
+            "WAL segment preparations that failed (a full disk, most often) and were retried.",
+            |s| s.wal_prepare_failures as f64,
+        ),
+        (
+            "ringraft_wal_prepare_failing",
+            "gauge",
+            "1 while the WAL retries a failed segment preparation: writes needing it wait.",
+            |s| f64::from(u8::from(s.wal_prepare_error.is_some())),
         ),
         (
             "ringraft_requests_waiting",

@@ -659,6 +659,15 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
     assert!(page.contains("ringraft_commit_latency_microseconds_count{node=\"1\",shard=\"0\"}"));
     assert!(page.contains("ringraft_snapshots_installed_total{node=\"1\",shard=\"0\"}"));
     assert!(page.contains("process_resident_memory_bytes"));
+    // A healthy disk: no segment preparation failed or is being retried.
+    assert!(
+        page.contains("ringraft_wal_prepare_failures_total{node=\"1\",shard=\"0\"} 0\n"),
+        "{page}"
+    );
+    assert!(
+        page.contains("ringraft_wal_prepare_failing{node=\"1\",shard=\"0\"} 0\n"),
+        "{page}"
+    );
     assert!(page.contains("ringraft_request_latency_microseconds_count{node=\"1\",shard=\"0\"}"));
     assert!(nodes[0].terminate());
 }
