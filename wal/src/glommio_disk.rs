@@ -74,7 +74,13 @@ pub struct GlommioDisk {
 }
 
 fn dma_error(error: glommio::GlommioError<()>) -> io::Error {
-    io::Error::from(error)
+    match error {
+        // glommio's own conversion rebuilds these with the path in the message, which loses the
+        // errno the WAL decides by (ENOSPC is waited out, see `Wal::io_done`). The WAL's error
+        // names the operation and the file itself.
+        glommio::GlommioError::EnhancedIoError { source, .. } if source.raw_os_error().is_some() => source,
+        other => io::Error::from(other),
+    }
 }
 
 impl GlommioDisk {
@@ -503,5 +509,34 @@ impl Future for WaitDurable<'_> {
             .borrow_mut()
             .push(context.waker().clone());
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glommio_errors_keep_their_errno() {
+        // The WAL waits out ENOSPC while preparing a segment and fails on anything else, by
+        // errno: glommio's own conversion would drop it.
+        let error = glommio::GlommioError::<()>::EnhancedIoError {
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+            op: "Writing",
+            path: Some("/x/00000000000000000003.wal.creating".into()),
+            fd: Some(18),
+        };
+        assert_eq!(
+            io::Error::from(error).raw_os_error(),
+            None,
+            "glommio's conversion"
+        );
+        let error = glommio::GlommioError::<()>::EnhancedIoError {
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+            op: "Writing",
+            path: None,
+            fd: None,
+        };
+        assert_eq!(dma_error(error).raw_os_error(), Some(libc::ENOSPC));
     }
 }

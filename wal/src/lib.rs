@@ -16,8 +16,9 @@
 //!   commit: one write and one sync per round for every group).
 //! - After a failed write or sync the WAL refuses further appends ([`WalError::Failed`]): a
 //!   retried fsync can lie, so the shard must restart and recover from what is on disk. A
-//!   failed segment preparation (a full disk) fails nothing: it is retried with a backoff
-//!   ([`Wal::prepare_error`] says why meanwhile), and writes that need the segment wait.
+//!   segment preparation that runs out of space (ENOSPC, EDQUOT) fails nothing: it is retried
+//!   with a backoff ([`Wal::prepare_error`] says why meanwhile), and writes that need the
+//!   segment wait. Any other failure to prepare a segment fails the WAL.
 //! - Recovery replays every valid batch, truncates a torn tail, and refuses to start with
 //!   [`WalError::Corrupt`] (naming segment and offset) when damage is followed by valid data.
 //! - `term(i)` and cached `entries` never touch the disk; older entries are read through

@@ -153,6 +153,13 @@ pub struct PrepareJob {
     pub delay: std::time::Duration,
 }
 
+/// Whether `error` says the file system is out of space (or the user's quota): the one failure
+/// of a segment preparation that is waited out instead of failing the WAL.
+fn is_out_of_space(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || error.kind() == io::ErrorKind::StorageFull
+}
+
 /// The wait before retrying a failed segment preparation: doubling from 10 ms, at most 1 s. A
 /// full disk frees up at an operator's pace, so retrying faster would only add load.
 fn prepare_retry_delay(consecutive_failures: u32) -> std::time::Duration {
@@ -1082,10 +1089,11 @@ impl<D: Disk> Wal<D> {
         })
     }
 
-    /// Takes the outcome of a job from [`Wal::poll_io`]. A failed write fails the WAL: the
-    /// returned error says why, and every later append returns it too. A failed segment
-    /// preparation is returned (for the runner to report) and retried, see
-    /// [`Wal::prepare_error`]; a failed removal is returned and costs only space.
+    /// Takes the outcome of a job from [`Wal::poll_io`]. A failed write or segment preparation
+    /// fails the WAL: the returned error says why, and every later append returns it too. The
+    /// exception is a preparation that ran out of space (ENOSPC, EDQUOT): it is returned (for
+    /// the runner to report) and retried, see [`Wal::prepare_error`]. A failed removal is
+    /// returned and costs only space.
     pub fn io_done(&mut self, done: IoDone<D>) -> Result<(), WalError> {
         match done {
             IoDone::Written { batch, result } => {
@@ -1129,21 +1137,21 @@ impl<D: Disk> Wal<D> {
                         });
                         Ok(())
                     }
-                    // Not a failure of the WAL: no acknowledged byte depends on a segment being
-                    // prepared (ENOSPC while creating one is the usual cause). Writes that need
-                    // the segment wait; the preparation is retried with a backoff, until disk
-                    // space is freed or a purged segment can be recycled.
-                    Err(error) => {
+                    // Out of space is not a failure of the WAL: no acknowledged byte depends on
+                    // a segment being prepared, and space comes back (an operator frees some, a
+                    // purge lets a segment be recycled). Writes that need the segment wait; the
+                    // preparation is retried with a backoff. Any other error (EIO, a vanished
+                    // directory) means a sick disk: the WAL fails and its shard stops, so that
+                    // healthy nodes take over rather than this one limp on.
+                    Err(error) if is_out_of_space(&error) => {
                         self.prepare_failures_in_row = self.prepare_failures_in_row.saturating_add(1);
                         self.stats.prepare_failures += 1;
-                        // A reused file that is gone (removed behind the WAL's back) is not
-                        // waited for: the next attempt creates a segment instead.
-                        let recycled = recycled.filter(|_| error.kind() != io::ErrorKind::NotFound);
                         self.prepare_retry = Some((seq, recycled));
                         let error = WalError::io("prepare segment", segment_file_name(seq), error);
                         self.prepare_error = Some(error.to_string());
                         Err(error)
                     }
+                    Err(error) => Err(self.fail_io("prepare segment", segment_file_name(seq), error)),
                 }
             }
             IoDone::Removed { name, result } => match result {

@@ -409,14 +409,37 @@ fn failed_segment_creation_is_retried_with_a_backoff_and_loses_nothing() {
 }
 
 #[test]
+fn a_segment_preparation_failing_otherwise_than_for_space_fails_the_wal() {
+    // EIO (a sick disk) or a vanished directory: not waited out. The shard stops and healthy
+    // nodes take over.
+    for fault in [MemFault::Create(libc::EIO), MemFault::Create(libc::ENOENT)] {
+        let disk = MemDisk::new(13);
+        disk.inject(fault);
+        let config = small_config();
+        let mut wal = open(&disk, &config);
+        wal.append(1, &[entry(1, 1, b"a")]).unwrap();
+        let job = wal.poll_io().unwrap();
+        let error = wal.io_done(complete_now(perform(&disk, job))).unwrap_err();
+        assert!(error.to_string().contains("prepare segment"), "{error}");
+        assert!(wal.failure().is_some(), "{fault:?}");
+        assert!(matches!(
+            wal.append(1, &[entry(2, 1, b"b")]),
+            Err(WalError::Failed { .. })
+        ));
+    }
+}
+
+#[test]
 fn failed_recycling_keeps_the_file_and_is_retried() {
     // A fault at each step of recycling a purged segment: the rename, the open, the header's
     // write and its sync. The retry reuses the file under whichever name it has by then.
+    // (ENOSPC at each step: a copy-on-write file system can run out of space even to
+    // overwrite a block or sync it.)
     for fault in [
-        MemFault::Rename(libc::EIO),
-        MemFault::Open(libc::EIO),
-        MemFault::Write(libc::EIO),
-        MemFault::Sync(libc::EIO),
+        MemFault::Rename(libc::ENOSPC),
+        MemFault::Open(libc::EDQUOT),
+        MemFault::Write(libc::ENOSPC),
+        MemFault::Sync(libc::ENOSPC),
     ] {
         let disk = MemDisk::new(15);
         let config = small_config();
