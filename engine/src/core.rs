@@ -1684,6 +1684,13 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// Advances every group's logical clock by one tick.
     pub fn tick(&mut self) {
         self.ticks += 1;
+        // A WAL out of space for its next segment stalls once the current one is full: a leader
+        // here could then persist nothing, so it could apply nothing, and its clients would only
+        // time out while its followers commit without it. Hand its groups to followers while
+        // that lasts (raft's transfer, started again each tick until it takes).
+        if self.wal.borrow().prepare_error().is_some() {
+            self.transfer_leadership();
+        }
         let retry_after = self.config.election_ticks as u64;
         let ticks = self.ticks;
         let election = self.config.election_ticks as u64;

@@ -141,6 +141,8 @@ pub struct ShardMetrics {
     pub request_latency_us: Histogram<u64>,
     /// Client requests accepted and not yet answered.
     pub requests_waiting: u64,
+    /// Requests answered `Timeout` by this shard after `limits.request_timeout_ms`.
+    pub requests_timed_out: u64,
     /// Inputs (requests, peer messages) waiting in the shard's inbox.
     pub inbox_depth: u64,
     pub groups: Vec<GroupMetrics>,
@@ -907,6 +909,9 @@ async fn run_shard<S: StateMachine + 'static>(
     // When shutdown began; in-flight requests get until `drain_limit` to be answered.
     let mut draining: Option<std::time::Instant> = None;
     let drain_limit = Duration::from_millis(config.limits.request_timeout_ms);
+    let request_limit = Duration::from_millis(config.limits.request_timeout_ms);
+    let mut next_request_sweep = std::time::Instant::now() + REQUEST_SWEEP_INTERVAL;
+    let mut requests_timed_out = 0u64;
     let transfer_limit = Duration::from_millis(2 * config.raft.election_timeout_ms);
     let mut transferring: Option<std::time::Instant> = None;
     let mut last_checkpoint = std::time::Instant::now();
@@ -973,6 +978,7 @@ async fn run_shard<S: StateMachine + 'static>(
                 sync_latency_us: &sync_latency_us,
                 request_latency_us: &request_latency_us,
                 inbox_depth: inbox.len(),
+                requests_timed_out,
             };
             handle_input(input, &mut core, &mut replies, shutdown, &extras);
         }
@@ -1082,6 +1088,13 @@ async fn run_shard<S: StateMachine + 'static>(
             }
         }
         emit(&mut core, link.as_mut(), &mut replies, &mut request_latency_us);
+        // Every caller hears back within the limit, also when the shard cannot finish its
+        // request: a WAL waiting for disk space, a quorum lost without a leader change yet.
+        // (The ticker kicks the loop at least once per raft tick, so this runs while idle too.)
+        if loop_began >= next_request_sweep {
+            next_request_sweep = loop_began + REQUEST_SWEEP_INTERVAL;
+            requests_timed_out += expire_requests(&mut replies, loop_began, request_limit) as u64;
+        }
         if !balance_every.is_zero() && shutdown.is_none() && last_balance.elapsed() >= balance_every {
             core.balance_leaders();
             last_balance = std::time::Instant::now();
@@ -1159,6 +1172,33 @@ async fn run_shard<S: StateMachine + 'static>(
     }
 }
 
+/// How often a shard looks for requests waiting longer than `limits.request_timeout_ms` (as
+/// often as the TCP server does for its connections).
+const REQUEST_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Answers `Timeout` to every request that reached the shard `limit` or longer before `now`, and
+/// returns how many. Their commands may still be committed and applied: the answer says the
+/// outcome is unknown, and the late answer finds no ticket and is dropped.
+fn expire_requests(
+    replies: &mut Tickets<(Reply, std::time::Instant)>,
+    now: std::time::Instant,
+    limit: Duration,
+) -> usize {
+    let expired: Vec<u64> = replies
+        .iter()
+        .filter(|(_, (_, arrived))| now.saturating_duration_since(*arrived) >= limit)
+        .map(|(ticket, _)| ticket)
+        .collect();
+    for &ticket in &expired {
+        let (reply, _) = replies.remove(ticket).expect("a ticket just listed");
+        reply.send(Err(EngineError::Timeout(format!(
+            "no answer within {} ms (limits.request_timeout_ms); the request may still take effect",
+            limit.as_millis()
+        ))));
+    }
+    expired.len()
+}
+
 /// What the runner knows beyond the core, for metrics.
 struct Extras<'a> {
     shard: u64,
@@ -1167,6 +1207,7 @@ struct Extras<'a> {
     sync_latency_us: &'a Histogram<u64>,
     request_latency_us: &'a Histogram<u64>,
     inbox_depth: usize,
+    requests_timed_out: u64,
 }
 
 fn handle_input(
@@ -1263,6 +1304,7 @@ fn handle_input(
                 sync_latency_us: extras.sync_latency_us.clone(),
                 request_latency_us: extras.request_latency_us.clone(),
                 requests_waiting: replies.len() as u64,
+                requests_timed_out: extras.requests_timed_out,
                 inbox_depth: extras.inbox_depth as u64,
                 groups: core.group_metrics(),
             });
@@ -1291,6 +1333,40 @@ mod tests {
             consistency: Consistency::Local,
             reply: Reply::channel(tx),
         }
+    }
+
+    #[test]
+    fn requests_past_the_limit_are_answered_timeout_and_their_late_answers_dropped() {
+        let now = std::time::Instant::now();
+        let limit = Duration::from_secs(10);
+        let mut replies: Tickets<(Reply, std::time::Instant)> = Tickets::default();
+        let (old_tx, old_rx) = flume::bounded(1);
+        let (new_tx, new_rx) = flume::bounded(1);
+        let (edge_tx, edge_rx) = flume::bounded(1);
+        let old = replies.insert((Reply::channel(old_tx), now - Duration::from_secs(11)));
+        let new = replies.insert((Reply::channel(new_tx), now - Duration::from_secs(9)));
+        let edge = replies.insert((Reply::channel(edge_tx), now - limit));
+        assert_eq!(expire_requests(&mut replies, now, limit), 2);
+        for rx in [old_rx, edge_rx] {
+            match rx.try_recv() {
+                Ok(Err(EngineError::Timeout(message))) => {
+                    assert!(message.contains("10000 ms"), "{message}");
+                    assert!(message.contains("may still take effect"), "{message}");
+                }
+                other => panic!("expected a timeout, got {other:?}"),
+            }
+        }
+        assert!(
+            new_rx.try_recv().is_err(),
+            "a request within the limit keeps waiting"
+        );
+        assert_eq!(replies.len(), 1);
+        // The expired requests' real answers come too late: no ticket takes them.
+        assert!(replies.remove(old).is_none());
+        assert!(replies.remove(edge).is_none());
+        assert!(replies.remove(new).is_some());
+        // Nothing waits: nothing to do.
+        assert_eq!(expire_requests(&mut replies, now, limit), 0);
     }
 
     #[test]

@@ -1114,6 +1114,85 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     );
 }
 
+/// A leader whose disk fills up cannot persist once its WAL needs a new segment. It hands its
+/// groups to followers as soon as preparing that segment fails, the others serve on, and once
+/// space is back it catches up.
+#[test]
+fn a_leader_out_of_disk_space_hands_its_groups_over_and_catches_up_later() {
+    let mut sim = Sim::new(5);
+    sim.faults = false;
+    let leads = |sim: &Sim, id: u64| {
+        let core = sim.nodes[(id - 1) as usize].core.as_ref().unwrap();
+        (0..GROUPS).filter(|&g| core.is_leader(g)).count()
+    };
+    // Past the leader balancing of the first second.
+    while sim.clock < 1_100 || (1..=NODES).map(|id| leads(&sim, id)).sum::<usize>() < GROUPS as usize {
+        assert!(sim.clock < 10_000, "no leaders");
+        sim.step();
+    }
+    let full = (1..=NODES).find(|&id| leads(&sim, id) > 0).unwrap();
+    let i = (full - 1) as usize;
+    sim.nodes[i].disk_full_until = u64::MAX;
+    let failing = |sim: &Sim| {
+        let core = sim.nodes[i].core.as_ref().unwrap();
+        let failing = core.wal().borrow().prepare_error().is_some();
+        failing
+    };
+    while !failing(&sim) {
+        assert!(sim.clock < 60_000, "node {full}'s WAL never needed a new segment");
+        sim.step();
+    }
+    let since = sim.clock;
+    while leads(&sim, full) > 0 {
+        assert!(
+            sim.clock < since + 3_000,
+            "node {full} still leads {} group(s) with its disk full",
+            leads(&sim, full)
+        );
+        sim.step();
+    }
+    // Every group serves writes without it, well after its WAL stalled.
+    let handed_over = sim.clock;
+    while sim.clock < handed_over + 2_000 {
+        sim.step();
+    }
+    let acked_before = sim.acked.len();
+    let mut served = BTreeSet::new();
+    while served.len() < GROUPS as usize {
+        assert!(
+            sim.clock < handed_over + 6_000,
+            "only groups {served:?} served with node {full} out of space"
+        );
+        sim.step();
+        served.extend(sim.acked[acked_before..].iter().map(|p| p.group));
+    }
+    assert!(failing(&sim), "the disk is still full");
+    assert!(sim.nodes[i].prepare_failures > 1, "the preparation was retried");
+    // Space comes back: the node's WAL goes on and it catches up with the others.
+    sim.nodes[i].disk_full_until = 0;
+    sim.load = false;
+    let freed = sim.clock;
+    loop {
+        sim.step();
+        let caught_up = (0..GROUPS).all(|g| {
+            let applied: BTreeSet<u64> = sim
+                .nodes
+                .iter()
+                .filter(|n| sim.members(g).contains(&n.id))
+                .map(|n| n.core.as_ref().unwrap().progress(g).unwrap().2)
+                .collect();
+            applied.len() == 1
+        });
+        if !failing(&sim) && caught_up {
+            break;
+        }
+        assert!(
+            sim.clock < freed + 5_000,
+            "node {full} did not catch up once space was back"
+        );
+    }
+}
+
 /// A leader cut off from its group keeps proposing; a new leader's entries then replace the
 /// tail of its log. Proposals whose index the cut-back log no longer reaches are answered
 /// (outcome unknown) without waiting for the group to write that far again: an idle group

@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 14] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 15] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -147,6 +147,12 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "gauge",
             "Client requests accepted and not yet answered.",
             |s| s.requests_waiting as f64,
+        ),
+        (
+            "ringraft_requests_timed_out_total",
+            "counter",
+            "Requests the shard answered Timeout after limits.request_timeout_ms (outcome unknown).",
+            |s| s.requests_timed_out as f64,
         ),
         (
             "ringraft_inbox_depth",
