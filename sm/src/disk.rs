@@ -41,11 +41,23 @@ struct MemFile {
 #[derive(Clone, Debug, Default)]
 pub struct MemSmDisk {
     files: Rc<RefCell<BTreeMap<String, MemFile>>>,
+    /// Writes to these files fail with the errno, once each (see [`MemSmDisk::fail_next_write`]).
+    write_faults: Rc<RefCell<Vec<(String, i32)>>>,
 }
 
 impl MemSmDisk {
     pub fn new() -> MemSmDisk {
         MemSmDisk::default()
+    }
+
+    /// The next `write_at` to `name` fails with `errno`, writing nothing.
+    pub fn fail_next_write(&self, name: &str, errno: i32) {
+        self.write_faults.borrow_mut().push((name.to_string(), errno));
+    }
+
+    /// Drops the faults [`MemSmDisk::fail_next_write`] set that no write has met yet.
+    pub fn clear_write_faults(&self) {
+        self.write_faults.borrow_mut().clear();
     }
 
     /// Power loss: every file returns to its last synced contents.
@@ -101,6 +113,14 @@ impl SmDisk for MemSmDisk {
             offset as usize % SM_BLOCK_BYTES == 0 && buffer.len() % SM_BLOCK_BYTES == 0,
             "unaligned write"
         );
+        let fault = {
+            let mut faults = self.write_faults.borrow_mut();
+            let at = faults.iter().position(|(file, _)| file == name);
+            at.map(|at| faults.remove(at).1)
+        };
+        if let Some(errno) = fault {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         let mut files = self.files.borrow_mut();
         let file = files.entry(name.to_string()).or_default();
         let end = offset as usize + buffer.len();
@@ -142,7 +162,12 @@ pub struct GlommioSmDisk {
 }
 
 fn to_io(error: glommio::GlommioError<()>) -> io::Error {
-    io::Error::from(error)
+    match error {
+        // glommio's own conversion rebuilds these with the path in the message and drops the
+        // errno, by which a full disk is told apart (`SmError::is_out_of_space`).
+        glommio::GlommioError::EnhancedIoError { source, .. } if source.raw_os_error().is_some() => source,
+        other => io::Error::from(other),
+    }
 }
 
 /// Non-empty file opened first on each executor; see [`GlommioSmDisk::open`].

@@ -48,4 +48,17 @@ impl SmError {
             source,
         }
     }
+
+    /// Whether this is the file system running out of space (ENOSPC, EDQUOT). From
+    /// [`crate::StateMachine::checkpoint_step`] it means the round was abandoned and the machine
+    /// goes on: the engine retries the checkpoint later instead of stopping the shard.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            SmError::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                    || source.kind() == io::ErrorKind::StorageFull
+            }
+            _ => false,
+        }
+    }
 }

@@ -11,7 +11,9 @@
 //!   [`KvStore::checkpoint_step`] does the same a step at a time, applies going on between the
 //!   steps, without copying the index (see [`CheckpointJob`]). The last `checkpoints_kept`
 //!   checkpoints are kept (the next older one becomes the next `checkpoint.tmp`); recovery
-//!   loads the newest valid one and reports damaged ones by name.
+//!   loads the newest valid one and reports damaged ones by name. Running out of space writing
+//!   or syncing `checkpoint.tmp` abandons that checkpoint and nothing more (the store goes on;
+//!   the next one rewrites the file whole); any other IO failure fails the store.
 //! - Compaction rewrites the live records of the emptiest sealed file into the active one, a
 //!   bounded number of bytes per step; a fully rewritten file is deleted once no kept checkpoint
 //!   and no open snapshot references it.
@@ -94,6 +96,11 @@ fn data_file_name(id: u32) -> String {
 
 fn parse_data_file_name(name: &str) -> Option<u32> {
     name.strip_prefix("data-")?.strip_suffix(".kv")?.parse().ok()
+}
+
+/// Whether `error` is a write or sync of `checkpoint.tmp` (before the rename that publishes it).
+fn is_checkpoint_tmp_io(error: &SmError) -> bool {
+    matches!(error, SmError::Io { op: "write" | "sync", file, .. } if file == CHECKPOINT_TMP)
 }
 
 fn checkpoint_name(applied: u64) -> String {
@@ -862,6 +869,8 @@ impl<D: SmDisk> KvStore<D> {
                 assert!(done, "an unbounded checkpoint step finishes");
                 Ok(self.durable)
             }
+            // As in `checkpoint_step`: a full disk abandons the checkpoint, nothing more.
+            Err(error) if error.is_out_of_space() && is_checkpoint_tmp_io(&error) => Err(error),
             Err(error) => Err(self.fail(error)),
         }
     }
@@ -884,6 +893,15 @@ impl<D: SmDisk> KvStore<D> {
         }
         match self.checkpoint_advance(budget_bytes).await {
             Ok(done) => Ok(done.then_some(self.durable)),
+            // Out of space writing or syncing `checkpoint.tmp`: nothing refers to that file
+            // and the next round writes all of it again, so the round is abandoned (the job,
+            // with its pinned files, is already dropped) and the store goes on; the WAL still
+            // holds everything applied since the last checkpoint. A failure anywhere else (the
+            // data files' syncs, the rename into place) fails the store as before.
+            Err(error) if error.is_out_of_space() && is_checkpoint_tmp_io(&error) => {
+                debug_assert!(self.checkpoint_job.is_none());
+                Err(error)
+            }
             Err(error) => Err(self.fail(error)),
         }
     }

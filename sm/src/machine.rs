@@ -42,14 +42,17 @@ pub trait StateMachine {
     fn durable_index(&self) -> u64;
 
     /// Makes the state at `applied_index()` durable; returns that index. A stepwise checkpoint
-    /// under way ([`StateMachine::checkpoint_step`]) is abandoned.
+    /// under way ([`StateMachine::checkpoint_step`]) is abandoned. Errors as for
+    /// `checkpoint_step`: out of space leaves the machine usable, anything else stops the shard.
     async fn checkpoint(&mut self) -> Result<u64, SmError>;
 
     /// A checkpoint a step at a time, so that a large state never holds the shard for long: the
     /// first call fixes the state to write (as of `applied_index()` then), each call does about
     /// `budget_bytes` of the writing, and applies run between calls. Returns `Some(index)` once
     /// the state at `index` is durable, `None` while the checkpoint is under way. The default
-    /// writes the whole checkpoint in one call.
+    /// writes the whole checkpoint in one call. An error for which
+    /// [`SmError::is_out_of_space`] holds must leave the machine usable with the round
+    /// abandoned (the engine tries again later); any other error stops the shard.
     async fn checkpoint_step(&mut self, budget_bytes: u64) -> Result<Option<u64>, SmError> {
         let _ = budget_bytes;
         self.checkpoint().await.map(Some)

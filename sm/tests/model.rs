@@ -10,7 +10,7 @@ use std::task::{Context, Poll, Waker};
 
 use proptest::prelude::*;
 use ringraft_sm::{
-    encode_batch, BatchView, Command, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine,
+    encode_batch, BatchView, Command, CommandResult, KvConfig, KvStore, MemSmDisk, SmError, StateMachine,
 };
 
 fn now<F: Future>(future: F) -> F::Output {
@@ -416,4 +416,98 @@ fn a_snapshot_taken_before_a_restore_fails_instead_of_serving_the_new_state() {
     assert_eq!(now(target.read(b"key-7")).unwrap(), Some(b"new".to_vec()));
     let error = now(target.snapshot_chunk(&stale, 0)).unwrap_err();
     assert!(error.to_string().contains("replaced by a restore"), "{error}");
+}
+
+/// A store of 3000 keys with a checkpoint, then 500 more keys applied: (disk, store, last
+/// index, model, durable index). The same every time (fixed hash seed).
+fn store_ahead_of_its_checkpoint() -> (MemSmDisk, KvStore<MemSmDisk>, u64, Model, u64) {
+    let disk = MemSmDisk::new();
+    let mut store = now(KvStore::open(disk.clone(), config())).unwrap();
+    let mut index = 0;
+    let mut model = Model::new();
+    for k in 0..3500u32 {
+        let (key, value) = (
+            format!("key-{k}").into_bytes(),
+            vec![k as u8; 4 + k as usize % 60],
+        );
+        model.insert(key.clone(), value.clone());
+        apply_one(&mut store, &mut index, Command::Put { key, value });
+        if k == 2999 {
+            now(store.checkpoint()).unwrap();
+        }
+    }
+    let durable = store.durable_index();
+    (disk, store, index, model, durable)
+}
+
+/// A full disk while a stepwise checkpoint writes `checkpoint.tmp` (its first step, one in the
+/// middle, its last): the round is abandoned, the store goes on applying and reading, the next
+/// round makes the state durable, and recovery finds it. Any other error there still fails the
+/// store.
+#[test]
+fn a_checkpoint_out_of_disk_space_is_abandoned_and_the_store_goes_on() {
+    let steps = {
+        let (_, mut store, _, _, _) = store_ahead_of_its_checkpoint();
+        let mut steps = 1;
+        while now(store.checkpoint_step(2000)).unwrap().is_none() {
+            steps += 1;
+        }
+        steps
+    };
+    assert!(steps > 5, "{steps} steps");
+    for (fail_at_step, errno) in [
+        (0, libc::ENOSPC),
+        (3, libc::EDQUOT),
+        (steps - 1, libc::ENOSPC),
+        (3, libc::EIO),
+    ] {
+        let (disk, mut store, mut index, mut model, earlier) = store_ahead_of_its_checkpoint();
+        let mut step = 0;
+        let error = loop {
+            if step == fail_at_step {
+                disk.fail_next_write("checkpoint.tmp", errno);
+            }
+            match now(store.checkpoint_step(2000)) {
+                Ok(None) => step += 1,
+                Ok(Some(durable)) => panic!("the round finished ({durable}) despite the fault"),
+                Err(error) => break error,
+            }
+        };
+        // (A step writes whole blocks only: the first may stage less than one and write none.)
+        assert!(
+            (fail_at_step..fail_at_step + 2).contains(&step),
+            "failed at step {step}"
+        );
+        if errno == libc::EIO {
+            assert!(!error.is_out_of_space());
+            assert!(matches!(now(store.read(b"key-1")), Err(SmError::Failed { .. })));
+            continue;
+        }
+        assert!(error.is_out_of_space(), "{error}");
+        assert!(error.to_string().contains("checkpoint.tmp"), "{error}");
+        assert_eq!(store.durable_index(), earlier);
+        // The store goes on: applies, reads, then a whole new round.
+        for k in 3500..3600u32 {
+            let (key, value) = (format!("key-{k}").into_bytes(), vec![k as u8; 9]);
+            model.insert(key.clone(), value.clone());
+            apply_one(&mut store, &mut index, Command::Put { key, value });
+        }
+        assert_eq!(
+            now(store.read(b"key-3550")).unwrap(),
+            Some(vec![3550u32 as u8; 9])
+        );
+        let durable = loop {
+            if let Some(durable) = now(store.checkpoint_step(2000)).unwrap() {
+                break durable;
+            }
+        };
+        assert_eq!(durable, index);
+        drop(store);
+        disk.crash();
+        let mut store = now(KvStore::open(disk.clone(), config())).unwrap();
+        assert!(store.warnings().is_empty(), "{:?}", store.warnings());
+        assert_eq!(store.durable_index(), index);
+        let keys = (0..3600u32).map(|k| format!("key-{k}").into_bytes());
+        assert_eq!(contents(&mut store, keys), model, "fault at step {fail_at_step}");
+    }
 }
