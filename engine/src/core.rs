@@ -456,6 +456,8 @@ pub struct ShardStats {
     pub snapshots_installed: u64,
     /// Lease reads served under the lease (without a ReadIndex round).
     pub lease_reads: u64,
+    /// State machine checkpoint rounds abandoned for lack of disk space (retried later).
+    pub checkpoints_abandoned: u64,
 }
 
 /// One shard's groups. See the module docs for how a runner drives it.
@@ -1120,16 +1122,27 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if g.sm.durable_index() < g.sm.applied_index() {
                 written += 1;
             }
-            let durable = match step_bytes {
-                None => g.sm.checkpoint().await.map_err(|e| e.to_string())?,
-                Some(bytes) => match g.sm.checkpoint_step(bytes).await.map_err(|e| e.to_string())? {
-                    Some(durable) => durable,
-                    None => {
-                        g.checkpoint_stepping = true;
-                        *cursor = group;
-                        return Ok(false);
-                    }
-                },
+            let result = match step_bytes {
+                None => g.sm.checkpoint().await.map(Some),
+                Some(bytes) => g.sm.checkpoint_step(bytes).await,
+            };
+            let durable = match result {
+                Ok(Some(durable)) => durable,
+                Ok(None) => {
+                    g.checkpoint_stepping = true;
+                    *cursor = group;
+                    return Ok(false);
+                }
+                // A full disk: the machine abandoned the checkpoint and goes on (the WAL keeps
+                // what it applied). This group's log is not compacted this round; the next
+                // round tries again.
+                Err(error) if error.is_out_of_space() => {
+                    tracing::warn!("group {group}: checkpoint abandoned: {error}");
+                    g.checkpoint_stepping = false;
+                    self.stats.checkpoints_abandoned += 1;
+                    continue;
+                }
+                Err(error) => return Err(error.to_string()),
             };
             g.checkpoint_stepping = false;
             let mut through = durable.saturating_sub(retain);

@@ -130,6 +130,8 @@ struct Node {
     disk_full_until: u64,
     /// Segment preparations that failed on this node (across restarts).
     prepare_failures: u64,
+    /// State machine checkpoints abandoned for space by this node's earlier incarnations.
+    checkpoints_abandoned: u64,
     restart_at: Option<u64>,
     /// The group whose state machine upkeep runs next.
     maintenance_cursor: u64,
@@ -173,6 +175,9 @@ impl Node {
     }
 
     fn crash(&mut self) {
+        if let Some(core) = &self.core {
+            self.checkpoints_abandoned += core.stats().checkpoints_abandoned;
+        }
         self.core = None;
         self.write = None;
         self.wal_disk.crash();
@@ -300,6 +305,7 @@ impl Sim {
                 prepare: None,
                 disk_full_until: 0,
                 prepare_failures: 0,
+                checkpoints_abandoned: 0,
                 restart_at: None,
                 maintenance_cursor: 0,
                 checkpoint_cursor: None,
@@ -842,6 +848,15 @@ impl Sim {
             }
             let node = &mut self.nodes[i];
             let core = node.core.as_mut().unwrap();
+            // While the disk is full, a checkpoint's write fails for space too: the machine
+            // abandons it and the next round tries again. (Only around checkpoints: installing
+            // a snapshot on a full disk still fails the node.)
+            let full = clock < node.disk_full_until;
+            if full {
+                for disk in node.sm_disks.values() {
+                    disk.fail_next_write("checkpoint.tmp", ENOSPC);
+                }
+            }
             if clock % 1400 == 0 {
                 // Compacting close behind the checkpoint makes followers that were down or cut
                 // off fall behind the log: they catch up by snapshot. A whole checkpoint
@@ -857,6 +872,11 @@ impl Sim {
                     .expect("checkpoint step");
                 if done {
                     node.checkpoint_cursor = None;
+                }
+            }
+            if full {
+                for disk in node.sm_disks.values() {
+                    disk.clear_write_faults();
                 }
             }
             let core = self.nodes[i].core.as_mut().unwrap();
@@ -907,7 +927,7 @@ impl Sim {
 
     /// Runs the seed; returns how many writes were acknowledged, snapshots installed, and
     /// groups whose membership ended other than it began.
-    fn run(mut self) -> (usize, u64, usize, u64, u64) {
+    fn run(mut self) -> (usize, u64, usize, u64, u64, u64) {
         while self.clock < FAULT_PHASE_MS {
             self.step();
         }
@@ -1043,12 +1063,18 @@ impl Sim {
         let initial: BTreeSet<u64> = (1..=INITIAL_VOTERS).collect();
         let changed = members.iter().filter(|m| **m != initial).count();
         let prepare_failures = self.nodes.iter().map(|n| n.prepare_failures).sum();
+        let abandoned = self
+            .nodes
+            .iter()
+            .map(|n| n.checkpoints_abandoned + n.core.as_ref().unwrap().stats().checkpoints_abandoned)
+            .sum();
         (
             self.acked.len(),
             installed,
             changed,
             self.lease_reads_total,
             prepare_failures,
+            abandoned,
         )
     }
 }
@@ -1070,8 +1096,10 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     // liveness phase after it must still serve every group); over many seeds the checks must
     // have had real work to judge.
     let seeds = seeds();
-    let runs: Vec<(usize, u64, usize, u64, u64)> = seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
+    let runs: Vec<(usize, u64, usize, u64, u64, u64)> =
+        seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
     let prepare_failures: u64 = runs.iter().map(|r| r.4).sum();
+    let abandoned: u64 = runs.iter().map(|r| r.5).sum();
     let lease_reads: u64 = runs.iter().map(|r| r.3).sum();
     let acked: usize = runs.iter().map(|r| r.0).sum();
     let installed: u64 = runs.iter().map(|r| r.1).sum();
@@ -1102,15 +1130,22 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
         "only {lease_reads} lease reads served under a lease over {} seeds",
         seeds.len()
     );
-    // Full disks failed segment preparations, which the WAL retried while the checks held.
+    // Full disks failed segment preparations, which the WAL retried, and state machine
+    // checkpoints, which were abandoned and done again later, while the checks held.
     assert!(
         seeds.len() < 20 || prepare_failures >= seeds.len() as u64 / 4,
         "only {prepare_failures} segment preparations failed on a full disk over {} seeds",
         seeds.len()
     );
+    assert!(
+        seeds.len() < 20 || abandoned >= seeds.len() as u64 / 4,
+        "only {abandoned} checkpoints abandoned on a full disk over {} seeds",
+        seeds.len()
+    );
     eprintln!(
         "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership, \
-         {lease_reads} reads served under a lease, {prepare_failures} segment preparations failed"
+         {lease_reads} reads served under a lease, {prepare_failures} segment preparations failed, \
+         {abandoned} checkpoints abandoned"
     );
 }
 

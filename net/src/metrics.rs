@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 15] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 16] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -147,6 +147,12 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "gauge",
             "Client requests accepted and not yet answered.",
             |s| s.requests_waiting as f64,
+        ),
+        (
+            "ringraft_checkpoints_abandoned_total",
+            "counter",
+            "State machine checkpoints abandoned for lack of disk space (retried later).",
+            |s| s.stats.checkpoints_abandoned as f64,
         ),
         (
             "ringraft_requests_timed_out_total",
