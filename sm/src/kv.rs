@@ -1655,7 +1655,12 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         }
         self.durable = 0; // force the checkpoint: the switch is durable when it returns
         self.checkpoints.retain(|c| c.applied != self.applied);
-        self.checkpoint_now().await
+        // Any failure here fails the store, out of space included: the state in memory is the
+        // new one already, and only this checkpoint could make it the durable one.
+        match self.checkpoint_now().await {
+            Ok(applied) => Ok(applied),
+            Err(error) => Err(self.fail(error)),
+        }
     }
 }
 

@@ -511,3 +511,42 @@ fn a_checkpoint_out_of_disk_space_is_abandoned_and_the_store_goes_on() {
         assert_eq!(contents(&mut store, keys), model, "fault at step {fail_at_step}");
     }
 }
+
+/// Finishing a restore switches the state in memory, and only its checkpoint makes the switch
+/// durable: out of space there fails the store (unlike an ordinary checkpoint), and recovery
+/// comes back with the state from before the restore.
+#[test]
+fn a_restore_that_cannot_write_its_checkpoint_fails_the_store() {
+    let (source_disk, target_disk) = (MemSmDisk::new(), MemSmDisk::new());
+    let mut source = now(KvStore::open(source_disk, config())).unwrap();
+    let mut target = now(KvStore::open(target_disk.clone(), config())).unwrap();
+    let (mut source_index, mut target_index) = (0, 0);
+    for k in 0..50u32 {
+        let key = format!("key-{k}").into_bytes();
+        let new = Command::Put {
+            key: key.clone(),
+            value: b"new".to_vec(),
+        };
+        apply_one(&mut source, &mut source_index, new);
+        let old = Command::Put {
+            key,
+            value: b"old".to_vec(),
+        };
+        apply_one(&mut target, &mut target_index, old);
+    }
+    now(target.checkpoint()).unwrap();
+    let snapshot = source.snapshot().unwrap();
+    let mut number = 0;
+    while let Some(chunk) = now(source.snapshot_chunk(&snapshot, number)).unwrap() {
+        now(target.restore_chunk(&chunk)).unwrap();
+        number += 1;
+    }
+    target_disk.fail_next_write("checkpoint.tmp", libc::ENOSPC);
+    let error = now(target.restore_finish()).unwrap_err();
+    assert!(error.is_out_of_space(), "{error}");
+    assert!(matches!(now(target.read(b"key-7")), Err(SmError::Failed { .. })));
+    drop(target);
+    target_disk.crash();
+    let mut target = now(KvStore::open(target_disk, config())).unwrap();
+    assert_eq!(now(target.read(b"key-7")).unwrap(), Some(b"old".to_vec()));
+}
