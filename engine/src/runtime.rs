@@ -912,6 +912,8 @@ async fn run_shard<S: StateMachine + 'static>(
     let request_limit = Duration::from_millis(config.limits.request_timeout_ms);
     let mut next_request_sweep = std::time::Instant::now() + REQUEST_SWEEP_INTERVAL;
     let mut requests_timed_out = 0u64;
+    // Whether the WAL is retrying a segment preparation (for logging its start and end once).
+    let mut prepare_failing = false;
     let transfer_limit = Duration::from_millis(2 * config.raft.election_timeout_ms);
     let mut transferring: Option<std::time::Instant> = None;
     let mut last_checkpoint = std::time::Instant::now();
@@ -994,10 +996,26 @@ async fn run_shard<S: StateMachine + 'static>(
             }
             // A failed write is recorded in the WAL and reaches the core through on_durable. A
             // failed segment preparation (a full disk) or removal is only reported: the WAL
-            // retries the preparation, and writes needing the segment wait meanwhile.
+            // retries the preparation, and writes needing the segment wait meanwhile. Retries
+            // of a preparation are logged when they start and when one succeeds, not each.
+            let preparing = matches!(completion, IoDone::Prepared { .. });
             if let Err(error) = core.wal().borrow_mut().io_done(completion) {
-                tracing::warn!("shard {shard}: wal: {error}");
+                if !(preparing && prepare_failing) {
+                    tracing::warn!(
+                        "shard {shard}: wal: {error}{}",
+                        if preparing {
+                            "; retrying, writes that need the segment wait for space"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
+            let failing = core.wal().borrow().prepare_error().is_some();
+            if prepare_failing && !failing {
+                tracing::warn!("shard {shard}: wal: a segment is prepared again, writes go on");
+            }
+            prepare_failing = failing;
             core.on_durable();
         }
         if let Some(cause) = core.failure() {
