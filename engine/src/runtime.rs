@@ -906,9 +906,10 @@ async fn run_shard<S: StateMachine + 'static>(
     let mut request_latency_us = new_histogram();
     // Leadership transfers under way: (group, reply, deadline).
     let mut transfers: Vec<(u64, Reply, std::time::Instant)> = Vec::new();
-    // When shutdown began; in-flight requests get until `drain_limit` to be answered.
+    // When shutdown began; in-flight requests get until `request_limit` to be answered.
     let mut draining: Option<std::time::Instant> = None;
-    let drain_limit = Duration::from_millis(config.limits.request_timeout_ms);
+    // Every request held here is answered within this (see the sweep below), during a
+    // shutdown's drain too.
     let request_limit = Duration::from_millis(config.limits.request_timeout_ms);
     let mut next_request_sweep = std::time::Instant::now() + REQUEST_SWEEP_INTERVAL;
     let mut requests_timed_out = 0u64;
@@ -999,23 +1000,23 @@ async fn run_shard<S: StateMachine + 'static>(
             // retries the preparation, and writes needing the segment wait meanwhile. Retries
             // of a preparation are logged when they start and when one succeeds, not each.
             let preparing = matches!(completion, IoDone::Prepared { .. });
-            if let Err(error) = core.wal().borrow_mut().io_done(completion) {
-                if !(preparing && prepare_failing) {
-                    tracing::warn!(
-                        "shard {shard}: wal: {error}{}",
-                        if preparing {
-                            "; retrying, writes that need the segment wait for space"
-                        } else {
-                            ""
-                        }
-                    );
+            let result = core.wal().borrow_mut().io_done(completion);
+            let retrying = core.wal().borrow().prepare_error().is_some();
+            match result {
+                Err(error) if preparing && retrying => {
+                    if !prepare_failing {
+                        tracing::warn!(
+                            "shard {shard}: wal: {error}; retrying, writes that need the segment wait for space"
+                        );
+                    }
                 }
+                Err(error) => tracing::warn!("shard {shard}: wal: {error}"),
+                Ok(()) if prepare_failing && !retrying => {
+                    tracing::warn!("shard {shard}: wal: a segment is prepared again, writes go on");
+                }
+                Ok(()) => {}
             }
-            let failing = core.wal().borrow().prepare_error().is_some();
-            if prepare_failing && !failing {
-                tracing::warn!("shard {shard}: wal: a segment is prepared again, writes go on");
-            }
-            prepare_failing = failing;
+            prepare_failing = retrying;
             core.on_durable();
         }
         if let Some(cause) = core.failure() {
@@ -1158,7 +1159,7 @@ async fn run_shard<S: StateMachine + 'static>(
                 link.close();
                 std::time::Instant::now()
             });
-            if since.elapsed() >= drain_limit && !replies.is_empty() {
+            if since.elapsed() >= request_limit && !replies.is_empty() {
                 // No quorum to finish them (peers gone, leadership lost): these may or may not
                 // have been applied. Never a false ok.
                 for (reply, _) in replies.drain() {
