@@ -24,7 +24,7 @@ use std::time::Duration;
 use glommio::{LocalExecutorBuilder, Placement};
 use ringraft_sm::{Command, GlommioSmDisk, KvConfig, KvStore, StateMachine};
 use ringraft_tuning::{Config, SyncMode, Topology};
-use ringraft_wal::{perform, GlommioDisk, IoDone, IoJob, Wal, WalConfig};
+use ringraft_wal::{GlommioDisk, IoDone, IoJob, Wal, WalConfig};
 
 use crate::client::{Client, Route};
 use crate::core::{
@@ -1069,12 +1069,7 @@ async fn run_shard<S: StateMachine + 'static>(
             }
             let (disk, done, kick) = (wal_disk.clone(), done.clone(), kick.clone());
             glommio::spawn_local(async move {
-                if let IoJob::Prepare(prepare) = &job {
-                    if !prepare.delay.is_zero() {
-                        glommio::timer::sleep(prepare.delay).await;
-                    }
-                }
-                let completion = perform(&disk, job).await;
+                let completion = disk.perform_after_delay(job).await;
                 done.borrow_mut().push(completion);
                 kick.kick();
             })

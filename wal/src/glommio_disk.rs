@@ -179,6 +179,17 @@ impl GlommioDisk {
         Ok(self.open(name).await?.0)
     }
 
+    /// [`perform`] after the job's delay: a retried segment preparation waits out its backoff
+    /// here (the WAL has no clock). Every runner on glommio hands its jobs to this.
+    pub async fn perform_after_delay(&self, job: IoJob<GlommioDisk>) -> IoDone<GlommioDisk> {
+        if let IoJob::Prepare(prepare) = &job {
+            if !prepare.delay.is_zero() {
+                glommio::timer::sleep(prepare.delay).await;
+            }
+        }
+        perform(self, job).await
+    }
+
     /// Whether creating a segment paces its zero-fill from now on (off at first: opening a log
     /// creates its first segments at full speed). The log's runner turns it on while no
     /// segment is needed soon ([`crate::Wal::segment_needed_soon`]) and off when one is, so a
@@ -419,12 +430,7 @@ impl GlommioWal {
                 Some(job) => {
                     let this = self.clone();
                     glommio::spawn_local(async move {
-                        if let IoJob::Prepare(prepare) = &job {
-                            if !prepare.delay.is_zero() {
-                                glommio::timer::sleep(prepare.delay).await;
-                            }
-                        }
-                        let done: IoDone<GlommioDisk> = perform(&this.disk, job).await;
+                        let done = this.disk.perform_after_delay(job).await;
                         // Failing to delete a spare segment costs space, not data; a failed
                         // prepare is retried (see `Wal::prepare_error`).
                         let _ = this.wal.borrow_mut().io_done(done);
