@@ -53,8 +53,9 @@ impl std::fmt::Display for SyncMode {
 /// Name of the small file opened first on every executor; see [`GlommioDisk::open`].
 pub const IOPOLL_GUARD_FILE: &str = ".iopoll-guard";
 const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
-/// The suffix of a segment file while it is being created (`docs/wal-format.md`, "Files").
-const CREATING_SUFFIX: &str = ".wal.creating";
+/// What a segment file's name is followed by while it is being created (`docs/wal-format.md`,
+/// "Files").
+const CREATING_SUFFIX: &str = ".creating";
 
 /// While paced (see [`GlommioDisk::pace_zero_fill`]), creating a segment waits this many times
 /// as long as each chunk's write took before writing the next: the fill takes at most about
@@ -104,7 +105,11 @@ impl GlommioDisk {
         let entries = std::fs::read_dir(&dir).map_err(|e| WalError::io("list", shown.clone(), e))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
-            if name.to_string_lossy().ends_with(CREATING_SUFFIX) {
+            let leftover = name
+                .to_string_lossy()
+                .strip_suffix(CREATING_SUFFIX)
+                .is_some_and(|segment| segment.ends_with(".wal"));
+            if leftover {
                 std::fs::remove_file(entry.path())
                     .map_err(|e| WalError::io("remove", name.to_string_lossy().into_owned(), e))?;
             }
@@ -261,7 +266,7 @@ impl Disk for GlommioDisk {
     }
 
     async fn create(&self, name: &str, len: u64) -> io::Result<Rc<DmaFile>> {
-        let temporary = format!("{name}.creating");
+        let temporary = format!("{name}{CREATING_SUFFIX}");
         match self.create_through(&temporary, name, len).await {
             Ok(file) => Ok(file),
             Err(error) => {
