@@ -48,5 +48,5 @@ pub use mem_disk::{MemDisk, MemFault, MemFileHandle, MEM_SECTOR_BYTES};
 pub use rng::SplitMix64;
 pub use wal::{
     perform, Entry, HardState, IoDone, IoJob, PrepareJob, ReadPlan, Ticket, Wal, WalConfig, WalStats,
-    WriteJob, META_BYTES_MAX,
+    WriteJob, META_BYTES_MAX, READ_GAP_MAX, READ_SPAN_MAX,
 };

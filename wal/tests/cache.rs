@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use ringraft_wal::{complete_now, MemDisk, ReadError, WalConfig};
+use ringraft_wal::{complete_now, MemDisk, ReadError, WalConfig, READ_GAP_MAX, READ_SPAN_MAX};
 
 fn config() -> WalConfig {
     WalConfig {
@@ -126,4 +126,94 @@ fn one_group_pinned_at_the_front_does_not_stop_eviction_for_the_others() {
         wal.entries(1, 1, 2, None),
         Err(ReadError::NotCached { .. })
     ));
+}
+
+/// Where `payload` first occurs in any file of the disk.
+fn find(disk: &MemDisk, payload: &[u8]) -> (String, usize) {
+    for name in disk.names() {
+        let bytes = disk.contents(&name).unwrap();
+        if let Some(at) = bytes.windows(payload.len()).position(|w| w == payload) {
+            return (name, at);
+        }
+    }
+    panic!("payload not on disk");
+}
+
+#[test]
+fn nearby_records_come_back_in_one_read_per_segment_and_each_is_verified() {
+    let disk = MemDisk::new(5);
+    let uncached = WalConfig {
+        cache_bytes_max: 0,
+        ..small_config()
+    };
+    let mut wal = open(&disk, &uncached);
+    // Two groups' entries interleaved, a batch per round: group 2's records are a few hundred
+    // bytes apart, over several 24 KiB segments.
+    for index in 1..=30u64 {
+        wal.append(1, &[entry(index, 1, &[0x10; 200])]).unwrap();
+        wal.append(2, &[entry(index, 1, &[0x80 + index as u8; 300])])
+            .unwrap();
+        drive(&mut wal, &disk);
+    }
+    let plan = wal.read_plan(2, 1, 31, None).unwrap();
+    assert_eq!(plan.disk_reads(), 30);
+    let calls = plan.disk_read_calls();
+    assert!(
+        (2..=6).contains(&calls),
+        "30 records over a few segments took {calls} reads"
+    );
+    let read = complete_now(plan.execute(&disk)).unwrap();
+    assert_eq!(read.len(), 30);
+    for (at, e) in read.iter().enumerate() {
+        assert_eq!(e.index, at as u64 + 1);
+        assert_eq!(e.payload.as_ref(), [0x80 + e.index as u8; 300]);
+    }
+    // A bad record inside a shared read is named, not passed on.
+    let (name, offset) = find(&disk, &[0x80 + 17; 300]);
+    disk.flip_bit(&name, offset + 100, 3);
+    let plan = wal.read_plan(2, 1, 31, None).unwrap();
+    match complete_now(plan.execute(&disk)) {
+        Err(ringraft_wal::WalError::BadRead { index: 17, file, .. }) => assert_eq!(file, name),
+        other => panic!("expected a bad read of index 17, got {other:?}"),
+    }
+}
+
+#[test]
+fn records_far_apart_are_read_separately() {
+    let disk = MemDisk::new(6);
+    let config = WalConfig {
+        segment_bytes: 8 << 20,
+        batch_bytes_max: 2 << 20,
+        cache_bytes_max: 0,
+        segments_recycled_max: 1,
+    };
+    let mut wal = open(&disk, &config);
+    // Group 1: entries 1 and 2 with a gap of just under READ_GAP_MAX of group 2 between them;
+    // entries 2 and 3 with a gap over it.
+    let small = READ_GAP_MAX - 4096;
+    let large = READ_GAP_MAX + 4096;
+    wal.append(1, &[entry(1, 1, &[1; 64])]).unwrap();
+    wal.append(2, &[entry(1, 1, &vec![2; small])]).unwrap();
+    wal.append(1, &[entry(2, 1, &[3; 64])]).unwrap();
+    wal.append(2, &[entry(2, 1, &vec![4; large])]).unwrap();
+    wal.append(1, &[entry(3, 1, &[5; 64])]).unwrap();
+    drive(&mut wal, &disk);
+    let plan = wal.read_plan(1, 1, 4, None).unwrap();
+    assert_eq!((plan.disk_reads(), plan.disk_read_calls()), (3, 2));
+    let read = complete_now(plan.execute(&disk)).unwrap();
+    let payloads: Vec<u8> = read.iter().map(|e| e.payload[0]).collect();
+    assert_eq!(payloads, [1, 3, 5]);
+    // Adjacent records share a read only up to READ_SPAN_MAX: three of 40% of it take two.
+    let big = READ_SPAN_MAX * 2 / 5;
+    for index in 3..=5 {
+        wal.append(2, &[entry(index, 1, &vec![index as u8; big])])
+            .unwrap();
+    }
+    drive(&mut wal, &disk);
+    let plan = wal.read_plan(2, 3, 6, None).unwrap();
+    assert_eq!((plan.disk_reads(), plan.disk_read_calls()), (3, 2));
+    let read = complete_now(plan.execute(&disk)).unwrap();
+    assert!(read
+        .iter()
+        .all(|e| e.payload.len() == big && e.payload[0] == e.index as u8));
 }
