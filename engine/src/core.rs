@@ -121,6 +121,8 @@ pub struct ShardConfig {
     pub limits: CommandLimits,
     /// Unacknowledged snapshot chunks per stream (`limits.snapshot_chunks_in_flight`).
     pub snapshot_chunks_in_flight: u64,
+    /// Log reads for lagging followers out at once (`limits.log_reads_in_flight`).
+    pub log_reads_in_flight: usize,
     /// Ticks a leader's lease lasts after a quorum confirmed it (0: lease reads take the
     /// ReadIndex path). See [`Consistency::Lease`].
     pub lease_ticks: u64,
@@ -156,6 +158,7 @@ impl ShardConfig {
                 value_bytes_max: config.limits.value_bytes_max as usize,
             },
             snapshot_chunks_in_flight: config.limits.snapshot_chunks_in_flight,
+            log_reads_in_flight: config.limits.log_reads_in_flight as usize,
             lease_ticks: config.raft.lease_ticks(),
             peers: config
                 .cluster
@@ -213,8 +216,26 @@ pub struct Fetch<D: Disk> {
     pub group: u64,
     /// `None` when the range was compacted or truncated meanwhile.
     pub plan: Option<ringraft_wal::ReadPlan<D::File>>,
-    pub context: GetEntriesContext,
+    /// Every raft request the read answers (the same range asked for again while it waited).
+    pub contexts: Vec<GetEntriesContext>,
 }
+
+/// A log read waiting for one of the shard's read slots (`limits.log_reads_in_flight`).
+struct FetchWait {
+    hi: u64,
+    max_bytes: u64,
+    contexts: Vec<GetEntriesContext>,
+}
+
+/// Raft requests one waiting read answers at most: raft asks again for the same range at every
+/// append attempt to a lagging follower (each heartbeat response); the rest are dropped, and
+/// raft asks again once the read has refilled the cache.
+const FETCH_CONTEXTS_MAX: usize = 4;
+
+/// Distinct reads (group, first index) waiting at most. A follower has one range outstanding
+/// per group, so this is reached only with thousands of lagging groups on one shard; requests
+/// beyond it are dropped and raft asks again at its next append attempt.
+const FETCHES_WAITING_MAX: usize = 4096;
 
 impl<D: Disk> std::fmt::Debug for Fetch<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -458,6 +479,10 @@ pub struct ShardStats {
     pub lease_reads: u64,
     /// State machine checkpoint rounds abandoned for lack of disk space (retried later).
     pub checkpoints_abandoned: u64,
+    /// Log reads for lagging followers (entries no longer cached), and those that failed
+    /// (raft asks again, or sends a snapshot once the range is compacted).
+    pub log_reads: u64,
+    pub log_reads_failed: u64,
 }
 
 /// One shard's groups. See the module docs for how a runner drives it.
@@ -499,6 +524,11 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     /// kept while work remains): the per-loop passes visit only these, so a loop costs what
     /// its busy groups cost, not what the shard's thousands of idle ones would.
     active: std::collections::BTreeSet<u64>,
+    /// Log reads waiting for a slot, by (group, first index), in the order asked; and how
+    /// many are out (handed to the runner by `take_fetches`, not yet `fetched`).
+    fetch_waiting: BTreeMap<(u64, u64), FetchWait>,
+    fetch_order: VecDeque<(u64, u64)>,
+    fetches_out: usize,
 }
 
 type AwakeSet = Rc<RefCell<std::collections::BTreeSet<u64>>>;
@@ -722,6 +752,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             active: machines_ids,
             next_stream: 0,
             awake,
+            fetch_waiting: BTreeMap::new(),
+            fetch_order: VecDeque::new(),
+            fetches_out: 0,
         })
     }
 
@@ -2292,43 +2325,102 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     }
 
     /// Entries raft asked for that are not cached (a lagging follower's catch-up): the runner
-    /// reads each plan (async, off the raft path) and reports with [`ShardCore::fetched`].
+    /// reads each plan off the shard's loop (async, beside raft and the WAL's writes) and
+    /// reports each with [`ShardCore::fetched`], in any order.
+    ///
+    /// At most `log_reads_in_flight` reads are out at once; the rest wait here, one per group
+    /// and first index (raft asks again for the same range at each append attempt to a
+    /// lagging follower, and those requests join the waiting one). A read is planned when it
+    /// leaves, so it skips whatever an earlier read cached meanwhile.
     pub fn take_fetches(&mut self) -> Vec<Fetch<D>> {
-        let mut out = Vec::new();
         for group in self.active_ids() {
             let g = &self.groups[&group];
             for request in g.fetches.borrow_mut().drain(..) {
-                let plan = self
-                    .wal
-                    .borrow()
-                    .read_plan(group, request.lo, request.hi, Some(request.max_bytes))
-                    .ok();
-                out.push(Fetch {
-                    group,
-                    plan,
-                    context: request.context,
-                });
+                let key = (group, request.lo);
+                if let Some(wait) = self.fetch_waiting.get_mut(&key) {
+                    wait.hi = wait.hi.max(request.hi);
+                    wait.max_bytes = wait.max_bytes.max(request.max_bytes);
+                    if wait.contexts.len() < FETCH_CONTEXTS_MAX {
+                        wait.contexts.push(request.context);
+                    }
+                    continue;
+                }
+                if self.fetch_waiting.len() >= FETCHES_WAITING_MAX {
+                    continue;
+                }
+                self.fetch_waiting.insert(
+                    key,
+                    FetchWait {
+                        hi: request.hi,
+                        max_bytes: request.max_bytes,
+                        contexts: vec![request.context],
+                    },
+                );
+                self.fetch_order.push_back(key);
             }
+        }
+        let mut out = Vec::new();
+        while self.fetches_out < self.config.log_reads_in_flight.max(1) {
+            let Some(key) = self.fetch_order.pop_front() else {
+                break;
+            };
+            let wait = self.fetch_waiting.remove(&key).expect("ordered reads wait");
+            let (group, lo) = key;
+            // Only a leader sends appends: a read for a group this node no longer leads (or
+            // no longer holds) would be answered by raft with nothing.
+            let leads = self
+                .groups
+                .get(&group)
+                .is_some_and(|g| g.raw.raft.state == StateRole::Leader);
+            if !leads {
+                continue;
+            }
+            let plan = self
+                .wal
+                .borrow()
+                .read_plan(group, lo, wait.hi, Some(wait.max_bytes))
+                .ok();
+            self.fetches_out += 1;
+            self.stats.log_reads += 1;
+            out.push(Fetch {
+                group,
+                plan,
+                contexts: wait.contexts,
+            });
         }
         out
     }
 
-    /// The result of a [`Fetch`]: entries go back into the WAL cache and raft retries. A failed
-    /// or impossible read makes raft ask again later (or send a snapshot once it can).
+    /// The result of a [`Fetch`]: entries go back into the WAL cache (only those still in the
+    /// log with the same term: the log may have changed while the read was out) and raft
+    /// retries. A failed or impossible read (`None`) makes raft ask again later, or send a
+    /// snapshot once the range is compacted.
     pub fn fetched(
         &mut self,
         group: u64,
         entries: Option<Vec<ringraft_wal::Entry>>,
-        context: GetEntriesContext,
+        contexts: Vec<GetEntriesContext>,
     ) {
-        if let Some(entries) = entries {
-            self.wal.borrow_mut().insert_cached(group, &entries);
+        self.fetches_out = self
+            .fetches_out
+            .checked_sub(1)
+            .expect("a fetch reported that was not handed out");
+        match entries {
+            Some(entries) => self.wal.borrow_mut().insert_cached(group, &entries),
+            None => self.stats.log_reads_failed += 1,
         }
         if let Some(g) = self.groups.get_mut(&group) {
             g.wake();
             self.active.insert(group);
-            g.raw.on_entries_fetched(context);
+            for context in contexts {
+                g.raw.on_entries_fetched(context);
+            }
         }
+    }
+
+    /// Log reads handed to the runner and not reported yet.
+    pub fn fetches_out(&self) -> usize {
+        self.fetches_out
     }
 
     /// Whether a later `collect_ready` may produce output (used by runners to decide to loop).

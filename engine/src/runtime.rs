@@ -883,6 +883,17 @@ async fn run_shard<S: StateMachine + 'static>(
     let kick = Rc::new(Kick::default());
     let ticks = Rc::new(Cell::new(0u64));
     let done: Rc<RefCell<Vec<IoDone<GlommioDisk>>>> = Rc::new(RefCell::new(Vec::new()));
+    // Log reads for lagging followers that finished: (group, entries or None, raft contexts).
+    #[allow(clippy::type_complexity)]
+    let fetched: Rc<
+        RefCell<
+            Vec<(
+                u64,
+                Option<Vec<ringraft_wal::Entry>>,
+                Vec<raft::GetEntriesContext>,
+            )>,
+        >,
+    > = Rc::new(RefCell::new(Vec::new()));
     let writing = Rc::new(Cell::new(false));
     let mut write_started: Option<std::time::Instant> = None;
     let mut sync_latency_us = new_histogram();
@@ -988,6 +999,9 @@ async fn run_shard<S: StateMachine + 'static>(
         for piece in pieces {
             core.step_piece(piece).await;
         }
+        for (group, entries, contexts) in fetched.borrow_mut().drain(..) {
+            core.fetched(group, entries, contexts);
+        }
         for completion in done.borrow_mut().drain(..) {
             if let IoDone::Written { .. } = completion {
                 writing.set(false);
@@ -1047,12 +1061,29 @@ async fn run_shard<S: StateMachine + 'static>(
             core.propose();
         }
         core.collect_ready().await;
+        // Catch-up reads run beside the loop, not in it: a loop waiting on a read would hold
+        // back this shard's WAL writes, heartbeats and answers for every group (on a busy
+        // device, long enough for followers to start elections). Finished reads are handed
+        // to raft at the top of a later loop; their task kicks the loop.
         for fetch in core.take_fetches() {
-            let entries = match fetch.plan {
-                Some(plan) => plan.execute(&wal_disk).await.ok(),
-                None => None,
-            };
-            core.fetched(fetch.group, entries, fetch.context);
+            let (disk, fetched, kick) = (wal_disk.clone(), fetched.clone(), kick.clone());
+            glommio::spawn_local(async move {
+                let entries = match fetch.plan {
+                    Some(plan) => match plan.execute(&disk).await {
+                        Ok(entries) => Some(entries),
+                        Err(error) => {
+                            // Raft asks again (or snapshots once the range is compacted). A
+                            // segment recycled while the read was out fails it too.
+                            tracing::warn!("shard {shard}: log read for group {}: {error}", fetch.group);
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                fetched.borrow_mut().push((fetch.group, entries, fetch.contexts));
+                kick.kick();
+            })
+            .detach();
         }
         // Start WAL IO: at most one write in flight; segment jobs beside it.
         let mut write_queued = false;

@@ -39,7 +39,8 @@ use std::task::{Context, Poll, Waker};
 use porcupine_rs::{Model, Operation};
 use ringraft_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use ringraft_engine::{
-    unapplied_floors, Answer, Consistency, EngineError, Envelope, ShardConfig, ShardCore, SnapshotPiece,
+    unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, ShardConfig, ShardCore,
+    SnapshotPiece,
 };
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
 use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFault, MemFileHandle, SplitMix64, Wal, WalConfig};
@@ -88,6 +89,8 @@ fn shard_config(node: u64) -> ShardConfig {
         group_queue_bytes_max: 1 << 20,
         limits: CommandLimits::default(),
         snapshot_chunks_in_flight: 2,
+        // Few, so catch-up reads also wait for a slot.
+        log_reads_in_flight: 2,
         lease_ticks: LEASE_TICKS,
         peers: (1..=NODES).filter(|&n| n != node).collect(),
         quiesce_after_ticks: 30,
@@ -101,7 +104,7 @@ fn wal_config() -> WalConfig {
     WalConfig {
         segment_bytes: 256 << 10,
         batch_bytes_max: 64 << 10,
-        cache_bytes_max: 64 << 10,
+        cache_bytes_max: 4 << 10,
         segments_recycled_max: 1,
     }
 }
@@ -124,6 +127,9 @@ struct Node {
     core: Option<Core>,
     /// A WAL write issued (bytes written, not yet synced) and when it completes.
     write: Option<(u64, MemFileHandle, u64)>,
+    /// Log reads for lagging followers handed out by the core, and when each is performed
+    /// and reported (later than asked, as on a device: the log may change meanwhile).
+    fetches: Vec<(u64, Fetch<MemDisk>)>,
     /// A segment preparation the WAL retries after a failure, and when (its backoff).
     prepare: Option<(u64, IoJob<MemDisk>)>,
     /// Until when the WAL's disk is full: creating a segment fails with ENOSPC.
@@ -132,11 +138,15 @@ struct Node {
     prepare_failures: u64,
     /// State machine checkpoints abandoned for space by this node's earlier incarnations.
     checkpoints_abandoned: u64,
+    /// Log reads for lagging followers by this node's earlier incarnations.
+    log_reads: u64,
     restart_at: Option<u64>,
     /// The group whose state machine upkeep runs next.
     maintenance_cursor: u64,
     /// A stepwise checkpoint round under way (as the runtime runs them): the group it is at.
     checkpoint_cursor: Option<u64>,
+    /// `ShardConfig::live_segments_max` of this node's shard.
+    live_segments_max: usize,
     /// This node's tick period in microseconds of true time (its clock drift), and the time
     /// accumulated towards its next tick.
     tick_period_us: u64,
@@ -166,10 +176,15 @@ impl Node {
             unapplied_floors(&machines),
         ))
         .expect("wal recovers");
-        let mut core = ShardCore::new(shard_config(self.id), wal, machines).expect("shard starts");
+        let config = ShardConfig {
+            live_segments_max: self.live_segments_max,
+            ..shard_config(self.id)
+        };
+        let mut core = ShardCore::new(config, wal, machines).expect("shard starts");
         core.observe_applied();
         self.core = Some(core);
         self.write = None;
+        self.fetches.clear();
         self.prepare = None;
         self.checkpoint_cursor = None;
     }
@@ -177,9 +192,11 @@ impl Node {
     fn crash(&mut self) {
         if let Some(core) = &self.core {
             self.checkpoints_abandoned += core.stats().checkpoints_abandoned;
+            self.log_reads += core.stats().log_reads;
         }
         self.core = None;
         self.write = None;
+        self.fetches.clear();
         self.wal_disk.crash();
         for disk in self.sm_disks.values() {
             disk.crash();
@@ -290,6 +307,8 @@ struct Sim {
     refused: BTreeSet<u64>,
     membership_changes: u64,
     lease_reads_total: u64,
+    /// Entries kept behind each checkpoint (and for followers) when compacting.
+    retain: u64,
 }
 
 impl Sim {
@@ -302,13 +321,16 @@ impl Sim {
                 sm_disks: BTreeMap::new(),
                 core: None,
                 write: None,
+                fetches: Vec::new(),
                 prepare: None,
                 disk_full_until: 0,
                 prepare_failures: 0,
                 checkpoints_abandoned: 0,
+                log_reads: 0,
                 restart_at: None,
                 maintenance_cursor: 0,
                 checkpoint_cursor: None,
+                live_segments_max: shard_config(id).live_segments_max,
                 tick_period_us: TICK_MS
                     * 1000
                     * (1000 - DRIFT_PER_MILLE + rng.below(2 * DRIFT_PER_MILLE + 1))
@@ -338,6 +360,7 @@ impl Sim {
             refused: BTreeSet::new(),
             membership_changes: 0,
             lease_reads_total: 0,
+            retain: RETAIN_ENTRIES,
         };
         for node in &mut sim.nodes {
             node.start();
@@ -819,7 +842,7 @@ impl Sim {
 
     fn step(&mut self) {
         self.clock += 1;
-        let clock = self.clock;
+        let (clock, retain) = (self.clock, self.retain);
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.network)
             .into_iter()
             .partition(|(at, _, _)| *at <= clock);
@@ -861,15 +884,15 @@ impl Sim {
                 // Compacting close behind the checkpoint makes followers that were down or cut
                 // off fall behind the log: they catch up by snapshot. A whole checkpoint
                 // abandons a stepwise one under way.
-                now(core.checkpoint(RETAIN_ENTRIES, RETAIN_ENTRIES)).expect("checkpoint");
+                now(core.checkpoint(retain, retain)).expect("checkpoint");
             } else if clock % 700 == 0 && node.checkpoint_cursor.is_none() {
                 node.checkpoint_cursor = Some(0);
             }
             if let Some(cursor) = node.checkpoint_cursor.as_mut() {
                 // Stepwise, as the runtime does: a few records per millisecond, so applies,
                 // snapshots, upkeep and crashes come between the steps.
-                let done = now(core.checkpoint_some(cursor, 2, Some(64), RETAIN_ENTRIES, RETAIN_ENTRIES))
-                    .expect("checkpoint step");
+                let done =
+                    now(core.checkpoint_some(cursor, 2, Some(64), retain, retain)).expect("checkpoint step");
                 if done {
                     node.checkpoint_cursor = None;
                 }
@@ -898,13 +921,24 @@ impl Sim {
                 continue;
             };
             core.set_time_us(self.clock * 1000);
+            // Log reads due now are performed and reported; one whose segment was recycled
+            // or removed meanwhile fails (raft asks again).
+            let clock = self.clock;
+            let node = &mut self.nodes[i];
+            let core = node.core.as_mut().unwrap();
+            let (due, later): (Vec<_>, Vec<_>) = node.fetches.drain(..).partition(|(at, _)| *at <= clock);
+            node.fetches = later;
+            for (_, fetch) in due {
+                let entries = fetch
+                    .plan
+                    .and_then(|plan| now(plan.execute(core.wal().borrow().disk())).ok());
+                core.fetched(fetch.group, entries, fetch.contexts);
+            }
             core.propose();
             now(core.collect_ready());
             for fetch in core.take_fetches() {
-                let entries = fetch
-                    .plan
-                    .map(|plan| now(plan.execute(core.wal().borrow().disk())).expect("fetch"));
-                core.fetched(fetch.group, entries, fetch.context);
+                let due = clock + self.rng.below(4);
+                self.nodes[i].fetches.push((due, fetch));
             }
             self.wal_io(i);
             let core = self.nodes[i].core.as_mut().unwrap();
@@ -925,35 +959,10 @@ impl Sim {
         self.faults();
     }
 
-    /// Runs the seed; returns how many writes were acknowledged, snapshots installed, and
-    /// groups whose membership ended other than it began.
-    fn run(mut self) -> (usize, u64, usize, u64, u64, u64) {
-        while self.clock < FAULT_PHASE_MS {
-            self.step();
-        }
-        // Faults stop: heal, restart everyone, no more loss.
-        self.faults = false;
-        self.blocked.clear();
-        self.drop_percent = 0;
-        for node in &mut self.nodes {
-            if node.core.is_none() {
-                node.restart_at = Some(0);
-            }
-        }
-        let deadline = self.clock + LIVENESS_MS;
-        let acked_before = self.acked.len();
-        let mut served = BTreeSet::new();
-        while self.clock < deadline && served.len() < GROUPS as usize {
-            self.step();
-            for pending in &self.acked[acked_before..] {
-                served.insert(pending.group);
-            }
-        }
-        if served.len() < GROUPS as usize {
-            self.fail(format!(
-                "after faults stopped, only groups {served:?} served a write within {LIVENESS_MS} ms"
-            ));
-        }
+    /// Stops the load, lets every node catch up, and checks: all replicas applied the same
+    /// index and hold the same state, every acknowledged write is there, no snapshot is held
+    /// open, idle groups quiesced, the history is linearizable.
+    fn settle_and_check(&mut self) {
         // Stop the load and let every node catch up, then compare.
         self.load = false;
         let settle = self.clock + std::env::var("SETTLE").map_or(2_000, |s| s.parse().unwrap());
@@ -1044,6 +1053,38 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Runs the seed; returns what happened in it (for the checks over many seeds).
+    fn run(mut self) -> RunTotals {
+        while self.clock < FAULT_PHASE_MS {
+            self.step();
+        }
+        // Faults stop: heal, restart everyone, no more loss.
+        self.faults = false;
+        self.blocked.clear();
+        self.drop_percent = 0;
+        for node in &mut self.nodes {
+            if node.core.is_none() {
+                node.restart_at = Some(0);
+            }
+        }
+        let deadline = self.clock + LIVENESS_MS;
+        let acked_before = self.acked.len();
+        let mut served = BTreeSet::new();
+        while self.clock < deadline && served.len() < GROUPS as usize {
+            self.step();
+            for pending in &self.acked[acked_before..] {
+                served.insert(pending.group);
+            }
+        }
+        if served.len() < GROUPS as usize {
+            self.fail(format!(
+                "after faults stopped, only groups {served:?} served a write within {LIVENESS_MS} ms"
+            ));
+        }
+        self.settle_and_check();
+        let members: Vec<BTreeSet<u64>> = (0..GROUPS).map(|g| self.members(g)).collect();
         let installed = self
             .nodes
             .iter()
@@ -1068,15 +1109,35 @@ impl Sim {
             .iter()
             .map(|n| n.checkpoints_abandoned + n.core.as_ref().unwrap().stats().checkpoints_abandoned)
             .sum();
-        (
-            self.acked.len(),
+        let log_reads = self
+            .nodes
+            .iter()
+            .map(|n| n.log_reads + n.core.as_ref().unwrap().stats().log_reads)
+            .sum();
+        RunTotals {
+            acked: self.acked.len(),
             installed,
             changed,
-            self.lease_reads_total,
+            lease_reads: self.lease_reads_total,
             prepare_failures,
             abandoned,
-        )
+            log_reads,
+        }
     }
+}
+
+/// What one seed's run did: writes acknowledged, snapshots installed, groups whose membership
+/// ended other than it began, lease reads, failed segment preparations, abandoned checkpoints,
+/// and log reads for lagging followers.
+#[derive(Default)]
+struct RunTotals {
+    acked: usize,
+    installed: u64,
+    changed: usize,
+    lease_reads: u64,
+    prepare_failures: u64,
+    abandoned: u64,
+    log_reads: u64,
 }
 
 fn seeds() -> Vec<u64> {
@@ -1096,14 +1157,14 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     // liveness phase after it must still serve every group); over many seeds the checks must
     // have had real work to judge.
     let seeds = seeds();
-    let runs: Vec<(usize, u64, usize, u64, u64, u64)> =
-        seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
-    let prepare_failures: u64 = runs.iter().map(|r| r.4).sum();
-    let abandoned: u64 = runs.iter().map(|r| r.5).sum();
-    let lease_reads: u64 = runs.iter().map(|r| r.3).sum();
-    let acked: usize = runs.iter().map(|r| r.0).sum();
-    let installed: u64 = runs.iter().map(|r| r.1).sum();
-    let changed: usize = runs.iter().map(|r| r.2).sum();
+    let runs: Vec<RunTotals> = seeds.iter().map(|&seed| Sim::new(seed).run()).collect();
+    let prepare_failures: u64 = runs.iter().map(|r| r.prepare_failures).sum();
+    let abandoned: u64 = runs.iter().map(|r| r.abandoned).sum();
+    let lease_reads: u64 = runs.iter().map(|r| r.lease_reads).sum();
+    let acked: usize = runs.iter().map(|r| r.acked).sum();
+    let installed: u64 = runs.iter().map(|r| r.installed).sum();
+    let changed: usize = runs.iter().map(|r| r.changed).sum();
+    let log_reads: u64 = runs.iter().map(|r| r.log_reads).sum();
     assert!(
         seeds.len() < 20 || acked >= 20 * seeds.len(),
         "only {acked} writes acknowledged over {} seeds: too few to mean anything",
@@ -1142,11 +1203,82 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
         "only {abandoned} checkpoints abandoned on a full disk over {} seeds",
         seeds.len()
     );
+    // Followers caught up from the log too, through reads that finished loops later (the log
+    // changing meanwhile).
+    assert!(
+        seeds.len() < 20 || log_reads >= seeds.len() as u64,
+        "only {log_reads} log reads for lagging followers over {} seeds",
+        seeds.len()
+    );
     eprintln!(
         "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership, \
          {lease_reads} reads served under a lease, {prepare_failures} segment preparations failed, \
-         {abandoned} checkpoints abandoned"
+         {abandoned} checkpoints abandoned, {log_reads} log reads"
     );
+}
+
+/// A follower cut off for a while catches up from the leader's log (its cache long since past
+/// those entries): the reads run beside the leaders' loops, at most `log_reads_in_flight` at a
+/// time per shard, finish steps later while the log moves on, and the follower ends up with
+/// the same state without a snapshot.
+#[test]
+fn a_follower_behind_the_cache_catches_up_through_bounded_log_reads() {
+    let mut most_out_any = 0;
+    for seed in 0..6 {
+        let mut sim = Sim::new(300 + seed);
+        sim.faults = false;
+        // Nothing compacted that node 3 will need.
+        sim.retain = 1_000_000;
+        for node in &mut sim.nodes {
+            node.live_segments_max = 1_000;
+            node.start();
+        }
+        while sim.clock < 1_100 {
+            sim.step();
+        }
+        // Node 3 hears nothing for 1.5 s under load, then rejoins.
+        for other in [1, 2] {
+            sim.blocked.insert((3, other));
+            sim.blocked.insert((other, 3));
+        }
+        let heal = sim.clock + 1_500;
+        let deadline = heal + 5_000;
+        let limit = shard_config(1).log_reads_in_flight;
+        let mut most_out = 0;
+        loop {
+            if sim.clock == heal {
+                sim.blocked.clear();
+            }
+            sim.step();
+            for node in &sim.nodes {
+                let out = node.core.as_ref().unwrap().fetches_out();
+                assert!(out <= limit, "seed {seed}: {out} log reads out, limit {limit}");
+                assert_eq!(out, node.fetches.len(), "seed {seed}: reads out are the runner's");
+                most_out = most_out.max(out);
+            }
+            let caught_up = sim.clock > heal
+                && (0..GROUPS).all(|group| {
+                    let applied = |i: usize| sim.nodes[i].core.as_ref().unwrap().progress(group).unwrap().2;
+                    applied(2) >= applied(0).min(applied(1))
+                });
+            if caught_up {
+                break;
+            }
+            assert!(sim.clock < deadline, "seed {seed}: node 3 did not catch up");
+        }
+        let stats = |i: usize| sim.nodes[i].core.as_ref().unwrap().stats();
+        let reads = stats(0).log_reads + stats(1).log_reads;
+        assert!(reads > 0, "seed {seed}: caught up without log reads");
+        assert_eq!(
+            stats(2).snapshots_installed,
+            0,
+            "seed {seed}: caught up by snapshot"
+        );
+        most_out_any = most_out_any.max(most_out);
+        sim.settle_and_check();
+    }
+    // Reads waited for a slot at times (the limit was reached, not just respected).
+    assert_eq!(most_out_any, shard_config(1).log_reads_in_flight);
 }
 
 /// A leader whose disk fills up cannot persist once its WAL needs a new segment. It hands its

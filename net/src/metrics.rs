@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 16] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 18] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -153,6 +153,18 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "counter",
             "State machine checkpoints abandoned for lack of disk space (retried later).",
             |s| s.stats.checkpoints_abandoned as f64,
+        ),
+        (
+            "ringraft_log_reads_total",
+            "counter",
+            "Reads of older log entries for lagging followers (catch-up from the log).",
+            |s| s.stats.log_reads as f64,
+        ),
+        (
+            "ringraft_log_reads_failed_total",
+            "counter",
+            "Log reads for lagging followers that failed (raft asks again, or sends a snapshot).",
+            |s| s.stats.log_reads_failed as f64,
         ),
         (
             "ringraft_requests_timed_out_total",

@@ -345,6 +345,8 @@ pub struct LimitsConfig {
     pub request_timeout_ms: u64,
     /// Unacknowledged snapshot chunks per snapshot stream.
     pub snapshot_chunks_in_flight: u64,
+    /// Log reads for lagging followers a shard has out at once (the rest wait their turn).
+    pub log_reads_in_flight: u64,
 }
 
 impl Default for LimitsConfig {
@@ -359,6 +361,12 @@ impl Default for LimitsConfig {
             peer_queue_messages: 4096,
             request_timeout_ms: 10_000,
             snapshot_chunks_in_flight: 4,
+            // Catch-up reads share the device with the WAL's writes: a few in flight keep a
+            // queue-depth device busy for a follower that is far behind, while each shard's
+            // own writes still find the device free most of the time. Each read is at most
+            // about raft.max_size_per_msg_bytes (plus gaps, wal READ_SPAN_MAX), so this also
+            // bounds the memory catch-up holds.
+            log_reads_in_flight: 4,
         }
     }
 }
