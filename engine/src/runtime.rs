@@ -491,6 +491,7 @@ fn kv_config(config: &Config) -> KvConfig {
         inline_value_bytes_max: config.sm.inline_value_bytes_max as usize,
         cache_bytes_max: config.sm.cache_bytes as usize,
         data_file_bytes_max: config.sm.data_file_bytes,
+        snapshot_reads_in_flight: config.sm.snapshot_reads_in_flight as usize,
         ..KvConfig::default()
     }
 }

@@ -61,6 +61,8 @@ pub struct KvConfig {
     /// Target size of a snapshot chunk (whole index parts; a chunk may hold no record, or more
     /// than this when one part does). Default 1 MiB.
     pub snapshot_chunk_bytes: usize,
+    /// Data file reads a snapshot chunk keeps in flight at once. Default 32.
+    pub snapshot_reads_in_flight: usize,
     /// Seeds the key index's hashing, so that its order (and with it snapshot chunks and
     /// checkpoint steps) repeats from run to run: for deterministic simulation. `None` (the
     /// default): random per process, so clients cannot choose keys that collide.
@@ -77,6 +79,7 @@ impl Default for KvConfig {
             compaction_live_percent_max: 50,
             checkpoints_kept: 2,
             snapshot_chunk_bytes: 1 << 20,
+            snapshot_reads_in_flight: 32,
             hash_seed: None,
         }
     }
@@ -749,6 +752,60 @@ impl<D: SmDisk> KvStore<D> {
     }
 
     /// Reads a value at a location, verifying it.
+    /// The values of a snapshot chunk's records. Those in sealed data files are read
+    /// `snapshot_reads_in_flight` at a time rather than one after another: a chunk of 1 KiB
+    /// values holds about a thousand, each a device round trip, and the shard serving the
+    /// snapshot waits for the whole chunk. They do not go into the read cache, which holds what
+    /// clients read, not what a catching-up follower needs once.
+    async fn snapshot_values(&mut self, items: &[(Key, Slot)]) -> Result<Vec<Rc<[u8]>>, SmError> {
+        let mut values: Vec<Option<Rc<[u8]>>> = Vec::with_capacity(items.len());
+        // (item, file name, offset, record length, value length)
+        let mut reads: Vec<(usize, String, u64, usize, usize)> = Vec::new();
+        for (at, (key, slot)) in items.iter().enumerate() {
+            let key = key.as_bytes();
+            let value = match &slot.loc {
+                Loc::File {
+                    file,
+                    offset,
+                    value_len,
+                } if !self.in_memory(*file, *offset) => {
+                    let len = RECORD_HEADER_BYTES + key.len() + *value_len as usize;
+                    reads.push((at, data_file_name(*file), *offset, len, *value_len as usize));
+                    None
+                }
+                _ => Some(self.load(key, slot).await?),
+            };
+            values.push(value);
+        }
+        let window = self.config.snapshot_reads_in_flight.max(1);
+        for batch in reads.chunks(window) {
+            let disk = &self.disk;
+            let results = join_all(
+                batch
+                    .iter()
+                    .map(|(_, name, offset, len, _)| disk.read_at(name, *offset, *len)),
+            )
+            .await;
+            for ((at, name, offset, _, value_len), result) in batch.iter().zip(results) {
+                let bytes = result.map_err(|e| SmError::io("read", name.clone(), e))?;
+                let (key, slot) = &items[*at];
+                let value = checked_value(&bytes, key.as_bytes(), slot.version, *value_len, name, *offset)?;
+                values[*at] = Some(value);
+            }
+        }
+        Ok(values
+            .into_iter()
+            .map(|v| v.expect("every value loaded or read"))
+            .collect())
+    }
+
+    /// Whether the record at `offset` of data file `file` can be had without a read: cached,
+    /// or in the active file's tail not written out yet.
+    fn in_memory(&self, file: u32, offset: u64) -> bool {
+        (file == self.active_file && offset >= self.tail_start)
+            || self.cache.values.contains_key(&(file, offset))
+    }
+
     async fn load(&mut self, key: &[u8], slot: &Slot) -> Result<Rc<[u8]>, SmError> {
         let (file, offset, value_len) = match &slot.loc {
             Loc::Inline(value) => return Ok(Rc::from(&value[..])),
@@ -772,19 +829,7 @@ impl<D: SmDisk> KvStore<D> {
                 .await
                 .map_err(|e| SmError::io("read", name.clone(), e))?
         };
-        let corrupt = |reason: String| SmError::Corrupt {
-            file: name.clone(),
-            offset,
-            reason,
-        };
-        let (stored_key, value, version) = decode_record(&bytes).map_err(corrupt)?;
-        if stored_key != key || version != slot.version || value.len() != value_len {
-            return Err(corrupt(format!(
-                "record is for another key or version (version {version}, expected {})",
-                slot.version
-            )));
-        }
-        let value: Rc<[u8]> = Rc::from(value);
+        let value = checked_value(&bytes, key, slot.version, value_len, &name, offset)?;
         self.cache
             .insert((file, offset), value.clone(), self.config.cache_bytes_max);
         Ok(value)
@@ -1497,10 +1542,10 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 items.extend(entries.map(|(key, slot)| (key.clone(), slot.clone())));
             }
         }
+        let values = self.snapshot_values(&items).await?;
         let mut body = Vec::new();
-        for (key, slot) in &items {
+        for ((key, slot), value) in items.iter().zip(values) {
             let key = key.as_bytes();
-            let value = self.load(key, slot).await?;
             body.extend_from_slice(&(key.len() as u32).to_le_bytes());
             body.extend_from_slice(&(value.len() as u32).to_le_bytes());
             body.extend_from_slice(&slot.version.to_le_bytes());
@@ -1662,6 +1707,59 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             Err(error) => Err(self.fail(error)),
         }
     }
+}
+
+/// Runs futures together until all are done; their outputs in order. The data file reads it
+/// joins reach the device together (glommio submits them in one pass). Each wake-up polls the
+/// unfinished ones again: fine for the few dozen it is given.
+async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|context| {
+        let mut done = true;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(context) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|output| output.expect("every future finished"))
+        .collect()
+}
+
+/// The value of a data file record read back for `key` at `version`, after checking that the
+/// record is whole (crc) and is that key's, at that version, of that length.
+fn checked_value(
+    bytes: &[u8],
+    key: &[u8],
+    version: u64,
+    value_len: usize,
+    name: &str,
+    offset: u64,
+) -> Result<Rc<[u8]>, SmError> {
+    let corrupt = |reason: String| SmError::Corrupt {
+        file: name.to_string(),
+        offset,
+        reason,
+    };
+    let (stored_key, value, stored_version) = decode_record(bytes).map_err(corrupt)?;
+    if stored_key != key || stored_version != version || value.len() != value_len {
+        return Err(corrupt(format!(
+            "record is for another key or version (version {stored_version}, expected {version})"
+        )));
+    }
+    Ok(Rc::from(value))
 }
 
 #[cfg(test)]

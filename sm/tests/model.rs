@@ -30,6 +30,7 @@ fn config() -> KvConfig {
         compaction_live_percent_max: 60,
         checkpoints_kept: 2,
         snapshot_chunk_bytes: 300,
+        snapshot_reads_in_flight: 3,
         // Fixed: a failing case replays in the same index order (stepwise checkpoints and
         // snapshots follow it).
         hash_seed: Some(0x5eed),

@@ -216,6 +216,9 @@ pub struct SmConfig {
     /// the last round began, whatever the interval: it bounds the log a restart replays and the
     /// unapplied entries it must hold in memory.
     pub checkpoint_log_bytes: u64,
+    /// Data file reads a snapshot chunk keeps in flight at once (a leader streaming a snapshot
+    /// to a follower reads every value not held in memory).
+    pub snapshot_reads_in_flight: u64,
 }
 
 impl Default for SmConfig {
@@ -226,6 +229,12 @@ impl Default for SmConfig {
             checkpoint_interval_ms: 30_000,
             checkpoint_log_bytes: 256 << 20,
             data_file_bytes: 64 << 20,
+            // A 1 MiB chunk of 1 KiB values is ~1000 reads: one at a time they hold the
+            // leader's shard loop for ~1000 device round trips per chunk (measured: the cluster
+            // fell to 3% of its throughput during such a catch-up). 32 at once fill an NVMe
+            // or virtio queue well and bound the chunk's reads to ~32 x (key + value) bytes
+            // beyond the chunk itself.
+            snapshot_reads_in_flight: 32,
         }
     }
 }
