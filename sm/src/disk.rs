@@ -17,7 +17,7 @@ pub const SM_BLOCK_BYTES: usize = 4096;
 /// Contract: `write_at` creates the file if needed and is durable only after `sync` of that
 /// file; `rename` and `remove` are durable when they return; reads see all completed writes.
 #[allow(async_fn_in_trait)] // single-threaded executors: no Send bound is wanted
-pub trait SmDisk: Clone {
+pub trait SmDisk: Clone + 'static {
     type Buffer: AsRef<[u8]> + AsMut<[u8]>;
     /// A zeroed buffer of `len` bytes (a multiple of the block size).
     fn alloc_buffer(&self, len: usize) -> Self::Buffer;

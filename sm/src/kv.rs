@@ -40,7 +40,7 @@ use std::rc::Rc;
 use crate::command::{ArchivedBatch, ArchivedCommand, CommandResult};
 use crate::disk::{SmDisk, SM_BLOCK_BYTES};
 use crate::error::SmError;
-use crate::machine::StateMachine;
+use crate::machine::{ChunkStart, StateMachine};
 
 /// Limits of one store. `tuning` maps the operator's `[sm]` section onto it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -752,58 +752,54 @@ impl<D: SmDisk> KvStore<D> {
     }
 
     /// Reads a value at a location, verifying it.
-    /// The values of a snapshot chunk's records. Those in sealed data files are read
-    /// `snapshot_reads_in_flight` at a time rather than one after another: a chunk of 1 KiB
-    /// values holds about a thousand, each a device round trip, and the shard serving the
-    /// snapshot waits for the whole chunk. They do not go into the read cache, which holds what
-    /// clients read, not what a catching-up follower needs once.
-    async fn snapshot_values(&mut self, items: &[(Key, Slot)]) -> Result<Vec<Rc<[u8]>>, SmError> {
-        let mut values: Vec<Option<Rc<[u8]>>> = Vec::with_capacity(items.len());
-        // (item, file name, offset, record length, value length)
-        let mut reads: Vec<(usize, String, u64, usize, usize)> = Vec::new();
+    /// The values of a snapshot chunk's records that are in memory (in the index, the read
+    /// cache or the active file's tail), and the reads that fetch the rest from data files.
+    #[allow(clippy::type_complexity)]
+    fn snapshot_values(
+        &mut self,
+        items: &[(Key, Slot)],
+    ) -> Result<(Vec<Option<Rc<[u8]>>>, Vec<SnapshotRead>), SmError> {
+        let mut values = Vec::with_capacity(items.len());
+        let mut reads = Vec::new();
         for (at, (key, slot)) in items.iter().enumerate() {
-            let key = key.as_bytes();
             let value = match &slot.loc {
+                Loc::Inline(value) => Some(Rc::from(&value[..])),
                 Loc::File {
                     file,
                     offset,
                     value_len,
-                } if !self.in_memory(*file, *offset) => {
-                    let len = RECORD_HEADER_BYTES + key.len() + *value_len as usize;
-                    reads.push((at, data_file_name(*file), *offset, len, *value_len as usize));
-                    None
+                } => {
+                    let (file, offset, value_len) = (*file, *offset, *value_len as usize);
+                    let name = data_file_name(file);
+                    let len = RECORD_HEADER_BYTES + key.as_bytes().len() + value_len;
+                    if let Some(value) = self.cache.values.get(&(file, offset)) {
+                        Some(value.clone())
+                    } else if file == self.active_file && offset >= self.tail_start {
+                        let from = (offset - self.tail_start) as usize;
+                        let bytes = &self.tail[from..from + len];
+                        Some(checked_value(
+                            bytes,
+                            key.as_bytes(),
+                            slot.version,
+                            value_len,
+                            &name,
+                            offset,
+                        )?)
+                    } else {
+                        reads.push(SnapshotRead {
+                            item: at,
+                            name,
+                            offset,
+                            len,
+                            value_len,
+                        });
+                        None
+                    }
                 }
-                _ => Some(self.load(key, slot).await?),
             };
             values.push(value);
         }
-        let window = self.config.snapshot_reads_in_flight.max(1);
-        for batch in reads.chunks(window) {
-            let disk = &self.disk;
-            let results = join_all(
-                batch
-                    .iter()
-                    .map(|(_, name, offset, len, _)| disk.read_at(name, *offset, *len)),
-            )
-            .await;
-            for ((at, name, offset, _, value_len), result) in batch.iter().zip(results) {
-                let bytes = result.map_err(|e| SmError::io("read", name.clone(), e))?;
-                let (key, slot) = &items[*at];
-                let value = checked_value(&bytes, key.as_bytes(), slot.version, *value_len, name, *offset)?;
-                values[*at] = Some(value);
-            }
-        }
-        Ok(values
-            .into_iter()
-            .map(|v| v.expect("every value loaded or read"))
-            .collect())
-    }
-
-    /// Whether the record at `offset` of data file `file` can be had without a read: cached,
-    /// or in the active file's tail not written out yet.
-    fn in_memory(&self, file: u32, offset: u64) -> bool {
-        (file == self.active_file && offset >= self.tail_start)
-            || self.cache.values.contains_key(&(file, offset))
+        Ok((values, reads))
     }
 
     async fn load(&mut self, key: &[u8], slot: &Slot) -> Result<Rc<[u8]>, SmError> {
@@ -1410,7 +1406,8 @@ pub struct KvSnapshot {
     view: Rc<RefCell<SnapshotView>>,
     /// The first index part of each chunk.
     chunk_parts: Vec<usize>,
-    _files: PinnedFiles,
+    /// Shared with chunk jobs under way, which read these files.
+    files: Rc<PinnedFiles>,
 }
 
 impl KvSnapshot {
@@ -1510,7 +1507,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             applied: self.applied,
             view,
             chunk_parts,
-            _files: PinnedFiles::new(self),
+            files: Rc::new(PinnedFiles::new(self)),
         })
     }
 
@@ -1519,8 +1516,16 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         snapshot: &KvSnapshot,
         number: u64,
     ) -> Result<Option<Vec<u8>>, SmError> {
+        match self.snapshot_chunk_job(snapshot, number)? {
+            ChunkStart::End => Ok(None),
+            ChunkStart::Job(job) => job.await.map(Some),
+            ChunkStart::Inline => unreachable!("the store always produces a job"),
+        }
+    }
+
+    fn snapshot_chunk_job(&mut self, snapshot: &KvSnapshot, number: u64) -> Result<ChunkStart, SmError> {
         let Some(&start) = snapshot.chunk_parts.get(number as usize) else {
-            return Ok(None);
+            return Ok(ChunkStart::End);
         };
         let end = snapshot
             .chunk_parts
@@ -1542,27 +1547,19 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 items.extend(entries.map(|(key, slot)| (key.clone(), slot.clone())));
             }
         }
-        let values = self.snapshot_values(&items).await?;
-        let mut body = Vec::new();
-        for ((key, slot), value) in items.iter().zip(values) {
-            let key = key.as_bytes();
-            body.extend_from_slice(&(key.len() as u32).to_le_bytes());
-            body.extend_from_slice(&(value.len() as u32).to_le_bytes());
-            body.extend_from_slice(&slot.version.to_le_bytes());
-            body.extend_from_slice(key);
-            body.extend_from_slice(&value);
-        }
-        let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + body.len());
-        out.extend_from_slice(&SNAPSHOT_MAGIC);
-        out.extend_from_slice(&snapshot.applied.to_le_bytes());
-        out.extend_from_slice(&number.to_le_bytes());
-        out.extend_from_slice(&(items.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(snapshot.chunk_parts.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        let header_crc = crc32c::crc32c(&out);
-        out.extend_from_slice(&header_crc.to_le_bytes());
-        out.extend_from_slice(&body);
-        Ok(Some(out))
+        let (values, reads) = self.snapshot_values(&items)?;
+        let job = ChunkJobParts {
+            disk: self.disk.clone(),
+            window: self.config.snapshot_reads_in_flight.max(1),
+            items,
+            values,
+            reads,
+            applied: snapshot.applied,
+            number,
+            chunks: snapshot.chunk_parts.len() as u32,
+            _files: snapshot.files.clone(),
+        };
+        Ok(ChunkStart::Job(Box::pin(job.run())))
     }
 
     async fn restore_chunk(&mut self, chunk: &[u8]) -> Result<(), SmError> {
@@ -1706,6 +1703,82 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             Ok(applied) => Ok(applied),
             Err(error) => Err(self.fail(error)),
         }
+    }
+}
+
+/// A value of a snapshot chunk to read from a data file.
+struct SnapshotRead {
+    item: usize,
+    name: String,
+    offset: u64,
+    len: usize,
+    value_len: usize,
+}
+
+/// Everything a snapshot chunk's production needs once it leaves the store: the records as
+/// they were when the snapshot began, the values already in memory, the reads for the rest,
+/// and the snapshot's pin on the data files they read.
+struct ChunkJobParts<D: SmDisk> {
+    disk: D,
+    window: usize,
+    items: Vec<(Key, Slot)>,
+    values: Vec<Option<Rc<[u8]>>>,
+    reads: Vec<SnapshotRead>,
+    applied: u64,
+    number: u64,
+    chunks: u32,
+    _files: Rc<PinnedFiles>,
+}
+
+impl<D: SmDisk> ChunkJobParts<D> {
+    /// Reads the values in data files `window` at a time rather than one after another (a
+    /// chunk of 1 KiB values holds about a thousand, each a device round trip), checks each
+    /// record, and encodes the chunk. Values read here do not go into the read cache, which
+    /// holds what clients read, not what a catching-up follower needs once.
+    async fn run(mut self) -> Result<Vec<u8>, SmError> {
+        for batch in self.reads.chunks(self.window) {
+            let disk = &self.disk;
+            let results = join_all(
+                batch
+                    .iter()
+                    .map(|read| disk.read_at(&read.name, read.offset, read.len)),
+            )
+            .await;
+            for (read, result) in batch.iter().zip(results) {
+                let bytes = result.map_err(|e| SmError::io("read", read.name.clone(), e))?;
+                let (key, slot) = &self.items[read.item];
+                let value = checked_value(
+                    &bytes,
+                    key.as_bytes(),
+                    slot.version,
+                    read.value_len,
+                    &read.name,
+                    read.offset,
+                )?;
+                self.values[read.item] = Some(value);
+            }
+        }
+        let mut body = Vec::new();
+        for ((key, slot), value) in self.items.iter().zip(&self.values) {
+            let key = key.as_bytes();
+            let value = value.as_ref().expect("every value in memory or read");
+            body.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            body.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            body.extend_from_slice(&slot.version.to_le_bytes());
+            body.extend_from_slice(key);
+            body.extend_from_slice(value);
+        }
+        let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + body.len());
+        out.extend_from_slice(&SNAPSHOT_MAGIC);
+        out.extend_from_slice(&self.applied.to_le_bytes());
+        out.extend_from_slice(&self.number.to_le_bytes());
+        out.extend_from_slice(&(self.items.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.chunks.to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        let header_crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&header_crc.to_le_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
     }
 }
 

@@ -3,6 +3,30 @@
 use crate::command::{ArchivedBatch, CommandResult};
 use crate::error::SmError;
 
+/// A snapshot chunk being produced apart from its machine (see
+/// [`StateMachine::snapshot_chunk_job`]). Not `Send`: it runs on the machine's shard.
+pub type ChunkJob = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, SmError>>>>;
+
+/// How a snapshot chunk is to be produced.
+pub enum ChunkStart {
+    /// There is no such chunk: the snapshot has fewer.
+    End,
+    /// Call [`StateMachine::snapshot_chunk`].
+    Inline,
+    /// Run this job for the chunk's bytes.
+    Job(ChunkJob),
+}
+
+impl std::fmt::Debug for ChunkStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChunkStart::End => "End",
+            ChunkStart::Inline => "Inline",
+            ChunkStart::Job(_) => "Job",
+        })
+    }
+}
+
 /// A replicated state machine. Runs on its shard's thread (futures are not `Send`).
 ///
 /// The contract:
@@ -19,6 +43,9 @@ use crate::error::SmError;
 ///   produced again from any chunk number (resumable), and restored chunk by chunk. A restore
 ///   only ever gets chunks of one snapshot (the engine identifies each transfer), so two
 ///   snapshots at the same index may cut different chunks.
+/// - A chunk produced as a job ([`snapshot_chunk_job`](StateMachine::snapshot_chunk_job)) holds
+///   the snapshot's state while the machine applies, checkpoints and compacts before the job
+///   runs: it keeps alive whatever it will read.
 #[allow(async_fn_in_trait)] // single-threaded executors: no Send bound is wanted
 pub trait StateMachine {
     /// A snapshot being streamed out.
@@ -68,6 +95,20 @@ pub trait StateMachine {
         snapshot: &Self::Snapshot,
         number: u64,
     ) -> Result<Option<Vec<u8>>, SmError>;
+
+    /// Chunk `number` of `snapshot` as a job that does its IO without borrowing the machine:
+    /// what it needs from the machine it takes now, and the caller runs it while the machine
+    /// goes on applying (a leader's shard keeps serving its groups while a follower catches
+    /// up). The job's bytes must equal what [`snapshot_chunk`](StateMachine::snapshot_chunk)
+    /// would return. The default, [`ChunkStart::Inline`], makes the engine call
+    /// `snapshot_chunk` instead, with its loop waiting.
+    fn snapshot_chunk_job(
+        &mut self,
+        _snapshot: &Self::Snapshot,
+        _number: u64,
+    ) -> Result<ChunkStart, SmError> {
+        Ok(ChunkStart::Inline)
+    }
 
     /// Replaces the whole state with a snapshot, given its chunks in order (a chunk already
     /// received is ignored, so a sender may resume from an earlier boundary). The state switches

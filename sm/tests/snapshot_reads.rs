@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use ringraft_sm::{
-    encode_batch, BatchView, Command, KvConfig, KvStore, MemSmDisk, SmDisk, SmError, StateMachine,
+    encode_batch, BatchView, ChunkStart, Command, KvConfig, KvStore, MemSmDisk, SmDisk, SmError, StateMachine,
 };
 
 /// Polls until done: the disk below waits once per read.
@@ -173,5 +173,46 @@ fn a_bad_value_among_those_read_together_fails_the_chunk_naming_it() {
         Err(SmError::Corrupt { file, .. }) => assert_eq!(file, name),
         Err(other) => panic!("expected Corrupt, got {other}"),
         Ok(_) => panic!("the corrupt value went unnoticed"),
+    }
+}
+
+#[test]
+fn a_chunk_job_holds_the_snapshot_while_the_store_moves_on() {
+    let disk = CountingDisk::default();
+    let mut source = store(&disk, 8);
+    let mut target = block_on(KvStore::open(MemSmDisk::new(), config(1))).unwrap();
+    let snapshot = source.snapshot().unwrap();
+    let mut index = 500;
+    let mut number = 0;
+    loop {
+        let job = match source.snapshot_chunk_job(&snapshot, number).unwrap() {
+            ChunkStart::End => break,
+            ChunkStart::Job(job) => job,
+            ChunkStart::Inline => panic!("the store produces jobs"),
+        };
+        // Before the job runs, every key is overwritten (new records in new data files),
+        // checkpointed twice and the store's upkeep runs: the old files are garbage but for
+        // the snapshot.
+        for k in 0..500u32 {
+            index += 1;
+            let bytes = encode_batch(vec![Command::Put {
+                key: format!("key-{k}").into_bytes(),
+                value: format!("newer-{index}").repeat(30).into_bytes(),
+            }]);
+            block_on(source.apply(index, BatchView::new(&bytes).unwrap().batch(), &mut Vec::new())).unwrap();
+        }
+        block_on(source.checkpoint()).unwrap();
+        block_on(source.maintain(u64::MAX)).unwrap();
+        block_on(source.checkpoint()).unwrap();
+        block_on(source.maintain(u64::MAX)).unwrap();
+        let chunk = block_on(job).unwrap();
+        block_on(target.restore_chunk(&chunk)).unwrap();
+        number += 1;
+    }
+    assert!(number >= 1);
+    block_on(target.restore_finish()).unwrap();
+    for k in 0..500u32 {
+        let read = block_on(target.read(format!("key-{k}").as_bytes())).unwrap();
+        assert_eq!(read, Some(value(k)), "key-{k} as it was when the snapshot began");
     }
 }
