@@ -27,7 +27,8 @@ use raft::eraftpb::{
 };
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole, Storage};
 use ringraft_sm::{
-    encode_batch, encode_batch_vec, BatchView, Command, CommandLimits, CommandResult, StateMachine,
+    encode_batch, encode_batch_vec, BatchView, ChunkJob, ChunkStart, Command, CommandLimits, CommandResult,
+    SmError, StateMachine,
 };
 use ringraft_wal::{Disk, ReadError, Ticket, Wal};
 
@@ -218,6 +219,26 @@ pub struct Fetch<D: Disk> {
     pub plan: Option<ringraft_wal::ReadPlan<D::File>>,
     /// Every raft request the read answers (the same range asked for again while it waited).
     pub contexts: Vec<GetEntriesContext>,
+}
+
+/// A snapshot chunk to produce beside the shard's loop (see [`ShardCore::take_chunk_jobs`]).
+pub struct SnapshotChunkJob {
+    pub group: u64,
+    /// The follower it is for, and the snapshot stream.
+    pub to: u64,
+    pub stream: u64,
+    pub number: u64,
+    pub job: ChunkJob,
+}
+
+impl std::fmt::Debug for SnapshotChunkJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotChunkJob")
+            .field("group", &self.group)
+            .field("to", &self.to)
+            .field("number", &self.number)
+            .finish()
+    }
 }
 
 /// A log read waiting for one of the shard's read slots (`limits.log_reads_in_flight`).
@@ -529,6 +550,8 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     fetch_waiting: BTreeMap<(u64, u64), FetchWait>,
     fetch_order: VecDeque<(u64, u64)>,
     fetches_out: usize,
+    /// Snapshot chunks to produce, for the runner (`take_chunk_jobs`).
+    chunk_jobs: Vec<SnapshotChunkJob>,
 }
 
 type AwakeSet = Rc<RefCell<std::collections::BTreeSet<u64>>>;
@@ -755,6 +778,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             fetch_waiting: BTreeMap::new(),
             fetch_order: VecDeque::new(),
             fetches_out: 0,
+            chunk_jobs: Vec::new(),
         })
     }
 
@@ -1178,10 +1202,19 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 Err(error) => return Err(error.to_string()),
             };
             g.checkpoint_stepping = false;
+            // A snapshot streaming to a follower is of no use once the log right after it is
+            // gone (the stream is abandoned then, and a new one starts): while one streams,
+            // the log from its index on stays. Without this, a follower whose snapshot takes
+            // longer to stream than the leader takes to write `retain` entries never caught
+            // up. (`live_segments_max` still bounds the WAL; see compact_oldest_segments.)
+            let streaming = g.outgoing.values().map(|stream| stream.serving.index).min();
             let mut through = durable.saturating_sub(retain);
             if let Some(slowest) = self.slowest_follower_match(group) {
                 let floor = durable.saturating_sub(retain.max(retain_for_followers));
                 through = through.min(slowest.max(floor));
+            }
+            if let Some(index) = streaming {
+                through = through.min(index);
             }
             compact_within_log(&mut self.wal.borrow_mut(), group, through)?;
         }
@@ -1483,13 +1516,34 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             for (&to, stream) in g.outgoing.iter_mut() {
                 // One chunk per stream per loop: producing a chunk reads and encodes up to a
                 // chunk's worth of values, and the shard's other groups wait meanwhile.
+                // A machine that produces chunks as jobs (the KV store) reads beside the loop
+                // instead: one job out per stream, handed to the runner.
                 let mut produced = 0;
                 while produced < 1
+                    && stream.producing.is_none()
                     && stream.next < stream.acked + window
                     && stream.chunks.is_none_or(|chunks| stream.next < chunks)
                 {
                     produced += 1;
-                    match g.sm.snapshot_chunk(&stream.serving.snapshot, stream.next).await {
+                    let result = match g.sm.snapshot_chunk_job(&stream.serving.snapshot, stream.next) {
+                        Ok(ChunkStart::Job(job)) => {
+                            stream.producing = Some(stream.next);
+                            self.chunk_jobs.push(SnapshotChunkJob {
+                                group,
+                                to,
+                                stream: stream.serving.stream,
+                                number: stream.next,
+                                job,
+                            });
+                            continue;
+                        }
+                        Ok(ChunkStart::End) => Ok(None),
+                        Ok(ChunkStart::Inline) => {
+                            g.sm.snapshot_chunk(&stream.serving.snapshot, stream.next).await
+                        }
+                        Err(error) => Err(error),
+                    };
+                    match result {
                         Ok(Some(data)) => {
                             let kind = PieceKind::Chunk {
                                 number: stream.next,
@@ -1811,7 +1865,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     abandoned.push(to);
                     continue;
                 }
-                if ticks - stream.last_progress_tick < retry_after {
+                // The wait for an acknowledgement starts when the chunk went out, not while
+                // this node is still producing it (reading a chunk's values on a slow disk).
+                if stream.producing.is_some() || ticks - stream.last_progress_tick < retry_after {
                     continue;
                 }
                 stream.retries += 1;
@@ -2175,6 +2231,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                                 done_sent: false,
                                 last_progress_tick: self.ticks,
                                 retries: 0,
+                                producing: None,
                             },
                         );
                     }
@@ -2421,6 +2478,61 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// Log reads handed to the runner and not reported yet.
     pub fn fetches_out(&self) -> usize {
         self.fetches_out
+    }
+
+    /// Snapshot chunks to produce (reading a leader's state machine files for a follower that
+    /// catches up by snapshot): the runner runs each job beside its loop, in any order, and
+    /// reports it with [`ShardCore::chunk_produced`]. At most one per stream is out.
+    pub fn take_chunk_jobs(&mut self) -> Vec<SnapshotChunkJob> {
+        std::mem::take(&mut self.chunk_jobs)
+    }
+
+    /// The result of a [`SnapshotChunkJob`]. Dropped if its stream ended, or went back to an
+    /// earlier chunk (a retry) while the job ran; a failed job ends its stream, and raft sends
+    /// a snapshot again later.
+    pub fn chunk_produced(
+        &mut self,
+        group: u64,
+        to: u64,
+        stream_id: u64,
+        number: u64,
+        result: Result<Vec<u8>, SmError>,
+    ) {
+        let node = self.config.node;
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let Some(stream) = g.outgoing.get_mut(&to) else {
+            return;
+        };
+
+        if stream.serving.stream != stream_id || stream.producing != Some(number) {
+            return;
+        }
+        stream.producing = None;
+        let current = number == stream.next;
+        g.wake();
+        self.active.insert(group);
+        if !current {
+            return;
+        }
+        let stream = g.outgoing.get_mut(&to).expect("the stream is there");
+        match result {
+            Ok(data) => {
+                let kind = PieceKind::Chunk {
+                    number,
+                    data: Bytes::from(data),
+                };
+                self.pieces.push(stream.serving.piece(group, node, to, kind));
+                stream.next += 1;
+                stream.last_progress_tick = self.ticks;
+            }
+            Err(error) => {
+                tracing::warn!("group {group}: snapshot for node {to}: {error}");
+                g.outgoing.remove(&to);
+                g.raw.report_snapshot(to, SnapshotStatus::Failure);
+            }
+        }
     }
 
     /// Whether a later `collect_ready` may produce output (used by runners to decide to loop).

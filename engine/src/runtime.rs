@@ -884,17 +884,10 @@ async fn run_shard<S: StateMachine + 'static>(
     let kick = Rc::new(Kick::default());
     let ticks = Rc::new(Cell::new(0u64));
     let done: Rc<RefCell<Vec<IoDone<GlommioDisk>>>> = Rc::new(RefCell::new(Vec::new()));
-    // Log reads for lagging followers that finished: (group, entries or None, raft contexts).
-    #[allow(clippy::type_complexity)]
-    let fetched: Rc<
-        RefCell<
-            Vec<(
-                u64,
-                Option<Vec<ringraft_wal::Entry>>,
-                Vec<raft::GetEntriesContext>,
-            )>,
-        >,
-    > = Rc::new(RefCell::new(Vec::new()));
+    // Log reads for lagging followers that finished, and snapshot chunks produced, beside the
+    // loop; their tasks kick it.
+    let fetched: FetchedQueue = Rc::new(RefCell::new(Vec::new()));
+    let produced: ProducedQueue = Rc::new(RefCell::new(Vec::new()));
     let writing = Rc::new(Cell::new(false));
     let mut write_started: Option<std::time::Instant> = None;
     let mut sync_latency_us = new_histogram();
@@ -1002,6 +995,9 @@ async fn run_shard<S: StateMachine + 'static>(
         }
         for (group, entries, contexts) in fetched.borrow_mut().drain(..) {
             core.fetched(group, entries, contexts);
+        }
+        for (group, to, stream, number, result) in produced.borrow_mut().drain(..) {
+            core.chunk_produced(group, to, stream, number, result);
         }
         for completion in done.borrow_mut().drain(..) {
             if let IoDone::Written { .. } = completion {
@@ -1120,6 +1116,19 @@ async fn run_shard<S: StateMachine + 'static>(
         }
         core.apply().await;
         core.pump_snapshots().await;
+        // Snapshot chunks are read and encoded beside the loop too (a chunk of values in data
+        // files is hundreds of reads): the shard's groups go on meanwhile.
+        for job in core.take_chunk_jobs() {
+            let (produced, kick) = (produced.clone(), kick.clone());
+            glommio::spawn_local(async move {
+                let result = job.job.await;
+                produced
+                    .borrow_mut()
+                    .push((job.group, job.to, job.stream, job.number, result));
+                kick.kick();
+            })
+            .detach();
+        }
         // Transfers complete when this node no longer leads the group.
         for (group, reply, deadline) in std::mem::take(&mut transfers) {
             if !core.is_leader(group) {
@@ -1217,6 +1226,21 @@ async fn run_shard<S: StateMachine + 'static>(
         }
     }
 }
+
+/// Log reads finished beside a shard's loop: (group, entries or `None` if the read failed, the
+/// raft requests it answers).
+type FetchedQueue = Rc<
+    RefCell<
+        Vec<(
+            u64,
+            Option<Vec<ringraft_wal::Entry>>,
+            Vec<raft::GetEntriesContext>,
+        )>,
+    >,
+>;
+
+/// Snapshot chunks produced beside a shard's loop: (group, follower, stream, chunk number, bytes).
+type ProducedQueue = Rc<RefCell<Vec<(u64, u64, u64, u64, Result<Vec<u8>, ringraft_sm::SmError>)>>>;
 
 /// How often a shard looks for requests waiting longer than `limits.request_timeout_ms` (as
 /// often as the TCP server does for its connections).

@@ -99,6 +99,8 @@ pub(crate) struct Outgoing<T> {
     pub(crate) done_sent: bool,
     pub(crate) last_progress_tick: u64,
     pub(crate) retries: u32,
+    /// The chunk whose job is out (see `ShardCore::take_chunk_jobs`): one at a time per stream.
+    pub(crate) producing: Option<u64>,
 }
 
 /// A follower's snapshot being received.

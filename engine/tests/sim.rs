@@ -40,7 +40,7 @@ use porcupine_rs::{Model, Operation};
 use ringraft_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use ringraft_engine::{
     unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, ShardConfig, ShardCore,
-    SnapshotPiece,
+    SnapshotChunkJob, SnapshotPiece,
 };
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
 use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFault, MemFileHandle, SplitMix64, Wal, WalConfig};
@@ -130,6 +130,9 @@ struct Node {
     /// Log reads for lagging followers handed out by the core, and when each is performed
     /// and reported (later than asked, as on a device: the log may change meanwhile).
     fetches: Vec<(u64, Fetch<MemDisk>)>,
+    /// Snapshot chunk jobs handed out, and when each runs and is reported (the state machine
+    /// goes on applying meanwhile).
+    chunk_jobs: Vec<(u64, SnapshotChunkJob)>,
     /// A segment preparation the WAL retries after a failure, and when (its backoff).
     prepare: Option<(u64, IoJob<MemDisk>)>,
     /// Until when the WAL's disk is full: creating a segment fails with ENOSPC.
@@ -185,6 +188,7 @@ impl Node {
         self.core = Some(core);
         self.write = None;
         self.fetches.clear();
+        self.chunk_jobs.clear();
         self.prepare = None;
         self.checkpoint_cursor = None;
     }
@@ -197,6 +201,7 @@ impl Node {
         self.core = None;
         self.write = None;
         self.fetches.clear();
+        self.chunk_jobs.clear();
         self.wal_disk.crash();
         for disk in self.sm_disks.values() {
             disk.crash();
@@ -309,6 +314,8 @@ struct Sim {
     lease_reads_total: u64,
     /// Entries kept behind each checkpoint (and for followers) when compacting.
     retain: u64,
+    /// Milliseconds a snapshot chunk job takes at least (a slow disk under the leader's data).
+    chunk_delay: u64,
 }
 
 impl Sim {
@@ -322,6 +329,7 @@ impl Sim {
                 core: None,
                 write: None,
                 fetches: Vec::new(),
+                chunk_jobs: Vec::new(),
                 prepare: None,
                 disk_full_until: 0,
                 prepare_failures: 0,
@@ -361,6 +369,7 @@ impl Sim {
             membership_changes: 0,
             lease_reads_total: 0,
             retain: RETAIN_ENTRIES,
+            chunk_delay: 0,
         };
         for node in &mut sim.nodes {
             node.start();
@@ -934,6 +943,12 @@ impl Sim {
                     .and_then(|plan| now(plan.execute(core.wal().borrow().disk())).ok());
                 core.fetched(fetch.group, entries, fetch.contexts);
             }
+            let (due, later): (Vec<_>, Vec<_>) = node.chunk_jobs.drain(..).partition(|(at, _)| *at <= clock);
+            node.chunk_jobs = later;
+            for (_, job) in due {
+                let result = now(job.job);
+                core.chunk_produced(job.group, job.to, job.stream, job.number, result);
+            }
             core.propose();
             now(core.collect_ready());
             for fetch in core.take_fetches() {
@@ -944,6 +959,11 @@ impl Sim {
             let core = self.nodes[i].core.as_mut().unwrap();
             now(core.apply());
             now(core.pump_snapshots());
+            for job in core.take_chunk_jobs() {
+                let due = self.clock + self.chunk_delay + self.rng.below(4);
+                self.nodes[i].chunk_jobs.push((due, job));
+            }
+            let core = self.nodes[i].core.as_mut().unwrap();
             if let Some(cause) = core.failure() {
                 let cause = cause.to_string();
                 self.fail(format!("node {} failed: {cause}", i + 1));
@@ -1279,6 +1299,67 @@ fn a_follower_behind_the_cache_catches_up_through_bounded_log_reads() {
     }
     // Reads waited for a slot at times (the limit was reached, not just respected).
     assert_eq!(most_out_any, shard_config(1).log_reads_in_flight);
+}
+
+/// A snapshot that streams slowly (each chunk takes longer than the leader takes to compact
+/// its log again) still brings its follower up to date: the leader keeps the log after the
+/// snapshot while it streams. (It used to compact past it, abandon the stream as useless, take
+/// a new snapshot, and so on forever.)
+#[test]
+fn a_slow_snapshot_stream_keeps_the_log_it_needs_and_the_follower_catches_up() {
+    for seed in 0..4 {
+        let mut sim = Sim::new(400 + seed);
+        sim.faults = false;
+        // The WAL's segment bound (which compacts whatever pins the oldest segments, streams
+        // included) out of the way: the checkpoints' compaction is what is tested.
+        for node in &mut sim.nodes {
+            node.live_segments_max = 1_000;
+            node.start();
+        }
+        while sim.clock < 1_100 {
+            sim.step();
+        }
+        for other in [1, 2] {
+            sim.blocked.insert((3, other));
+            sim.blocked.insert((other, 3));
+        }
+        let heal = sim.clock + 1_500;
+        while sim.clock < heal {
+            sim.step();
+        }
+        sim.blocked.clear();
+        // A snapshot of several chunks takes longer than the checkpoint interval (700 ms, which
+        // compacts to 5 entries behind), while each chunk comes within the follower's patience
+        // (it drops a staged snapshot after 4 election timeouts without a chunk, 800 ms here).
+        sim.chunk_delay = 300;
+        let deadline = heal + 20_000;
+        loop {
+            sim.step();
+            let caught_up = (0..GROUPS).all(|group| {
+                let applied = |i: usize| sim.nodes[i].core.as_ref().unwrap().progress(group).unwrap().2;
+                applied(2) >= applied(0).min(applied(1))
+            });
+            if caught_up {
+                break;
+            }
+            if sim.clock >= deadline {
+                for group in 0..GROUPS {
+                    for n in &sim.nodes {
+                        eprintln!(
+                            "group {group} node {}: {}",
+                            n.id,
+                            n.core.as_ref().unwrap().debug_state(group)
+                        );
+                    }
+                }
+            }
+            assert!(sim.clock < deadline, "seed {seed}: node 3 did not catch up");
+        }
+        let installed = sim.nodes[2].core.as_ref().unwrap().stats().snapshots_installed;
+        assert!(installed > 0, "seed {seed}: caught up without a snapshot");
+        sim.chunk_delay = 0;
+        sim.settle_and_check();
+    }
 }
 
 /// A leader whose disk fills up cannot persist once its WAL needs a new segment. It hands its
