@@ -979,6 +979,44 @@ impl Sim {
         self.faults();
     }
 
+    /// A run without faults, and without the WAL's live segment bound (which compacts the
+    /// groups pinning the oldest segments through their checkpoints, whatever a follower needs).
+    fn calm(seed: u64) -> Sim {
+        let mut sim = Sim::new(seed);
+        sim.faults = false;
+        for node in &mut sim.nodes {
+            node.live_segments_max = 1_000;
+            node.start();
+        }
+        sim
+    }
+
+    /// Cuts node `id` off from every other node (until `blocked` is cleared).
+    fn isolate(&mut self, id: u64) {
+        for other in (1..=NODES).filter(|&n| n != id) {
+            self.blocked.insert((id, other));
+            self.blocked.insert((other, id));
+        }
+    }
+
+    /// Whether node `i` (an index) has applied, in every group, at least what the least
+    /// advanced of the group's other members has.
+    fn caught_up(&self, i: usize) -> bool {
+        let id = self.nodes[i].id;
+        (0..GROUPS).all(|group| {
+            let applied = |n: &Node| n.core.as_ref().unwrap().progress(group).unwrap().2;
+            let members = self.members(group);
+            let others = self
+                .nodes
+                .iter()
+                .filter(|n| n.id != id && members.contains(&n.id))
+                .map(applied)
+                .min()
+                .unwrap_or(0);
+            applied(&self.nodes[i]) >= others
+        })
+    }
+
     /// Stops the load, lets every node catch up, and checks: all replicas applied the same
     /// index and hold the same state, every acknowledged write is there, no snapshot is held
     /// open, idle groups quiesced, the history is linearizable.
@@ -1245,22 +1283,14 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
 fn a_follower_behind_the_cache_catches_up_through_bounded_log_reads() {
     let mut most_out_any = 0;
     for seed in 0..6 {
-        let mut sim = Sim::new(300 + seed);
-        sim.faults = false;
+        let mut sim = Sim::calm(300 + seed);
         // Nothing compacted that node 3 will need.
         sim.retain = 1_000_000;
-        for node in &mut sim.nodes {
-            node.live_segments_max = 1_000;
-            node.start();
-        }
         while sim.clock < 1_100 {
             sim.step();
         }
         // Node 3 hears nothing for 1.5 s under load, then rejoins.
-        for other in [1, 2] {
-            sim.blocked.insert((3, other));
-            sim.blocked.insert((other, 3));
-        }
+        sim.isolate(3);
         let heal = sim.clock + 1_500;
         let deadline = heal + 5_000;
         let limit = shard_config(1).log_reads_in_flight;
@@ -1276,12 +1306,7 @@ fn a_follower_behind_the_cache_catches_up_through_bounded_log_reads() {
                 assert_eq!(out, node.fetches.len(), "seed {seed}: reads out are the runner's");
                 most_out = most_out.max(out);
             }
-            let caught_up = sim.clock > heal
-                && (0..GROUPS).all(|group| {
-                    let applied = |i: usize| sim.nodes[i].core.as_ref().unwrap().progress(group).unwrap().2;
-                    applied(2) >= applied(0).min(applied(1))
-                });
-            if caught_up {
+            if sim.clock > heal && sim.caught_up(2) {
                 break;
             }
             assert!(sim.clock < deadline, "seed {seed}: node 3 did not catch up");
@@ -1308,21 +1333,13 @@ fn a_follower_behind_the_cache_catches_up_through_bounded_log_reads() {
 #[test]
 fn a_slow_snapshot_stream_keeps_the_log_it_needs_and_the_follower_catches_up() {
     for seed in 0..4 {
-        let mut sim = Sim::new(400 + seed);
-        sim.faults = false;
-        // The WAL's segment bound (which compacts whatever pins the oldest segments, streams
-        // included) out of the way: the checkpoints' compaction is what is tested.
-        for node in &mut sim.nodes {
-            node.live_segments_max = 1_000;
-            node.start();
-        }
+        // (Without the WAL's segment bound, which compacts whatever pins the oldest segments,
+        // streams included: the checkpoints' compaction is what is tested.)
+        let mut sim = Sim::calm(400 + seed);
         while sim.clock < 1_100 {
             sim.step();
         }
-        for other in [1, 2] {
-            sim.blocked.insert((3, other));
-            sim.blocked.insert((other, 3));
-        }
+        sim.isolate(3);
         let heal = sim.clock + 1_500;
         while sim.clock < heal {
             sim.step();
@@ -1331,15 +1348,11 @@ fn a_slow_snapshot_stream_keeps_the_log_it_needs_and_the_follower_catches_up() {
         // A snapshot of several chunks takes longer than the checkpoint interval (700 ms, which
         // compacts to 5 entries behind), while each chunk comes within the follower's patience
         // (it drops a staged snapshot after 4 election timeouts without a chunk, 800 ms here).
-        sim.chunk_delay = 300;
+        sim.chunk_delay = 150;
         let deadline = heal + 20_000;
         loop {
             sim.step();
-            let caught_up = (0..GROUPS).all(|group| {
-                let applied = |i: usize| sim.nodes[i].core.as_ref().unwrap().progress(group).unwrap().2;
-                applied(2) >= applied(0).min(applied(1))
-            });
-            if caught_up {
+            if sim.caught_up(2) {
                 break;
             }
             if sim.clock >= deadline {
