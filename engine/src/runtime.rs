@@ -888,6 +888,9 @@ async fn run_shard<S: StateMachine + 'static>(
     // loop; their tasks kick it.
     let fetched: FetchedQueue = Rc::new(RefCell::new(Vec::new()));
     let produced: ProducedQueue = Rc::new(RefCell::new(Vec::new()));
+    // Failed log reads are logged once per LOG_READ_WARN_EVERY with how many failed: raft
+    // retries a read at each append attempt, so a bad record would otherwise log at that rate.
+    let read_failures: Rc<Cell<(Option<std::time::Instant>, u64)>> = Rc::new(Cell::new((None, 0)));
     let writing = Rc::new(Cell::new(false));
     let mut write_started: Option<std::time::Instant> = None;
     let mut sync_latency_us = new_histogram();
@@ -1064,6 +1067,7 @@ async fn run_shard<S: StateMachine + 'static>(
         // to raft at the top of a later loop; their task kicks the loop.
         for fetch in core.take_fetches() {
             let (disk, fetched, kick) = (wal_disk.clone(), fetched.clone(), kick.clone());
+            let read_failures = read_failures.clone();
             glommio::spawn_local(async move {
                 let entries = match fetch.plan {
                     Some(plan) => match plan.execute(&disk).await {
@@ -1071,7 +1075,18 @@ async fn run_shard<S: StateMachine + 'static>(
                         Err(error) => {
                             // Raft asks again (or snapshots once the range is compacted). A
                             // segment recycled while the read was out fails it too.
-                            tracing::warn!("shard {shard}: log read for group {}: {error}", fetch.group);
+                            let (last, failed) = read_failures.get();
+                            let now = std::time::Instant::now();
+                            if last.is_none_or(|at| now.duration_since(at) >= LOG_READ_WARN_EVERY) {
+                                tracing::warn!(
+                                    "shard {shard}: log read for group {}: {error} (failed reads since the last warning: {})",
+                                    fetch.group,
+                                    failed + 1
+                                );
+                                read_failures.set((Some(now), 0));
+                            } else {
+                                read_failures.set((last, failed + 1));
+                            }
                             None
                         }
                     },
@@ -1241,6 +1256,9 @@ type FetchedQueue = Rc<
 
 /// Snapshot chunks produced beside a shard's loop: (group, follower, stream, chunk number, bytes).
 type ProducedQueue = Rc<RefCell<Vec<(u64, u64, u64, u64, Result<Vec<u8>, ringraft_sm::SmError>)>>>;
+
+/// A shard warns about failed log reads for lagging followers at most this often.
+const LOG_READ_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// How often a shard looks for requests waiting longer than `limits.request_timeout_ms` (as
 /// often as the TCP server does for its connections).
