@@ -751,60 +751,12 @@ impl<D: SmDisk> KvStore<D> {
         }
     }
 
-    /// Reads a value at a location, verifying it.
-    /// The values of a snapshot chunk's records that are in memory (in the index, the read
-    /// cache or the active file's tail), and the reads that fetch the rest from data files.
-    #[allow(clippy::type_complexity)]
-    fn snapshot_values(
-        &mut self,
-        items: &[(Key, Slot)],
-    ) -> Result<(Vec<Option<Rc<[u8]>>>, Vec<SnapshotRead>), SmError> {
-        let mut values = Vec::with_capacity(items.len());
-        let mut reads = Vec::new();
-        for (at, (key, slot)) in items.iter().enumerate() {
-            let value = match &slot.loc {
-                Loc::Inline(value) => Some(Rc::from(&value[..])),
-                Loc::File {
-                    file,
-                    offset,
-                    value_len,
-                } => {
-                    let (file, offset, value_len) = (*file, *offset, *value_len as usize);
-                    let name = data_file_name(file);
-                    let len = RECORD_HEADER_BYTES + key.as_bytes().len() + value_len;
-                    if let Some(value) = self.cache.values.get(&(file, offset)) {
-                        Some(value.clone())
-                    } else if file == self.active_file && offset >= self.tail_start {
-                        let from = (offset - self.tail_start) as usize;
-                        let bytes = &self.tail[from..from + len];
-                        Some(checked_value(
-                            bytes,
-                            key.as_bytes(),
-                            slot.version,
-                            value_len,
-                            &name,
-                            offset,
-                        )?)
-                    } else {
-                        reads.push(SnapshotRead {
-                            item: at,
-                            name,
-                            offset,
-                            len,
-                            value_len,
-                        });
-                        None
-                    }
-                }
-            };
-            values.push(value);
-        }
-        Ok((values, reads))
-    }
-
-    async fn load(&mut self, key: &[u8], slot: &Slot) -> Result<Rc<[u8]>, SmError> {
+    /// Where the value of `key` (at `slot`) can be had: in memory (inline in the index, or in
+    /// the read cache), in the active file's tail not written out yet (checked), or only by a
+    /// read of its data file record.
+    fn locate(&self, key: &[u8], slot: &Slot) -> Result<ValueAt, SmError> {
         let (file, offset, value_len) = match &slot.loc {
-            Loc::Inline(value) => return Ok(Rc::from(&value[..])),
+            Loc::Inline(value) => return Ok(ValueAt::Held(Rc::from(&value[..]))),
             Loc::File {
                 file,
                 offset,
@@ -812,22 +764,61 @@ impl<D: SmDisk> KvStore<D> {
             } => (*file, *offset, *value_len as usize),
         };
         if let Some(value) = self.cache.values.get(&(file, offset)) {
-            return Ok(value.clone());
+            return Ok(ValueAt::Held(value.clone()));
         }
-        let len = RECORD_HEADER_BYTES + key.len() + value_len;
-        let name = data_file_name(file);
-        let bytes = if file == self.active_file && offset >= self.tail_start {
-            let at = (offset - self.tail_start) as usize;
-            self.tail[at..at + len].to_vec()
-        } else {
-            self.disk
-                .read_at(&name, offset, len)
-                .await
-                .map_err(|e| SmError::io("read", name.clone(), e))?
+        let record = DataRecord {
+            file,
+            name: data_file_name(file),
+            offset,
+            len: RECORD_HEADER_BYTES + key.len() + value_len,
+            value_len,
         };
-        let value = checked_value(&bytes, key, slot.version, value_len, &name, offset)?;
-        self.cache
-            .insert((file, offset), value.clone(), self.config.cache_bytes_max);
+        if file == self.active_file && offset >= self.tail_start {
+            let at = (offset - self.tail_start) as usize;
+            let bytes = &self.tail[at..at + record.len];
+            let value = record.check(bytes, key, slot.version)?;
+            return Ok(ValueAt::Tail(value, record));
+        }
+        Ok(ValueAt::Disk(record))
+    }
+
+    /// The values of a snapshot chunk's records that are in memory, and the reads that fetch
+    /// the rest (by item) from data files.
+    #[allow(clippy::type_complexity)]
+    fn snapshot_values(
+        &self,
+        items: &[(Key, Slot)],
+    ) -> Result<(Vec<Option<Rc<[u8]>>>, Vec<(usize, DataRecord)>), SmError> {
+        let mut values = Vec::with_capacity(items.len());
+        let mut reads = Vec::new();
+        for (at, (key, slot)) in items.iter().enumerate() {
+            values.push(match self.locate(key.as_bytes(), slot)? {
+                ValueAt::Held(value) | ValueAt::Tail(value, _) => Some(value),
+                ValueAt::Disk(record) => {
+                    reads.push((at, record));
+                    None
+                }
+            });
+        }
+        Ok((values, reads))
+    }
+
+    /// Reads a value at a location, verifying it; values from data files (written or not)
+    /// go into the read cache.
+    async fn load(&mut self, key: &[u8], slot: &Slot) -> Result<Rc<[u8]>, SmError> {
+        let (value, record) = match self.locate(key, slot)? {
+            ValueAt::Held(value) => return Ok(value),
+            ValueAt::Tail(value, record) => (value, record),
+            ValueAt::Disk(record) => {
+                let bytes = record.read(&self.disk).await?;
+                (record.check(&bytes, key, slot.version)?, record)
+            }
+        };
+        self.cache.insert(
+            (record.file, record.offset),
+            value.clone(),
+            self.config.cache_bytes_max,
+        );
         Ok(value)
     }
 
@@ -1706,13 +1697,49 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
     }
 }
 
-/// A value of a snapshot chunk to read from a data file.
-struct SnapshotRead {
-    item: usize,
+/// Where a value can be had (see `KvStore::locate`).
+enum ValueAt {
+    /// Inline in the index, or in the read cache.
+    Held(Rc<[u8]>),
+    /// In the active file's tail, not written out yet (checked), and the record it is in.
+    Tail(Rc<[u8]>, DataRecord),
+    /// Only by reading its record.
+    Disk(DataRecord),
+}
+
+/// A record of a data file holding a value.
+struct DataRecord {
+    file: u32,
     name: String,
     offset: u64,
+    /// The whole record's length, and its value's.
     len: usize,
     value_len: usize,
+}
+
+impl DataRecord {
+    async fn read<D: SmDisk>(&self, disk: &D) -> Result<Vec<u8>, SmError> {
+        disk.read_at(&self.name, self.offset, self.len)
+            .await
+            .map_err(|e| SmError::io("read", self.name.clone(), e))
+    }
+
+    /// The value in `bytes` (this record read back), after checking that the record is whole
+    /// (crc) and is `key`'s, at `version`, of the expected length.
+    fn check(&self, bytes: &[u8], key: &[u8], version: u64) -> Result<Rc<[u8]>, SmError> {
+        let corrupt = |reason: String| SmError::Corrupt {
+            file: self.name.clone(),
+            offset: self.offset,
+            reason,
+        };
+        let (stored_key, value, stored_version) = decode_record(bytes).map_err(corrupt)?;
+        if stored_key != key || stored_version != version || value.len() != self.value_len {
+            return Err(corrupt(format!(
+                "record is for another key or version (version {stored_version}, expected {version})"
+            )));
+        }
+        Ok(Rc::from(value))
+    }
 }
 
 /// Everything a snapshot chunk's production needs once it leaves the store: the records as
@@ -1723,7 +1750,7 @@ struct ChunkJobParts<D: SmDisk> {
     window: usize,
     items: Vec<(Key, Slot)>,
     values: Vec<Option<Rc<[u8]>>>,
-    reads: Vec<SnapshotRead>,
+    reads: Vec<(usize, DataRecord)>,
     applied: u64,
     number: u64,
     chunks: u32,
@@ -1738,24 +1765,10 @@ impl<D: SmDisk> ChunkJobParts<D> {
     async fn run(mut self) -> Result<Vec<u8>, SmError> {
         for batch in self.reads.chunks(self.window) {
             let disk = &self.disk;
-            let results = join_all(
-                batch
-                    .iter()
-                    .map(|read| disk.read_at(&read.name, read.offset, read.len)),
-            )
-            .await;
-            for (read, result) in batch.iter().zip(results) {
-                let bytes = result.map_err(|e| SmError::io("read", read.name.clone(), e))?;
-                let (key, slot) = &self.items[read.item];
-                let value = checked_value(
-                    &bytes,
-                    key.as_bytes(),
-                    slot.version,
-                    read.value_len,
-                    &read.name,
-                    read.offset,
-                )?;
-                self.values[read.item] = Some(value);
+            let results = join_all(batch.iter().map(|(_, record)| record.read(disk))).await;
+            for ((item, record), bytes) in batch.iter().zip(results) {
+                let (key, slot) = &self.items[*item];
+                self.values[*item] = Some(record.check(&bytes?, key.as_bytes(), slot.version)?);
             }
         }
         let mut body = Vec::new();
@@ -1809,30 +1822,6 @@ async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) 
         .into_iter()
         .map(|output| output.expect("every future finished"))
         .collect()
-}
-
-/// The value of a data file record read back for `key` at `version`, after checking that the
-/// record is whole (crc) and is that key's, at that version, of that length.
-fn checked_value(
-    bytes: &[u8],
-    key: &[u8],
-    version: u64,
-    value_len: usize,
-    name: &str,
-    offset: u64,
-) -> Result<Rc<[u8]>, SmError> {
-    let corrupt = |reason: String| SmError::Corrupt {
-        file: name.to_string(),
-        offset,
-        reason,
-    };
-    let (stored_key, value, stored_version) = decode_record(bytes).map_err(corrupt)?;
-    if stored_key != key || stored_version != version || value.len() != value_len {
-        return Err(corrupt(format!(
-            "record is for another key or version (version {stored_version}, expected {version})"
-        )));
-    }
-    Ok(Rc::from(value))
 }
 
 #[cfg(test)]
