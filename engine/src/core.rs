@@ -1544,14 +1544,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         Err(error) => Err(error),
                     };
                     match result {
-                        Ok(Some(data)) => {
-                            let kind = PieceKind::Chunk {
-                                number: stream.next,
-                                data: Bytes::from(data),
-                            };
-                            self.pieces.push(stream.serving.piece(group, node, to, kind));
-                            stream.next += 1;
-                        }
+                        Ok(Some(data)) => self.pieces.push(stream.send_chunk(group, node, to, data)),
                         Ok(None) => stream.chunks = Some(stream.next),
                         Err(error) => {
                             tracing::warn!("group {group}: snapshot for node {to}: {error}");
@@ -2519,12 +2512,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let stream = g.outgoing.get_mut(&to).expect("the stream is there");
         match result {
             Ok(data) => {
-                let kind = PieceKind::Chunk {
-                    number,
-                    data: Bytes::from(data),
-                };
-                self.pieces.push(stream.serving.piece(group, node, to, kind));
-                stream.next += 1;
+                self.pieces.push(stream.send_chunk(group, node, to, data));
                 stream.last_progress_tick = self.ticks;
             }
             Err(error) => {

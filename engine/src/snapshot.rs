@@ -103,6 +103,19 @@ pub(crate) struct Outgoing<T> {
     pub(crate) producing: Option<u64>,
 }
 
+impl<T> Outgoing<T> {
+    /// The piece carrying chunk `next` of this stream (`data`) from `from` to `to`; the stream
+    /// moves on to the next chunk.
+    pub(crate) fn send_chunk(&mut self, group: u64, from: u64, to: u64, data: Vec<u8>) -> SnapshotPiece {
+        let kind = PieceKind::Chunk {
+            number: self.next,
+            data: Bytes::from(data),
+        };
+        self.next += 1;
+        self.serving.piece(group, from, to, kind)
+    }
+}
+
 /// A follower's snapshot being received.
 #[derive(Debug)]
 pub(crate) struct Incoming {
