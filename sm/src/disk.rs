@@ -43,6 +43,8 @@ pub struct MemSmDisk {
     files: Rc<RefCell<BTreeMap<String, MemFile>>>,
     /// Writes to these files fail with the errno, once each (see [`MemSmDisk::fail_next_write`]).
     write_faults: Rc<RefCell<Vec<(String, i32)>>>,
+    /// See [`MemSmDisk::set_full`].
+    full: Rc<std::cell::Cell<bool>>,
 }
 
 impl MemSmDisk {
@@ -53,6 +55,17 @@ impl MemSmDisk {
     /// The next `write_at` to `name` fails with `errno`, writing nothing.
     pub fn fail_next_write(&self, name: &str, errno: i32) {
         self.write_faults.borrow_mut().push((name.to_string(), errno));
+    }
+
+    /// While full, a write that would make a file longer (or create one) fails with ENOSPC,
+    /// writing nothing; writes within a file's length succeed, as on a real file system whose
+    /// blocks are allocated.
+    pub fn set_full(&self, full: bool) {
+        self.full.set(full);
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.full.get()
     }
 
     /// Drops the faults [`MemSmDisk::fail_next_write`] set that no write has met yet.
@@ -122,8 +135,11 @@ impl SmDisk for MemSmDisk {
             return Err(io::Error::from_raw_os_error(errno));
         }
         let mut files = self.files.borrow_mut();
-        let file = files.entry(name.to_string()).or_default();
         let end = offset as usize + buffer.len();
+        if self.full.get() && files.get(name).is_none_or(|f| f.current.len() < end) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let file = files.entry(name.to_string()).or_default();
         if file.current.len() < end {
             file.current.resize(end, 0);
         }

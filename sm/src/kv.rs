@@ -11,17 +11,26 @@
 //!   [`KvStore::checkpoint_step`] does the same a step at a time, applies going on between the
 //!   steps, without copying the index (see [`CheckpointJob`]). The last `checkpoints_kept`
 //!   checkpoints are kept (the next older one becomes the next `checkpoint.tmp`); recovery
-//!   loads the newest valid one and reports damaged ones by name. Running out of space writing
-//!   or syncing `checkpoint.tmp` abandons that checkpoint and nothing more (the store goes on;
-//!   the next one rewrites the file whole); any other IO failure fails the store.
+//!   loads the newest valid one and reports damaged ones by name.
+//! - A full disk is an operating condition, not a failure. Running out of space writing or
+//!   syncing `checkpoint.tmp` abandons that checkpoint and nothing more (the next one rewrites
+//!   the file whole). A tail write that runs out of space keeps the tail in memory (its values
+//!   are served from there) and stalls the store's writes: nothing seals or compacts, and the
+//!   next change that would append records (a batch holding file values, a restore chunk) first
+//!   retries the write and, while it still fails, is refused unapplied with the out-of-space
+//!   error ([`KvStore::writable`]), so the tail holds at most one change past the write buffer.
+//!   Any other IO failure fails the store.
 //! - Compaction rewrites the live records of the emptiest sealed file into the active one, a
 //!   bounded number of bytes per step; a fully rewritten file is deleted once no kept checkpoint
 //!   and no open snapshot references it.
 //! - Snapshots stream the live keys as numbered, checksummed chunks (fixed ranges of index
 //!   parts) that can be produced again from any number. Nothing is copied when a snapshot is
 //!   taken: while it is open, the first old slot of each changed key is kept for it
-//!   ([`KvSnapshot`]). Restore stages the new state beside the old and switches with one
-//!   checkpoint; snapshots of the old state then fail.
+//!   ([`KvSnapshot`]). Restore stages the new state beside the old; once every chunk is in,
+//!   [`StateMachine::restore_prepare`] writes and syncs the staged values and the new state's
+//!   whole checkpoint to `restore.tmp` (everything that needs disk space, so a full disk only
+//!   delays it), and [`StateMachine::restore_finish`] switches with a rename of that file;
+//!   snapshots of the old state then fail.
 //!
 //! Formats: `docs/kv-format.md`.
 
@@ -89,6 +98,8 @@ const RECORD_HEADER_BYTES: usize = 24;
 const CHECKPOINT_MAGIC: [u8; 8] = *b"RRKVCKP1";
 const CHECKPOINT_HEADER_BYTES: usize = 64;
 const CHECKPOINT_TMP: &str = "checkpoint.tmp";
+/// A restored state's checkpoint, written before the switch and renamed into place by it.
+const RESTORE_TMP: &str = "restore.tmp";
 const SNAPSHOT_MAGIC: [u8; 8] = *b"RRKVSNP1";
 const SNAPSHOT_HEADER_BYTES: usize = 40;
 const FORMAT_VERSION: u32 = 1;
@@ -101,9 +112,24 @@ fn parse_data_file_name(name: &str) -> Option<u32> {
     name.strip_prefix("data-")?.strip_suffix(".kv")?.parse().ok()
 }
 
-/// Whether `error` is a write or sync of `checkpoint.tmp` (before the rename that publishes it).
-fn is_checkpoint_tmp_io(error: &SmError) -> bool {
-    matches!(error, SmError::Io { op: "write" | "sync", file, .. } if file == CHECKPOINT_TMP)
+/// Whether `error` is running out of space where a checkpoint (or a restore's preparation) can
+/// simply be abandoned and tried again later: writing or syncing a checkpoint file nothing
+/// refers to yet, or writing the tail (which stays in memory, see `KvStore::flush_tail`).
+fn abandons_checkpoint(error: &SmError) -> bool {
+    if !error.is_out_of_space() {
+        return false;
+    }
+    match error {
+        SmError::Io {
+            op: "write" | "sync",
+            file,
+            ..
+        } if file == CHECKPOINT_TMP || file == RESTORE_TMP => true,
+        SmError::Io {
+            op: "write", file, ..
+        } => parse_data_file_name(file).is_some(),
+        _ => false,
+    }
 }
 
 fn checkpoint_name(applied: u64) -> String {
@@ -335,6 +361,9 @@ struct Restore {
     next_chunk: u64,
     chunks: u64,
     index: Index<Slot>,
+    /// Set by `restore_prepare`: `restore.tmp` holds this state's checkpoint, durable, listing
+    /// these data files.
+    prepared: Option<BTreeSet<u32>>,
 }
 
 /// The built-in key-value state machine. See the module docs.
@@ -349,6 +378,9 @@ pub struct KvStore<D: SmDisk> {
     /// Bytes of the active file from `tail_start` (block aligned) to `active_len`.
     tail_start: u64,
     tail: Vec<u8>,
+    /// The last write of the tail ran out of space; see the module docs and
+    /// [`KvStore::writable`].
+    write_stalled: bool,
     files: BTreeMap<u32, FileStats>,
     dirty: BTreeSet<u32>,
     cache: ReadCache,
@@ -388,6 +420,11 @@ pub struct KvStats {
     pub data_bytes: u64,
     pub live_bytes: u64,
     pub cache_bytes: usize,
+    /// Records appended but not written to their data file yet (the tail). Beyond the write
+    /// buffer only while writes are stalled for space.
+    pub unwritten_bytes: usize,
+    /// Whether writes are stalled for space (see [`KvStore::writable`]).
+    pub write_stalled: bool,
 }
 
 impl<D: SmDisk> KvStore<D> {
@@ -414,6 +451,7 @@ impl<D: SmDisk> KvStore<D> {
             active_len: 0,
             tail_start: 0,
             tail: Vec::new(),
+            write_stalled: false,
             files: BTreeMap::new(),
             dirty: BTreeSet::new(),
             cache: ReadCache::default(),
@@ -428,8 +466,11 @@ impl<D: SmDisk> KvStore<D> {
             failure: None,
             warnings: Vec::new(),
         };
-        if names.iter().any(|n| n == CHECKPOINT_TMP) {
-            let _ = disk.remove(CHECKPOINT_TMP).await;
+        // Unfinished checkpoints (a restore's, if the switch never came, is of no use either).
+        for tmp in [CHECKPOINT_TMP, RESTORE_TMP] {
+            if names.iter().any(|n| n == tmp) {
+                let _ = disk.remove(tmp).await;
+            }
         }
         let mut checkpoints: Vec<(u64, String)> = names
             .iter()
@@ -567,6 +608,8 @@ impl<D: SmDisk> KvStore<D> {
             data_bytes: self.files.values().map(|f| f.len).sum(),
             live_bytes: self.files.values().map(|f| f.live).sum(),
             cache_bytes: self.cache.bytes,
+            unwritten_bytes: self.tail.len(),
+            write_stalled: self.write_stalled,
         }
     }
 
@@ -600,19 +643,25 @@ impl<D: SmDisk> KvStore<D> {
     }
 
     /// Writes the tail's blocks to the active file (the partial last block is written again
-    /// next time, with more bytes).
+    /// next time, with more bytes). A failed write leaves the tail as it was: its records are
+    /// still served from it, and a later write at the same offset puts the same bytes there
+    /// (whatever a failed O_DIRECT write left in the file is unreferenced until then). Running
+    /// out of space stalls the store's writes until a write succeeds (see [`KvStore::writable`]).
     async fn flush_tail(&mut self) -> Result<(), SmError> {
         if self.tail.is_empty() {
+            self.write_stalled = false;
             return Ok(());
         }
         let padded = self.tail.len().div_ceil(SM_BLOCK_BYTES) * SM_BLOCK_BYTES;
         let mut buffer = self.disk.alloc_buffer(padded);
         buffer.as_mut()[..self.tail.len()].copy_from_slice(&self.tail);
         let name = data_file_name(self.active_file);
-        self.disk
-            .write_at(&name, self.tail_start, buffer)
-            .await
-            .map_err(|e| SmError::io("write", name.clone(), e))?;
+        let written = self.disk.write_at(&name, self.tail_start, buffer).await;
+        let error = written.err().map(|e| SmError::io("write", name.clone(), e));
+        self.write_stalled = error.as_ref().is_some_and(SmError::is_out_of_space);
+        if let Some(error) = error {
+            return Err(error);
+        }
         self.dirty.insert(self.active_file);
         let full = (self.tail.len() / SM_BLOCK_BYTES) * SM_BLOCK_BYTES;
         self.tail.drain(..full);
@@ -620,12 +669,48 @@ impl<D: SmDisk> KvStore<D> {
         Ok(())
     }
 
-    /// Appends a record for `key` to the active file; returns its location.
+    /// `flush_tail` while the store's writes are not stalled, where running out of space is
+    /// not an error: the tail stays in memory and the writes stall (see
+    /// [`KvStore::writable`]). Returns whether the tail is written.
+    async fn try_flush_tail(&mut self) -> Result<bool, SmError> {
+        if self.write_stalled {
+            return Ok(false);
+        }
+        match self.flush_tail().await {
+            Ok(()) => Ok(true),
+            Err(error) if error.is_out_of_space() => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Before a change that appends records (a batch holding values stored in files, a restore
+    /// chunk): a store whose writes stalled for space writes its tail again, and while that
+    /// still fails, the change is refused with the out-of-space error before anything of it is
+    /// done (the store stays usable; the caller tries again later). Within a change, a write
+    /// that runs out of space only stalls the writes, so the tail outgrows the write buffer by
+    /// at most one change (a batch is bounded by raft's entry size).
+    pub(crate) async fn writable(&mut self) -> Result<(), SmError> {
+        if !self.write_stalled {
+            return Ok(());
+        }
+        match self.flush_tail().await {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_out_of_space() => Err(error),
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
+    /// Appends a record for `key` to the active file; returns its location. Out of space is no
+    /// error here (see [`KvStore::writable`]).
     async fn append_record(&mut self, key: &[u8], value: &[u8], version: u64) -> Result<Loc, SmError> {
         let bytes = record_bytes(key.len(), value.len());
-        if self.active_len > 0 && self.active_len + bytes > self.config.data_file_bytes_max {
+        // A file is sealed only once its tail is written out: while writes are stalled, the
+        // active file grows past its bound instead (by at most one change).
+        if self.active_len > 0
+            && self.active_len + bytes > self.config.data_file_bytes_max
+            && self.try_flush_tail().await?
+        {
             // Seal the active file and start the next one.
-            self.flush_tail().await?;
             let next = self.next_file;
             self.next_file += 1;
             self.active_file = next;
@@ -640,7 +725,7 @@ impl<D: SmDisk> KvStore<D> {
         let stats = self.files.entry(self.active_file).or_default();
         stats.len = self.active_len;
         if self.tail.len() >= self.config.write_buffer_bytes {
-            self.flush_tail().await?;
+            self.try_flush_tail().await?;
         }
         Ok(Loc::File {
             file: self.active_file,
@@ -830,6 +915,18 @@ impl<D: SmDisk> KvStore<D> {
         self.load(key, &slot).await.map(Some)
     }
 
+    /// Whether applying `batch` may append records (holds a value too large for the index).
+    fn appends_records(&self, batch: &ArchivedBatch) -> bool {
+        let inline_max = self.config.inline_value_bytes_max;
+        batch.commands.iter().any(|command| match command {
+            ArchivedCommand::Put { value, .. } => value.len() > inline_max,
+            ArchivedCommand::CompareAndSwap { new, .. } => {
+                new.as_ref().is_some_and(|value| value.len() > inline_max)
+            }
+            ArchivedCommand::Delete { .. } | ArchivedCommand::Get { .. } => false,
+        })
+    }
+
     async fn apply_batch(
         &mut self,
         index: u64,
@@ -902,7 +999,7 @@ impl<D: SmDisk> KvStore<D> {
                 Ok(self.durable)
             }
             // As in `checkpoint_step`: a full disk abandons the checkpoint, nothing more.
-            Err(error) if error.is_out_of_space() && is_checkpoint_tmp_io(&error) => Err(error),
+            Err(error) if abandons_checkpoint(&error) => Err(error),
             Err(error) => Err(self.fail(error)),
         }
     }
@@ -919,8 +1016,11 @@ impl<D: SmDisk> KvStore<D> {
             if self.durable == self.applied && !self.checkpoints.is_empty() {
                 return Ok(Some(self.durable));
             }
-            if let Err(error) = self.checkpoint_begin().await {
-                return Err(self.fail(error));
+            match self.checkpoint_begin().await {
+                Ok(()) => {}
+                // Out of space writing the tail: it stays in memory, and nothing began.
+                Err(error) if abandons_checkpoint(&error) => return Err(error),
+                Err(error) => return Err(self.fail(error)),
             }
         }
         match self.checkpoint_advance(budget_bytes).await {
@@ -930,7 +1030,7 @@ impl<D: SmDisk> KvStore<D> {
             // with its pinned files, is already dropped) and the store goes on; the WAL still
             // holds everything applied since the last checkpoint. A failure anywhere else (the
             // data files' syncs, the rename into place) fails the store as before.
-            Err(error) if error.is_out_of_space() && is_checkpoint_tmp_io(&error) => {
+            Err(error) if abandons_checkpoint(&error) => {
                 debug_assert!(self.checkpoint_job.is_none());
                 Err(error)
             }
@@ -1028,7 +1128,7 @@ impl<D: SmDisk> KvStore<D> {
             job.encoded, job.entries,
             "a checkpoint holds exactly the keys of the index when it began"
         );
-        let header = checkpoint_header(&job);
+        let header = checkpoint_header(&job.head());
         if job.offset == 0 {
             job.staged[..CHECKPOINT_HEADER_BYTES].copy_from_slice(&header);
         }
@@ -1066,6 +1166,13 @@ impl<D: SmDisk> KvStore<D> {
             files: job.files.files.iter().copied().collect(),
         });
         drop(job);
+        self.retire_checkpoints().await?;
+        Ok(true)
+    }
+
+    /// After a new checkpoint: drops the ones beyond those kept, and the data files no kept
+    /// one needs any more.
+    async fn retire_checkpoints(&mut self) -> Result<(), SmError> {
         // The oldest checkpoint beyond those kept becomes the next one's file: unlinking a
         // checkpoint of a million keys (~80 MB) held the shard for 15-30 ms on ext4, and
         // writing over allocated blocks is faster than into new ones.
@@ -1079,8 +1186,18 @@ impl<D: SmDisk> KvStore<D> {
             done.map_err(|e| SmError::io(op, old.name.clone(), e))?;
             reuse = false;
         }
-        self.delete_garbage().await?;
-        Ok(true)
+        self.delete_garbage().await
+    }
+
+    fn restore_incomplete(&self) -> SmError {
+        let reason = match &self.restore {
+            Some(r) => format!("only {} of {} chunks received", r.next_chunk, r.chunks),
+            None => "no restore in progress".into(),
+        };
+        SmError::BadChunk {
+            chunk: self.restore.as_ref().map_or(0, |r| r.next_chunk),
+            reason,
+        }
     }
 
     /// Deletes fully compacted files no kept checkpoint or open snapshot references.
@@ -1120,6 +1237,11 @@ impl<D: SmDisk> KvStore<D> {
         if self.restore.is_some() {
             // Staged records are live only in the restore's index: compacting now would take
             // their files for garbage and lose the snapshot being received.
+            return Ok(0);
+        }
+        if self.write_stalled {
+            // Out of space: moving records would only grow the tail (a checkpoint or the next
+            // batch retries the write).
             return Ok(0);
         }
         if self.compaction.is_none() {
@@ -1247,18 +1369,79 @@ fn encode_checkpoint_entry(body: &mut Vec<u8>, key: &[u8], slot: &Slot) {
 }
 
 /// The header of a finished checkpoint body.
-fn checkpoint_header(job: &CheckpointJob) -> [u8; CHECKPOINT_HEADER_BYTES] {
+/// What a checkpoint's header says.
+struct CheckpointHead {
+    files: usize,
+    applied: u64,
+    entries: u64,
+    active_file: u32,
+    active_len: u64,
+    body_len: u64,
+    body_crc: u32,
+}
+
+impl CheckpointJob {
+    fn head(&self) -> CheckpointHead {
+        CheckpointHead {
+            files: self.files.files.len(),
+            applied: self.applied,
+            entries: self.entries,
+            active_file: self.active_file,
+            active_len: self.active_len,
+            body_len: self.body_len,
+            body_crc: self.body_crc,
+        }
+    }
+}
+
+/// A whole checkpoint file of a state that does not change meanwhile (a restore's): header,
+/// file table (`files`: id to length), every entry of `index`; padded to whole blocks.
+fn encode_checkpoint(
+    applied: u64,
+    active_file: u32,
+    active_len: u64,
+    files: &BTreeMap<u32, u64>,
+    index: &Index<Slot>,
+) -> Vec<u8> {
+    let mut out = vec![0; CHECKPOINT_HEADER_BYTES];
+    for (&id, &len) in files {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    let mut entries = 0;
+    for part in 0..PARTS {
+        for (key, slot) in index.part_entries(part) {
+            encode_checkpoint_entry(&mut out, key.as_bytes(), slot);
+            entries += 1;
+        }
+    }
+    let body = &out[CHECKPOINT_HEADER_BYTES..];
+    let head = CheckpointHead {
+        files: files.len(),
+        applied,
+        entries,
+        active_file,
+        active_len,
+        body_len: body.len() as u64,
+        body_crc: crc32c::crc32c(body),
+    };
+    out[..CHECKPOINT_HEADER_BYTES].copy_from_slice(&checkpoint_header(&head));
+    out.resize(out.len().div_ceil(SM_BLOCK_BYTES) * SM_BLOCK_BYTES, 0);
+    out
+}
+
+fn checkpoint_header(head: &CheckpointHead) -> [u8; CHECKPOINT_HEADER_BYTES] {
     let mut out = Vec::with_capacity(CHECKPOINT_HEADER_BYTES);
     out.extend_from_slice(&CHECKPOINT_MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(job.files.files.len() as u32).to_le_bytes());
-    out.extend_from_slice(&job.applied.to_le_bytes());
-    out.extend_from_slice(&job.entries.to_le_bytes());
-    out.extend_from_slice(&job.active_file.to_le_bytes());
+    out.extend_from_slice(&(head.files as u32).to_le_bytes());
+    out.extend_from_slice(&head.applied.to_le_bytes());
+    out.extend_from_slice(&head.entries.to_le_bytes());
+    out.extend_from_slice(&head.active_file.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&job.active_len.to_le_bytes());
-    out.extend_from_slice(&job.body_len.to_le_bytes());
-    out.extend_from_slice(&job.body_crc.to_le_bytes());
+    out.extend_from_slice(&head.active_len.to_le_bytes());
+    out.extend_from_slice(&head.body_len.to_le_bytes());
+    out.extend_from_slice(&head.body_crc.to_le_bytes());
     let header_crc = crc32c::crc32c(&out[..60]);
     out.extend_from_slice(&header_crc.to_le_bytes());
     out.try_into().expect("64 header bytes")
@@ -1428,6 +1611,10 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         if index <= self.applied {
             return Ok(());
         }
+        if self.write_stalled && self.appends_records(batch) {
+            // Out of space: refused whole, before any command of it (see `writable`).
+            self.writable().await?;
+        }
         match self.apply_batch(index, batch, results).await {
             Ok(()) => {
                 self.applied = index;
@@ -1594,6 +1781,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
                 next_chunk: 0,
                 chunks,
                 index: Index::with_capacity(0, self.config.hash_seed),
+                prepared: None,
             });
         }
         let restore = self.restore.as_mut().unwrap();
@@ -1623,6 +1811,11 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             return Err(bad(number, "trailing bytes after the last record".into()));
         }
         // Values are written beside the current state; nothing of it changes until the finish.
+        // Out of space: this chunk is refused (the sender resends it) and the staging stays.
+        let inline_max = self.config.inline_value_bytes_max;
+        if self.write_stalled && parsed.iter().any(|(_, value, _)| value.len() > inline_max) {
+            self.writable().await?;
+        }
         let mut staged = Vec::with_capacity(parsed.len());
         for (key, value, version) in parsed {
             let loc = if value.len() <= self.config.inline_value_bytes_max {
@@ -1645,17 +1838,71 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         self.restore = None;
     }
 
+    async fn restore_prepare(&mut self) -> Result<(), SmError> {
+        self.check_usable("restore")?;
+        let Some(restore) = self.restore.as_ref().filter(|r| r.next_chunk == r.chunks) else {
+            return Err(self.restore_incomplete());
+        };
+        if restore.prepared.is_some() {
+            return Ok(());
+        }
+        // The staged values, written and synced (as in a checkpoint's first step).
+        if let Err(error) = self.flush_tail().await {
+            return Err(match error.is_out_of_space() {
+                true => error,
+                false => self.fail(error),
+            });
+        }
+        for file in std::mem::take(&mut self.dirty) {
+            let name = data_file_name(file);
+            if let Err(error) = self.disk.sync(&name).await {
+                return Err(self.fail(SmError::io("sync", name, error)));
+            }
+        }
+        // The new state's checkpoint. Its files: those its values are in (staged since the
+        // restore began: compaction waits for it, so none of them goes meanwhile), and the
+        // active file, where appends go on after the switch.
+        let restore = self.restore.as_ref().unwrap();
+        let mut files = BTreeMap::from([(self.active_file, self.active_len)]);
+        for (_, slot) in restore.index.iter() {
+            if let Loc::File { file, .. } = slot.loc {
+                files.entry(file).or_insert_with(|| self.files[&file].len);
+            }
+        }
+        let bytes = encode_checkpoint(
+            restore.applied,
+            self.active_file,
+            self.active_len,
+            &files,
+            &restore.index,
+        );
+        let mut buffer = self.disk.alloc_buffer(bytes.len());
+        buffer.as_mut().copy_from_slice(&bytes);
+        drop(bytes);
+        let io = |op| move |e| SmError::io(op, RESTORE_TMP, e);
+        let mut written = self
+            .disk
+            .write_at(RESTORE_TMP, 0, buffer)
+            .await
+            .map_err(io("write"));
+        if written.is_ok() {
+            written = self.disk.sync(RESTORE_TMP).await.map_err(io("sync"));
+        }
+        match written {
+            Ok(()) => {
+                self.restore.as_mut().unwrap().prepared = Some(files.into_keys().collect());
+                Ok(())
+            }
+            // Nothing refers to `restore.tmp` yet: the next call writes it whole again.
+            Err(error) if abandons_checkpoint(&error) => Err(error),
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
     async fn restore_finish(&mut self) -> Result<u64, SmError> {
         self.check_usable("restore")?;
-        let Some(restore) = self.restore.take_if(|r| r.next_chunk == r.chunks) else {
-            let reason = match &self.restore {
-                Some(r) => format!("only {} of {} chunks received", r.next_chunk, r.chunks),
-                None => "no restore in progress".into(),
-            };
-            return Err(SmError::BadChunk {
-                chunk: self.restore.as_ref().map_or(0, |r| r.next_chunk),
-                reason,
-            });
+        let Some(mut restore) = self.restore.take_if(|r| r.next_chunk == r.chunks) else {
+            return Err(self.restore_incomplete());
         };
         // A stepwise checkpoint of the old state must not finish after the switch, and open
         // snapshots of it can no longer be produced.
@@ -1686,12 +1933,32 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             self.files.remove(&file);
             self.garbage.insert(file);
         }
-        self.durable = 0; // force the checkpoint: the switch is durable when it returns
-        self.checkpoints.retain(|c| c.applied != self.applied);
-        // Any failure here fails the store, out of space included: the state in memory is the
-        // new one already, and only this checkpoint could make it the durable one.
-        match self.checkpoint_now().await {
-            Ok(applied) => Ok(applied),
+        // Any failure from here on fails the store, out of space included: the state in memory
+        // is the new one already, and only its checkpoint can make it the durable one.
+        let Some(files) = restore.prepared.take() else {
+            // Not prepared (`restore_prepare` is optional for callers): the whole checkpoint now.
+            self.durable = 0; // force it: the switch is durable when it returns
+            self.checkpoints.retain(|c| c.applied != self.applied);
+            return match self.checkpoint_now().await {
+                Ok(applied) => Ok(applied),
+                Err(error) => Err(self.fail(error)),
+            };
+        };
+        // Prepared: the checkpoint is durable in `restore.tmp`; the rename (durable when it
+        // returns) makes it the newest, which is the switch.
+        let name = checkpoint_name(self.applied);
+        if let Err(error) = self.disk.rename(RESTORE_TMP, &name).await {
+            return Err(self.fail(SmError::io("rename", RESTORE_TMP, error)));
+        }
+        self.durable = self.applied;
+        self.checkpoints.retain(|c| c.name != name);
+        self.checkpoints.push_back(CheckpointInfo {
+            applied: self.applied,
+            name,
+            files,
+        });
+        match self.retire_checkpoints().await {
+            Ok(()) => Ok(self.applied),
             Err(error) => Err(self.fail(error)),
         }
     }

@@ -52,6 +52,9 @@ pub trait StateMachine {
     type Snapshot;
 
     /// Applies the batch committed at `index`, pushing one result per command, in batch order.
+    /// An error for which [`SmError::is_out_of_space`] holds must leave the machine as it was
+    /// before the call, with no results pushed: the engine applies the same entry again later.
+    /// Any other error stops the shard.
     async fn apply(
         &mut self,
         index: u64,
@@ -112,10 +115,22 @@ pub trait StateMachine {
 
     /// Replaces the whole state with a snapshot, given its chunks in order (a chunk already
     /// received is ignored, so a sender may resume from an earlier boundary). The state switches
-    /// atomically and durably at [`StateMachine::restore_finish`].
+    /// atomically and durably at [`StateMachine::restore_finish`]. An error for which
+    /// [`SmError::is_out_of_space`] holds must leave the chunk unstaged and the restore as it
+    /// was (the sender resends the chunk later); any other error drops the restore.
     async fn restore_chunk(&mut self, chunk: &[u8]) -> Result<(), SmError>;
 
-    /// Completes a restore; returns the snapshot's applied index, now durable.
+    /// Called once every chunk is in, before raft hears of the snapshot (so it may be called
+    /// again, and the restore may still be aborted): does whatever needs disk space, so that
+    /// [`restore_finish`](StateMachine::restore_finish), which must not fail, needs none. An
+    /// out-of-space error leaves the restore staged and the engine calls this again later; any
+    /// other error stops the shard. The default does nothing.
+    async fn restore_prepare(&mut self) -> Result<(), SmError> {
+        Ok(())
+    }
+
+    /// Completes a restore; returns the snapshot's applied index, now durable. Any error stops
+    /// the shard (the state machine may have switched in memory already).
     async fn restore_finish(&mut self) -> Result<u64, SmError>;
 
     /// Discards a restore in progress, if any (raft declined the snapshot, or another one

@@ -65,6 +65,9 @@ fn store_survives_reopen_and_streams_a_snapshot_to_another_directory() {
             number += 1;
         }
         assert!(number > 1, "several chunks");
+        // As the engine does: the new state's checkpoint is written to `restore.tmp` first,
+        // and the switch renames it into place.
+        target.restore_prepare().await.unwrap();
         assert_eq!(target.restore_finish().await.unwrap(), 5);
     });
     for dir in [data, copy] {

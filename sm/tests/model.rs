@@ -101,6 +101,10 @@ enum Op {
     /// A snapshot streamed to a fresh store, with these batches applied to the source (and
     /// its upkeep run) between the chunks.
     SnapshotRestore(Vec<Vec<Command>>),
+    /// The disk fills up (writes that would grow a file fail with ENOSPC) or has space again.
+    /// A batch the store refuses for space is applied again once space is back, as the engine
+    /// does.
+    DiskFull(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -112,7 +116,31 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Crash),
         1 => proptest::collection::vec(proptest::collection::vec(command(), 1..4), 0..8)
             .prop_map(Op::SnapshotRestore),
+        2 => any::<bool>().prop_map(Op::DiskFull),
     ]
+}
+
+/// Applies the batch at `index`; refused for space, the store must be as it was (no results,
+/// the same applied index), and space comes back for another try. Returns the results.
+fn apply_until_space(
+    store: &mut KvStore<MemSmDisk>,
+    disk: &MemSmDisk,
+    index: u64,
+    bytes: &[u8],
+) -> Result<Vec<CommandResult>, TestCaseError> {
+    let view = BatchView::new(bytes).unwrap();
+    let applied = store.applied_index();
+    let mut results = Vec::new();
+    match now(store.apply(index, view.batch(), &mut results)) {
+        Ok(()) => return Ok(results),
+        Err(error) => prop_assert!(error.is_out_of_space(), "{error}"),
+    }
+    prop_assert!(results.is_empty());
+    prop_assert_eq!(store.applied_index(), applied);
+    prop_assert!(store.stats().write_stalled);
+    disk.set_full(false);
+    now(store.apply(index, view.batch(), &mut results)).unwrap();
+    Ok(results)
 }
 
 fn contents(store: &mut KvStore<MemSmDisk>, keys: impl Iterator<Item = Vec<u8>>) -> Model {
@@ -145,9 +173,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Batch(commands) => {
                 index += 1;
                 let bytes = encode_batch(commands.clone());
-                let view = BatchView::new(&bytes).unwrap();
-                let mut results = Vec::new();
-                now(store.apply(index, view.batch(), &mut results)).unwrap();
+                let results = apply_until_space(&mut store, &disk, index, &bytes)?;
                 let expected: Vec<CommandResult> =
                     commands.iter().map(|c| model_apply(&mut model, c)).collect();
                 prop_assert_eq!(results, expected);
@@ -156,14 +182,33 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 history.push(model.clone());
             }
             Op::Checkpoint => {
-                prop_assert_eq!(now(store.checkpoint()).unwrap(), index);
-                prop_assert_eq!(store.durable_index(), index);
+                let durable_before = store.durable_index();
                 stepping = None; // abandoned
+                match now(store.checkpoint()) {
+                    Ok(durable) => {
+                        prop_assert_eq!(durable, index);
+                        prop_assert_eq!(store.durable_index(), index);
+                    }
+                    // Abandoned for space; the store goes on.
+                    Err(error) if error.is_out_of_space() => {
+                        prop_assert_eq!(store.durable_index(), durable_before)
+                    }
+                    Err(error) => panic!("{error}"),
+                }
             }
             Op::CheckpointStep(budget) => {
                 let began = *stepping.get_or_insert(index);
                 let durable_before = store.durable_index();
-                match now(store.checkpoint_step(budget)).unwrap() {
+                let step = match now(store.checkpoint_step(budget)) {
+                    Ok(step) => step,
+                    Err(error) if error.is_out_of_space() => {
+                        prop_assert_eq!(store.durable_index(), durable_before);
+                        stepping = None;
+                        continue;
+                    }
+                    Err(error) => panic!("{error}"),
+                };
+                match step {
                     Some(durable) => {
                         // Nothing new since the last one, or the state when this one began.
                         prop_assert!(durable == began || durable == durable_before, "{durable} {began}");
@@ -192,9 +237,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 );
                 // Replay from the log, twice for the first entry (idempotence).
                 for (i, bytes) in log.iter().filter(|(i, _)| *i + 1 >= durable) {
-                    let view = BatchView::new(bytes).unwrap();
-                    let mut results = Vec::new();
-                    now(store.apply(*i, view.batch(), &mut results)).unwrap();
+                    let results = apply_until_space(&mut store, &disk, *i, bytes)?;
                     prop_assert!(
                         *i > durable || results.is_empty(),
                         "index {i} <= durable {durable} must be skipped"
@@ -205,12 +248,21 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::SnapshotRestore(changes) => {
                 let snapshot = store.snapshot().unwrap();
                 let (at, then) = (index, model.clone());
+                // Restored with `restore_prepare` first (as the engine does) or without.
+                let prepare = changes.len() % 2 == 0;
                 let fresh_disk = MemSmDisk::new();
                 let mut fresh = now(KvStore::open(fresh_disk.clone(), config())).unwrap();
+                // The receiver's disk is as full as the sender's.
+                fresh_disk.set_full(disk.is_full());
                 let mut number = 0;
                 let mut changes = changes.into_iter();
                 while let Some(chunk) = now(store.snapshot_chunk(&snapshot, number)).unwrap() {
-                    now(fresh.restore_chunk(&chunk)).unwrap();
+                    if let Err(error) = now(fresh.restore_chunk(&chunk)) {
+                        // Refused for space, unstaged: sent again once there is space.
+                        prop_assert!(error.is_out_of_space(), "{error}");
+                        fresh_disk.set_full(false);
+                        now(fresh.restore_chunk(&chunk)).unwrap();
+                    }
                     if number == 1 {
                         // A resumed sender repeats a chunk (produced again, after changes to
                         // the source): ignored.
@@ -222,8 +274,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     if let Some(commands) = changes.next() {
                         index += 1;
                         let bytes = encode_batch(commands.clone());
-                        let view = BatchView::new(&bytes).unwrap();
-                        now(store.apply(index, view.batch(), &mut Vec::new())).unwrap();
+                        apply_until_space(&mut store, &disk, index, &bytes)?;
                         for command in &commands {
                             model_apply(&mut model, command);
                         }
@@ -233,8 +284,25 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
                 prop_assert_eq!(number, snapshot.chunks());
+                if prepare {
+                    // Everything that needs space happens here; on a full disk it waits and
+                    // the restore stays staged.
+                    fresh_disk.set_full(true);
+                    let error = now(fresh.restore_prepare()).unwrap_err();
+                    prop_assert!(error.is_out_of_space(), "{error}");
+                    prop_assert_eq!(contents(&mut fresh, all_keys()), Model::new());
+                    fresh_disk.set_full(false);
+                    now(fresh.restore_prepare()).unwrap();
+                    // The switch needs no space.
+                    fresh_disk.set_full(true);
+                } else {
+                    // Unprepared, the switch writes the whole checkpoint (on a full disk that
+                    // fails the store: see the test below).
+                    fresh_disk.set_full(false);
+                }
                 // A stepwise checkpoint of the source goes on; the fresh store has none.
                 prop_assert_eq!(now(fresh.restore_finish()).unwrap(), at);
+                fresh_disk.set_full(false);
                 prop_assert_eq!(contents(&mut fresh, all_keys()), then.clone());
                 // The restored store is durable: it survives power loss on its own.
                 drop(fresh);
@@ -243,8 +311,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(reopened.durable_index(), at);
                 prop_assert_eq!(contents(&mut reopened, all_keys()), then);
             }
+            Op::DiskFull(full) => disk.set_full(full),
         }
         prop_assert_eq!(contents(&mut store, all_keys()), model.clone());
+        // Held in memory past the write buffer (4 KiB) by at most one batch while stalled.
+        let unwritten = store.stats().unwritten_bytes;
+        prop_assert!(unwritten < 3 * 4096, "{} bytes unwritten", unwritten);
     }
     Ok(())
 }
@@ -513,9 +585,10 @@ fn a_checkpoint_out_of_disk_space_is_abandoned_and_the_store_goes_on() {
     }
 }
 
-/// Finishing a restore switches the state in memory, and only its checkpoint makes the switch
-/// durable: out of space there fails the store (unlike an ordinary checkpoint), and recovery
-/// comes back with the state from before the restore.
+/// Finishing a restore that was not prepared (`restore_prepare`, which the engine calls)
+/// switches the state in memory, and only its checkpoint makes the switch durable: out of space
+/// there fails the store (unlike an ordinary checkpoint), and recovery comes back with the state
+/// from before the restore.
 #[test]
 fn a_restore_that_cannot_write_its_checkpoint_fails_the_store() {
     let (source_disk, target_disk) = (MemSmDisk::new(), MemSmDisk::new());
@@ -550,4 +623,99 @@ fn a_restore_that_cannot_write_its_checkpoint_fails_the_store() {
     target_disk.crash();
     let mut target = now(KvStore::open(target_disk, config())).unwrap();
     assert_eq!(now(target.read(b"key-7")).unwrap(), Some(b"old".to_vec()));
+}
+
+/// Values written while the disk is full: the first tail write that fails for space stalls the
+/// writes, the batch it happened in completes from memory, and the next batch holding file
+/// values is refused untouched until a write succeeds; batches of small values and deletes go
+/// on. Reads serve the unwritten values. Once space is back everything reaches disk and
+/// survives power loss. An IO error other than space on the same write fails the store.
+#[test]
+fn data_file_writes_out_of_space_stall_the_store_instead_of_failing_it() {
+    let disk = MemSmDisk::new();
+    let mut store = now(KvStore::open(disk.clone(), config())).unwrap();
+    let mut index = 0;
+    let mut model = Model::new();
+    let put = |k: u32, len: usize| Command::Put {
+        key: format!("key-{k}").into_bytes(),
+        value: vec![k as u8; len],
+    };
+    for k in 0..20 {
+        apply_one(&mut store, &mut index, put(k, 300));
+        model_apply(&mut model, &put(k, 300));
+    }
+    now(store.checkpoint()).unwrap();
+    disk.set_full(true);
+    // Batches of file values until one is refused: the write buffer (4 KiB) fills first.
+    let mut k = 100;
+    let refused = loop {
+        let batch: Vec<Command> = (k..k + 3).map(|k| put(k, 500)).collect();
+        let bytes = encode_batch(batch.clone());
+        let mut results = Vec::new();
+        match now(store.apply(index + 1, BatchView::new(&bytes).unwrap().batch(), &mut results)) {
+            Ok(()) => {
+                index += 1;
+                batch.iter().for_each(|c| drop(model_apply(&mut model, c)));
+                k += 3;
+            }
+            Err(error) => {
+                assert!(error.is_out_of_space(), "{error}");
+                assert!(results.is_empty());
+                break bytes;
+            }
+        }
+        assert!(k < 200, "never refused");
+    };
+    let stats = store.stats();
+    assert!(stats.write_stalled && stats.unwritten_bytes > 4096, "{stats:?}");
+    assert_eq!(store.applied_index(), index);
+    // Small values and deletes need no writes: they apply.
+    for command in [
+        put(7, 4),
+        Command::Delete {
+            key: b"key-8".to_vec(),
+        },
+    ] {
+        model_apply(&mut model, &command);
+        apply_one(&mut store, &mut index, command);
+    }
+    let keys = || (0..200u32).map(|k| format!("key-{k}").into_bytes());
+    assert_eq!(contents(&mut store, keys()), model);
+    // A checkpoint cannot write the tail: abandoned, the store goes on.
+    let error = now(store.checkpoint()).unwrap_err();
+    assert!(error.is_out_of_space(), "{error}");
+    assert_eq!(
+        now(store.maintain(1 << 20)).unwrap(),
+        0,
+        "no compaction while stalled"
+    );
+    // Space is back: the refused batch applies (the engine offers it again).
+    disk.set_full(false);
+    index += 1;
+    now(store.apply(index, BatchView::new(&refused).unwrap().batch(), &mut Vec::new())).unwrap();
+    for k in k..k + 3 {
+        model_apply(&mut model, &put(k, 500));
+    }
+    assert!(!store.stats().write_stalled);
+    assert_eq!(now(store.checkpoint()).unwrap(), index);
+    drop(store);
+    disk.crash();
+    let mut store = now(KvStore::open(disk.clone(), config())).unwrap();
+    assert_eq!(contents(&mut store, keys()), model);
+
+    // Any other error writing a data file fails the store.
+    for id in 0..64 {
+        disk.fail_next_write(&format!("data-{id:010}.kv"), libc::EIO);
+    }
+    for k in 300..320 {
+        let bytes = encode_batch(vec![put(k, 3000)]);
+        index += 1;
+        if let Err(error) = now(store.apply(index, BatchView::new(&bytes).unwrap().batch(), &mut Vec::new()))
+        {
+            assert!(!error.is_out_of_space(), "{error}");
+            assert!(matches!(now(store.read(b"key-1")), Err(SmError::Failed { .. })));
+            return;
+        }
+    }
+    panic!("no write met the fault");
 }
