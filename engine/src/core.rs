@@ -34,7 +34,9 @@ use ringraft_wal::{Disk, ReadError, Ticket, Wal};
 
 use crate::beat::{Beat, BEAT_GROUP};
 use crate::meta::GroupMeta;
-use crate::snapshot::{Incoming, Outgoing, PieceKind, Serving, SnapshotPiece, STREAM_RETRIES_MAX};
+use crate::snapshot::{
+    worth_logging, Incoming, Outgoing, PieceKind, Serving, SnapshotPiece, STREAM_RETRIES_MAX,
+};
 use crate::storage::{entry_type_code, FetchQueue, GroupStorage, SnapSlot};
 
 /// Identifies a client request within a shard; chosen by the runner.
@@ -264,6 +266,25 @@ impl<D: Disk> std::fmt::Debug for Fetch<D> {
     }
 }
 
+/// A group whose state machine cannot apply its next entry for lack of disk space. The entry
+/// stays first in line and is offered again once per tick; the group's log goes on (the WAL
+/// has its own space, and a full WAL hands leadership over by itself), and reads wait for
+/// apply. A leader that stays stalled for an election timeout hands its leadership to a
+/// follower, whose clients then get answers, and again every `STALL_HANDOFF_EVERY` election
+/// timeouts should it be elected back while still stalled.
+struct ApplyStall {
+    since_tick: u64,
+    /// Refused since the last tick: the loop leaves the group alone until the next one.
+    waiting: bool,
+    /// Tick from which this node, leading, hands its leadership over.
+    handoff_at: u64,
+    refusals: u64,
+}
+
+/// Election timeouts between hand-overs of a group whose apply stays stalled (see
+/// [`ApplyStall`]): when every replica's disk is full, leadership moves this rarely.
+const STALL_HANDOFF_EVERY: u64 = 10;
+
 /// A persisted-messages batch waiting for its WAL ticket.
 struct PersistWait {
     ticket: Ticket,
@@ -310,6 +331,8 @@ struct Group<D: Disk, S: StateMachine> {
     /// This node handed its leadership over ([`ShardCore::transfer_leadership`]) and has not
     /// yet heard from the new leader.
     handed_over: bool,
+    /// The state machine refused the next entry for disk space ([`StateMachine::apply`]).
+    apply_stall: Option<ApplyStall>,
     outgoing: BTreeMap<u64, Outgoing<S::Snapshot>>,
     incoming: Option<Incoming>,
     lease: Lease,
@@ -375,7 +398,7 @@ impl<D: Disk, S: StateMachine> Group<D, S> {
     /// or reads to propose or serve, entries to fetch, a snapshot to take or stream.
     fn has_work(&self) -> bool {
         self.raw.has_ready()
-            || !self.committed.is_empty()
+            || (!self.committed.is_empty() && !self.apply_stall.as_ref().is_some_and(|s| s.waiting))
             || !self.queue.is_empty()
             || !self.reads_unsent.is_empty()
             || !self.reads_ready.is_empty()
@@ -504,6 +527,11 @@ pub struct ShardStats {
     /// (raft asks again, or sends a snapshot once the range is compacted).
     pub log_reads: u64,
     pub log_reads_failed: u64,
+    /// Entries the state machine refused to apply for lack of disk space (each is offered
+    /// again at the next tick), and snapshot chunks or completions refused the same way (the
+    /// leader resends them).
+    pub apply_stalls: u64,
+    pub restore_stalls: u64,
 }
 
 /// One shard's groups. See the module docs for how a runner drives it.
@@ -739,6 +767,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     serving: None,
                     checkpoint_stepping: false,
                     handed_over: false,
+                    apply_stall: None,
                     outgoing: BTreeMap::new(),
                     incoming: None,
                     lease: Lease::default(),
@@ -1402,6 +1431,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         complete: false,
                         complete_acked: false,
                         last_tick: ticks,
+                        space_refusals: 0,
                     });
                 }
                 let inc = g.incoming.as_mut().unwrap();
@@ -1415,6 +1445,20 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 if number == inc.next {
                     match g.sm.restore_chunk(&data).await {
                         Ok(()) => inc.next += 1,
+                        // No disk space to stage it: the staging stays, and the leader resends
+                        // the chunk when it sees no progress.
+                        Err(error) if error.is_out_of_space() => {
+                            self.stats.restore_stalls += 1;
+                            inc.space_refusals += 1;
+                            if worth_logging(inc.space_refusals) {
+                                tracing::warn!(
+                                    "group {}: snapshot chunk {number} from node {} waits for disk space ({} refusals): {error}",
+                                    piece.group,
+                                    piece.from,
+                                    inc.space_refusals
+                                );
+                            }
+                        }
                         Err(error) => {
                             // A chunk that does not verify: drop the staging; the leader's
                             // stream restarts from chunk 0 when it hears so.
@@ -1455,6 +1499,28 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         piece.from
                     );
                     return;
+                }
+                // Whatever the switch needs disk space for happens now, before raft hears of
+                // the snapshot (the switch itself must not fail). Out of space: the staging
+                // stays, and the leader sends its end again when it sees no progress.
+                match g.sm.restore_prepare().await {
+                    Ok(()) => {}
+                    Err(error) if error.is_out_of_space() => {
+                        self.stats.restore_stalls += 1;
+                        inc.space_refusals += 1;
+                        if worth_logging(inc.space_refusals) {
+                            tracing::warn!(
+                                "group {}: snapshot install waits for disk space ({} refusals): {error}",
+                                piece.group,
+                                inc.space_refusals
+                            );
+                        }
+                        return;
+                    }
+                    Err(error) => {
+                        self.fail(format!("group {}: snapshot install: {error}", piece.group));
+                        return;
+                    }
                 }
                 // Durable before the state machine may switch (the acknowledgement waits for it
                 // in `pump_snapshots`): a restart after the switch finds the term here.
@@ -1807,6 +1873,25 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
         for group in self.awake_ids() {
             let g = self.groups.get_mut(&group).unwrap();
+            if let Some(stall) = g.apply_stall.as_mut() {
+                // Offered again this loop. A leader stalled this long hands its groups over
+                // (see `ApplyStall`).
+                stall.waiting = false;
+                self.active.insert(group);
+                let raft = &g.raw.raft;
+                if raft.state == StateRole::Leader
+                    && ticks >= stall.handoff_at
+                    && raft.lead_transferee.is_none()
+                {
+                    stall.handoff_at = ticks + STALL_HANDOFF_EVERY * election;
+                    if let Some(to) = best_follower(raft) {
+                        tracing::warn!(
+                            "group {group}: handing leadership to node {to} while apply waits for disk space"
+                        );
+                        g.raw.transfer_leader(to);
+                    }
+                }
+            }
             // Judged before the tick (whose heartbeats would count as activity).
             let idle = quiesce_after > 0 && g.leader_idle();
             // A transfer (and its abort) only happen between ticks: seeing it before and after
@@ -2576,11 +2661,60 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let g = self.groups.get_mut(&group).unwrap();
         let mut results = std::mem::take(&mut self.apply_results);
         let mut last_applied = None;
-        while let Some(entry) = g.committed.pop_front() {
+        let waiting = g.apply_stall.as_ref().is_some_and(|s| s.waiting);
+        while let Some(entry) = g.committed.front().filter(|_| !waiting) {
             results.clear();
-            let mut bad_batch = None;
-            let mut applied_batch = false;
-            if entry.entry_type != EntryType::EntryNormal {
+            // The state machine first: every index reaches it (an empty batch for a leader's
+            // empty entry, a membership change or a batch that does not verify), so its applied
+            // index is raft's and a snapshot taken at it carries the membership of that index.
+            // Refused for disk space, it changed nothing: the entry stays first in line.
+            let conf = entry.entry_type != EntryType::EntryNormal;
+            let view = match conf || entry.data.is_empty() {
+                true => None,
+                false => Some(BatchView::new(&entry.data)),
+            };
+            let applied = match &view {
+                Some(Ok(view)) => g.sm.apply(entry.index, view.batch(), &mut results).await,
+                _ => {
+                    let empty = BatchView::new(&self.empty_batch).expect("the empty batch is valid");
+                    g.sm.apply(entry.index, empty.batch(), &mut Vec::new()).await
+                }
+            };
+            // Deterministic on every replica: the entry is skipped, its proposer told.
+            let mut bad_batch = match view {
+                Some(Err(error)) => Some(error.to_string()),
+                _ => None,
+            };
+            match applied {
+                Ok(()) => {
+                    if let Some(stall) = g.apply_stall.take() {
+                        tracing::info!(
+                            "group {group}: applying again after {} ticks without disk space ({} refusals)",
+                            self.ticks - stall.since_tick,
+                            stall.refusals
+                        );
+                    }
+                }
+                Err(error) if error.is_out_of_space() => {
+                    self.stats.apply_stalls += 1;
+                    let election = self.config.election_ticks as u64;
+                    let stall = g.apply_stall.get_or_insert_with(|| {
+                        tracing::warn!("group {group}: apply waits for disk space: {error}");
+                        ApplyStall {
+                            since_tick: self.ticks,
+                            waiting: false,
+                            handoff_at: self.ticks + election,
+                            refusals: 0,
+                        }
+                    });
+                    stall.waiting = true;
+                    stall.refusals += 1;
+                    break;
+                }
+                Err(error) => return Err(error.to_string()),
+            }
+            let entry = g.committed.pop_front().unwrap();
+            if conf {
                 // A membership change: applied to raft, recorded in the WAL with its index (made
                 // durable before any checkpoint covers it, see `checkpoint_allowed`).
                 match apply_conf_change(&mut g.raw, &entry) {
@@ -2599,27 +2733,6 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     // configuration): the configuration stays, the proposer is told.
                     Err(reason) => bad_batch = Some(reason),
                 }
-            } else if !entry.data.is_empty() {
-                match BatchView::new(&entry.data) {
-                    Ok(view) => {
-                        g.sm.apply(entry.index, view.batch(), &mut results)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        applied_batch = true;
-                    }
-                    // Deterministic on every replica: the entry is skipped, its proposer told.
-                    Err(error) => bad_batch = Some(error.to_string()),
-                }
-            }
-            if !applied_batch {
-                // Every index reaches the state machine (an empty batch for a leader's empty
-                // entry, a membership change or a skipped batch), so its applied index is
-                // raft's: a snapshot taken at it carries the membership of that index.
-                let empty = BatchView::new(&self.empty_batch).expect("the empty batch is valid");
-                let mut none = Vec::new();
-                g.sm.apply(entry.index, empty.batch(), &mut none)
-                    .await
-                    .map_err(|e| e.to_string())?;
             }
             self.stats.entries_applied += 1;
             last_applied = Some(entry.index);

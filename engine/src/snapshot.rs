@@ -12,7 +12,10 @@
 //!    loop, so the shard's other groups keep being served.
 //! 3. The follower stages each chunk in its state machine (`restore_chunk`, in order; a repeat
 //!    is acknowledged and ignored) and acknowledges with the next chunk it wants. At `Done` it
-//!    writes the metadata to its WAL and, once that is durable, acknowledges `complete`.
+//!    has the state machine do what the switch needs disk space for (`restore_prepare`), writes
+//!    the metadata to its WAL and, once that is durable, acknowledges `complete`. A chunk or a
+//!    `Done` refused for disk space leaves the staging as it was: the leader sends it again
+//!    when it sees no progress.
 //! 4. The leader then sends the held `MsgSnapshot`; raft on the follower accepts it (or declines
 //!    a stale one: the staged restore is dropped), and the shard installs it: state machine
 //!    switch (durable), then the WAL reset. A restart in between finishes the install from the
@@ -129,4 +132,23 @@ pub(crate) struct Incoming {
     /// The `complete` acknowledgement went out (it waits for the metadata to be durable).
     pub(crate) complete_acked: bool,
     pub(crate) last_tick: u64,
+    /// Chunks and completions of this staging refused for disk space so far.
+    pub(crate) space_refusals: u64,
+}
+
+/// Whether the `count`th occurrence of a repeating condition is logged: the 1st, 10th, 100th,
+/// 1000th, then every 10,000th (a leader resends a refused chunk every election timeout).
+pub(crate) fn worth_logging(count: u64) -> bool {
+    matches!(count, 1 | 10 | 100 | 1000) || (count > 0 && count % 10_000 == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worth_logging;
+
+    #[test]
+    fn repeated_refusals_are_logged_ever_more_rarely() {
+        let logged: Vec<u64> = (0..=50_000).filter(|&n| worth_logging(n)).collect();
+        assert_eq!(logged, [1, 10, 100, 1000, 10_000, 20_000, 30_000, 40_000, 50_000]);
+    }
 }

@@ -39,7 +39,7 @@ use std::task::{Context, Poll, Waker};
 use porcupine_rs::{Model, Operation};
 use ringraft_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use ringraft_engine::{
-    unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, ShardConfig, ShardCore,
+    unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, ShardConfig, ShardCore, ShardStats,
     SnapshotChunkJob, SnapshotPiece,
 };
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
@@ -135,14 +135,15 @@ struct Node {
     chunk_jobs: Vec<(u64, SnapshotChunkJob)>,
     /// A segment preparation the WAL retries after a failure, and when (its backoff).
     prepare: Option<(u64, IoJob<MemDisk>)>,
-    /// Until when the WAL's disk is full: creating a segment fails with ENOSPC.
+    /// Until when the node's disk is full: creating a WAL segment fails with ENOSPC, and so
+    /// does any state machine write that would grow a file.
     disk_full_until: u64,
     /// Segment preparations that failed on this node (across restarts).
     prepare_failures: u64,
-    /// State machine checkpoints abandoned for space by this node's earlier incarnations.
-    checkpoints_abandoned: u64,
-    /// Log reads for lagging followers by this node's earlier incarnations.
-    log_reads: u64,
+    /// Only the state machines' disk is full (their writes that would grow a file fail).
+    sm_disks_full: bool,
+    /// The counters of this node's earlier incarnations (see [`Sim::total`]).
+    earlier: Vec<ShardStats>,
     restart_at: Option<u64>,
     /// The group whose state machine upkeep runs next.
     maintenance_cursor: u64,
@@ -195,8 +196,7 @@ impl Node {
 
     fn crash(&mut self) {
         if let Some(core) = &self.core {
-            self.checkpoints_abandoned += core.stats().checkpoints_abandoned;
-            self.log_reads += core.stats().log_reads;
+            self.earlier.push(core.stats());
         }
         self.core = None;
         self.write = None;
@@ -333,8 +333,8 @@ impl Sim {
                 prepare: None,
                 disk_full_until: 0,
                 prepare_failures: 0,
-                checkpoints_abandoned: 0,
-                log_reads: 0,
+                earlier: Vec::new(),
+                sm_disks_full: false,
                 restart_at: None,
                 maintenance_cursor: 0,
                 checkpoint_cursor: None,
@@ -880,14 +880,12 @@ impl Sim {
             }
             let node = &mut self.nodes[i];
             let core = node.core.as_mut().unwrap();
-            // While the disk is full, a checkpoint's write fails for space too: the machine
-            // abandons it and the next round tries again. (Only around checkpoints: installing
-            // a snapshot on a full disk still fails the node.)
-            let full = clock < node.disk_full_until;
-            if full {
-                for disk in node.sm_disks.values() {
-                    disk.fail_next_write("checkpoint.tmp", ENOSPC);
-                }
+            // While the disk is full, the state machines' writes that need space fail too:
+            // checkpoints are abandoned, applies of values stored in files and snapshot
+            // installs wait, and all go on once space is back.
+            let full = clock < node.disk_full_until || node.sm_disks_full;
+            for disk in node.sm_disks.values() {
+                disk.set_full(full);
             }
             if clock % 1400 == 0 {
                 // Compacting close behind the checkpoint makes followers that were down or cut
@@ -904,11 +902,6 @@ impl Sim {
                     now(core.checkpoint_some(cursor, 2, Some(64), retain, retain)).expect("checkpoint step");
                 if done {
                     node.checkpoint_cursor = None;
-                }
-            }
-            if full {
-                for disk in node.sm_disks.values() {
-                    disk.clear_write_faults();
                 }
             }
             let core = self.nodes[i].core.as_mut().unwrap();
@@ -1162,31 +1155,34 @@ impl Sim {
         let initial: BTreeSet<u64> = (1..=INITIAL_VOTERS).collect();
         let changed = members.iter().filter(|m| **m != initial).count();
         let prepare_failures = self.nodes.iter().map(|n| n.prepare_failures).sum();
-        let abandoned = self
-            .nodes
-            .iter()
-            .map(|n| n.checkpoints_abandoned + n.core.as_ref().unwrap().stats().checkpoints_abandoned)
-            .sum();
-        let log_reads = self
-            .nodes
-            .iter()
-            .map(|n| n.log_reads + n.core.as_ref().unwrap().stats().log_reads)
-            .sum();
         RunTotals {
             acked: self.acked.len(),
             installed,
             changed,
             lease_reads: self.lease_reads_total,
             prepare_failures,
-            abandoned,
-            log_reads,
+            abandoned: self.total(|s| s.checkpoints_abandoned),
+            log_reads: self.total(|s| s.log_reads),
+            apply_stalls: self.total(|s| s.apply_stalls),
+            restore_stalls: self.total(|s| s.restore_stalls),
         }
+    }
+
+    /// A shard counter summed over every node, its earlier incarnations included.
+    fn total(&self, counter: impl Fn(&ShardStats) -> u64) -> u64 {
+        let live = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref())
+            .map(|c| c.stats());
+        let earlier = self.nodes.iter().flat_map(|n| n.earlier.iter().copied());
+        live.chain(earlier).map(|s| counter(&s)).sum()
     }
 }
 
 /// What one seed's run did: writes acknowledged, snapshots installed, groups whose membership
 /// ended other than it began, lease reads, failed segment preparations, abandoned checkpoints,
-/// and log reads for lagging followers.
+/// log reads for lagging followers, and applies, chunks and installs refused for disk space.
 #[derive(Default)]
 struct RunTotals {
     acked: usize,
@@ -1196,6 +1192,8 @@ struct RunTotals {
     prepare_failures: u64,
     abandoned: u64,
     log_reads: u64,
+    apply_stalls: u64,
+    restore_stalls: u64,
 }
 
 fn seeds() -> Vec<u64> {
@@ -1223,6 +1221,8 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     let installed: u64 = runs.iter().map(|r| r.installed).sum();
     let changed: usize = runs.iter().map(|r| r.changed).sum();
     let log_reads: u64 = runs.iter().map(|r| r.log_reads).sum();
+    let apply_stalls: u64 = runs.iter().map(|r| r.apply_stalls).sum();
+    let restore_stalls: u64 = runs.iter().map(|r| r.restore_stalls).sum();
     assert!(
         seeds.len() < 20 || acked >= 20 * seeds.len(),
         "only {acked} writes acknowledged over {} seeds: too few to mean anything",
@@ -1261,6 +1261,18 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
         "only {abandoned} checkpoints abandoned on a full disk over {} seeds",
         seeds.len()
     );
+    // Full state machine disks refused applies of values stored in files (offered again
+    // later) and snapshot chunks or installs (resent later), while the checks held.
+    assert!(
+        seeds.len() < 20 || apply_stalls >= seeds.len() as u64 / 4,
+        "only {apply_stalls} applies refused on a full disk over {} seeds",
+        seeds.len()
+    );
+    assert!(
+        seeds.len() < 20 || restore_stalls >= seeds.len() as u64 / 20,
+        "only {restore_stalls} snapshot pieces refused on a full disk over {} seeds",
+        seeds.len()
+    );
     // Followers caught up from the log too, through reads that finished loops later (the log
     // changing meanwhile).
     assert!(
@@ -1271,7 +1283,8 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     eprintln!(
         "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership, \
          {lease_reads} reads served under a lease, {prepare_failures} segment preparations failed, \
-         {abandoned} checkpoints abandoned, {log_reads} log reads"
+         {abandoned} checkpoints abandoned, {log_reads} log reads, {apply_stalls} applies and \
+         {restore_stalls} snapshot pieces refused for space"
     );
 }
 
@@ -1452,6 +1465,75 @@ fn a_leader_out_of_disk_space_hands_its_groups_over_and_catches_up_later() {
             "node {full} did not catch up once space was back"
         );
     }
+}
+
+/// A node whose state machine disk fills up while its WAL has space cannot apply values stored
+/// in files: the entry waits (refused whole, offered again each tick) while the groups' logs go
+/// on; as a leader the node hands its groups to followers after about an election timeout, and
+/// the others serve writes. Once space is back it applies everything and agrees with them.
+#[test]
+fn a_node_whose_state_machine_disk_is_full_waits_to_apply_hands_over_and_catches_up() {
+    let mut sim = Sim::calm(11);
+    let leads = |sim: &Sim, id: u64| {
+        let core = sim.nodes[(id - 1) as usize].core.as_ref().unwrap();
+        (0..GROUPS).filter(|&g| core.is_leader(g)).count()
+    };
+    // Past the leader balancing of the first second.
+    while sim.clock < 1_100 || (1..=NODES).map(|id| leads(&sim, id)).sum::<usize>() < GROUPS as usize {
+        assert!(sim.clock < 10_000, "no leaders");
+        sim.step();
+    }
+    let full = (1..=NODES).find(|&id| leads(&sim, id) > 0).unwrap();
+    let i = (full - 1) as usize;
+    sim.nodes[i].sm_disks_full = true;
+    let stalls = |sim: &Sim| sim.nodes[i].core.as_ref().unwrap().stats().apply_stalls;
+    let start = sim.clock;
+    while stalls(&sim) == 0 {
+        assert!(
+            sim.clock < start + 3_000,
+            "node {full} never ran out of space applying"
+        );
+        sim.step();
+    }
+    let since = sim.clock;
+    while leads(&sim, full) > 0 {
+        assert!(
+            sim.clock < since + 3_000,
+            "node {full} still leads {} group(s) unable to apply",
+            leads(&sim, full)
+        );
+        sim.step();
+    }
+    // Every group serves writes without it.
+    let acked_before = sim.acked.len();
+    let mut served = BTreeSet::new();
+    while served.len() < GROUPS as usize {
+        assert!(
+            sim.clock < since + 8_000,
+            "only groups {served:?} served with node {full}'s state machines out of space"
+        );
+        sim.step();
+        served.extend(sim.acked[acked_before..].iter().map(|p| p.group));
+    }
+    let refused = stalls(&sim);
+    assert!(refused > 1, "the apply was offered again ({refused})");
+    assert!(
+        !sim.caught_up(i),
+        "node {full} cannot have applied what the others did"
+    );
+    assert!(sim.nodes[i].core.as_ref().unwrap().failure().is_none());
+    // Space comes back: it applies what waited and agrees with the others.
+    sim.nodes[i].sm_disks_full = false;
+    sim.load = false;
+    let freed = sim.clock;
+    while !sim.caught_up(i) {
+        assert!(
+            sim.clock < freed + 5_000,
+            "node {full} did not catch up once space was back"
+        );
+        sim.step();
+    }
+    sim.settle_and_check();
 }
 
 /// A leader cut off from its group keeps proposing; a new leader's entries then replace the

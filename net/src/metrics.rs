@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 18] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 20] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -165,6 +165,18 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "counter",
             "Log reads for lagging followers that failed (raft asks again, or sends a snapshot).",
             |s| s.stats.log_reads_failed as f64,
+        ),
+        (
+            "ringraft_apply_stalls_total",
+            "counter",
+            "Entries the state machine refused to apply for lack of disk space (offered again each tick).",
+            |s| s.stats.apply_stalls as f64,
+        ),
+        (
+            "ringraft_restore_stalls_total",
+            "counter",
+            "Snapshot chunks or installs refused for lack of disk space (the leader resends them).",
+            |s| s.stats.restore_stalls as f64,
         ),
         (
             "ringraft_requests_timed_out_total",
