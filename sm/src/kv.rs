@@ -49,7 +49,7 @@ use std::rc::Rc;
 use crate::command::{ArchivedBatch, ArchivedCommand, CommandResult};
 use crate::disk::{SmDisk, SM_BLOCK_BYTES};
 use crate::error::SmError;
-use crate::machine::{ChunkStart, StateMachine};
+use crate::machine::{ChunkStart, ReadStart, StateMachine};
 
 /// Limits of one store. `tuning` maps the operator's `[sm]` section onto it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -250,6 +250,18 @@ impl ReadCache {
     fn clear(&mut self) {
         *self = ReadCache::default();
     }
+
+    /// Drops the values of a deleted file, and their bytes from the count.
+    fn forget_file(&mut self, file: u32) {
+        let bytes = &mut self.bytes;
+        self.values.retain(|&(f, _), value| {
+            if f == file {
+                *bytes -= value.len();
+            }
+            f != file
+        });
+        self.order.retain(|&(f, _)| f != file);
+    }
 }
 
 /// A checkpoint as loaded or written: its applied index, file name and referenced data files.
@@ -269,6 +281,15 @@ struct PinnedFiles {
 }
 
 impl PinnedFiles {
+    /// Just `file` (what one read needs).
+    fn only<D: SmDisk>(store: &KvStore<D>, file: u32) -> PinnedFiles {
+        *store.pins.borrow_mut().entry(file).or_insert(0) += 1;
+        PinnedFiles {
+            pins: store.pins.clone(),
+            files: vec![file],
+        }
+    }
+
     fn new<D: SmDisk>(store: &KvStore<D>) -> PinnedFiles {
         let files: Vec<u32> = store.files.keys().copied().collect();
         let mut pins = store.pins.borrow_mut();
@@ -383,7 +404,8 @@ pub struct KvStore<D: SmDisk> {
     write_stalled: bool,
     files: BTreeMap<u32, FileStats>,
     dirty: BTreeSet<u32>,
-    cache: ReadCache,
+    /// Shared with read jobs ([`StateMachine::read_job`]), which fill it as they finish.
+    cache: Rc<RefCell<ReadCache>>,
     checkpoints: VecDeque<CheckpointInfo>,
     pins: Rc<RefCell<BTreeMap<u32, usize>>>,
     garbage: BTreeSet<u32>,
@@ -454,7 +476,7 @@ impl<D: SmDisk> KvStore<D> {
             write_stalled: false,
             files: BTreeMap::new(),
             dirty: BTreeSet::new(),
-            cache: ReadCache::default(),
+            cache: Rc::default(),
             checkpoints: VecDeque::new(),
             pins: Rc::new(RefCell::new(BTreeMap::new())),
             garbage: BTreeSet::new(),
@@ -607,7 +629,7 @@ impl<D: SmDisk> KvStore<D> {
             data_files: self.files.len(),
             data_bytes: self.files.values().map(|f| f.len).sum(),
             live_bytes: self.files.values().map(|f| f.live).sum(),
-            cache_bytes: self.cache.bytes,
+            cache_bytes: self.cache.borrow().bytes,
             unwritten_bytes: self.tail.len(),
             write_stalled: self.write_stalled,
         }
@@ -848,7 +870,7 @@ impl<D: SmDisk> KvStore<D> {
                 value_len,
             } => (*file, *offset, *value_len as usize),
         };
-        if let Some(value) = self.cache.values.get(&(file, offset)) {
+        if let Some(value) = self.cache.borrow().values.get(&(file, offset)) {
             return Ok(ValueAt::Held(value.clone()));
         }
         let record = DataRecord {
@@ -899,7 +921,7 @@ impl<D: SmDisk> KvStore<D> {
                 (record.check(&bytes, key, slot.version)?, record)
             }
         };
-        self.cache.insert(
+        self.cache.borrow_mut().insert(
             (record.file, record.offset),
             value.clone(),
             self.config.cache_bytes_max,
@@ -1224,7 +1246,7 @@ impl<D: SmDisk> KvStore<D> {
                 .await
                 .map_err(|e| SmError::io("remove", name.clone(), e))?;
             self.garbage.remove(&file);
-            self.cache.values.retain(|&(f, _), _| f != file);
+            self.cache.borrow_mut().forget_file(file);
         }
         Ok(())
     }
@@ -1630,6 +1652,39 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         Ok(self.get(key).await?.map(|v| v.to_vec()))
     }
 
+    /// Values in memory (the index, the read cache, the unwritten tail) at once; a value only
+    /// in a data file as a job that reads and checks its record, with the file pinned against
+    /// deletion, and puts it in the read cache.
+    fn read_job(&mut self, key: &[u8]) -> Result<ReadStart, SmError> {
+        self.check_usable("read")?;
+        let Some(slot) = self.index.get(key) else {
+            return Ok(ReadStart::Done(None));
+        };
+        let version = slot.version;
+        let record = match self.locate(key, slot)? {
+            ValueAt::Held(value) => return Ok(ReadStart::Done(Some(value.to_vec()))),
+            ValueAt::Tail(value, record) => {
+                let limit = self.config.cache_bytes_max;
+                let key = (record.file, record.offset);
+                self.cache.borrow_mut().insert(key, value.clone(), limit);
+                return Ok(ReadStart::Done(Some(value.to_vec())));
+            }
+            ValueAt::Disk(record) => record,
+        };
+        let (disk, cache, limit) = (self.disk.clone(), self.cache.clone(), self.config.cache_bytes_max);
+        let pin = PinnedFiles::only(self, record.file);
+        let key = key.to_vec();
+        Ok(ReadStart::Job(Box::pin(async move {
+            let bytes = record.read(&disk).await?;
+            let value = record.check(&bytes, &key, version)?;
+            cache
+                .borrow_mut()
+                .insert((record.file, record.offset), value.clone(), limit);
+            drop(pin);
+            Ok(Some(value.to_vec()))
+        })))
+    }
+
     fn applied_index(&self) -> u64 {
         self.applied
     }
@@ -1918,7 +1973,7 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
             .collect();
         self.index = restore.index;
         self.applied = restore.applied;
-        self.cache.clear();
+        self.cache.borrow_mut().clear();
         // A compaction under way was of the old state's files.
         self.compaction = None;
         self.recount_live();

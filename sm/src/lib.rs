@@ -25,4 +25,4 @@ pub use command::{
 pub use disk::{GlommioSmDisk, MemSmDisk, SmDisk, SM_BLOCK_BYTES, SM_IOPOLL_GUARD_FILE};
 pub use error::SmError;
 pub use kv::{KvConfig, KvSnapshot, KvStats, KvStore};
-pub use machine::{ChunkJob, ChunkStart, StateMachine};
+pub use machine::{ChunkJob, ChunkStart, ReadJob, ReadStart, StateMachine};

@@ -27,6 +27,30 @@ impl std::fmt::Debug for ChunkStart {
     }
 }
 
+/// A local read of a value being served apart from its machine (see
+/// [`StateMachine::read_job`]). Not `Send`: it runs on the machine's shard.
+pub type ReadJob = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Vec<u8>>, SmError>>>>;
+
+/// How a local read is to be served.
+pub enum ReadStart {
+    /// The value, at hand (or `None`: no such key).
+    Done(Option<Vec<u8>>),
+    /// Call [`StateMachine::read`].
+    Inline,
+    /// Run this job for the value.
+    Job(ReadJob),
+}
+
+impl std::fmt::Debug for ReadStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadStart::Done(_) => "Done",
+            ReadStart::Inline => "Inline",
+            ReadStart::Job(_) => "Job",
+        })
+    }
+}
+
 /// A replicated state machine. Runs on its shard's thread (futures are not `Send`).
 ///
 /// The contract:
@@ -64,6 +88,18 @@ pub trait StateMachine {
 
     /// The value of `key` as applied so far (a local read; the engine adds linearizability).
     async fn read(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, SmError>;
+
+    /// The value of `key` as applied so far, as a job that does its IO without borrowing the
+    /// machine: the caller runs it while the machine goes on applying, many at once, so that
+    /// reads of values on disk neither hold the shard's other work nor wait for each other.
+    /// The job answers with the value as of this call (later applies do not change it), which
+    /// keeps reads linearizable: this call happens after the read's index is applied and
+    /// before its answer. The default, [`ReadStart::Inline`], makes the engine call
+    /// [`read`](StateMachine::read) instead, with its loop waiting.
+    fn read_job(&mut self, key: &[u8]) -> Result<ReadStart, SmError> {
+        let _ = key;
+        Ok(ReadStart::Inline)
+    }
 
     /// The last index applied (in memory).
     fn applied_index(&self) -> u64;

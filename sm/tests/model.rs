@@ -10,7 +10,8 @@ use std::task::{Context, Poll, Waker};
 
 use proptest::prelude::*;
 use ringraft_sm::{
-    encode_batch, BatchView, Command, CommandResult, KvConfig, KvStore, MemSmDisk, SmError, StateMachine,
+    encode_batch, BatchView, Command, CommandResult, KvConfig, KvStore, MemSmDisk, ReadStart, SmError,
+    StateMachine,
 };
 
 fn now<F: Future>(future: F) -> F::Output {
@@ -718,4 +719,112 @@ fn data_file_writes_out_of_space_stall_the_store_instead_of_failing_it() {
         }
     }
     panic!("no write met the fault");
+}
+
+/// A read job answers what `read` would have when the job was made, even when the key changes
+/// and compaction empties its file before the job runs: the file stays until the job is done,
+/// then goes. Values in memory need no job; a value a job read is cached.
+#[test]
+fn a_read_job_answers_the_value_as_of_its_start() {
+    let disk = MemSmDisk::new();
+    let mut store = now(KvStore::open(disk.clone(), config())).unwrap();
+    let mut index = 0;
+    let key = |k: u32| format!("key-{k}").into_bytes();
+    for k in 0..60 {
+        let value = vec![k as u8; 500];
+        apply_one(&mut store, &mut index, Command::Put { key: key(k), value });
+    }
+    apply_one(
+        &mut store,
+        &mut index,
+        Command::Put {
+            key: key(99),
+            value: b"small".to_vec(),
+        },
+    );
+    now(store.checkpoint()).unwrap();
+    assert!(matches!(store.read_job(b"nothing"), Ok(ReadStart::Done(None))));
+    assert!(matches!(store.read_job(&key(99)), Ok(ReadStart::Done(Some(v))) if v == b"small"));
+    let mut jobs = Vec::new();
+    for k in 0..60 {
+        match store.read_job(&key(k)).unwrap() {
+            ReadStart::Job(job) => jobs.push((k, job)),
+            ReadStart::Done(value) => assert_eq!(value, Some(vec![k as u8; 500])),
+            ReadStart::Inline => panic!("the store reads as a job"),
+        }
+    }
+    assert!(jobs.len() > 40, "{} jobs", jobs.len());
+    let first_file = "data-0000000000.kv";
+    assert!(disk.names().iter().any(|n| n == first_file));
+    // Every key changes, compaction and checkpoints make the old files garbage.
+    for k in 0..60 {
+        let value = vec![k as u8 + 100; 500];
+        apply_one(&mut store, &mut index, Command::Put { key: key(k), value });
+    }
+    while now(store.compact_step(1 << 20)).unwrap() > 0 {}
+    for _ in 0..3 {
+        now(store.checkpoint_after_change(&mut index)).unwrap();
+    }
+    assert!(disk.names().iter().any(|n| n == first_file), "pinned by the jobs");
+    for (k, job) in jobs {
+        assert_eq!(now(job).unwrap(), Some(vec![k as u8; 500]), "key {k}");
+    }
+    now(store.checkpoint_after_change(&mut index)).unwrap();
+    assert!(!disk.names().iter().any(|n| n == first_file), "unpinned, deleted");
+    // The new values, read by jobs, are cached afterwards.
+    let mut read = 0;
+    for k in 0..60 {
+        if let ReadStart::Job(job) = store.read_job(&key(k)).unwrap() {
+            assert_eq!(now(job).unwrap(), Some(vec![k as u8 + 100; 500]));
+            read += 1;
+        }
+        assert!(
+            matches!(store.read_job(&key(k)).unwrap(), ReadStart::Done(Some(v)) if v == vec![k as u8 + 100; 500]),
+            "key {k} cached"
+        );
+    }
+    assert!(read > 0);
+}
+
+/// Values cached from a file that compaction then deletes leave the cache's byte count with
+/// the file. (They stayed counted: past the limit, every insert then evicted everything, itself
+/// included, and the cache stopped caching for good.)
+#[test]
+fn the_read_cache_forgets_the_bytes_of_deleted_files() {
+    let disk = MemSmDisk::new();
+    let config = KvConfig {
+        cache_bytes_max: 4096,
+        ..config()
+    };
+    let mut store = now(KvStore::open(disk, config)).unwrap();
+    let mut index = 0;
+    let key = |k: u32| format!("key-{k}").into_bytes();
+    for round in 0..2u8 {
+        for k in 0..40 {
+            let value = vec![round; 300];
+            apply_one(&mut store, &mut index, Command::Put { key: key(k), value });
+        }
+        now(store.checkpoint()).unwrap();
+        if round == 0 {
+            // The cache fills with values whose files compaction empties below.
+            for k in 0..40 {
+                now(store.read(&key(k))).unwrap();
+            }
+            assert!(store.stats().cache_bytes > 3800, "{:?}", store.stats());
+        }
+    }
+    while now(store.compact_step(1 << 20)).unwrap() > 0 {}
+    for _ in 0..3 {
+        now(store.checkpoint_after_change(&mut index)).unwrap();
+    }
+    // Reads cache again: a value just read is served from memory.
+    for k in 30..40 {
+        now(store.read(&key(k))).unwrap();
+        assert!(
+            matches!(store.read_job(&key(k)).unwrap(), ReadStart::Done(Some(_))),
+            "key {k} was not kept ({:?})",
+            store.stats()
+        );
+    }
+    assert!(store.stats().cache_bytes <= 4096, "{:?}", store.stats());
 }
