@@ -28,7 +28,7 @@ use raft::eraftpb::{
 use raft::{GetEntriesContext, RawNode, SnapshotStatus, StateRole, Storage};
 use ringraft_sm::{
     encode_batch, encode_batch_vec, BatchView, ChunkJob, ChunkStart, Command, CommandLimits, CommandResult,
-    SmError, StateMachine,
+    ReadJob, ReadStart, SmError, StateMachine,
 };
 use ringraft_wal::{Disk, ReadError, Ticket, Wal};
 
@@ -126,6 +126,8 @@ pub struct ShardConfig {
     pub snapshot_chunks_in_flight: u64,
     /// Log reads for lagging followers out at once (`limits.log_reads_in_flight`).
     pub log_reads_in_flight: usize,
+    /// Reads of values on disk out at once (`limits.value_reads_in_flight`).
+    pub value_reads_in_flight: usize,
     /// Ticks a leader's lease lasts after a quorum confirmed it (0: lease reads take the
     /// ReadIndex path). See [`Consistency::Lease`].
     pub lease_ticks: u64,
@@ -162,6 +164,7 @@ impl ShardConfig {
             },
             snapshot_chunks_in_flight: config.limits.snapshot_chunks_in_flight,
             log_reads_in_flight: config.limits.log_reads_in_flight as usize,
+            value_reads_in_flight: config.limits.value_reads_in_flight as usize,
             lease_ticks: config.raft.lease_ticks(),
             peers: config
                 .cluster
@@ -221,6 +224,26 @@ pub struct Fetch<D: Disk> {
     pub plan: Option<ringraft_wal::ReadPlan<D::File>>,
     /// Every raft request the read answers (the same range asked for again while it waited).
     pub contexts: Vec<GetEntriesContext>,
+}
+
+/// A client read of a value on disk, to run beside the shard's loop (see
+/// [`ShardCore::take_value_reads`]); report it with [`ShardCore::value_read`] and `token`.
+pub struct ValueRead {
+    pub token: u64,
+    pub job: ReadJob,
+}
+
+impl std::fmt::Debug for ValueRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValueRead").field("token", &self.token).finish()
+    }
+}
+
+fn read_result(value: Option<Vec<u8>>) -> CommandResult {
+    match value {
+        Some(value) => CommandResult::Value(value),
+        None => CommandResult::NotFound,
+    }
 }
 
 /// A snapshot chunk to produce beside the shard's loop (see [`ShardCore::take_chunk_jobs`]).
@@ -532,6 +555,9 @@ pub struct ShardStats {
     /// leader resends them).
     pub apply_stalls: u64,
     pub restore_stalls: u64,
+    /// Client reads served by reading a value from the state machine's data files beside the
+    /// loop ([`StateMachine::read_job`]).
+    pub value_reads: u64,
 }
 
 /// One shard's groups. See the module docs for how a runner drives it.
@@ -580,6 +606,11 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     fetches_out: usize,
     /// Snapshot chunks to produce, for the runner (`take_chunk_jobs`).
     chunk_jobs: Vec<SnapshotChunkJob>,
+    /// Client reads of values on disk waiting for one of the shard's read slots
+    /// (`limits.value_reads_in_flight`), and those out with the runner, by token.
+    value_reads_waiting: VecDeque<(RequestId, ReadJob)>,
+    value_reads_out: BTreeMap<u64, RequestId>,
+    next_value_read: u64,
 }
 
 type AwakeSet = Rc<RefCell<std::collections::BTreeSet<u64>>>;
@@ -808,6 +839,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             fetch_order: VecDeque::new(),
             fetches_out: 0,
             chunk_jobs: Vec::new(),
+            value_reads_waiting: VecDeque::new(),
+            value_reads_out: BTreeMap::new(),
+            next_value_read: 0,
         })
     }
 
@@ -2791,23 +2825,82 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             g.reads_local.extend(reads);
         }
         for read in std::mem::take(&mut g.reads_local) {
-            let result = match g.sm.read(&read.key).await {
-                Ok(Some(value)) => Ok(vec![CommandResult::Value(value)]),
-                Ok(None) => Ok(vec![CommandResult::NotFound]),
+            // A value on disk is read beside the loop (`take_value_reads`); it is the value as
+            // of now, and this read's index is applied: linearizable.
+            let value = match g.sm.read_job(&read.key) {
+                Ok(ReadStart::Done(value)) => value,
+                Ok(ReadStart::Inline) => g.sm.read(&read.key).await.map_err(|e| e.to_string())?,
+                Ok(ReadStart::Job(job)) => {
+                    self.value_reads_waiting.push_back((read.request, job));
+                    continue;
+                }
                 Err(error) => return Err(error.to_string()),
             };
             self.answers.push(Answer {
                 request: read.request,
-                result,
+                result: Ok(vec![read_result(value)]),
             });
         }
         Ok(())
+    }
+
+    /// Client reads of values on disk to run beside the loop, at most
+    /// `value_reads_in_flight` out at once (the rest wait for [`ShardCore::value_read`] to
+    /// free a slot). The runner runs each job and reports it, in any order.
+    pub fn take_value_reads(&mut self) -> Vec<ValueRead> {
+        let mut out = Vec::new();
+        while self.value_reads_out.len() < self.config.value_reads_in_flight.max(1) {
+            let Some((request, job)) = self.value_reads_waiting.pop_front() else {
+                break;
+            };
+            let token = self.next_value_read;
+            self.next_value_read += 1;
+            self.value_reads_out.insert(token, request);
+            self.stats.value_reads += 1;
+            out.push(ValueRead { token, job });
+        }
+        out
+    }
+
+    /// The outcome of a [`ValueRead`]. A value that cannot be read (a damaged record, a
+    /// failing device) stops the shard, as a failing read during apply does: the store never
+    /// serves bytes it cannot verify. A read the shard already answered (it failed meanwhile)
+    /// is dropped.
+    pub fn value_read(&mut self, token: u64, result: Result<Option<Vec<u8>>, SmError>) {
+        let Some(request) = self.value_reads_out.remove(&token) else {
+            return;
+        };
+        match result {
+            Ok(value) => self.answers.push(Answer {
+                request,
+                result: Ok(vec![read_result(value)]),
+            }),
+            Err(error) => {
+                self.answers.push(Answer {
+                    request,
+                    result: Err(EngineError::Failed(error.to_string())),
+                });
+                self.fail(format!("read: {error}"));
+            }
+        }
+    }
+
+    /// Value reads out with the runner or waiting for a slot.
+    pub fn value_reads_pending(&self) -> usize {
+        self.value_reads_out.len() + self.value_reads_waiting.len()
     }
 
     /// After a failure every waiting request is answered, and new ones are refused.
     fn fail(&mut self, cause: String) {
         if self.failure.is_none() {
             self.failure = Some(cause.clone());
+        }
+        let reads = self.value_reads_waiting.drain(..).map(|(request, _)| request);
+        for request in reads.chain(std::mem::take(&mut self.value_reads_out).into_values()) {
+            self.answers.push(Answer {
+                request,
+                result: Err(EngineError::Failed(cause.clone())),
+            });
         }
         for g in self.groups.values_mut() {
             for (request, _, _) in g.queue.drain(..) {

@@ -43,7 +43,7 @@ pub use crate::beat::{Beat, BEAT_GROUP};
 pub use crate::client::{group_of, Client, LeaderCache};
 pub use crate::core::{
     unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, GroupMetrics, RequestId,
-    ShardConfig, ShardCore, ShardStats, SnapshotChunkJob,
+    ShardConfig, ShardCore, ShardStats, SnapshotChunkJob, ValueRead,
 };
 pub use crate::meta::GroupMeta;
 pub use crate::reply::{Outcome, ReplySink};

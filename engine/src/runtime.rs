@@ -888,6 +888,8 @@ async fn run_shard<S: StateMachine + 'static>(
     // loop; their tasks kick it.
     let fetched: FetchedQueue = Rc::new(RefCell::new(Vec::new()));
     let produced: ProducedQueue = Rc::new(RefCell::new(Vec::new()));
+    // Client reads of values on disk, finished beside the loop.
+    let values_read: ValuesReadQueue = Rc::new(RefCell::new(Vec::new()));
     // Failed log reads are logged once per LOG_READ_WARN_EVERY with how many failed: raft
     // retries a read at each append attempt, so a bad record would otherwise log at that rate.
     let read_failures: Rc<Cell<(Option<std::time::Instant>, u64)>> = Rc::new(Cell::new((None, 0)));
@@ -1001,6 +1003,9 @@ async fn run_shard<S: StateMachine + 'static>(
         }
         for (group, to, stream, number, result) in produced.borrow_mut().drain(..) {
             core.chunk_produced(group, to, stream, number, result);
+        }
+        for (token, result) in values_read.borrow_mut().drain(..) {
+            core.value_read(token, result);
         }
         for completion in done.borrow_mut().drain(..) {
             if let IoDone::Written { .. } = completion {
@@ -1130,6 +1135,17 @@ async fn run_shard<S: StateMachine + 'static>(
             glommio::timer::sleep(Duration::from_micros(1)).await;
         }
         core.apply().await;
+        // Reads of values on disk run beside the loop, many at once (one at a time in the
+        // loop, each ~100 µs device read held up every other read and the shard's own work).
+        for read in core.take_value_reads() {
+            let (values_read, kick) = (values_read.clone(), kick.clone());
+            glommio::spawn_local(async move {
+                let result = read.job.await;
+                values_read.borrow_mut().push((read.token, result));
+                kick.kick();
+            })
+            .detach();
+        }
         core.pump_snapshots().await;
         // Snapshot chunks are read and encoded beside the loop too (a chunk of values in data
         // files is hundreds of reads): the shard's groups go on meanwhile.
@@ -1253,6 +1269,9 @@ type FetchedQueue = Rc<
         )>,
     >,
 >;
+
+/// Client reads of values on disk finished beside a shard's loop: (token, value).
+type ValuesReadQueue = Rc<RefCell<Vec<(u64, Result<Option<Vec<u8>>, ringraft_sm::SmError>)>>>;
 
 /// Snapshot chunks produced beside a shard's loop: (group, follower, stream, chunk number, bytes).
 type ProducedQueue = Rc<RefCell<Vec<(u64, u64, u64, u64, Result<Vec<u8>, ringraft_sm::SmError>)>>>;

@@ -40,7 +40,7 @@ use porcupine_rs::{Model, Operation};
 use ringraft_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use ringraft_engine::{
     unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, ShardConfig, ShardCore, ShardStats,
-    SnapshotChunkJob, SnapshotPiece,
+    SnapshotChunkJob, SnapshotPiece, ValueRead,
 };
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
 use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFault, MemFileHandle, SplitMix64, Wal, WalConfig};
@@ -91,6 +91,7 @@ fn shard_config(node: u64) -> ShardConfig {
         snapshot_chunks_in_flight: 2,
         // Few, so catch-up reads also wait for a slot.
         log_reads_in_flight: 2,
+        value_reads_in_flight: 3,
         lease_ticks: LEASE_TICKS,
         peers: (1..=NODES).filter(|&n| n != node).collect(),
         quiesce_after_ticks: 30,
@@ -113,9 +114,13 @@ fn kv_config() -> KvConfig {
     KvConfig {
         inline_value_bytes_max: 16,
         // Small data files: they seal often, so upkeep compacts them under faults too.
-        data_file_bytes_max: 4 << 10,
+        data_file_bytes_max: 1 << 10,
         // Small chunks: a snapshot takes several, so streams resume and reorder under faults.
         snapshot_chunk_bytes: 256,
+        // A small write buffer and read cache: reads of values find them in data files, and
+        // are served beside the loop.
+        write_buffer_bytes: 4096,
+        cache_bytes_max: 256,
         ..KvConfig::default()
     }
 }
@@ -133,6 +138,9 @@ struct Node {
     /// Snapshot chunk jobs handed out, and when each runs and is reported (the state machine
     /// goes on applying meanwhile).
     chunk_jobs: Vec<(u64, SnapshotChunkJob)>,
+    /// Client reads of values on disk handed out, and when each is performed and reported
+    /// (the state machine goes on applying meanwhile).
+    value_reads: Vec<(u64, ValueRead)>,
     /// A segment preparation the WAL retries after a failure, and when (its backoff).
     prepare: Option<(u64, IoJob<MemDisk>)>,
     /// Until when the node's disk is full: creating a WAL segment fails with ENOSPC, and so
@@ -190,6 +198,7 @@ impl Node {
         self.write = None;
         self.fetches.clear();
         self.chunk_jobs.clear();
+        self.value_reads.clear();
         self.prepare = None;
         self.checkpoint_cursor = None;
     }
@@ -202,6 +211,7 @@ impl Node {
         self.write = None;
         self.fetches.clear();
         self.chunk_jobs.clear();
+        self.value_reads.clear();
         self.wal_disk.crash();
         for disk in self.sm_disks.values() {
             disk.crash();
@@ -306,6 +316,8 @@ struct Sim {
     leaders: BTreeMap<(u64, u64), u64>,
     applied: BTreeMap<(u64, u64), (u64, u32)>,
     writes: u64,
+    /// Per group, the numbers of the writes to unique keys (`g{group}-w{number}`) proposed.
+    unique_writes: BTreeMap<u64, Vec<u64>>,
     reads_ok: u64,
     history: Vec<Event>,
     /// Requests refused before anything happened (NotLeader, Busy...): left out of the history.
@@ -330,6 +342,7 @@ impl Sim {
                 write: None,
                 fetches: Vec::new(),
                 chunk_jobs: Vec::new(),
+                value_reads: Vec::new(),
                 prepare: None,
                 disk_full_until: 0,
                 prepare_failures: 0,
@@ -363,6 +376,7 @@ impl Sim {
             leaders: BTreeMap::new(),
             applied: BTreeMap::new(),
             writes: 0,
+            unique_writes: BTreeMap::new(),
             reads_ok: 0,
             history: Vec::new(),
             refused: BTreeSet::new(),
@@ -648,11 +662,15 @@ impl Sim {
         let hot = format!("g{group}-hot{}-{}", self.clock / 250, self.rng.below(HOT_KEYS)).into_bytes();
         match self.rng.below(10) {
             0..=2 => {
-                // A linearizable read: mostly of a hot key, sometimes of an earlier unique key.
-                let key = if self.rng.below(4) == 0 {
-                    format!("g{group}-w{}", self.rng.below(self.writes.max(1))).into_bytes()
-                } else {
-                    hot
+                // A linearizable read: mostly of a hot key, sometimes of a unique key written
+                // earlier (its value long since in a data file, if it is not inline).
+                let earlier = self.unique_writes.get(&group).filter(|w| !w.is_empty());
+                let key = match earlier {
+                    Some(writes) if self.rng.below(4) == 0 => {
+                        let number = writes[self.rng.below(writes.len() as u64) as usize];
+                        format!("g{group}-w{number}").into_bytes()
+                    }
+                    _ => hot,
                 };
                 self.pending.insert(
                     request,
@@ -682,6 +700,7 @@ impl Sim {
                 let key = if choice <= 5 {
                     hot
                 } else {
+                    self.unique_writes.entry(group).or_default().push(self.writes);
                     format!("g{group}-w{}", self.writes).into_bytes()
                 };
                 // Every other value is longer than the store keeps inline: those go to data
@@ -942,6 +961,11 @@ impl Sim {
                 let result = now(job.job);
                 core.chunk_produced(job.group, job.to, job.stream, job.number, result);
             }
+            let (due, later): (Vec<_>, Vec<_>) = node.value_reads.drain(..).partition(|(at, _)| *at <= clock);
+            node.value_reads = later;
+            for (_, read) in due {
+                core.value_read(read.token, now(read.job));
+            }
             core.propose();
             now(core.collect_ready());
             for fetch in core.take_fetches() {
@@ -952,9 +976,14 @@ impl Sim {
             let core = self.nodes[i].core.as_mut().unwrap();
             now(core.apply());
             now(core.pump_snapshots());
+            let reads = core.take_value_reads();
             for job in core.take_chunk_jobs() {
                 let due = self.clock + self.chunk_delay + self.rng.below(4);
                 self.nodes[i].chunk_jobs.push((due, job));
+            }
+            for read in reads {
+                let due = self.clock + self.rng.below(4);
+                self.nodes[i].value_reads.push((due, read));
             }
             let core = self.nodes[i].core.as_mut().unwrap();
             if let Some(cause) = core.failure() {
@@ -1165,6 +1194,7 @@ impl Sim {
             log_reads: self.total(|s| s.log_reads),
             apply_stalls: self.total(|s| s.apply_stalls),
             restore_stalls: self.total(|s| s.restore_stalls),
+            value_reads: self.total(|s| s.value_reads),
         }
     }
 
@@ -1182,7 +1212,8 @@ impl Sim {
 
 /// What one seed's run did: writes acknowledged, snapshots installed, groups whose membership
 /// ended other than it began, lease reads, failed segment preparations, abandoned checkpoints,
-/// log reads for lagging followers, and applies, chunks and installs refused for disk space.
+/// log reads for lagging followers, applies, chunks and installs refused for disk space, and
+/// reads of values on disk run beside the loop.
 #[derive(Default)]
 struct RunTotals {
     acked: usize,
@@ -1194,6 +1225,7 @@ struct RunTotals {
     log_reads: u64,
     apply_stalls: u64,
     restore_stalls: u64,
+    value_reads: u64,
 }
 
 fn seeds() -> Vec<u64> {
@@ -1223,6 +1255,7 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     let log_reads: u64 = runs.iter().map(|r| r.log_reads).sum();
     let apply_stalls: u64 = runs.iter().map(|r| r.apply_stalls).sum();
     let restore_stalls: u64 = runs.iter().map(|r| r.restore_stalls).sum();
+    let value_reads: u64 = runs.iter().map(|r| r.value_reads).sum();
     assert!(
         seeds.len() < 20 || acked >= 20 * seeds.len(),
         "only {acked} writes acknowledged over {} seeds: too few to mean anything",
@@ -1273,6 +1306,13 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
         "only {restore_stalls} snapshot pieces refused on a full disk over {} seeds",
         seeds.len()
     );
+    // Reads of values in data files ran beside the loops, answering milliseconds later while
+    // applies went on, and the history including them is linearizable.
+    assert!(
+        seeds.len() < 20 || value_reads >= seeds.len() as u64 / 2,
+        "only {value_reads} reads of values on disk over {} seeds",
+        seeds.len()
+    );
     // Followers caught up from the log too, through reads that finished loops later (the log
     // changing meanwhile).
     assert!(
@@ -1284,7 +1324,7 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
         "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership, \
          {lease_reads} reads served under a lease, {prepare_failures} segment preparations failed, \
          {abandoned} checkpoints abandoned, {log_reads} log reads, {apply_stalls} applies and \
-         {restore_stalls} snapshot pieces refused for space"
+         {restore_stalls} snapshot pieces refused for space, {value_reads} values read beside the loop"
     );
 }
 

@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 20] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 21] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -177,6 +177,12 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "counter",
             "Snapshot chunks or installs refused for lack of disk space (the leader resends them).",
             |s| s.stats.restore_stalls as f64,
+        ),
+        (
+            "ringraft_value_reads_total",
+            "counter",
+            "Client reads served by reading a value from the state machine's data files beside the shard loop.",
+            |s| s.stats.value_reads as f64,
         ),
         (
             "ringraft_requests_timed_out_total",

@@ -356,6 +356,9 @@ pub struct LimitsConfig {
     pub snapshot_chunks_in_flight: u64,
     /// Log reads for lagging followers a shard has out at once (the rest wait their turn).
     pub log_reads_in_flight: u64,
+    /// Reads of values in state machine data files a shard has out at once (the rest wait
+    /// their turn).
+    pub value_reads_in_flight: u64,
 }
 
 impl Default for LimitsConfig {
@@ -376,6 +379,11 @@ impl Default for LimitsConfig {
             // about raft.max_size_per_msg_bytes (plus gaps, wal READ_SPAN_MAX), so this also
             // bounds the memory catch-up holds.
             log_reads_in_flight: 4,
+            // Client reads of values not in memory run beside the shard's loop, this many at
+            // once: enough to keep an NVMe or virtio queue busy (one at a time, a 4 KiB read
+            // of ~100 µs held every read behind it), bounded so a burst of reads cannot
+            // crowd the WAL's writes off the device.
+            value_reads_in_flight: 64,
         }
     }
 }

@@ -153,7 +153,7 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
 
     // Limits that must not be zero.
     let c = config;
-    let nonzero: [(&str, u64); 29] = [
+    let nonzero: [(&str, u64); 30] = [
         ("shards.groups_per_shard", c.shards.groups_per_shard),
         ("batching.entry_bytes_max", c.batching.entry_bytes_max),
         ("batching.entry_commands_max", c.batching.entry_commands_max),
@@ -191,6 +191,7 @@ pub fn validate(config: &Config, topology: &Topology) -> Result<(), ConfigErrors
             c.limits.snapshot_chunks_in_flight,
         ),
         ("limits.log_reads_in_flight", c.limits.log_reads_in_flight),
+        ("limits.value_reads_in_flight", c.limits.value_reads_in_flight),
         ("sm.snapshot_reads_in_flight", c.sm.snapshot_reads_in_flight),
     ];
     let mut zero = BTreeSet::new();
