@@ -34,9 +34,7 @@ use ringraft_wal::{Disk, ReadError, Ticket, Wal};
 
 use crate::beat::{Beat, BEAT_GROUP};
 use crate::meta::GroupMeta;
-use crate::snapshot::{
-    worth_logging, Incoming, Outgoing, PieceKind, Serving, SnapshotPiece, STREAM_RETRIES_MAX,
-};
+use crate::snapshot::{Incoming, Outgoing, PieceKind, Serving, SnapshotPiece, STREAM_RETRIES_MAX};
 use crate::storage::{entry_type_code, FetchQueue, GroupStorage, SnapSlot};
 
 /// Identifies a client request within a shard; chosen by the runner.
@@ -1483,13 +1481,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         // the chunk when it sees no progress.
                         Err(error) if error.is_out_of_space() => {
                             self.stats.restore_stalls += 1;
-                            inc.space_refusals += 1;
-                            if worth_logging(inc.space_refusals) {
+                            if let Some(refusals) = inc.refused_for_space() {
                                 tracing::warn!(
-                                    "group {}: snapshot chunk {number} from node {} waits for disk space ({} refusals): {error}",
+                                    "group {}: snapshot chunk {number} from node {} waits for disk space ({refusals} refusals): {error}",
                                     piece.group,
-                                    piece.from,
-                                    inc.space_refusals
+                                    piece.from
                                 );
                             }
                         }
@@ -1541,12 +1537,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     Ok(()) => {}
                     Err(error) if error.is_out_of_space() => {
                         self.stats.restore_stalls += 1;
-                        inc.space_refusals += 1;
-                        if worth_logging(inc.space_refusals) {
+                        if let Some(refusals) = inc.refused_for_space() {
                             tracing::warn!(
-                                "group {}: snapshot install waits for disk space ({} refusals): {error}",
-                                piece.group,
-                                inc.space_refusals
+                                "group {}: snapshot install waits for disk space ({refusals} refusals): {error}",
+                                piece.group
                             );
                         }
                         return;

@@ -136,6 +136,15 @@ pub(crate) struct Incoming {
     pub(crate) space_refusals: u64,
 }
 
+impl Incoming {
+    /// Counts a chunk or completion refused for disk space; returns the count when it is worth
+    /// logging (see [`worth_logging`]).
+    pub(crate) fn refused_for_space(&mut self) -> Option<u64> {
+        self.space_refusals += 1;
+        worth_logging(self.space_refusals).then_some(self.space_refusals)
+    }
+}
+
 /// Whether the `count`th occurrence of a repeating condition is logged: the 1st, 10th, 100th,
 /// 1000th, then every 10,000th (a leader resends a refused chunk every election timeout).
 pub(crate) fn worth_logging(count: u64) -> bool {
