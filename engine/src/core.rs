@@ -2879,11 +2879,6 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
     }
 
-    /// Value reads out with the runner or waiting for a slot.
-    pub fn value_reads_pending(&self) -> usize {
-        self.value_reads_out.len() + self.value_reads_waiting.len()
-    }
-
     /// After a failure every waiting request is answered, and new ones are refused.
     fn fail(&mut self, cause: String) {
         if self.failure.is_none() {
