@@ -1039,6 +1039,33 @@ impl Sim {
         })
     }
 
+    /// How many groups node `id` leads.
+    fn leads(&self, id: u64) -> usize {
+        let core = self.nodes[(id - 1) as usize].core.as_ref().unwrap();
+        (0..GROUPS).filter(|&g| core.is_leader(g)).count()
+    }
+
+    /// Steps past the leader balancing of the first second until every group has a leader;
+    /// returns a node that leads one.
+    fn a_leader_after_balancing(&mut self) -> u64 {
+        while self.clock < 1_100 || (1..=NODES).map(|id| self.leads(id)).sum::<usize>() < GROUPS as usize {
+            assert!(self.clock < 10_000, "no leaders");
+            self.step();
+        }
+        (1..=NODES).find(|&id| self.leads(id) > 0).unwrap()
+    }
+
+    /// Steps until every group acknowledged a write, failing at `deadline` with `why`.
+    fn until_every_group_serves(&mut self, deadline: u64, why: &str) {
+        let acked_before = self.acked.len();
+        let mut served = BTreeSet::new();
+        while served.len() < GROUPS as usize {
+            assert!(self.clock < deadline, "only groups {served:?} served {why}");
+            self.step();
+            served.extend(self.acked[acked_before..].iter().map(|p| p.group));
+        }
+    }
+
     /// Stops the load, lets every node catch up, and checks: all replicas applied the same
     /// index and hold the same state, every acknowledged write is there, no snapshot is held
     /// open, idle groups quiesced, the history is linearizable.
@@ -1410,16 +1437,7 @@ fn a_slow_snapshot_stream_keeps_the_log_it_needs_and_the_follower_catches_up() {
 fn a_leader_out_of_disk_space_hands_its_groups_over_and_catches_up_later() {
     let mut sim = Sim::new(5);
     sim.faults = false;
-    let leads = |sim: &Sim, id: u64| {
-        let core = sim.nodes[(id - 1) as usize].core.as_ref().unwrap();
-        (0..GROUPS).filter(|&g| core.is_leader(g)).count()
-    };
-    // Past the leader balancing of the first second.
-    while sim.clock < 1_100 || (1..=NODES).map(|id| leads(&sim, id)).sum::<usize>() < GROUPS as usize {
-        assert!(sim.clock < 10_000, "no leaders");
-        sim.step();
-    }
-    let full = (1..=NODES).find(|&id| leads(&sim, id) > 0).unwrap();
+    let full = sim.a_leader_after_balancing();
     let i = (full - 1) as usize;
     sim.nodes[i].disk_full_until = u64::MAX;
     let failing = |sim: &Sim| {
@@ -1432,11 +1450,11 @@ fn a_leader_out_of_disk_space_hands_its_groups_over_and_catches_up_later() {
         sim.step();
     }
     let since = sim.clock;
-    while leads(&sim, full) > 0 {
+    while sim.leads(full) > 0 {
         assert!(
             sim.clock < since + 3_000,
             "node {full} still leads {} group(s) with its disk full",
-            leads(&sim, full)
+            sim.leads(full)
         );
         sim.step();
     }
@@ -1445,16 +1463,7 @@ fn a_leader_out_of_disk_space_hands_its_groups_over_and_catches_up_later() {
     while sim.clock < handed_over + 2_000 {
         sim.step();
     }
-    let acked_before = sim.acked.len();
-    let mut served = BTreeSet::new();
-    while served.len() < GROUPS as usize {
-        assert!(
-            sim.clock < handed_over + 6_000,
-            "only groups {served:?} served with node {full} out of space"
-        );
-        sim.step();
-        served.extend(sim.acked[acked_before..].iter().map(|p| p.group));
-    }
+    sim.until_every_group_serves(handed_over + 6_000, &format!("with node {full} out of space"));
     assert!(failing(&sim), "the disk is still full");
     assert!(sim.nodes[i].prepare_failures > 1, "the preparation was retried");
     // Space comes back: the node's WAL goes on and it catches up with the others.
@@ -1489,16 +1498,7 @@ fn a_leader_out_of_disk_space_hands_its_groups_over_and_catches_up_later() {
 #[test]
 fn a_node_whose_state_machine_disk_is_full_waits_to_apply_hands_over_and_catches_up() {
     let mut sim = Sim::calm(11);
-    let leads = |sim: &Sim, id: u64| {
-        let core = sim.nodes[(id - 1) as usize].core.as_ref().unwrap();
-        (0..GROUPS).filter(|&g| core.is_leader(g)).count()
-    };
-    // Past the leader balancing of the first second.
-    while sim.clock < 1_100 || (1..=NODES).map(|id| leads(&sim, id)).sum::<usize>() < GROUPS as usize {
-        assert!(sim.clock < 10_000, "no leaders");
-        sim.step();
-    }
-    let full = (1..=NODES).find(|&id| leads(&sim, id) > 0).unwrap();
+    let full = sim.a_leader_after_balancing();
     let i = (full - 1) as usize;
     sim.nodes[i].sm_disks_full = true;
     let stalls = |sim: &Sim| sim.nodes[i].core.as_ref().unwrap().stats().apply_stalls;
@@ -1511,25 +1511,17 @@ fn a_node_whose_state_machine_disk_is_full_waits_to_apply_hands_over_and_catches
         sim.step();
     }
     let since = sim.clock;
-    while leads(&sim, full) > 0 {
+    while sim.leads(full) > 0 {
         assert!(
             sim.clock < since + 3_000,
             "node {full} still leads {} group(s) unable to apply",
-            leads(&sim, full)
+            sim.leads(full)
         );
         sim.step();
     }
     // Every group serves writes without it.
-    let acked_before = sim.acked.len();
-    let mut served = BTreeSet::new();
-    while served.len() < GROUPS as usize {
-        assert!(
-            sim.clock < since + 8_000,
-            "only groups {served:?} served with node {full}'s state machines out of space"
-        );
-        sim.step();
-        served.extend(sim.acked[acked_before..].iter().map(|p| p.group));
-    }
+    let why = format!("with node {full}'s state machines out of space");
+    sim.until_every_group_serves(since + 8_000, &why);
     let refused = stalls(&sim);
     assert!(refused > 1, "the apply was offered again ({refused})");
     assert!(
