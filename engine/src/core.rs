@@ -293,6 +293,13 @@ impl<D: Disk> std::fmt::Debug for Fetch<D> {
 /// apply. A leader that stays stalled for an election timeout hands its leadership to a
 /// follower, whose clients then get answers, and again every `STALL_HANDOFF_EVERY` election
 /// timeouts should it be elected back while still stalled.
+///
+/// Unapplied entries stay pinned in the WAL's cache (raft reads them synchronously), so a
+/// stall would let memory grow with everything the group commits meanwhile. Once the shard's
+/// cache is over its budget (only pinned entries put it there), a stalled group takes no new
+/// entries: appends from its leader are dropped as if lost (the leader resends; the group
+/// catches up from the log or a snapshot once it applies again), and as leader it proposes
+/// nothing (requests wait in the group's bounded queue, then get `Busy`).
 struct ApplyStall {
     since_tick: u64,
     /// Refused since the last tick: the loop leaves the group alone until the next one.
@@ -1356,6 +1363,14 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         if !idle_traffic && member {
             g.wake();
         }
+        if envelope.message.msg_type == MessageType::MsgAppend
+            && g.apply_stall.is_some()
+            && self.wal.borrow().cache_over_budget()
+        {
+            // See `ApplyStall`: as if lost; the leader sends them again.
+            self.active.insert(envelope.group);
+            return;
+        }
         if envelope.message.msg_type != MessageType::MsgSnapshot {
             let _ = g.raw.step(envelope.message);
             if g.asleep && g.raw.has_ready() {
@@ -2192,6 +2207,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 }
                 g.queue_commands = 0;
                 g.queue_bytes = 0;
+                continue;
+            }
+            if g.apply_stall.is_some() && self.wal.borrow().cache_over_budget() {
+                // See `ApplyStall`: requests wait in the bounded queue (then `Busy`).
                 continue;
             }
             while !g.queue.is_empty() {

@@ -1494,7 +1494,9 @@ fn a_leader_out_of_disk_space_hands_its_groups_over_and_catches_up_later() {
 /// A node whose state machine disk fills up while its WAL has space cannot apply values stored
 /// in files: the entry waits (refused whole, offered again each tick) while the groups' logs go
 /// on; as a leader the node hands its groups to followers after about an election timeout, and
-/// the others serve writes. Once space is back it applies everything and agrees with them.
+/// the others serve writes. What it holds unapplied stays within its WAL cache budget (it
+/// takes no more entries beyond it). Once space is back it applies everything and agrees with
+/// them.
 #[test]
 fn a_node_whose_state_machine_disk_is_full_waits_to_apply_hands_over_and_catches_up() {
     let mut sim = Sim::calm(11);
@@ -1522,6 +1524,26 @@ fn a_node_whose_state_machine_disk_is_full_waits_to_apply_hands_over_and_catches
     // Every group serves writes without it.
     let why = format!("with node {full}'s state machines out of space");
     sim.until_every_group_serves(since + 8_000, &why);
+    // The writes go on for a while: what the node holds unapplied (pinned in its WAL cache)
+    // stays bounded, as it takes no more entries once its cache is over budget.
+    let cached = |sim: &Sim| {
+        sim.nodes[i]
+            .core
+            .as_ref()
+            .unwrap()
+            .wal()
+            .borrow()
+            .stats()
+            .cache_bytes
+    };
+    let (mut most_cached, until) = (cached(&sim), sim.clock + 6_000);
+    while sim.clock < until {
+        sim.step();
+        most_cached = most_cached.max(cached(&sim));
+    }
+    // The budget, and one append taken while under it.
+    let bound = wal_config().cache_bytes_max + shard_config(1).max_size_per_msg as usize;
+    assert!(most_cached <= bound, "{most_cached} bytes cached, over {bound}");
     let refused = stalls(&sim);
     assert!(refused > 1, "the apply was offered again ({refused})");
     assert!(

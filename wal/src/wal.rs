@@ -1218,6 +1218,12 @@ impl<D: Disk> Wal<D> {
         }
     }
 
+    /// Whether the entry cache holds more than its budget: entries pinned by
+    /// [`Wal::set_cache_floor`] (or not yet durable) cannot be evicted.
+    pub fn cache_over_budget(&self) -> bool {
+        self.cache_bytes > self.config.cache_bytes_max
+    }
+
     /// Keeps a group's entries from `index` on in the cache: raft-rs reads unapplied committed
     /// entries synchronously, so they must not need a disk read. Raise it as entries are applied.
     pub fn set_cache_floor(&mut self, group: u64, index: u64) {
