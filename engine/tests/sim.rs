@@ -1055,6 +1055,19 @@ impl Sim {
         (1..=NODES).find(|&id| self.leads(id) > 0).unwrap()
     }
 
+    /// Steps until node `id` leads no group, failing after `within` ms with `why`.
+    fn until_it_leads_none(&mut self, id: u64, within: u64, why: &str) {
+        let since = self.clock;
+        while self.leads(id) > 0 {
+            assert!(
+                self.clock < since + within,
+                "node {id} still leads {} group(s) {why}",
+                self.leads(id)
+            );
+            self.step();
+        }
+    }
+
     /// Steps until every group acknowledged a write, failing at `deadline` with `why`.
     fn until_every_group_serves(&mut self, deadline: u64, why: &str) {
         let acked_before = self.acked.len();
@@ -1449,15 +1462,7 @@ fn a_leader_out_of_disk_space_hands_its_groups_over_and_catches_up_later() {
         assert!(sim.clock < 60_000, "node {full}'s WAL never needed a new segment");
         sim.step();
     }
-    let since = sim.clock;
-    while sim.leads(full) > 0 {
-        assert!(
-            sim.clock < since + 3_000,
-            "node {full} still leads {} group(s) with its disk full",
-            sim.leads(full)
-        );
-        sim.step();
-    }
+    sim.until_it_leads_none(full, 3_000, "with its disk full");
     // Every group serves writes without it, well after its WAL stalled.
     let handed_over = sim.clock;
     while sim.clock < handed_over + 2_000 {
@@ -1513,14 +1518,7 @@ fn a_node_whose_state_machine_disk_is_full_waits_to_apply_hands_over_and_catches
         sim.step();
     }
     let since = sim.clock;
-    while sim.leads(full) > 0 {
-        assert!(
-            sim.clock < since + 3_000,
-            "node {full} still leads {} group(s) unable to apply",
-            sim.leads(full)
-        );
-        sim.step();
-    }
+    sim.until_it_leads_none(full, 3_000, "unable to apply");
     // Every group serves writes without it.
     let why = format!("with node {full}'s state machines out of space");
     sim.until_every_group_serves(since + 8_000, &why);

@@ -1060,11 +1060,10 @@ impl<D: SmDisk> KvStore<D> {
         }
     }
 
-    /// Step 1 of the sequence; the state to write is the index as it is now (nothing copied).
-    async fn checkpoint_begin(&mut self) -> Result<(), SmError> {
+    /// Writes out the tail and syncs every data file written since the last checkpoint: a
+    /// checkpoint that points into them can exist only after this.
+    async fn write_out_data(&mut self) -> Result<(), SmError> {
         self.flush_tail().await?;
-        // Every data file written since the last checkpoint is synced before the checkpoint
-        // that points into it can exist.
         for file in std::mem::take(&mut self.dirty) {
             let name = data_file_name(file);
             self.disk
@@ -1072,6 +1071,12 @@ impl<D: SmDisk> KvStore<D> {
                 .await
                 .map_err(|e| SmError::io("sync", name.clone(), e))?;
         }
+        Ok(())
+    }
+
+    /// Step 1 of the sequence; the state to write is the index as it is now (nothing copied).
+    async fn checkpoint_begin(&mut self) -> Result<(), SmError> {
+        self.write_out_data().await?;
         // `checkpoint.tmp`, if there, is an old checkpoint kept for reuse (or one abandoned):
         // it is written over, its header last, and never read as a checkpoint.
         let mut staged = vec![0; CHECKPOINT_HEADER_BYTES];
@@ -1901,18 +1906,13 @@ impl<D: SmDisk> StateMachine for KvStore<D> {
         if restore.prepared.is_some() {
             return Ok(());
         }
-        // The staged values, written and synced (as in a checkpoint's first step).
-        if let Err(error) = self.flush_tail().await {
-            return Err(match error.is_out_of_space() {
+        // The staged values, written and synced (as in a checkpoint's first step; out of space
+        // writing the tail waits, a failed sync fails the store).
+        if let Err(error) = self.write_out_data().await {
+            return Err(match abandons_checkpoint(&error) {
                 true => error,
                 false => self.fail(error),
             });
-        }
-        for file in std::mem::take(&mut self.dirty) {
-            let name = data_file_name(file);
-            if let Err(error) = self.disk.sync(&name).await {
-                return Err(self.fail(SmError::io("sync", name, error)));
-            }
         }
         // The new state's checkpoint. Its files: those its values are in (staged since the
         // restore began: compaction waits for it, so none of them goes meanwhile), and the
