@@ -17,7 +17,7 @@
 //!    caps them at the persisted index) are applied and their proposers answered.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -374,7 +374,7 @@ struct Group<D: Disk, S: StateMachine> {
     /// Leader: consecutive idle ticks, and the quiesce request out (term, index, members that
     /// acknowledged).
     idle_ticks: u64,
-    quiesce_acks: Option<(u64, u64, std::collections::BTreeSet<u64>)>,
+    quiesce_acks: Option<(u64, u64, BTreeSet<u64>)>,
     /// Follower: woke since the last beat, and its leader must hear so.
     woke_unreported: bool,
 }
@@ -441,10 +441,18 @@ impl<D: Disk, S: StateMachine> Group<D, S> {
             || self.raw.raft.raft_log.applied < self.applied
     }
 
-    /// Nothing waiting here: no requests, reads, proposals, entries to apply or snapshots.
+    /// Nothing waiting here ([`Group::unoccupied`]), and the whole log committed, persisted and
+    /// applied.
     fn quiet(&self) -> bool {
         let log = &self.raw.raft.raft_log;
         let last = log.last_index();
+        self.unoccupied() && log.committed == last && log.persisted == last
+    }
+
+    /// Nothing under way for clients or peers: no requests queued, reads waiting, proposals
+    /// unanswered, snapshots moving or Ready, and everything committed applied (what is past
+    /// the commit index may stay unknown: a removed node never learns its fate).
+    fn unoccupied(&self) -> bool {
         self.queue.is_empty()
             && self.reads_unsent.is_empty()
             && self.reads_inflight.is_empty()
@@ -455,9 +463,7 @@ impl<D: Disk, S: StateMachine> Group<D, S> {
             && self.outgoing.is_empty()
             && self.incoming.is_none()
             && !self.raw.has_ready()
-            && log.committed == last
-            && log.persisted == last
-            && self.applied == last
+            && self.applied == self.raw.raft.raft_log.committed
     }
 
     /// A leader whose group could quiesce: quiet, every member has everything, no transfer or
@@ -563,6 +569,9 @@ pub struct ShardStats {
     /// Client reads served by reading a value from the state machine's data files beside the
     /// loop ([`StateMachine::read_job`]).
     pub value_reads: u64,
+    /// Groups this node put to sleep because a member said it is no longer in them (it was
+    /// removed while down or cut off, and kept campaigning): see `beat.rs`.
+    pub campaigns_stopped: u64,
 }
 
 /// One shard's groups. See the module docs for how a runner drives it.
@@ -596,6 +605,9 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     last_heard: BTreeMap<u64, u64>,
     /// Quiesce acknowledgements to send with the next beat, by leader node.
     beat_acks: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// Groups to tell a peer node it is no member of (it asked for votes in them), with the
+    /// next beat; at most every group once per peer.
+    removal_notices: BTreeMap<u64, BTreeSet<u64>>,
     /// Groups not asleep (ticked).
     awake: AwakeSet,
     /// Numbers this node's snapshot streams.
@@ -603,7 +615,7 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     /// Groups that may have work this loop (marked by every entry point that touches one, and
     /// kept while work remains): the per-loop passes visit only these, so a loop costs what
     /// its busy groups cost, not what the shard's thousands of idle ones would.
-    active: std::collections::BTreeSet<u64>,
+    active: BTreeSet<u64>,
     /// Log reads waiting for a slot, by (group, first index), in the order asked; and how
     /// many are out (handed to the runner by `take_fetches`, not yet `fetched`).
     fetch_waiting: BTreeMap<(u64, u64), FetchWait>,
@@ -618,7 +630,7 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     next_value_read: u64,
 }
 
-type AwakeSet = Rc<RefCell<std::collections::BTreeSet<u64>>>;
+type AwakeSet = Rc<RefCell<BTreeSet<u64>>>;
 
 impl<D: Disk, S: StateMachine> std::fmt::Debug for ShardCore<D, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -752,7 +764,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let wal = Rc::new(RefCell::new(wal));
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut groups = BTreeMap::new();
-        let machines_ids: std::collections::BTreeSet<u64> = machines.iter().map(|(g, _)| *g).collect();
+        let machines_ids: BTreeSet<u64> = machines.iter().map(|(g, _)| *g).collect();
         let awake: AwakeSet = Rc::new(RefCell::new(machines_ids.clone()));
         for (group, sm) in machines {
             let applied = sm.durable_index();
@@ -837,6 +849,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             commit_latency_us: crate::runtime::new_histogram(),
             last_heard: BTreeMap::new(),
             beat_acks: BTreeMap::new(),
+            removal_notices: BTreeMap::new(),
             active: machines_ids,
             next_stream: 0,
             awake,
@@ -1359,9 +1372,25 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             envelope.message.msg_type,
             MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
         );
-        let member = g.raw.raft.prs().get(envelope.message.from).is_some();
+        let from = envelope.message.from;
+        let member = g.raw.raft.prs().get(from).is_some();
         if !idle_traffic && member {
             g.wake();
+        }
+        // A non-member asking for votes was removed while away: tell it with the next beat,
+        // if this node knows the group's leader (so its membership is not just its own guess).
+        if !member
+            && matches!(
+                envelope.message.msg_type,
+                MessageType::MsgRequestPreVote | MessageType::MsgRequestVote
+            )
+            && g.raw.raft.leader_id != raft::INVALID_ID
+            && self.config.peers.contains(&from)
+        {
+            self.removal_notices
+                .entry(from)
+                .or_default()
+                .insert(envelope.group);
         }
         if envelope.message.msg_type == MessageType::MsgAppend
             && g.apply_stall.is_some()
@@ -1832,7 +1861,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     /// leadership only towards the share, so it converges and never ping-pongs.
     pub fn balance_leaders(&mut self) -> Option<(u64, u64)> {
         // The nodes voting in any of the shard's groups (memberships change over time).
-        let voters: std::collections::BTreeSet<u64> = self
+        let voters: BTreeSet<u64> = self
             .groups
             .values()
             .flat_map(|g| g.conf_state.voters.iter().copied())
@@ -2089,6 +2118,17 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         for (leader, acks) in std::mem::take(&mut self.beat_acks) {
             beats.entry(leader).or_default().quiesced.extend(acks);
         }
+        for (peer, groups) in std::mem::take(&mut self.removal_notices) {
+            for group in groups {
+                let Some(g) = self.groups.get(&group) else {
+                    continue;
+                };
+                let raft = &g.raw.raft;
+                if raft.leader_id != raft::INVALID_ID && raft.prs().get(peer).is_none() {
+                    beats.entry(peer).or_default().removed.push((group, raft.term));
+                }
+            }
+        }
         for (to, beat) in beats {
             self.messages.push(Envelope {
                 group: BEAT_GROUP,
@@ -2128,6 +2168,19 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 if g.raw.raft.state == StateRole::Leader && g.raw.raft.term == term {
                     g.wake();
                 }
+            }
+        }
+        for (group, term) in beat.removed {
+            let Some(g) = self.groups.get_mut(&group) else {
+                continue;
+            };
+            if g.raw.raft.state != StateRole::Leader && !g.asleep && g.unoccupied() {
+                tracing::info!(
+                    "group {group}: node {from} (term {term}) says this node is no longer a member; \
+                     it stops campaigning until a member contacts it"
+                );
+                g.sleep();
+                self.stats.campaigns_stopped += 1;
             }
         }
         for (group, term) in beat.quiesced {

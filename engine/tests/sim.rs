@@ -37,7 +37,9 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use porcupine_rs::{Model, Operation};
-use ringraft_engine::raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+use ringraft_engine::raft::eraftpb::{
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, MessageType,
+};
 use ringraft_engine::{
     unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, ShardConfig, ShardCore, ShardStats,
     SnapshotChunkJob, SnapshotPiece, ValueRead,
@@ -328,6 +330,8 @@ struct Sim {
     retain: u64,
     /// Milliseconds a snapshot chunk job takes at least (a slow disk under the leader's data).
     chunk_delay: u64,
+    /// Vote and pre-vote requests each node sent (campaigns), dropped ones included.
+    vote_requests: BTreeMap<u64, u64>,
 }
 
 impl Sim {
@@ -384,6 +388,7 @@ impl Sim {
             lease_reads_total: 0,
             retain: RETAIN_ENTRIES,
             chunk_delay: 0,
+            vote_requests: BTreeMap::new(),
         };
         for node in &mut sim.nodes {
             node.start();
@@ -495,6 +500,14 @@ impl Sim {
                 Packet::Raft(envelope) => envelope.message.to,
                 Packet::Piece(piece) => piece.to,
             };
+            if let Packet::Raft(envelope) = &envelope {
+                if matches!(
+                    envelope.message.msg_type,
+                    MessageType::MsgRequestPreVote | MessageType::MsgRequestVote
+                ) {
+                    *self.vote_requests.entry(from).or_default() += 1;
+                }
+            }
             if self.blocked.contains(&(from, to)) || self.chance(self.drop_percent) {
                 continue;
             }
@@ -1235,6 +1248,7 @@ impl Sim {
             apply_stalls: self.total(|s| s.apply_stalls),
             restore_stalls: self.total(|s| s.restore_stalls),
             value_reads: self.total(|s| s.value_reads),
+            campaigns_stopped: self.total(|s| s.campaigns_stopped),
         }
     }
 
@@ -1252,8 +1266,8 @@ impl Sim {
 
 /// What one seed's run did: writes acknowledged, snapshots installed, groups whose membership
 /// ended other than it began, lease reads, failed segment preparations, abandoned checkpoints,
-/// log reads for lagging followers, applies, chunks and installs refused for disk space, and
-/// reads of values on disk run beside the loop.
+/// log reads for lagging followers, applies, chunks and installs refused for disk space, reads
+/// of values on disk run beside the loop, and groups where a removed node stopped campaigning.
 #[derive(Default)]
 struct RunTotals {
     acked: usize,
@@ -1266,6 +1280,7 @@ struct RunTotals {
     apply_stalls: u64,
     restore_stalls: u64,
     value_reads: u64,
+    campaigns_stopped: u64,
 }
 
 fn seeds() -> Vec<u64> {
@@ -1299,6 +1314,7 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     );
     let (apply_stalls, restore_stalls) = (total(|r| r.apply_stalls), total(|r| r.restore_stalls));
     let (value_reads, log_reads) = (total(|r| r.value_reads), total(|r| r.log_reads));
+    let campaigns_stopped = total(|r| r.campaigns_stopped);
     // Each at least `per_seed` times the number of seeds (over enough seeds to mean anything).
     let at_least = |got: u64, per_seed: f64, what: &str| {
         assert!(
@@ -1335,11 +1351,15 @@ fn cluster_is_safe_under_crashes_partitions_and_loss_and_recovers() {
     // Followers caught up from the log too, through reads that finished loops later (the log
     // changing meanwhile).
     at_least(log_reads, 1.0, "log reads for lagging followers");
+    // Voters removed while crashed or cut off were told so by the members and stopped
+    // campaigning, and the liveness checks held (re-added ones woke and caught up).
+    at_least(campaigns_stopped, 0.1, "campaigns of removed nodes stopped");
     eprintln!(
         "{acked} writes acknowledged, {installed} snapshots installed, {changed} groups changed membership, \
          {lease_reads} reads served under a lease, {prepare_failures} segment preparations failed, \
          {abandoned} checkpoints abandoned, {log_reads} log reads, {apply_stalls} applies and \
-         {restore_stalls} snapshot pieces refused for space, {value_reads} values read beside the loop"
+         {restore_stalls} snapshot pieces refused for space, {value_reads} values read beside the loop, \
+         {campaigns_stopped} campaigns of removed nodes stopped"
     );
 }
 
@@ -1561,6 +1581,108 @@ fn a_node_whose_state_machine_disk_is_full_waits_to_apply_hands_over_and_catches
         sim.step();
     }
     sim.settle_and_check();
+}
+
+/// A voter removed from every group while it was cut off never applies its removal, so it would
+/// campaign for ever (pre-vote keeps it from disrupting the members, not from trying). The
+/// members tell it in their beats and it stops. Added back, it catches up and votes again.
+#[test]
+fn a_node_removed_while_cut_off_stops_campaigning_and_can_be_added_back() {
+    let mut sim = Sim::calm(21);
+    sim.a_leader_after_balancing();
+    let away = (1..=INITIAL_VOTERS).find(|&id| sim.leads(id) == 0).unwrap();
+    let i = (away - 1) as usize;
+    sim.isolate(away);
+    let change = |change_type| {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.node_id = away;
+        let mut change = ConfChangeV2::default();
+        change.set_changes(vec![single].into());
+        change
+    };
+    // Asks each group's leader for `change_type` of `away` until every group's membership
+    // `holds`.
+    let change_all = |sim: &mut Sim, change_type, holds: &dyn Fn(&ConfState) -> bool| {
+        let since = sim.clock;
+        let applied_everywhere = |sim: &Sim| {
+            (0..GROUPS).all(|group| {
+                // The other initial voters (node 4 is in no group).
+                sim.nodes
+                    .iter()
+                    .filter(|n| n.id != away && n.id <= INITIAL_VOTERS)
+                    .all(|n| {
+                        let conf = n.core.as_ref().unwrap().membership(group).unwrap();
+                        holds(&conf)
+                    })
+            })
+        };
+        while !applied_everywhere(sim) {
+            assert!(
+                sim.clock < since + 5_000,
+                "membership change {change_type:?} of node {away} not applied"
+            );
+            if sim.clock % 200 == 0 {
+                for group in 0..GROUPS {
+                    let leader = sim
+                        .nodes
+                        .iter_mut()
+                        .filter_map(|n| n.core.as_mut())
+                        .find(|c| c.is_leader(group));
+                    if let Some(core) = leader {
+                        if !holds(&core.membership(group).unwrap()) {
+                            let request = sim.next_request;
+                            sim.next_request += 1;
+                            core.change_membership(group, request, change(change_type));
+                        }
+                    }
+                }
+            }
+            sim.step();
+        }
+    };
+    let removed = |conf: &ConfState| !conf.voters.contains(&away) && !conf.learners.contains(&away);
+    change_all(&mut sim, ConfChangeType::RemoveNode, &removed);
+    // It still thinks it is a voter, and campaigns once it can reach the others.
+    let campaigns = |sim: &Sim| sim.vote_requests.get(&away).copied().unwrap_or(0);
+    let core = |sim: &Sim| sim.nodes[i].core.as_ref().unwrap().stats();
+    assert_eq!(core(&sim).campaigns_stopped, 0);
+    let before = campaigns(&sim);
+    sim.load = false;
+    sim.blocked.clear();
+    let healed = sim.clock;
+    while sim.clock < healed + 2_000 {
+        sim.step();
+    }
+    assert!(
+        campaigns(&sim) > before,
+        "node {away} did not campaign after its removal"
+    );
+    assert_eq!(
+        core(&sim).campaigns_stopped,
+        GROUPS,
+        "node {away} did not stop campaigning in every group"
+    );
+    let stopped = campaigns(&sim);
+    while sim.clock < healed + 6_000 {
+        sim.step();
+    }
+    assert_eq!(campaigns(&sim), stopped, "node {away} campaigned again");
+    for group in 0..GROUPS {
+        assert!(sim.nodes[i].core.as_ref().unwrap().is_asleep(group));
+    }
+    // Added back (a learner, then a voter): the leader's messages wake it and it catches up.
+    sim.load = true;
+    change_all(&mut sim, ConfChangeType::AddLearnerNode, &|c: &ConfState| {
+        c.learners.contains(&away)
+    });
+    change_all(&mut sim, ConfChangeType::AddNode, &|c: &ConfState| {
+        c.voters.contains(&away)
+    });
+    let why = format!("with node {away} back as a voter");
+    sim.until_every_group_serves(sim.clock + 5_000, &why);
+    sim.settle_and_check();
+    assert!(sim.caught_up(i), "node {away} did not catch up");
 }
 
 /// A leader cut off from its group keeps proposing; a new leader's entries then replace the

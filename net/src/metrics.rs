@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 21] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 22] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -183,6 +183,12 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "counter",
             "Client reads served by reading a value from the state machine's data files beside the shard loop.",
             |s| s.stats.value_reads as f64,
+        ),
+        (
+            "ringraft_campaigns_stopped_total",
+            "counter",
+            "Groups this node stopped campaigning in because a member said it had been removed from them while away.",
+            |s| s.stats.campaigns_stopped as f64,
         ),
         (
             "ringraft_requests_timed_out_total",
