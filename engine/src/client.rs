@@ -214,25 +214,37 @@ impl Client {
         group: u64,
         commands: Vec<Command>,
     ) -> Result<Vec<CommandResult>, EngineError> {
-        self.call(
+        self.submit_made(group, || commands.clone()).await
+    }
+
+    /// [`Client::submit`] of the commands `make` builds, once per attempt (the shard takes
+    /// each attempt's commands; a redirect needs them again).
+    async fn submit_made(
+        &self,
+        group: u64,
+        make: impl Fn() -> Vec<Command>,
+    ) -> Result<Vec<CommandResult>, EngineError> {
+        let input = |reply| ShardInput::Submit {
             group,
-            |reply| ShardInput::Submit {
-                group,
-                commands: commands.clone(),
-                reply,
-            },
-            true,
-        )
-        .await
+            commands: make(),
+            reply,
+        };
+        self.call(group, input, true).await
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
-        put_answer(self.submit(self.group_of(key), put_commands(key, value)).await?)
+        put_answer(
+            self.submit_made(self.group_of(key), || put_commands(key, value))
+                .await?,
+        )
     }
 
     /// Deletes `key`; `false` if it was absent.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, EngineError> {
-        delete_answer(self.submit(self.group_of(key), delete_commands(key)).await?)
+        delete_answer(
+            self.submit_made(self.group_of(key), || delete_commands(key))
+                .await?,
+        )
     }
 
     /// Writes `new` (`None` deletes) if the value is `expected`; otherwise returns the current
@@ -243,8 +255,8 @@ impl Client {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<Result<(), Option<Vec<u8>>>, EngineError> {
-        let commands = cas_commands(key, expected, new);
-        cas_answer(self.submit(self.group_of(key), commands).await?)
+        let make = || cas_commands(key, expected, new);
+        cas_answer(self.submit_made(self.group_of(key), make).await?)
     }
 
     pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, EngineError> {

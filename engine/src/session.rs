@@ -173,17 +173,27 @@ impl Session {
         group: u64,
         commands: Vec<Command>,
     ) -> Result<Vec<CommandResult>, EngineError> {
-        let make = |reply| ShardInput::Submit {
+        self.submit_made(group, || commands.clone()).await
+    }
+
+    /// [`Session::submit`] of the commands `make` builds, once per attempt (the shard takes
+    /// each attempt's commands; a redirect needs them again).
+    async fn submit_made(
+        &self,
+        group: u64,
+        make: impl Fn() -> Vec<Command>,
+    ) -> Result<Vec<CommandResult>, EngineError> {
+        let input = |reply| ShardInput::Submit {
             group,
-            commands: commands.clone(),
+            commands: make(),
             reply,
         };
-        self.call(group, make, true).await
+        self.call(group, input, true).await
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
         put_answer(
-            self.submit(self.client.group_of(key), put_commands(key, value))
+            self.submit_made(self.client.group_of(key), || put_commands(key, value))
                 .await?,
         )
     }
@@ -191,7 +201,7 @@ impl Session {
     /// Deletes `key`; `false` if it was absent.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, EngineError> {
         delete_answer(
-            self.submit(self.client.group_of(key), delete_commands(key))
+            self.submit_made(self.client.group_of(key), || delete_commands(key))
                 .await?,
         )
     }
@@ -204,8 +214,8 @@ impl Session {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<Result<(), Option<Vec<u8>>>, EngineError> {
-        let commands = cas_commands(key, expected, new);
-        cas_answer(self.submit(self.client.group_of(key), commands).await?)
+        let make = || cas_commands(key, expected, new);
+        cas_answer(self.submit_made(self.client.group_of(key), make).await?)
     }
 
     pub async fn get(&self, key: &[u8], consistency: Consistency) -> Result<Option<Vec<u8>>, EngineError> {
