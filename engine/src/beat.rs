@@ -27,10 +27,10 @@
 //! Quiescence: a leader whose group stayed idle (everything committed, applied and acknowledged
 //! by every member, nothing queued) for `raft.quiesce_after_ms` lists it in its beats. A
 //! follower that has exactly that state quiesces the group (stops ticking it) and acknowledges;
-//! once every member did, the leader stops ticking it too: no heartbeats, no ticks. Any message,
-//! request or snapshot piece for the group wakes it; a follower that wakes says so in its next
-//! beat, which wakes its leader (else the follower would time out waiting for heartbeats and
-//! unseat a healthy leader). Beats keep flowing: a follower whose
+//! once every member did, the leader stops ticking it too: no heartbeats, no ticks. Any message
+//! from a member, request to the leader or snapshot piece for the group wakes it; a follower
+//! that wakes says so in its next beat, which wakes its leader (else the follower would time out
+//! waiting for heartbeats and unseat a healthy leader). Beats keep flowing: a follower whose
 //! leader's node went silent for an election timeout wakes the groups that node leads, which
 //! then elect a new leader as usual.
 //!

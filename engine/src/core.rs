@@ -1018,13 +1018,15 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             .groups
             .get_mut(&group)
             .ok_or(EngineError::UnknownGroup(group))?;
-        g.wake();
+        // A follower answers without waking: a client with stale routing must not keep a
+        // quiesced group (and its leader) awake, nor a removed node campaigning.
         if g.raw.raft.state != StateRole::Leader {
             let leader = g.raw.raft.leader_id;
             return Err(EngineError::NotLeader {
                 leader: known_leader(leader),
             });
         }
+        g.wake();
         if commands.is_empty() {
             return Err(EngineError::BadRequest("no commands".into()));
         }
@@ -1071,7 +1073,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             });
             return;
         };
-        if consistency != Consistency::Local {
+        // Only a leader's reads need the group ticking (ReadIndex rounds, lease renewals); a
+        // follower answers NotLeader or serves a local read without waking (see `try_submit`).
+        if consistency != Consistency::Local && g.raw.raft.state == StateRole::Leader {
             g.wake();
         }
         let read = ReadRequest { request, key };

@@ -1685,6 +1685,68 @@ fn a_node_removed_while_cut_off_stops_campaigning_and_can_be_added_back() {
     assert!(sim.caught_up(i), "node {away} did not catch up");
 }
 
+/// A quiesced follower answers the requests it cannot serve (writes, linearizable and lease
+/// reads) with `NotLeader` naming the leader, and stays asleep: a client with stale routing
+/// must not keep idle groups, and their leaders, ticking.
+#[test]
+fn a_quiesced_follower_redirects_requests_without_waking() {
+    let mut sim = Sim::calm(3);
+    sim.a_leader_after_balancing();
+    sim.load = false;
+    let idle = sim.clock;
+    while sim.clock < idle + 3_000 {
+        sim.step();
+    }
+    let group = 0;
+    let members = sim.members(group);
+    let asleep = |sim: &Sim| {
+        members.iter().all(|&id| {
+            sim.nodes[(id - 1) as usize]
+                .core
+                .as_ref()
+                .unwrap()
+                .is_asleep(group)
+        })
+    };
+    assert!(asleep(&sim), "group {group} did not quiesce");
+    let leader = members
+        .iter()
+        .copied()
+        .find(|&id| {
+            sim.nodes[(id - 1) as usize]
+                .core
+                .as_ref()
+                .unwrap()
+                .is_leader(group)
+        })
+        .unwrap();
+    let follower = members.iter().copied().find(|&id| id != leader).unwrap();
+    let core = sim.nodes[(follower - 1) as usize].core.as_mut().unwrap();
+    let request = sim.next_request;
+    sim.next_request += 3;
+    let put = Command::Put {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+    };
+    core.submit(group, request, vec![put]);
+    core.read(group, request + 1, b"k".to_vec(), Consistency::Linearizable);
+    core.read(group, request + 2, b"k".to_vec(), Consistency::Lease);
+    let (_, answers) = core.take_output();
+    assert_eq!(answers.len(), 3);
+    for answer in answers {
+        assert!(
+            matches!(answer.result, Err(EngineError::NotLeader { leader: Some(l) }) if l == leader),
+            "{:?}",
+            answer.result
+        );
+    }
+    let asked = sim.clock;
+    while sim.clock < asked + 1_000 {
+        sim.step();
+        assert!(asleep(&sim), "a request to a follower woke group {group}");
+    }
+}
+
 /// A leader cut off from its group keeps proposing; a new leader's entries then replace the
 /// tail of its log. Proposals whose index the cut-back log no longer reaches are answered
 /// (outcome unknown) without waiting for the group to write that far again: an idle group
