@@ -1968,6 +1968,19 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     }
                 }
             }
+            // A node that is no member of the group (removed, or never added: a node beyond
+            // the group's replicas) has nothing to tick for, as raft never lets it campaign:
+            // with quiescence on, it sleeps once nothing is under way. A member's message or a
+            // snapshot piece wakes it, so a node added later catches up as before.
+            let raft = &g.raw.raft;
+            if quiesce_after > 0
+                && raft.state != StateRole::Leader
+                && raft.prs().get(raft.id).is_none()
+                && g.unoccupied()
+            {
+                g.sleep();
+                continue;
+            }
             // Judged before the tick (whose heartbeats would count as activity).
             let idle = quiesce_after > 0 && g.leader_idle();
             // A transfer (and its abort) only happen between ticks: seeing it before and after

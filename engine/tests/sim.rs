@@ -1685,6 +1685,70 @@ fn a_node_removed_while_cut_off_stops_campaigning_and_can_be_added_back() {
     assert!(sim.caught_up(i), "node {away} did not catch up");
 }
 
+/// A node that is no member of a group (node 4 starts in none) has nothing to tick there and
+/// sleeps, under load too; added as a learner, the leader's messages wake it and it catches up.
+#[test]
+fn a_node_outside_a_group_sleeps_and_catches_up_once_added() {
+    let mut sim = Sim::calm(8);
+    sim.a_leader_after_balancing();
+    let outsider = NODES;
+    let i = (outsider - 1) as usize;
+    let start = sim.clock;
+    while sim.clock < start + 1_000 {
+        sim.step();
+    }
+    for group in 0..GROUPS {
+        assert!(
+            sim.nodes[i].core.as_ref().unwrap().is_asleep(group),
+            "node {outsider} ticks group {group}, of which it is no member"
+        );
+    }
+    let group = 0;
+    let leader = (1..=INITIAL_VOTERS)
+        .find(|&id| {
+            sim.nodes[(id - 1) as usize]
+                .core
+                .as_ref()
+                .unwrap()
+                .is_leader(group)
+        })
+        .unwrap();
+    let mut single = ConfChangeSingle::default();
+    single.set_change_type(ConfChangeType::AddLearnerNode);
+    single.node_id = outsider;
+    let mut change = ConfChangeV2::default();
+    change.set_changes(vec![single].into());
+    let request = sim.next_request;
+    sim.next_request += 1;
+    let core = sim.nodes[(leader - 1) as usize].core.as_mut().unwrap();
+    core.change_membership(group, request, change);
+    let applied = |sim: &Sim, id: u64| {
+        sim.nodes[(id - 1) as usize]
+            .core
+            .as_ref()
+            .unwrap()
+            .progress(group)
+            .unwrap()
+            .2
+    };
+    let added = sim.clock;
+    loop {
+        sim.step();
+        let joined = sim.members(group).contains(&outsider);
+        if joined
+            && applied(&sim, outsider) >= applied(&sim, leader)
+            && !sim.nodes[i].core.as_ref().unwrap().is_asleep(group)
+        {
+            break;
+        }
+        assert!(
+            sim.clock < added + 5_000,
+            "node {outsider} did not catch up in group {group} once added"
+        );
+    }
+    sim.settle_and_check();
+}
+
 /// A quiesced follower answers the requests it cannot serve (writes, linearizable and lease
 /// reads) with `NotLeader` naming the leader, and stays asleep: a client with stale routing
 /// must not keep idle groups, and their leaders, ticking.
