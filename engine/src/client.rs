@@ -217,19 +217,13 @@ impl Client {
         self.submit_made(group, || commands.clone()).await
     }
 
-    /// [`Client::submit`] of the commands `make` builds, once per attempt (the shard takes
-    /// each attempt's commands; a redirect needs them again).
+    /// [`Client::submit`] of the commands `make` builds (see [`submit_input`]).
     async fn submit_made(
         &self,
         group: u64,
         make: impl Fn() -> Vec<Command>,
     ) -> Result<Vec<CommandResult>, EngineError> {
-        let input = |reply| ShardInput::Submit {
-            group,
-            commands: make(),
-            reply,
-        };
-        self.call(group, input, true).await
+        self.call(group, submit_input(group, make), true).await
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {
@@ -305,6 +299,16 @@ impl Client {
         commands: Vec<Command>,
     ) -> Result<Vec<CommandResult>, EngineError> {
         futures_lite::future::block_on(self.submit(group, commands))
+    }
+}
+
+/// One attempt's input submitting what `make` builds to `group`: the commands are built for
+/// each attempt, as the shard takes them and a redirect needs them again.
+pub(crate) fn submit_input(group: u64, make: impl Fn() -> Vec<Command>) -> impl Fn(Reply) -> ShardInput {
+    move |reply| ShardInput::Submit {
+        group,
+        commands: make(),
+        reply,
     }
 }
 

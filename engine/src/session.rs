@@ -24,7 +24,8 @@ use std::task::{Context, Poll, Waker};
 use ringraft_sm::{Command, CommandResult};
 
 use crate::client::{
-    cas_answer, cas_commands, delete_answer, delete_commands, get_answer, put_answer, put_commands, Client,
+    cas_answer, cas_commands, delete_answer, delete_commands, get_answer, put_answer, put_commands,
+    submit_input, Client,
 };
 use crate::core::{Consistency, EngineError};
 use crate::reply::{Outcome, Reply, ReplySink};
@@ -176,19 +177,13 @@ impl Session {
         self.submit_made(group, || commands.clone()).await
     }
 
-    /// [`Session::submit`] of the commands `make` builds, once per attempt (the shard takes
-    /// each attempt's commands; a redirect needs them again).
+    /// [`Session::submit`] of the commands `make` builds (see [`submit_input`]).
     async fn submit_made(
         &self,
         group: u64,
         make: impl Fn() -> Vec<Command>,
     ) -> Result<Vec<CommandResult>, EngineError> {
-        let input = |reply| ShardInput::Submit {
-            group,
-            commands: make(),
-            reply,
-        };
-        self.call(group, input, true).await
+        self.call(group, submit_input(group, make), true).await
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), EngineError> {

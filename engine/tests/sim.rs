@@ -1052,6 +1052,23 @@ impl Sim {
         })
     }
 
+    /// Node `id`'s shard (it must be running).
+    fn core(&self, id: u64) -> &Core {
+        self.nodes[(id - 1) as usize].core.as_ref().unwrap()
+    }
+
+    /// The node leading `group` now (there must be one).
+    fn leader_of(&self, group: u64) -> u64 {
+        (1..=NODES)
+            .find(|&id| {
+                self.nodes[(id - 1) as usize]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.is_leader(group))
+            })
+            .unwrap_or_else(|| panic!("group {group} has no leader"))
+    }
+
     /// How many groups node `id` leads.
     fn leads(&self, id: u64) -> usize {
         let core = self.nodes[(id - 1) as usize].core.as_ref().unwrap();
@@ -1583,6 +1600,16 @@ fn a_node_whose_state_machine_disk_is_full_waits_to_apply_hands_over_and_catches
     sim.settle_and_check();
 }
 
+/// One membership change: `change_type` of `node`.
+fn conf_change(change_type: ConfChangeType, node: u64) -> ConfChangeV2 {
+    let mut single = ConfChangeSingle::default();
+    single.set_change_type(change_type);
+    single.node_id = node;
+    let mut change = ConfChangeV2::default();
+    change.set_changes(vec![single].into());
+    change
+}
+
 /// A voter removed from every group while it was cut off never applies its removal, so it would
 /// campaign for ever (pre-vote keeps it from disrupting the members, not from trying). The
 /// members tell it in their beats and it stops. Added back, it catches up and votes again.
@@ -1593,14 +1620,6 @@ fn a_node_removed_while_cut_off_stops_campaigning_and_can_be_added_back() {
     let away = (1..=INITIAL_VOTERS).find(|&id| sim.leads(id) == 0).unwrap();
     let i = (away - 1) as usize;
     sim.isolate(away);
-    let change = |change_type| {
-        let mut single = ConfChangeSingle::default();
-        single.set_change_type(change_type);
-        single.node_id = away;
-        let mut change = ConfChangeV2::default();
-        change.set_changes(vec![single].into());
-        change
-    };
     // Asks each group's leader for `change_type` of `away` until every group's membership
     // `holds`.
     let change_all = |sim: &mut Sim, change_type, holds: &dyn Fn(&ConfState) -> bool| {
@@ -1633,7 +1652,7 @@ fn a_node_removed_while_cut_off_stops_campaigning_and_can_be_added_back() {
                         if !holds(&core.membership(group).unwrap()) {
                             let request = sim.next_request;
                             sim.next_request += 1;
-                            core.change_membership(group, request, change(change_type));
+                            core.change_membership(group, request, conf_change(change_type, away));
                         }
                     }
                 }
@@ -1645,8 +1664,8 @@ fn a_node_removed_while_cut_off_stops_campaigning_and_can_be_added_back() {
     change_all(&mut sim, ConfChangeType::RemoveNode, &removed);
     // It still thinks it is a voter, and campaigns once it can reach the others.
     let campaigns = |sim: &Sim| sim.vote_requests.get(&away).copied().unwrap_or(0);
-    let core = |sim: &Sim| sim.nodes[i].core.as_ref().unwrap().stats();
-    assert_eq!(core(&sim).campaigns_stopped, 0);
+    let stopped_in = |sim: &Sim| sim.core(away).stats().campaigns_stopped;
+    assert_eq!(stopped_in(&sim), 0);
     let before = campaigns(&sim);
     sim.load = false;
     sim.blocked.clear();
@@ -1659,7 +1678,7 @@ fn a_node_removed_while_cut_off_stops_campaigning_and_can_be_added_back() {
         "node {away} did not campaign after its removal"
     );
     assert_eq!(
-        core(&sim).campaigns_stopped,
+        stopped_in(&sim),
         GROUPS,
         "node {away} did not stop campaigning in every group"
     );
@@ -1669,7 +1688,7 @@ fn a_node_removed_while_cut_off_stops_campaigning_and_can_be_added_back() {
     }
     assert_eq!(campaigns(&sim), stopped, "node {away} campaigned again");
     for group in 0..GROUPS {
-        assert!(sim.nodes[i].core.as_ref().unwrap().is_asleep(group));
+        assert!(sim.core(away).is_asleep(group));
     }
     // Added back (a learner, then a voter): the leader's messages wake it and it catches up.
     sim.load = true;
@@ -1692,52 +1711,29 @@ fn a_node_outside_a_group_sleeps_and_catches_up_once_added() {
     let mut sim = Sim::calm(8);
     sim.a_leader_after_balancing();
     let outsider = NODES;
-    let i = (outsider - 1) as usize;
     let start = sim.clock;
     while sim.clock < start + 1_000 {
         sim.step();
     }
     for group in 0..GROUPS {
         assert!(
-            sim.nodes[i].core.as_ref().unwrap().is_asleep(group),
+            sim.core(outsider).is_asleep(group),
             "node {outsider} ticks group {group}, of which it is no member"
         );
     }
     let group = 0;
-    let leader = (1..=INITIAL_VOTERS)
-        .find(|&id| {
-            sim.nodes[(id - 1) as usize]
-                .core
-                .as_ref()
-                .unwrap()
-                .is_leader(group)
-        })
-        .unwrap();
-    let mut single = ConfChangeSingle::default();
-    single.set_change_type(ConfChangeType::AddLearnerNode);
-    single.node_id = outsider;
-    let mut change = ConfChangeV2::default();
-    change.set_changes(vec![single].into());
+    let leader = sim.leader_of(group);
+    let change = conf_change(ConfChangeType::AddLearnerNode, outsider);
     let request = sim.next_request;
     sim.next_request += 1;
     let core = sim.nodes[(leader - 1) as usize].core.as_mut().unwrap();
     core.change_membership(group, request, change);
-    let applied = |sim: &Sim, id: u64| {
-        sim.nodes[(id - 1) as usize]
-            .core
-            .as_ref()
-            .unwrap()
-            .progress(group)
-            .unwrap()
-            .2
-    };
+    let applied = |sim: &Sim, id: u64| sim.core(id).progress(group).unwrap().2;
     let added = sim.clock;
     loop {
         sim.step();
         let joined = sim.members(group).contains(&outsider);
-        if joined
-            && applied(&sim, outsider) >= applied(&sim, leader)
-            && !sim.nodes[i].core.as_ref().unwrap().is_asleep(group)
+        if joined && applied(&sim, outsider) >= applied(&sim, leader) && !sim.core(outsider).is_asleep(group)
         {
             break;
         }
@@ -1763,27 +1759,9 @@ fn a_quiesced_follower_redirects_requests_without_waking() {
     }
     let group = 0;
     let members = sim.members(group);
-    let asleep = |sim: &Sim| {
-        members.iter().all(|&id| {
-            sim.nodes[(id - 1) as usize]
-                .core
-                .as_ref()
-                .unwrap()
-                .is_asleep(group)
-        })
-    };
+    let asleep = |sim: &Sim| members.iter().all(|&id| sim.core(id).is_asleep(group));
     assert!(asleep(&sim), "group {group} did not quiesce");
-    let leader = members
-        .iter()
-        .copied()
-        .find(|&id| {
-            sim.nodes[(id - 1) as usize]
-                .core
-                .as_ref()
-                .unwrap()
-                .is_leader(group)
-        })
-        .unwrap();
+    let leader = sim.leader_of(group);
     let follower = members.iter().copied().find(|&id| id != leader).unwrap();
     let core = sim.nodes[(follower - 1) as usize].core.as_mut().unwrap();
     let request = sim.next_request;
