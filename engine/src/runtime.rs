@@ -145,6 +145,8 @@ pub struct ShardMetrics {
     pub requests_timed_out: u64,
     /// Inputs (requests, peer messages) waiting in the shard's inbox.
     pub inbox_depth: u64,
+    /// Groups asleep (not ticked): quiesced while idle, or of which this node is no member.
+    pub groups_asleep: u64,
     pub groups: Vec<GroupMetrics>,
 }
 
@@ -1413,6 +1415,7 @@ fn handle_input(
                 requests_waiting: replies.len() as u64,
                 requests_timed_out: extras.requests_timed_out,
                 inbox_depth: extras.inbox_depth as u64,
+                groups_asleep: core.asleep_groups() as u64,
                 groups: core.group_metrics(),
             });
         }

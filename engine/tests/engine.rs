@@ -550,3 +550,52 @@ fn a_failed_shard_answers_every_request_and_the_engine_reports_it() {
         assert!(stopped.is_err(), "shutdown reports the failure: {stopped:?}");
     }
 }
+
+/// Four nodes, every group on the first three: once idle, every group sleeps on its members
+/// (quiescence through the shard beats), and node 4, a member of none, sleeps them all too.
+#[test]
+fn idle_groups_sleep_on_their_members_and_outside_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let configs: Vec<Config> = (1..=4)
+        .map(|id| {
+            let mut config = configs(dir.path())[0].clone();
+            let local = Config::local_cluster(4, id);
+            config.node = local.node;
+            config.node.data_dir = dir.path().join(format!("node{id}"));
+            config.cluster = local.cluster;
+            config.cluster.initial_voters = vec![1, 2, 3];
+            config.raft.quiesce_after_ms = 200;
+            config
+        })
+        .collect();
+    let (engines, client) = Engine::start_in_process(configs).expect("start");
+    wait_for_every_leader(&client);
+    let asleep = |engine: &Engine| -> u64 { engine.metrics().shards.iter().map(|s| s.groups_asleep).sum() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts: Vec<u64> = engines.iter().map(asleep).collect();
+        if counts.iter().all(|&n| n == client.groups()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "groups asleep per node after 20 s idle: {counts:?} (of {})",
+            client.groups()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A write wakes its group; it serves, then sleeps again.
+    client
+        .put_blocking(b"after", b"sleep")
+        .expect("a sleeping group serves");
+    assert_eq!(
+        client
+            .get_blocking(b"after", Consistency::Linearizable)
+            .unwrap()
+            .as_deref(),
+        Some(&b"sleep"[..])
+    );
+    for engine in engines {
+        engine.shutdown().expect("clean shutdown");
+    }
+}

@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 22] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 23] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -141,6 +141,12 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "gauge",
             "1 while the WAL retries a failed segment preparation: writes needing it wait.",
             |s| f64::from(u8::from(s.wal_prepare_error.is_some())),
+        ),
+        (
+            "ringraft_groups_asleep",
+            "gauge",
+            "Groups not ticked: quiesced while idle, or of which this node is no member.",
+            |s| s.groups_asleep as f64,
         ),
         (
             "ringraft_requests_waiting",
