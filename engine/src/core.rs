@@ -466,6 +466,17 @@ impl<D: Disk, S: StateMachine> Group<D, S> {
             && self.applied == self.raw.raft.raft_log.committed
     }
 
+    /// Sleeps a group this node does not lead and has nothing under way in (see
+    /// [`Group::unoccupied`]); returns whether it did. For a node that is no member of the
+    /// group, whether it knows so itself or a member told it.
+    fn rest_outside(&mut self) -> bool {
+        let resting = self.raw.raft.state != StateRole::Leader && self.unoccupied();
+        if resting {
+            self.sleep();
+        }
+        resting
+    }
+
     /// A leader whose group could quiesce: quiet, every member has everything, no transfer or
     /// membership change under way.
     fn leader_idle(&self) -> bool {
@@ -1972,13 +1983,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             // the group's replicas) has nothing to tick for, as raft never lets it campaign:
             // with quiescence on, it sleeps once nothing is under way. A member's message or a
             // snapshot piece wakes it, so a node added later catches up as before.
-            let raft = &g.raw.raft;
-            if quiesce_after > 0
-                && raft.state != StateRole::Leader
-                && raft.prs().get(raft.id).is_none()
-                && g.unoccupied()
-            {
-                g.sleep();
+            if quiesce_after > 0 && g.raw.raft.prs().get(g.raw.raft.id).is_none() && g.rest_outside() {
                 continue;
             }
             // Judged before the tick (whose heartbeats would count as activity).
@@ -2191,12 +2196,11 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             let Some(g) = self.groups.get_mut(&group) else {
                 continue;
             };
-            if g.raw.raft.state != StateRole::Leader && !g.asleep && g.unoccupied() {
+            if !g.asleep && g.rest_outside() {
                 tracing::info!(
                     "group {group}: node {from} (term {term}) says this node is no longer a member; \
                      it stops campaigning until a member contacts it"
                 );
-                g.sleep();
                 self.stats.campaigns_stopped += 1;
             }
         }
