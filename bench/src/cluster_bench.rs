@@ -126,6 +126,36 @@ fn cpus_interrupts_first(shards: usize, online: usize, first: &[usize]) -> Vec<u
     (0..shards).map(|s| order[s % order.len()]).collect()
 }
 
+/// Where client executors run: off the CPUs of pinned shards while other CPUs are left (one
+/// node, fewer shards than CPUs), so that no shard shares its CPU with load generation;
+/// anywhere otherwise.
+fn client_placement(o: &ClusterBenchOptions) -> Placement {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = (o.nodes == 1).then(|| shard_cpus(o.shards, online, &o.dir));
+    let Some(free) = cpus_left_for_clients(shards.as_deref(), online) else {
+        return Placement::Unbound;
+    };
+    match glommio::CpuSet::online() {
+        Ok(set) => {
+            let set = set.filter(|l| free.contains(&l.cpu));
+            if set.is_empty() {
+                Placement::Unbound
+            } else {
+                Placement::Fenced(set)
+            }
+        }
+        Err(_) => Placement::Unbound,
+    }
+}
+
+/// The CPUs out of `0..online` that no shard uses, given the shards' CPUs when they are pinned
+/// (as many shards as CPUs or more are not: see `configs_in_process`); `None`: anywhere.
+fn cpus_left_for_clients(shards: Option<&[usize]>, online: usize) -> Option<Vec<usize>> {
+    let shards = shards.filter(|s| s.len() < online)?;
+    let free: Vec<usize> = (0..online).filter(|cpu| !shards.contains(cpu)).collect();
+    (!free.is_empty()).then_some(free)
+}
+
 fn configs_in_process(o: &ClusterBenchOptions) -> Result<Vec<Config>, String> {
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The nodes' arenas share the locked-memory limit with the client executors: size them
@@ -717,7 +747,7 @@ fn load(
         );
         let in_flight = o.in_flight;
         let chooser = chooser.clone();
-        let handle = LocalExecutorBuilder::new(Placement::Unbound)
+        let handle = LocalExecutorBuilder::new(client_placement(o))
             .name(&format!("ringraft-bench-client-{c}"))
             .io_memory(CLIENT_IO_MEMORY_BYTES as usize)
             .spawn(move || async move {
@@ -867,7 +897,7 @@ fn load(
 
 #[cfg(test)]
 mod tests {
-    use super::{cpus_interrupts_first, keys_of_every_group};
+    use super::{cpus_interrupts_first, cpus_left_for_clients, keys_of_every_group};
 
     #[test]
     fn every_group_gets_a_key_of_its_own() {
@@ -878,6 +908,17 @@ mod tests {
                 assert_eq!(ringraft_engine::group_of(key, groups), group as u64);
             }
         }
+    }
+
+    #[test]
+    fn clients_run_where_pinned_shards_leave_cpus() {
+        // One shard on CPU 1 of 2 (its disk interrupts there): clients on CPU 0.
+        assert_eq!(cpus_left_for_clients(Some(&[1]), 2), Some(vec![0]));
+        assert_eq!(cpus_left_for_clients(Some(&[0, 2]), 4), Some(vec![1, 3]));
+        // As many shards as CPUs (not pinned), several nodes, one CPU: anywhere.
+        assert_eq!(cpus_left_for_clients(Some(&[0, 1]), 2), None);
+        assert_eq!(cpus_left_for_clients(None, 2), None);
+        assert_eq!(cpus_left_for_clients(Some(&[0]), 1), None);
     }
 
     #[test]

@@ -212,7 +212,7 @@ struct ClusterArgs {
     /// Raft groups per shard.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     groups_per_shard: u64,
-    /// Client executors.
+    /// Client executors (with one node: on the CPUs its pinned shards leave, if any).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     clients: u64,
     /// Puts each client executor keeps in flight.
