@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions, ReadResult};
 
@@ -326,6 +327,9 @@ pub struct GlommioWal {
     io_waker: Cell<Option<Waker>>,
     kicked: Cell<bool>,
     durable_waiters: RefCell<Vec<Waker>>,
+    /// When the IO task saw the last write complete: one clock read per write, for callers
+    /// that time appends without reading the clock each ([`GlommioWal::durable_at`]).
+    durable_at: Cell<Option<Instant>>,
     closing: Cell<bool>,
     closed: Cell<bool>,
 }
@@ -354,6 +358,7 @@ impl GlommioWal {
             io_waker: Cell::new(None),
             kicked: Cell::new(true),
             durable_waiters: RefCell::new(Vec::new()),
+            durable_at: Cell::new(None),
             closing: Cell::new(false),
             closed: Cell::new(false),
         });
@@ -378,6 +383,15 @@ impl GlommioWal {
     /// Resolves once `ticket` is durable, or with the WAL's failure.
     pub async fn wait_durable(&self, ticket: Ticket) -> Result<(), WalError> {
         WaitDurable { wal: self, ticket }.await
+    }
+
+    /// When the last write completed, as the IO task saw it; `None` before the first. An
+    /// appender woken by [`GlommioWal::wait_durable`] takes this as the moment its append
+    /// became durable: the appenders of one write share one clock reading (64 closed-loop
+    /// appenders reading the clock twice each took ~6% of the thread, on the path between one
+    /// write's completion and the next one's submission).
+    pub fn durable_at(&self) -> Option<Instant> {
+        self.durable_at.get()
     }
 
     /// Waits until everything appended is durable, then stops the IO task.
@@ -428,6 +442,7 @@ impl GlommioWal {
                         Some(done) => done,
                         None => write.await,
                     };
+                    self.durable_at.set(Some(Instant::now()));
                     // A failure is recorded in the WAL; waiters see it through `failure()`.
                     let _ = self.wal.borrow_mut().io_done(done);
                     deferred.append(&mut self.durable_waiters.borrow_mut());

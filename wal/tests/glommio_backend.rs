@@ -219,3 +219,39 @@ fn a_failed_segment_creation_leaves_no_partial_file_and_leftovers_go_at_open() {
         "the failed fill ({error}) keeps no space"
     );
 }
+
+#[test]
+fn durable_at_is_when_the_write_covering_an_append_completed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    on_executor(move || async move {
+        let wal = GlommioWal::open(&path, SyncMode::Dsync, config())
+            .await
+            .expect("open");
+        let mut previous = wal.durable_at();
+        for index in 1..=3 {
+            let before = std::time::Instant::now();
+            let ticket = wal
+                .with(|w| {
+                    w.append(
+                        0,
+                        &[Entry {
+                            index,
+                            term: 1,
+                            entry_type: 0,
+                            payload: payload(0, index),
+                        }],
+                    )
+                })
+                .unwrap();
+            wal.wait_durable(ticket).await.unwrap();
+            let at = wal.durable_at().expect("a write completed");
+            // The write that covered this append completed after the append was made, and
+            // each append here needed a write of its own.
+            assert!(at >= before, "durable at {at:?}, appended at {before:?}");
+            assert!(previous.is_none_or(|p| at > p));
+            previous = Some(at);
+        }
+        wal.close().await.unwrap();
+    });
+}
