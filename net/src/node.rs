@@ -3,16 +3,22 @@
 //! `node.log_level` or `RUST_LOG`), starts the engine with the TCP transport and serves until
 //! SIGTERM or SIGINT; then it stops accepting, answers what is in flight, syncs, checkpoints and
 //! exits 0. A SIGKILL at any moment loses no acknowledged write: those are in a quorum's synced
-//! WALs.
+//! WALs. SIGHUP re-reads the config file and applies `node.log_level` (see [`reload`]); a
+//! file that does not load or validate changes nothing, and other changed settings wait for a
+//! restart (logged).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ringraft_engine::Engine;
 use ringraft_tuning::{Config, Topology};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use tracing::{error, info};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tracing::{error, info, warn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload::Handle, EnvFilter, Registry};
 
 use crate::TcpTransport;
 
@@ -25,17 +31,25 @@ pub fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.node.log_level.clone());
-    let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = rust_log.clone().unwrap_or_else(|| config.node.log_level.clone());
+    let filter = match EnvFilter::try_new(&filter) {
         Ok(filter) => filter,
         Err(e) => {
             eprintln!("ringraft: node.log_level / RUST_LOG {filter:?}: {e}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    // The filter sits behind a reload handle so that SIGHUP can change it.
+    let (filter, log_filter) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colours only for a terminal: a log file gets plain text.
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
     let topology = Topology::detect();
     if let Err(errors) = ringraft_tuning::validate(&config, &topology) {
@@ -43,7 +57,7 @@ pub fn run(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(2);
     }
     // Signals first, so one arriving during start is not lost.
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("ringraft: cannot install signal handlers: {e}");
@@ -87,13 +101,18 @@ pub fn run(path: &std::path::Path) -> ExitCode {
     };
     // Wait for a signal, or for a shard to stop on its own (a disk failure): then exit.
     let mut failed = false;
-    loop {
-        if let Some(signal) = signals.pending().next() {
+    let mut running = config.clone();
+    'serving: loop {
+        for signal in signals.pending() {
+            if signal == SIGHUP {
+                reload(path, &mut running, rust_log.is_some(), &log_filter, &topology);
+                continue;
+            }
             info!(
                 signal,
                 "stopping: answering in-flight requests, handing leadership over, syncing"
             );
-            break;
+            break 'serving;
         }
         if let Some(cause) = engine.failure() {
             error!("stopping: {cause}");
@@ -117,5 +136,52 @@ pub fn run(path: &std::path::Path) -> ExitCode {
             error!("a shard failed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGHUP: reads `path` again and applies its `node.log_level` to the running node, unless
+/// `RUST_LOG` decides the level. A file that does not load or validate changes nothing (the
+/// node goes on as it runs, and says why); settings other than the log level that differ from
+/// `running` are named and take effect at the next start.
+fn reload(
+    path: &std::path::Path,
+    running: &mut Config,
+    rust_log: bool,
+    log_filter: &Handle<EnvFilter, Registry>,
+    topology: &Topology,
+) {
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            error!("SIGHUP: {e}; nothing changes");
+            return;
+        }
+    };
+    if let Err(errors) = ringraft_tuning::validate(&new, topology) {
+        error!("SIGHUP: {}: {errors}; nothing changes", path.display());
+        return;
+    }
+    if new.node.log_level != running.node.log_level {
+        if rust_log {
+            warn!("SIGHUP: node.log_level changed, but RUST_LOG is set and keeps deciding the log level");
+        } else {
+            let level = new.node.log_level.clone();
+            match EnvFilter::try_new(&level).map(|filter| log_filter.reload(filter)) {
+                Ok(Ok(())) => {
+                    running.node.log_level = level.clone();
+                    info!(log_level = %level, "SIGHUP: node.log_level applied");
+                }
+                Ok(Err(e)) => error!("SIGHUP: cannot apply node.log_level {level:?}: {e}"),
+                Err(e) => error!("SIGHUP: node.log_level {level:?}: {e}"),
+            }
+        }
+    }
+    let mut rest = new;
+    rest.node.log_level = running.node.log_level.clone();
+    if rest != *running {
+        warn!(
+            "SIGHUP: {} changes settings other than node.log_level; they take effect when the node restarts",
+            path.display()
+        );
     }
 }

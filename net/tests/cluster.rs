@@ -30,15 +30,24 @@ struct Node {
 
 impl Node {
     fn start(&mut self) {
+        self.start_with_log_filter(Some("info"));
+    }
+
+    /// Starts the node with `RUST_LOG` set to `filter`, or unset (`node.log_level` decides).
+    fn start_with_log_filter(&mut self, filter: Option<&str>) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ringraft"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringraft"));
+        match filter {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -69,6 +78,26 @@ impl Node {
                 let _ = child.kill();
                 return false;
             }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the running node.
+    fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("the node runs");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    /// Waits up to 20 s for the log to contain `text`.
+    fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log_text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log within 20 s:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -1266,4 +1295,49 @@ fn an_executor_client_calls_over_its_own_connections_and_survives_a_killed_leade
             String::from_utf8_lossy(key)
         );
     }
+}
+
+#[test]
+fn sighup_applies_the_log_level_and_refuses_a_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k"]);
+    patch_config(&nodes[0], "node", "log_level = \"warn\"");
+    // No RUST_LOG: the config's level decides.
+    nodes[0].start_with_log_filter(None);
+    let client = connect(&nodes);
+    serve_every_group(&client);
+    let node = &nodes[0];
+    assert!(!node.log_text().contains("INFO"), "{}", node.log_text());
+
+    // The level goes to info: the node says so (at info) and logs at info from then on.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        text.replace("log_level = \"warn\"", "log_level = \"info\""),
+    )
+    .unwrap();
+    node.signal(libc::SIGHUP);
+    node.wait_for_log("SIGHUP: node.log_level applied");
+    assert!(!node.log_text().contains("take effect when the node restarts"));
+
+    // Another setting changed: named as waiting for a restart; the level stays.
+    patch_config(node, "raft", "quiesce_after_ms = 5000");
+    node.signal(libc::SIGHUP);
+    node.wait_for_log("take effect when the node restarts");
+
+    // A file that does not parse changes nothing, and the node goes on serving.
+    let good = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, "[node\nid = ").unwrap();
+    node.signal(libc::SIGHUP);
+    node.wait_for_log("nothing changes");
+    client.put_blocking(b"after", b"the reloads").unwrap();
+    assert_eq!(
+        client
+            .get_blocking(b"after", Consistency::Linearizable)
+            .unwrap()
+            .as_deref(),
+        Some(&b"the reloads"[..])
+    );
+    std::fs::write(&node.config, good).unwrap();
+    assert!(nodes[0].terminate(), "a clean stop after the reloads");
 }
