@@ -734,6 +734,7 @@ fn load(
     // Open loop: every task sends at rate / tasks, the tasks spread over one interval.
     let interval = o.rate.map(|rate| Duration::from_secs_f64(senders as f64 / rate));
     let schedule_start = Instant::now() + Duration::from_millis(20);
+    let placement = client_placement(o);
     let mut executors = Vec::new();
     for (c, client) in clients.iter().enumerate() {
         let c = c as u64;
@@ -747,7 +748,7 @@ fn load(
         );
         let in_flight = o.in_flight;
         let chooser = chooser.clone();
-        let handle = LocalExecutorBuilder::new(client_placement(o))
+        let handle = LocalExecutorBuilder::new(placement.clone())
             .name(&format!("ringraft-bench-client-{c}"))
             .io_memory(CLIENT_IO_MEMORY_BYTES as usize)
             .spawn(move || async move {
