@@ -747,41 +747,51 @@ fn follower_catches_up(retain_for_followers: u64) {
     serve_every_group(&client);
     let leader = leader_of(&nodes, 0).expect("group 0 has a leader");
     let follower = if leader == 1 { 2 } else { 1 };
-    nodes[follower as usize - 1].kill();
-    let keys: Vec<Vec<u8>> = (0..300).map(|i| format!("catch-{i}").into_bytes()).collect();
-    for key in &keys {
-        put_until_ok(&client, key, b"v", Duration::from_secs(30));
-    }
-    // Several checkpoints (and compactions) happen while the follower is down.
-    std::thread::sleep(Duration::from_millis(600));
-    nodes[follower as usize - 1].start();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for key in &keys {
-        loop {
-            match client.get_from_blocking(follower, key, Consistency::Local) {
-                Ok(Some(_)) => break,
-                other => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "follower {follower} did not catch up ({} missing: {other:?})\n{}",
-                        String::from_utf8_lossy(key),
-                        nodes[leader as usize - 1].log_text()
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
+    let expect_snapshot = retain_for_followers == 0;
+    // The leader compacts at its checkpoints (every 100 ms): on a loaded machine they can lag
+    // behind the writes, and then a restarted follower still finds its entries in the log.
+    // That is no catch-up by snapshot yet, so the round is repeated with a longer wait.
+    for round in 1..=3u64 {
+        nodes[follower as usize - 1].kill();
+        let keys: Vec<Vec<u8>> = (0..300)
+            .map(|i| format!("catch-{round}-{i}").into_bytes())
+            .collect();
+        for key in &keys {
+            put_until_ok(&client, key, b"v", Duration::from_secs(30));
+        }
+        // Several checkpoints (and compactions) happen while the follower is down.
+        std::thread::sleep(Duration::from_millis(600 * round));
+        nodes[follower as usize - 1].start();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for key in &keys {
+            loop {
+                match client.get_from_blocking(follower, key, Consistency::Local) {
+                    Ok(Some(_)) => break,
+                    other => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "follower {follower} did not catch up ({} missing: {other:?})\n{}",
+                            String::from_utf8_lossy(key),
+                            nodes[leader as usize - 1].log_text()
+                        );
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
                 }
             }
         }
+        let snapshot = nodes[follower as usize - 1]
+            .log_text()
+            .contains("installed a snapshot");
+        if snapshot || !expect_snapshot || round == 3 {
+            assert_eq!(
+                snapshot,
+                expect_snapshot,
+                "snapshot install expected: {expect_snapshot} (round {round})\n{}",
+                nodes[follower as usize - 1].log_text()
+            );
+            break;
+        }
     }
-    let snapshot = nodes[follower as usize - 1]
-        .log_text()
-        .contains("installed a snapshot");
-    assert_eq!(
-        snapshot,
-        retain_for_followers == 0,
-        "snapshot install expected: {}\n{}",
-        retain_for_followers == 0,
-        nodes[follower as usize - 1].log_text()
-    );
     for node in &mut nodes {
         let id = node.id;
         assert!(node.terminate(), "node {id} did not exit 0");
