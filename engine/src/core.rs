@@ -874,6 +874,17 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         })
     }
 
+    /// Nodes added to the cluster (see `Engine::add_nodes`): beats go to them from now on, and
+    /// their silence counts from now.
+    pub fn add_peers(&mut self, nodes: impl IntoIterator<Item = u64>) {
+        for node in nodes {
+            if node != self.config.node && !self.config.peers.contains(&node) {
+                self.config.peers.push(node);
+                self.last_heard.insert(node, self.ticks);
+            }
+        }
+    }
+
     /// This node's id.
     pub fn node(&self) -> u64 {
         self.config.node

@@ -73,6 +73,11 @@ pub(crate) enum ShardInput {
     Shutdown {
         done: flume::Sender<()>,
     },
+    /// Nodes that joined the cluster's address book (see [`Engine::add_nodes`]).
+    AddNodes {
+        nodes: Vec<ringraft_tuning::NodeAddress>,
+        done: flume::Sender<Result<(), String>>,
+    },
 }
 
 impl ShardInput {
@@ -88,6 +93,7 @@ impl ShardInput {
             | ShardInput::Stats { .. }
             | ShardInput::Metrics { .. }
             | ShardInput::Status { .. }
+            | ShardInput::AddNodes { .. }
             | ShardInput::Shutdown { .. } => None,
         }
     }
@@ -731,6 +737,26 @@ impl Engine {
         total
     }
 
+    /// Adds nodes to the cluster's address book on every shard of this running node: the
+    /// transport reaches them (dials, accepts their handshakes, names them to clients) and
+    /// the shards send them beats. It makes them no member of any group: that is a membership
+    /// change (`change_membership`), once they run. Nodes already known are left as they are.
+    /// `Err`: the transport cannot take nodes after start (the in-process one), or a shard has
+    /// stopped; shards that answered before keep the nodes.
+    pub fn add_nodes(&self, nodes: &[ringraft_tuning::NodeAddress]) -> Result<(), String> {
+        for (shard, input) in self.inputs.iter().enumerate() {
+            let (done, rx) = flume::bounded(1);
+            let nodes = nodes.to_vec();
+            if input.send(ShardInput::AddNodes { nodes, done }).is_err() {
+                return Err(format!("shard {shard} has stopped"));
+            }
+            rx.recv()
+                .unwrap_or_else(|_| Err("the shard has stopped".into()))
+                .map_err(|e| format!("shard {shard}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Stops cleanly: no new requests, in-flight ones answered, the WAL synced, state machines
     /// checkpointed, files closed. Returns the first shard error, if any.
     pub fn shutdown(self) -> Result<(), String> {
@@ -970,6 +996,15 @@ async fn run_shard<S: StateMachine + 'static>(
             };
             if let ShardInput::Piece(piece) = input {
                 pieces.push(*piece);
+                continue;
+            }
+            if let ShardInput::AddNodes { nodes, done } = input {
+                // The transport first: when it refuses, nothing changed.
+                let added = link.add_nodes(&nodes);
+                if added.is_ok() {
+                    core.add_peers(nodes.iter().map(|n| n.id));
+                }
+                let _ = done.send(added);
                 continue;
             }
             if let ShardInput::Transfer { group, to, reply } = input {
@@ -1420,6 +1455,7 @@ fn handle_input(
             });
         }
         ShardInput::Transfer { .. } => unreachable!("the shard loop takes transfers itself"),
+        ShardInput::AddNodes { .. } => unreachable!("the shard loop adds nodes itself"),
         ShardInput::Shutdown { done } => *shutdown = Some(done),
     }
 }

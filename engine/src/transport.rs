@@ -40,6 +40,13 @@ pub trait ShardLink {
     fn flush(&mut self) {}
     /// The node is shutting down: stop accepting new work.
     fn close(&mut self) {}
+    /// Nodes added to the cluster's address book while this shard runs: from now on `send`
+    /// reaches them. Nodes already known stay as they are. `Err` (and nothing changed) when
+    /// this transport's nodes are fixed at start.
+    fn add_nodes(&mut self, nodes: &[ringraft_tuning::NodeAddress]) -> Result<(), String> {
+        let _ = nodes;
+        Err("this transport's nodes are fixed when it starts".into())
+    }
 }
 
 /// What a transport gets for one shard.

@@ -173,6 +173,13 @@ fn in_process_cluster_serves_survives_restart_and_shuts_down_cleanly() {
     let status = engines[0].status();
     assert_eq!(status.len(), 2);
     check_metrics(&engines);
+    // The in-process transport's nodes are fixed at start: adding one is refused, and the
+    // cluster goes on serving.
+    let mut fourth = configs(dir.path())[0].cluster.nodes[0].clone();
+    fourth.id = 4;
+    let refused = engines[0].add_nodes(&[fourth]).unwrap_err();
+    assert!(refused.contains("fixed when it starts"), "{refused}");
+    client.put_blocking(b"after add_nodes", b"ok").unwrap();
     for engine in engines {
         engine.shutdown().expect("clean shutdown");
     }

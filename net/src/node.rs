@@ -3,9 +3,9 @@
 //! `node.log_level` or `RUST_LOG`), starts the engine with the TCP transport and serves until
 //! SIGTERM or SIGINT; then it stops accepting, answers what is in flight, syncs, checkpoints and
 //! exits 0. A SIGKILL at any moment loses no acknowledged write: those are in a quorum's synced
-//! WALs. SIGHUP re-reads the config file and applies `node.log_level` (see [`reload`]); a
-//! file that does not load or validate changes nothing, and other changed settings wait for a
-//! restart (logged).
+//! WALs. SIGHUP re-reads the config file and applies `node.log_level` and nodes added to
+//! `cluster.nodes` (see [`reload`]); a file that does not load or validate changes nothing,
+//! and other changed settings wait for a restart (logged).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -105,7 +105,14 @@ pub fn run(path: &std::path::Path) -> ExitCode {
     'serving: loop {
         for signal in signals.pending() {
             if signal == SIGHUP {
-                reload(path, &mut running, rust_log.is_some(), &log_filter, &topology);
+                reload(
+                    path,
+                    &mut running,
+                    rust_log.is_some(),
+                    &log_filter,
+                    &topology,
+                    &engine,
+                );
                 continue;
             }
             info!(
@@ -139,16 +146,18 @@ pub fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// SIGHUP: reads `path` again and applies its `node.log_level` to the running node, unless
-/// `RUST_LOG` decides the level. A file that does not load or validate changes nothing (the
-/// node goes on as it runs, and says why); settings other than the log level that differ from
-/// `running` are named and take effect at the next start.
+/// SIGHUP: reads `path` again and applies to the running node its `node.log_level` (unless
+/// `RUST_LOG` decides the level) and nodes added to `cluster.nodes` (when that is the only
+/// change to the `cluster` section: [`Config::added_nodes`]). A file that does not load or
+/// validate changes nothing (the node goes on as it runs, and says why); other settings that
+/// differ from `running` are named as taking effect at the next start.
 fn reload(
     path: &std::path::Path,
     running: &mut Config,
     rust_log: bool,
     log_filter: &Handle<EnvFilter, Registry>,
     topology: &Topology,
+    engine: &Engine,
 ) {
     let new = match Config::load(path) {
         Ok(new) => new,
@@ -176,11 +185,32 @@ fn reload(
             }
         }
     }
+    if new.cluster != running.cluster {
+        match running.added_nodes(&new) {
+            Ok(added) => {
+                let ids: Vec<u64> = added.iter().map(|n| n.id).collect();
+                match engine.add_nodes(&added) {
+                    Ok(()) => {
+                        running.cluster.nodes = new.cluster.nodes.clone();
+                        info!(?ids, "SIGHUP: nodes added to the address book");
+                    }
+                    // Shards that took them keep them; the next SIGHUP tries again.
+                    Err(e) => error!(?ids, "SIGHUP: cannot add nodes: {e}"),
+                }
+            }
+            Err(why) => warn!(
+                "SIGHUP: {why}; the node applies only added nodes to a running cluster section, \
+                 so this waits for a restart"
+            ),
+        }
+    }
     let mut rest = new;
     rest.node.log_level = running.node.log_level.clone();
+    rest.cluster = running.cluster.clone();
     if rest != *running {
         warn!(
-            "SIGHUP: {} changes settings other than node.log_level; they take effect when the node restarts",
+            "SIGHUP: {} changes settings other than node.log_level and added nodes; they take \
+             effect when the node restarts",
             path.display()
         );
     }

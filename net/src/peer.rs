@@ -34,11 +34,12 @@ use futures_lite::{AsyncWriteExt, FutureExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::task::JoinHandle;
 use ringraft_engine::{Envelope, Inbound, ShardLink, ShardNet, SnapshotPiece, Transport};
-use ringraft_tuning::Config;
+use ringraft_tuning::{Config, NodeAddress};
 use tracing::{debug, info, warn};
 
 use crate::frame::{self, kind, FrameError};
 use crate::handshake::{HandshakeError, Hello, Local, HELLO_BYTES, PROOF_BYTES};
+use crate::protocol::Member;
 use crate::raft_wire;
 use crate::server;
 use crate::snap_wire;
@@ -100,16 +101,17 @@ impl Transport for TcpTransport {
             })
             .collect();
         let state = Rc::new(ShardState {
-            local: Local {
+            local: RefCell::new(Local {
                 cluster: config.cluster.id,
                 node: config.node.id,
                 shard: net.shard,
                 members: config.cluster.nodes.iter().map(|n| n.id).collect(),
                 key: config.cluster.key.clone().unwrap_or_default().into_bytes(),
-            },
+            }),
+            shard: net.shard,
             config: config.clone(),
-            info: server::cluster_info(config, &net.handle),
-            peers,
+            info: RefCell::new(Rc::new(server::cluster_info(config, &net.handle))),
+            peers: RefCell::new(peers),
             inbound: net.inbound,
             handle: net.handle,
             clients_closed: Cell::new(false),
@@ -119,32 +121,50 @@ impl Transport for TcpTransport {
         info!(node = config.node.id, shard = net.shard, %peer_addr, %client_addr, "listening");
         let clients = glommio::spawn_local(server::serve(state.clone(), client_listener)).detach();
         let mut peer_tasks = vec![glommio::spawn_local(accept_peers(state.clone(), peer_listener)).detach()];
-        for peer in state.peers.values() {
-            if peer.id > config.node.id {
-                peer_tasks.push(glommio::spawn_local(dial(state.clone(), peer.clone())).detach());
+        for peer in state.peers.borrow().values() {
+            if let Some(task) = dial_if_mine(&state, peer) {
+                peer_tasks.push(task);
             }
         }
         Ok(Box::new(TcpLink {
             state,
             clients: Some(clients),
-            _peer_tasks: peer_tasks,
+            peer_tasks,
         }))
     }
 }
 
+/// Of two peers, the one with the lower id dials (one connection per pair); `None` when
+/// `peer` dials this node.
+fn dial_if_mine(state: &Rc<ShardState>, peer: &Rc<Peer>) -> Option<JoinHandle<()>> {
+    (peer.id > state.local.borrow().node)
+        .then(|| glommio::spawn_local(dial(state.clone(), peer.clone())).detach())
+}
+
 /// What a shard's network tasks share.
 pub(crate) struct ShardState {
-    pub(crate) local: Local,
+    /// The handshake's side; its members grow when nodes are added (`ShardLink::add_nodes`).
+    pub(crate) local: RefCell<Local>,
+    pub(crate) shard: u64,
+    /// The node's config at start (the address book in it is not kept up to date: `peers`,
+    /// `local` and `info` are).
     pub(crate) config: Arc<Config>,
-    /// The `CLUSTER` answer, computed once.
-    pub(crate) info: crate::protocol::ClusterInfo,
-    peers: BTreeMap<u64, Rc<Peer>>,
+    /// The `CLUSTER` answer, replaced when nodes are added. Callers clone the `Rc` rather than
+    /// hold the borrow across an await.
+    pub(crate) info: RefCell<Rc<crate::protocol::ClusterInfo>>,
+    peers: RefCell<BTreeMap<u64, Rc<Peer>>>,
     inbound: Inbound,
     pub(crate) handle: ringraft_engine::NodeHandle,
     /// The node is shutting down: no new client connections or requests.
     pub(crate) clients_closed: Cell<bool>,
     queue_max: usize,
     pub(crate) frame_max: u64,
+}
+
+impl ShardState {
+    fn peer(&self, node: u64) -> Option<Rc<Peer>> {
+        self.peers.borrow().get(&node).cloned()
+    }
 }
 
 /// Wakes every task waiting on it.
@@ -253,12 +273,13 @@ struct TcpLink {
     clients: Option<JoinHandle<()>>,
     /// Peer accept and dial loops: they live as long as the shard, so a draining shard can
     /// still commit what it has in flight. They end with the executor.
-    _peer_tasks: Vec<JoinHandle<()>>,
+    peer_tasks: Vec<JoinHandle<()>>,
 }
 
 impl TcpLink {
     fn enqueue(&mut self, to: u64, item: Outbound) -> bool {
-        let Some(peer) = self.state.peers.get(&to) else {
+        let peers = self.state.peers.borrow();
+        let Some(peer) = peers.get(&to) else {
             return false;
         };
         if !peer.connected.get() {
@@ -283,7 +304,7 @@ impl ShardLink for TcpLink {
     }
 
     fn flush(&mut self) {
-        for peer in self.state.peers.values() {
+        for peer in self.state.peers.borrow().values() {
             if !peer.queue.borrow().is_empty() {
                 peer.signal.notify();
             }
@@ -297,6 +318,39 @@ impl ShardLink for TcpLink {
         if let Some(task) = self.clients.take() {
             task.cancel();
         }
+    }
+
+    /// New peers: the handshake accepts them, this shard dials those with higher ids, and the
+    /// `CLUSTER` answer lists them (so clients and `NotLeader` redirects can reach them).
+    fn add_nodes(&mut self, nodes: &[NodeAddress]) -> Result<(), String> {
+        let state = &self.state;
+        let new: Vec<&NodeAddress> = {
+            let peers = state.peers.borrow();
+            let me = state.local.borrow().node;
+            nodes
+                .iter()
+                .filter(|n| n.id != me && !peers.contains_key(&n.id))
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut members: Vec<Member> = state.info.borrow().members.clone();
+        for node in &new {
+            let addr = SocketAddr::new(node.host, node.peer_port + state.shard as u16);
+            let peer = Rc::new(Peer::new(node.id, addr));
+            state.peers.borrow_mut().insert(node.id, peer.clone());
+            state.local.borrow_mut().members.push(node.id);
+            members.push(server::member(node));
+            if let Some(task) = dial_if_mine(state, &peer) {
+                self.peer_tasks.push(task);
+            }
+            info!(node = node.id, %addr, shard = state.shard, "peer added to the address book");
+        }
+        let mut info = (**state.info.borrow()).clone();
+        info.members = members;
+        *state.info.borrow_mut() = Rc::new(info);
+        Ok(())
     }
 }
 
@@ -353,12 +407,8 @@ async fn dial(state: Rc<ShardState>, peer: Rc<Peer>) {
         match TcpStream::connect_timeout(peer.addr, Duration::from_secs(1)).await {
             Ok(mut stream) => {
                 let _ = stream.set_nodelay(true);
-                match within(
-                    HANDSHAKE_TIMEOUT,
-                    handshake(&mut stream, &state.local, Some(peer.id)),
-                )
-                .await
-                {
+                let local = state.local.borrow().clone();
+                match within(HANDSHAKE_TIMEOUT, handshake(&mut stream, &local, Some(peer.id))).await {
                     Some(Ok(_)) => {
                         backoff = BACKOFF_MIN;
                         run_connection(&state, &peer, stream).await;
@@ -382,8 +432,9 @@ async fn accept_peers(state: Rc<ShardState>, listener: TcpListener) {
                 glommio::spawn_local(async move {
                     let _ = stream.set_nodelay(true);
                     let from = stream.peer_addr().ok();
-                    match within(HANDSHAKE_TIMEOUT, handshake(&mut stream, &state.local, None)).await {
-                        Some(Ok(node)) => match state.peers.get(&node).cloned() {
+                    let local = state.local.borrow().clone();
+                    match within(HANDSHAKE_TIMEOUT, handshake(&mut stream, &local, None)).await {
+                        Some(Ok(node)) => match state.peer(node) {
                             Some(peer) => run_connection(&state, &peer, stream).await,
                             None => warn!(?from, node, "peer is not a cluster member"),
                         },
@@ -409,7 +460,7 @@ async fn run_connection(state: &Rc<ShardState>, peer: &Rc<Peer>, stream: TcpStre
     peer.signal.notify();
     peer.queue.borrow_mut().clear();
     peer.connected.set(true);
-    info!(peer = peer.id, addr = %peer.addr, shard = state.local.shard, "peer connected");
+    info!(peer = peer.id, addr = %peer.addr, shard = state.shard, "peer connected");
     let (reader, writer) = futures_lite::io::split(stream);
     let end = read_side(state, peer, reader)
         .or(write_side(state, peer, writer, generation))
@@ -420,7 +471,7 @@ async fn run_connection(state: &Rc<ShardState>, peer: &Rc<Peer>, stream: TcpStre
     }
     info!(
         peer = peer.id,
-        shard = state.local.shard,
+        shard = state.shard,
         "peer connection ended: {end}"
     );
 }

@@ -24,7 +24,7 @@ use futures_lite::FutureExt;
 use glommio::net::{TcpListener, TcpStream};
 use ringraft_engine::{EngineError, NodeHandle, Outcome, ReplySink, Tickets};
 use ringraft_sm::Command;
-use ringraft_tuning::Config;
+use ringraft_tuning::{Config, NodeAddress};
 use tracing::{debug, warn};
 
 use crate::coarse::CoarseInstant;
@@ -83,14 +83,14 @@ impl Connection {
 
     /// Hands a submit or get to its shard. `Err` is the answer to send at once.
     fn dispatch(&self, state: &ShardState, id: u64, request: Request) -> Result<(), Failure> {
-        let info = &state.info;
+        let info = state.info.borrow();
         let group = match &request {
             Request::Submit { group, commands } => {
-                check_keys(info, *group, commands.iter().map(Command::key))?;
+                check_keys(&info, *group, commands.iter().map(Command::key))?;
                 *group
             }
             Request::Get { group, key, .. } => {
-                check_keys(info, *group, [&key[..]])?;
+                check_keys(&info, *group, [&key[..]])?;
                 *group
             }
             other => unreachable!("only submits and gets are dispatched, not {other:?}"),
@@ -191,7 +191,7 @@ fn finish(state: &ShardState, conn: &Connection, tag: u64, outcome: Outcome) {
     conn.in_flight.set(conn.in_flight.get() - 1);
     let outcome = outcome
         .map(Body::Results)
-        .map_err(|e| Failure::from_engine(e, |leader| state.info.address(leader, w.group)));
+        .map_err(|e| Failure::from_engine(e, |leader| state.info.borrow().address(leader, w.group)));
     protocol::encode_response(&mut conn.out.borrow_mut(), &Response { id: w.id, outcome });
 }
 
@@ -290,17 +290,17 @@ pub(crate) fn cluster_info(config: &Config, handle: &NodeHandle) -> ClusterInfo 
         cluster: config.cluster.id,
         groups: handle.groups(),
         shards: handle.shards(),
-        members: config
-            .cluster
-            .nodes
-            .iter()
-            .map(|n| Member {
-                id: n.id,
-                host: n.host.to_string(),
-                client_port: n.client_port,
-                peer_port: n.peer_port,
-            })
-            .collect(),
+        members: config.cluster.nodes.iter().map(member).collect(),
+    }
+}
+
+/// A node as the `CLUSTER` answer lists it.
+pub(crate) fn member(node: &NodeAddress) -> Member {
+    Member {
+        id: node.id,
+        host: node.host.to_string(),
+        client_port: node.client_port,
+        peer_port: node.peer_port,
     }
 }
 
@@ -328,7 +328,9 @@ fn check_keys<'a>(
 }
 
 async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
-    let info = &state.info;
+    // A clone: a borrow held across the awaits below would panic when nodes are added.
+    let info = state.info.borrow().clone();
+    let info = &*info;
     let (group, pending) = match request {
         Request::Cluster => return Ok(Body::Cluster(info.clone())),
         Request::Status => return Ok(Body::Status(state.handle.status().await)),

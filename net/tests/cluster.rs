@@ -1351,3 +1351,118 @@ fn sighup_applies_the_log_level_and_refuses_a_bad_config() {
     std::fs::write(&node.config, good).unwrap();
     assert!(nodes[0].terminate(), "a clean stop after the reloads");
 }
+
+/// `GET /metrics` from a node's metrics port.
+fn metrics_page(port: u16) -> String {
+    let Ok(mut http) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    http.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut page = String::new();
+    let _ = http.read_to_string(&mut page);
+    page
+}
+
+#[test]
+fn a_node_added_by_sighup_joins_without_restarting_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k", "k", "k", "k"]);
+    let metrics_ports = free_ports(4);
+    let mut full = Vec::new();
+    for (node, port) in nodes.iter().zip(&metrics_ports) {
+        patch_config(node, "node", &format!("metrics_addr = \"127.0.0.1:{port}\""));
+        patch_config(node, "cluster", "initial_voters = [1, 2, 3]");
+        full.push(std::fs::read_to_string(&node.config).unwrap());
+    }
+    // Nodes 1-3 start without node 4 in their address book; node 4 knows everyone.
+    for (node, text) in nodes[..3].iter().zip(&full) {
+        let without: Vec<&str> = text.lines().filter(|l| !l.contains("{ id = 4,")).collect();
+        std::fs::write(&node.config, without.join("\n")).unwrap();
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    let client = connect(&nodes[..3]);
+    serve_every_group(&client);
+    assert_eq!(client.cluster().members.len(), 3);
+    // Nobody connects to node 4: the lower id of two dials, and nodes 1-3 do not know it.
+    std::thread::sleep(Duration::from_millis(300));
+    for node in &nodes {
+        assert!(
+            !node.log_text().contains("peer connected peer=4"),
+            "{}",
+            node.log_text()
+        );
+    }
+
+    // Node 4 goes into every other node's config; SIGHUP: no restart.
+    for (node, text) in nodes[..3].iter().zip(&full) {
+        std::fs::write(&node.config, text).unwrap();
+        node.signal(libc::SIGHUP);
+    }
+    for node in &nodes[..3] {
+        node.wait_for_log("SIGHUP: nodes added to the address book");
+        node.wait_for_log("peer connected peer=4");
+        assert!(!node.log_text().contains("take effect when the node restarts"));
+    }
+    // Clients learn node 4 from any node's `CLUSTER` answer.
+    let client = connect(&nodes[..1]);
+    assert_eq!(client.cluster().members.len(), 4);
+
+    // Node 4 joins every group and serves its replicas.
+    let addr = nodes[0].addr();
+    ringraft(&["member", "add", "--addr", &addr, "--node", "4"]);
+    ringraft(&["member", "promote", "--addr", &addr, "--node", "4"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for group in 0..client.cluster().groups {
+        let key = (0u32..)
+            .map(|i| format!("joined-{i}").into_bytes())
+            .find(|k| client.group_of(k) == group)
+            .unwrap();
+        put_until_ok(&client, &key, b"x", Duration::from_secs(30));
+        while client
+            .get_from_blocking(4, &key, Consistency::Local)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "node 4 did not catch up on group {group}:\n{}",
+                nodes[3].log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Idle, every group quiesces on every node, and stays asleep on node 4: a quiesced
+    // follower wakes its groups when their leader's node sends no beat for an election
+    // timeout, so the others' shards must beat to node 4 too.
+    let groups = client.cluster().groups;
+    for (node, port) in nodes.iter().zip(&metrics_ports) {
+        let asleep = format!(
+            "ringraft_groups_asleep{{node=\"{}\",shard=\"0\"}} {groups}\n",
+            node.id
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let page = metrics_page(*port);
+            if page.contains(&asleep) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no {asleep:?} within 20 s:\n{page}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let asleep = format!("ringraft_groups_asleep{{node=\"4\",shard=\"0\"}} {groups}\n");
+    for _ in 0..30 {
+        // 1.5 s: five election timeouts.
+        std::thread::sleep(Duration::from_millis(50));
+        let page = metrics_page(metrics_ports[3]);
+        assert!(page.contains(&asleep), "node 4 woke a group:\n{page}");
+    }
+    for node in &mut nodes {
+        let id = node.id;
+        assert!(node.terminate(), "node {id} did not exit 0");
+    }
+}

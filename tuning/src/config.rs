@@ -471,6 +471,46 @@ impl Config {
     pub fn this_node(&self) -> Option<&NodeAddress> {
         self.cluster.nodes.iter().find(|n| n.id == self.node.id)
     }
+
+    /// The nodes `new` lists that this (running) config does not, when that is the only
+    /// difference in the `cluster` section, so a running node can learn them without a
+    /// restart (SIGHUP). `Err` says which other cluster change needs one: a node removed or
+    /// readdressed, another cluster id or key, or different initial voters (with
+    /// `initial_voters` left empty, every listed node votes, so an added node would turn into
+    /// an initial voter: list the original voters there first). Settings outside `cluster`
+    /// are not compared.
+    pub fn added_nodes(&self, new: &Config) -> Result<Vec<NodeAddress>, String> {
+        let (old, next) = (&self.cluster, &new.cluster);
+        if old.id != next.id {
+            return Err(format!("cluster.id changes from {} to {}", old.id, next.id));
+        }
+        if old.key != next.key {
+            return Err("cluster.key changes".into());
+        }
+        for node in &old.nodes {
+            match next.nodes.iter().find(|n| n.id == node.id) {
+                None => return Err(format!("node {} is no longer listed in cluster.nodes", node.id)),
+                Some(n) if n != node => {
+                    return Err(format!("node {}'s address changes in cluster.nodes", node.id))
+                }
+                Some(_) => {}
+            }
+        }
+        if self.initial_voters() != new.initial_voters() {
+            return Err(format!(
+                "the initial voters change from {:?} to {:?} (with cluster.initial_voters empty, \
+                 every listed node votes: list the original voters there)",
+                self.initial_voters(),
+                new.initial_voters()
+            ));
+        }
+        Ok(next
+            .nodes
+            .iter()
+            .filter(|n| !old.nodes.iter().any(|o| o.id == n.id))
+            .cloned()
+            .collect())
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

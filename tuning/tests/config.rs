@@ -76,6 +76,44 @@ fn local_cluster_helper_validates_for_every_node() {
 }
 
 #[test]
+fn added_nodes_are_the_only_cluster_change_a_running_node_takes() {
+    let mut running = Config::local_cluster(3, 1);
+    running.cluster.initial_voters = vec![1, 2, 3];
+    let four = Config::local_cluster(4, 1).cluster.nodes[3].clone();
+    let mut new = running.clone();
+    assert_eq!(running.added_nodes(&new), Ok(vec![]));
+    new.cluster.nodes.push(four.clone());
+    new.wal.segment_bytes *= 2; // outside `cluster`: not this function's concern
+    assert_eq!(running.added_nodes(&new), Ok(vec![four.clone()]));
+
+    let refused = |change: &dyn Fn(&mut Config), says: &str| {
+        let mut other = new.clone();
+        change(&mut other);
+        let why = running.added_nodes(&other).expect_err(says);
+        assert!(why.contains(says), "{why:?} does not say {says:?}");
+    };
+    refused(
+        &|c| c.cluster.nodes.retain(|n| n.id != 2),
+        "node 2 is no longer listed",
+    );
+    refused(
+        &|c| c.cluster.nodes[1].client_port += 1,
+        "node 2's address changes",
+    );
+    refused(&|c| c.cluster.id = 9, "cluster.id changes from 1 to 9");
+    refused(&|c| c.cluster.key = Some("k".into()), "cluster.key changes");
+    refused(
+        &|c| c.cluster.initial_voters = vec![1, 2, 3, 4],
+        "initial voters change",
+    );
+    // Left empty, the initial voters are every listed node: adding one changes them.
+    running.cluster.initial_voters.clear();
+    new.cluster.initial_voters.clear();
+    let why = running.added_nodes(&new).unwrap_err();
+    assert!(why.contains("list the original voters"), "{why}");
+}
+
+#[test]
 fn effective_config_round_trips() {
     let mut config = Config::local_cluster(3, 2);
     config.shards.cpus = CpuList::List(vec![1]);
