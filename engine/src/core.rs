@@ -551,6 +551,12 @@ pub struct GroupMetrics {
     /// The group's membership as applied here (voters; learners).
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// The first index still in this node's log for the group (compaction moves it past
+    /// checkpoints, minus what is retained: `wal.retain_entries`, and on a leader what a slow
+    /// follower still needs), and the state machine's last durable checkpoint. A follower
+    /// whose log ends before a leader's first index catches up by snapshot.
+    pub first_index: u64,
+    pub checkpoint_index: u64,
 }
 
 /// Counters for metrics.
@@ -566,7 +572,9 @@ pub struct ShardStats {
     pub snapshots_installed: u64,
     /// Lease reads served under the lease (without a ReadIndex round).
     pub lease_reads: u64,
-    /// State machine checkpoint rounds abandoned for lack of disk space (retried later).
+    /// State machine checkpoints written (a group with nothing applied since its last one
+    /// writes none), and those abandoned for lack of disk space (retried later).
+    pub checkpoints: u64,
     pub checkpoints_abandoned: u64,
     /// Log reads for lagging followers (entries no longer cached), and those that failed
     /// (raft asks again, or sends a snapshot once the range is compacted).
@@ -979,6 +987,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     busy_answers: g.counters.busy_answers,
                     voters: sorted(&g.conf_state.voters),
                     learners: sorted(&g.conf_state.learners),
+                    first_index: self.wal.borrow().first_index(group),
+                    checkpoint_index: g.sm.durable_index(),
                 }
             })
             .collect()
@@ -1283,7 +1293,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if !stepping && !self.wal.borrow().meta_durable(group) {
                 continue;
             }
-            if g.sm.durable_index() < g.sm.applied_index() {
+            let durable_before = g.sm.durable_index();
+            if durable_before < g.sm.applied_index() {
                 written += 1;
             }
             let result = match step_bytes {
@@ -1309,6 +1320,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 Err(error) => return Err(error.to_string()),
             };
             g.checkpoint_stepping = false;
+            if durable > durable_before {
+                self.stats.checkpoints += 1;
+            }
             // A snapshot streaming to a follower is of no use once the log right after it is
             // gone (the stream is abandoned then, and a new one starts): while one streams,
             // the log from its index on stays. Without this, a follower whose snapshot takes

@@ -185,6 +185,13 @@ fn in_process_cluster_serves_survives_restart_and_shuts_down_cleanly() {
     }
     // Same files: every acknowledged write is still there.
     let (engines, client) = Engine::start_in_process(configs(dir.path())).expect("restart");
+    // The shutdown checkpointed every group: its metrics say where.
+    for m in engines.iter().map(Engine::metrics) {
+        for g in m.groups() {
+            assert!(g.checkpoint_index > 0 && g.checkpoint_index <= g.applied, "{g:?}");
+            assert!(g.first_index >= 1 && g.first_index <= g.last_index + 1, "{g:?}");
+        }
+    }
     for t in 0..4 {
         for i in 0..50 {
             let key = format!("t{t}-k{i}");

@@ -359,11 +359,22 @@ pub fn fetch_status(addr: &str, config: &ClientConfig) -> Result<Vec<GroupStatus
     }
 }
 
-/// Asks one node for every group's metrics (lags, queues, counters).
+/// Asks one node for every group's metrics (lags, queues, counters, log and checkpoint
+/// indexes). A node from before `GROUP_METRICS_V2` refuses that request (and closes the
+/// connection); it is asked again the old way, and the fields the old answer lacks
+/// (`first_index`, `checkpoint_index`) are 0.
 pub fn fetch_group_metrics(addr: &str, config: &ClientConfig) -> Result<Vec<GroupMetrics>, ClientError> {
     let conn = Conn::open(addr, config)?;
-    match futures_lite::future::block_on(conn.call(&Request::GroupMetrics, config.request_timeout))? {
-        Ok(Body::GroupMetrics(groups)) => Ok(groups),
+    let answer = futures_lite::future::block_on(conn.call(&Request::GroupMetricsV2, config.request_timeout))?;
+    let answer = match answer {
+        Err(Failure::BadRequest(why)) if why.contains("unknown request kind") => {
+            let conn = Conn::open(addr, config)?;
+            futures_lite::future::block_on(conn.call(&Request::GroupMetrics, config.request_timeout))?
+        }
+        answer => answer,
+    };
+    match answer {
+        Ok(Body::GroupMetrics(groups) | Body::GroupMetricsV2(groups)) => Ok(groups),
         Ok(other) => Err(ClientError::Protocol(format!(
             "unexpected metrics answer {other:?}"
         ))),

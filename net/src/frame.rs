@@ -35,6 +35,7 @@ pub mod kind {
     pub const TRANSFER: u8 = 0x15;
     pub const GROUP_METRICS: u8 = 0x16;
     pub const MEMBER: u8 = 0x17;
+    pub const GROUP_METRICS_V2: u8 = 0x18;
     pub const RESPONSE: u8 = 0x20;
     pub const ERROR: u8 = 0x21;
 }

@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 23] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 24] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -153,6 +153,12 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "gauge",
             "Client requests accepted and not yet answered.",
             |s| s.requests_waiting as f64,
+        ),
+        (
+            "ringraft_checkpoints_total",
+            "counter",
+            "State machine checkpoints written (each lets the WAL drop the log below it).",
+            |s| s.stats.checkpoints as f64,
         ),
         (
             "ringraft_checkpoints_abandoned_total",
@@ -253,7 +259,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
         }
     }
     type GroupField = fn(&ringraft_engine::GroupMetrics) -> f64;
-    let group_fields: [(&str, &str, &str, GroupField); 11] = [
+    let group_fields: [(&str, &str, &str, GroupField); 13] = [
         (
             "ringraft_group_is_leader",
             "gauge",
@@ -319,6 +325,18 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "counter",
             "Entries this node wrote to its WAL for the group.",
             |g| g.entries_appended as f64,
+        ),
+        (
+            "ringraft_group_first_index",
+            "gauge",
+            "The first index still in this node's log for the group (compaction moves it).",
+            |g| g.first_index as f64,
+        ),
+        (
+            "ringraft_group_checkpoint_index",
+            "gauge",
+            "The index of the group's last durable state machine checkpoint on this node.",
+            |g| g.checkpoint_index as f64,
         ),
     ];
     for (name, kind, help, value) in group_fields {

@@ -27,8 +27,13 @@ pub enum Request {
     /// Hand leadership of `group` to node `to` (0: the most up-to-date follower). Sent to the
     /// group's leader; answered once leadership moved.
     Transfer { group: u64, to: u64 },
-    /// This node's per-group metrics (lags, queues, counters, membership).
+    /// This node's per-group metrics (lags, queues, counters, membership), in body kind 4:
+    /// the fields of `GroupMetrics` up to `busy_answers` and the membership.
     GroupMetrics,
+    /// The same in body kind 5, which states its field count: every field of `GroupMetrics`
+    /// (`first_index` and `checkpoint_index` too), and room for more without another kind.
+    /// Nodes from before it answer `BAD_REQUEST`.
+    GroupMetricsV2,
     /// Change the membership of `group` (sent to its leader); answered once applied.
     Member { group: u64, changes: Vec<MemberChange> },
 }
@@ -94,6 +99,8 @@ pub enum Body {
     Status(Vec<GroupStatus>),
     Stats(NodeStats),
     GroupMetrics(Vec<GroupMetrics>),
+    /// The answer to [`Request::GroupMetricsV2`].
+    GroupMetricsV2(Vec<GroupMetrics>),
 }
 
 /// A failed request.
@@ -161,8 +168,12 @@ pub struct Response {
     pub outcome: Result<Body, Failure>,
 }
 
-/// The wire order of a group's metrics (docs/client-protocol.md, body kind 4).
-fn group_metric_fields(g: &GroupMetrics) -> [u64; 18] {
+/// Fields per group in body kind 4.
+const GROUP_METRIC_FIELDS_V1: usize = 18;
+
+/// The wire order of a group's metrics (docs/client-protocol.md, body kinds 4 and 5: kind 4
+/// carries the first 18).
+fn group_metric_fields(g: &GroupMetrics) -> [u64; 20] {
     [
         g.group,
         g.leader.unwrap_or(0),
@@ -182,7 +193,90 @@ fn group_metric_fields(g: &GroupMetrics) -> [u64; 18] {
         g.bytes_appended,
         g.leader_changes,
         g.busy_answers,
+        g.first_index,
+        g.checkpoint_index,
     ]
+}
+
+/// A group's metrics from its wire fields (missing ones, from a sender that knows fewer, are 0).
+fn group_metrics_from(v: &[u64], voters: Vec<u64>, learners: Vec<u64>) -> GroupMetrics {
+    let f = |i: usize| v.get(i).copied().unwrap_or(0);
+    GroupMetrics {
+        group: f(0),
+        leader: (f(1) != 0).then_some(f(1)),
+        is_leader: f(2) != 0,
+        term: f(3),
+        last_index: f(4),
+        commit: f(5),
+        applied: f(6),
+        commit_lag: f(7),
+        apply_lag: f(8),
+        queued_commands: f(9),
+        queued_bytes: f(10),
+        reads_waiting: f(11),
+        proposals: f(12),
+        commands_proposed: f(13),
+        entries_appended: f(14),
+        bytes_appended: f(15),
+        leader_changes: f(16),
+        busy_answers: f(17),
+        voters,
+        learners,
+        first_index: f(18),
+        checkpoint_index: f(19),
+    }
+}
+
+fn put_group_metrics(out: &mut Vec<u8>, groups: &[GroupMetrics], fields: usize) {
+    out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
+    if fields > GROUP_METRIC_FIELDS_V1 {
+        out.extend_from_slice(&(fields as u16).to_le_bytes());
+    }
+    for g in groups {
+        for v in &group_metric_fields(g)[..fields] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for list in [&g.voters, &g.learners] {
+            out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+            for id in list {
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Body kinds 4 (`fields` = 18, not on the wire) and 5 (`fields` = `None`: read from it).
+fn get_group_metrics(c: &mut Cursor<'_>, fields: Option<usize>) -> Result<Vec<GroupMetrics>, Malformed> {
+    let count = c.u32("group count")? as usize;
+    let fields = match fields {
+        Some(fields) => fields,
+        None => c.u16("field count")? as usize,
+    };
+    // Each group takes at least its fields and two list counts.
+    if count > c.remaining() / (8 * fields + 8) {
+        return Err(Malformed(format!("{count} groups cannot fit the payload")));
+    }
+    let mut groups = Vec::with_capacity(count);
+    // Sized once a group is known to fit (the count check above bounds `fields` by then).
+    let mut v = if count > 0 { vec![0u64; fields] } else { Vec::new() };
+    for _ in 0..count {
+        for slot in &mut v {
+            *slot = c.u64("group metric")?;
+        }
+        let mut lists = [Vec::new(), Vec::new()];
+        for list in &mut lists {
+            let n = c.u32("member count")? as usize;
+            if n > c.remaining() / 8 {
+                return Err(Malformed(format!("{n} members cannot fit the payload")));
+            }
+            for _ in 0..n {
+                list.push(c.u64("member")?);
+            }
+        }
+        let [voters, learners] = lists;
+        groups.push(group_metrics_from(&v, voters, learners));
+    }
+    Ok(groups)
 }
 
 fn stats_fields(s: &NodeStats) -> [u64; 6] {
@@ -233,6 +327,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
         Request::Stats => kind::STATS,
         Request::Transfer { .. } => kind::TRANSFER,
         Request::GroupMetrics => kind::GROUP_METRICS,
+        Request::GroupMetricsV2 => kind::GROUP_METRICS_V2,
         Request::Member { .. } => kind::MEMBER,
     };
     let start = frame::begin(out, frame_kind);
@@ -295,7 +390,11 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, request: &Request) {
                 out.extend_from_slice(&node.to_le_bytes());
             }
         }
-        Request::Cluster | Request::Status | Request::Stats | Request::GroupMetrics => {}
+        Request::Cluster
+        | Request::Status
+        | Request::Stats
+        | Request::GroupMetrics
+        | Request::GroupMetricsV2 => {}
     }
     frame::finish(out, start);
 }
@@ -358,6 +457,7 @@ fn decode_request_body(frame_kind: u8, c: &mut Cursor<'_>) -> Result<Request, Ma
         kind::STATUS => Request::Status,
         kind::STATS => Request::Stats,
         kind::GROUP_METRICS => Request::GroupMetrics,
+        kind::GROUP_METRICS_V2 => Request::GroupMetricsV2,
         kind::TRANSFER => Request::Transfer {
             group: c.u64("group")?,
             to: c.u64("to")?,
@@ -433,18 +533,11 @@ pub fn encode_response(out: &mut Vec<u8>, response: &Response) {
                 }
                 Body::GroupMetrics(groups) => {
                     out.push(4);
-                    out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
-                    for g in groups {
-                        for v in group_metric_fields(g) {
-                            out.extend_from_slice(&v.to_le_bytes());
-                        }
-                        for list in [&g.voters, &g.learners] {
-                            out.extend_from_slice(&(list.len() as u32).to_le_bytes());
-                            for id in list {
-                                out.extend_from_slice(&id.to_le_bytes());
-                            }
-                        }
-                    }
+                    put_group_metrics(out, groups, GROUP_METRIC_FIELDS_V1);
+                }
+                Body::GroupMetricsV2(groups) => {
+                    out.push(5);
+                    put_group_metrics(out, groups, group_metric_fields(&GroupMetrics::default()).len());
                 }
                 Body::Stats(stats) => {
                     out.push(3);
@@ -569,53 +662,8 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, Malformed> {
                 wal_writes: c.u64("wal writes")?,
                 wal_bytes_written: c.u64("wal bytes written")?,
             }),
-            4 => {
-                let count = c.u32("group count")? as usize;
-                if count > c.remaining() / (18 * 8 + 8) {
-                    return Err(Malformed(format!("{count} groups cannot fit the payload")));
-                }
-                let mut groups = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let mut v = [0u64; 18];
-                    for slot in &mut v {
-                        *slot = c.u64("group metric")?;
-                    }
-                    let mut lists = [Vec::new(), Vec::new()];
-                    for list in &mut lists {
-                        let n = c.u32("member count")? as usize;
-                        if n > c.remaining() / 8 {
-                            return Err(Malformed(format!("{n} members cannot fit the payload")));
-                        }
-                        for _ in 0..n {
-                            list.push(c.u64("member")?);
-                        }
-                    }
-                    let [voters, learners] = lists;
-                    groups.push(GroupMetrics {
-                        group: v[0],
-                        leader: (v[1] != 0).then_some(v[1]),
-                        is_leader: v[2] != 0,
-                        term: v[3],
-                        last_index: v[4],
-                        commit: v[5],
-                        applied: v[6],
-                        commit_lag: v[7],
-                        apply_lag: v[8],
-                        queued_commands: v[9],
-                        queued_bytes: v[10],
-                        reads_waiting: v[11],
-                        proposals: v[12],
-                        commands_proposed: v[13],
-                        entries_appended: v[14],
-                        bytes_appended: v[15],
-                        leader_changes: v[16],
-                        busy_answers: v[17],
-                        voters,
-                        learners,
-                    });
-                }
-                Body::GroupMetrics(groups)
-            }
+            4 => Body::GroupMetrics(get_group_metrics(&mut c, Some(GROUP_METRIC_FIELDS_V1))?),
+            5 => Body::GroupMetricsV2(get_group_metrics(&mut c, None)?),
             other => return Err(Malformed(format!("unknown body kind {other}"))),
         }),
         code::NOT_LEADER => {

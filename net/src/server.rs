@@ -339,6 +339,10 @@ async fn handle(state: &ShardState, request: Request) -> Result<Body, Failure> {
             let metrics = state.handle.metrics().await;
             return Ok(Body::GroupMetrics(metrics.groups().cloned().collect()));
         }
+        Request::GroupMetricsV2 => {
+            let metrics = state.handle.metrics().await;
+            return Ok(Body::GroupMetricsV2(metrics.groups().cloned().collect()));
+        }
         Request::Transfer { group, to } => {
             check_keys(info, group, [])?;
             (

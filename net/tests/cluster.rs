@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use porcupine_rs::{Model, Operation};
 use ringraft_engine::Consistency;
-use ringraft_net::client::{fetch_status, ClientConfig, ClientError, NetClient};
+use ringraft_net::client::{fetch_group_metrics, fetch_status, ClientConfig, ClientError, NetClient};
 use ringraft_net::frame;
 
 /// Free TCP ports, outside the kernel's ephemeral range (see `ringraft_net::ports`).
@@ -647,13 +647,19 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
         assert_eq!(g["leader"], 1);
         assert_eq!(g["is_leader"], true);
         assert!(g["commit"].as_u64().unwrap() >= 1 && g["apply_lag"] == 0, "{g}");
+        // Nothing compacted yet (the first checkpoint may or may not have run).
+        assert_eq!(g["first_index"], 1, "{g}");
+        assert!(g["checkpoint_index"].as_u64().unwrap() <= g["applied"].as_u64().unwrap());
     }
     let table = Command::new(env!("CARGO_BIN_EXE_ringraft"))
         .args(["status", "--addr", &nodes[0].addr()])
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("apply-lag") && table.contains(" 1*"), "{table}");
+    assert!(
+        table.contains("apply-lag") && table.contains("log-from") && table.contains(" 1*"),
+        "{table}"
+    );
     // Piped into a reader that is already gone (as into `head`): it ends quietly.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
@@ -687,6 +693,12 @@ fn a_client_sending_garbage_does_not_disturb_the_others() {
     assert!(page.contains("ringraft_sync_latency_microseconds{node=\"1\",shard=\"0\",quantile=\"0.99\"}"));
     assert!(page.contains("ringraft_commit_latency_microseconds_count{node=\"1\",shard=\"0\"}"));
     assert!(page.contains("ringraft_snapshots_installed_total{node=\"1\",shard=\"0\"}"));
+    assert!(page.contains("ringraft_checkpoints_total{node=\"1\",shard=\"0\"}"));
+    assert!(
+        page.contains("ringraft_group_first_index{node=\"1\",group=\"0\"} 1\n"),
+        "{page}"
+    );
+    assert!(page.contains("ringraft_group_checkpoint_index{node=\"1\",group=\"0\"}"));
     assert!(page.contains("process_resident_memory_bytes"));
     // A healthy disk: no segment preparation failed or is being retried.
     assert!(
@@ -748,50 +760,67 @@ fn follower_catches_up(retain_for_followers: u64) {
     let leader = leader_of(&nodes, 0).expect("group 0 has a leader");
     let follower = if leader == 1 { 2 } else { 1 };
     let expect_snapshot = retain_for_followers == 0;
-    // The leader compacts at its checkpoints (every 100 ms): on a loaded machine they can lag
-    // behind the writes, and then a restarted follower still finds its entries in the log.
-    // That is no catch-up by snapshot yet, so the round is repeated with a longer wait.
-    for round in 1..=3u64 {
-        nodes[follower as usize - 1].kill();
-        let keys: Vec<Vec<u8>> = (0..300)
-            .map(|i| format!("catch-{round}-{i}").into_bytes())
-            .collect();
-        for key in &keys {
-            put_until_ok(&client, key, b"v", Duration::from_secs(30));
+    let addrs: Vec<String> = nodes.iter().map(Node::addr).collect();
+    let group_0 = |node: u64| {
+        let addr = addrs[node as usize - 1].clone();
+        let groups = fetch_group_metrics(&addr, &ClientConfig::new([addr.clone()])).unwrap();
+        groups.into_iter().find(|g| g.group == 0).unwrap()
+    };
+    let followers_last = group_0(follower).last_index;
+    nodes[follower as usize - 1].kill();
+    let keys: Vec<Vec<u8>> = (0..300).map(|i| format!("catch-{i}").into_bytes()).collect();
+    for key in &keys {
+        put_until_ok(&client, key, b"v", Duration::from_secs(30));
+    }
+    // The leader compacts at its checkpoints (every 100 ms), which lag behind the writes on a
+    // loaded machine: wait for the condition, not for a time. Without a snapshot expected:
+    // a checkpoint past every write, so compaction had its chance to drop what the follower
+    // needs. With one: the log compacted past the follower's last entry.
+    let leaders_commit = group_0(leader).commit;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let g = group_0(leader);
+        let done = if expect_snapshot {
+            g.first_index > followers_last + 1
+        } else {
+            g.checkpoint_index >= leaders_commit
+        };
+        if done {
+            break;
         }
-        // Several checkpoints (and compactions) happen while the follower is down.
-        std::thread::sleep(Duration::from_millis(600 * round));
-        nodes[follower as usize - 1].start();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for key in &keys {
-            loop {
-                match client.get_from_blocking(follower, key, Consistency::Local) {
-                    Ok(Some(_)) => break,
-                    other => {
-                        assert!(
-                            Instant::now() < deadline,
-                            "follower {follower} did not catch up ({} missing: {other:?})\n{}",
-                            String::from_utf8_lossy(key),
-                            nodes[leader as usize - 1].log_text()
-                        );
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not compact within 30 s (follower's last index {followers_last}): {g:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nodes[follower as usize - 1].start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for key in &keys {
+        loop {
+            match client.get_from_blocking(follower, key, Consistency::Local) {
+                Ok(Some(_)) => break,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "follower {follower} did not catch up ({} missing: {other:?})\n{}",
+                        String::from_utf8_lossy(key),
+                        nodes[leader as usize - 1].log_text()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }
-        let snapshot = nodes[follower as usize - 1]
-            .log_text()
-            .contains("installed a snapshot");
-        if snapshot || !expect_snapshot || round == 3 {
-            assert_eq!(
-                snapshot,
-                expect_snapshot,
-                "snapshot install expected: {expect_snapshot} (round {round})\n{}",
-                nodes[follower as usize - 1].log_text()
-            );
-            break;
-        }
     }
+    let snapshot = nodes[follower as usize - 1]
+        .log_text()
+        .contains("installed a snapshot");
+    assert_eq!(
+        snapshot,
+        expect_snapshot,
+        "snapshot install expected: {expect_snapshot}\n{}",
+        nodes[follower as usize - 1].log_text()
+    );
     for node in &mut nodes {
         let id = node.id;
         assert!(node.terminate(), "node {id} did not exit 0");

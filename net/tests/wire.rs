@@ -109,6 +109,7 @@ fn requests() -> Vec<(u64, Request)> {
                 ],
             },
         ),
+        (9, Request::GroupMetricsV2),
     ]
 }
 
@@ -195,6 +196,30 @@ fn responses() -> Vec<Response> {
                 busy_answers: 0,
                 voters: vec![1, 2, 3],
                 learners: vec![4],
+                // Not in body kind 4.
+                first_index: 0,
+                checkpoint_index: 0,
+            }])),
+        },
+        Response {
+            id: 9,
+            outcome: Ok(Body::GroupMetricsV2(vec![GroupMetrics {
+                group: 1,
+                leader: Some(1),
+                is_leader: true,
+                term: 3,
+                last_index: 10,
+                commit: 10,
+                applied: 10,
+                proposals: 4,
+                commands_proposed: 40,
+                entries_appended: 10,
+                bytes_appended: 1000,
+                leader_changes: 1,
+                voters: vec![1, 2, 3],
+                first_index: 6,
+                checkpoint_index: 9,
+                ..GroupMetrics::default()
             }])),
         },
     ]
@@ -414,4 +439,53 @@ fn a_corrupt_frame_read_from_an_arena_is_an_error() {
         let frame = frame::read_in(&mut reader, 1 << 20, &mut arena).await.unwrap();
         assert_eq!(&frame.payload[..], b"second");
     });
+}
+
+/// A node from before `GROUP_METRICS_V2` refuses it as an unknown request kind and closes the
+/// connection (docs/client-protocol.md, "Errors on the connection"): the client asks again the
+/// old way. Played here by a socket that answers as such a node did.
+#[test]
+fn group_metrics_from_a_node_without_v2_come_the_old_way() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let old_node = std::thread::spawn(move || {
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let frame = loop {
+                if let Some((frame, _)) = frame::decode(&buf, 1 << 20).unwrap() {
+                    break frame;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "the client closed before a whole request");
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            kinds.push(frame.kind);
+            let (id, _) = decode_request(frame.kind, &frame.payload);
+            let outcome = if frame.kind == kind::GROUP_METRICS {
+                let old = responses().into_iter().find(|r| r.id == 7).unwrap();
+                old.outcome
+            } else {
+                // What the old decoder said of a kind it did not know.
+                Err(Failure::BadRequest(
+                    frame::Malformed(format!("unknown request kind {:#04x}", frame.kind)).to_string(),
+                ))
+            };
+            let mut out = Vec::new();
+            encode_response(&mut out, &Response { id, outcome });
+            stream.write_all(&out).unwrap();
+        }
+        kinds
+    });
+    let config = ringraft_net::client::ClientConfig::new([addr.clone()]);
+    let groups = ringraft_net::client::fetch_group_metrics(&addr, &config).unwrap();
+    assert_eq!(
+        old_node.join().unwrap(),
+        [kind::GROUP_METRICS_V2, kind::GROUP_METRICS]
+    );
+    assert_eq!(groups.len(), 1);
+    assert_eq!((groups[0].commit, groups[0].first_index), (9, 0));
 }

@@ -165,18 +165,21 @@ fn status(addr: &str, json: bool) -> ExitCode {
                     "commands_proposed": g.commands_proposed, "entries_appended": g.entries_appended,
                     "bytes_appended": g.bytes_appended, "leader_changes": g.leader_changes,
                     "busy_answers": g.busy_answers, "voters": g.voters, "learners": g.learners,
+                    "first_index": g.first_index, "checkpoint_index": g.checkpoint_index,
                 })
             })
             .collect();
         println!("{}", serde_json::Value::Array(rows));
     } else {
         println!(
-            "{:>6} {:>7} {:>8} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}  members",
+            "{:>6} {:>7} {:>8} {:>12} {:>12} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}  members",
             "group",
             "leader",
             "term",
             "commit",
             "applied",
+            "checkpoint",
+            "log-from",
             "commit-lag",
             "apply-lag",
             "queued",
@@ -197,12 +200,14 @@ fn status(addr: &str, json: bool) -> ExitCode {
                 format!("{} learners {}", ids(&g.voters), ids(&g.learners))
             };
             println!(
-                "{:>6} {:>7} {:>8} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}  {}",
+                "{:>6} {:>7} {:>8} {:>12} {:>12} {:>12} {:>12} {:>10} {:>9} {:>8} {:>6} {:>8} {:>6}  {}",
                 g.group,
                 leader,
                 g.term,
                 g.commit,
                 g.applied,
+                g.checkpoint_index,
+                g.first_index,
                 g.commit_lag,
                 g.apply_lag,
                 g.queued_commands,
