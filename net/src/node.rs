@@ -159,6 +159,7 @@ fn reload(
     topology: &Topology,
     engine: &Engine,
 ) {
+    info!("SIGHUP: re-reading {}", path.display());
     let new = match Config::load(path) {
         Ok(new) => new,
         Err(e) => {
@@ -187,11 +188,15 @@ fn reload(
     }
     if new.cluster != running.cluster {
         match running.added_nodes(&new) {
+            // Written differently, meaning the same (initial voters spelled out).
+            Ok(added) if added.is_empty() => running.cluster = new.cluster.clone(),
             Ok(added) => {
                 let ids: Vec<u64> = added.iter().map(|n| n.id).collect();
                 match engine.add_nodes(&added) {
                     Ok(()) => {
-                        running.cluster.nodes = new.cluster.nodes.clone();
+                        // All of it: `added_nodes` found the rest equivalent (the voters may
+                        // have been written out where they were left implicit).
+                        running.cluster = new.cluster.clone();
                         info!(?ids, "SIGHUP: nodes added to the address book");
                     }
                     // Shards that took them keep them; the next SIGHUP tries again.

@@ -1401,13 +1401,15 @@ fn a_node_added_by_sighup_joins_without_restarting_the_others() {
     let mut full = Vec::new();
     for (node, port) in nodes.iter().zip(&metrics_ports) {
         patch_config(node, "node", &format!("metrics_addr = \"127.0.0.1:{port}\""));
-        patch_config(node, "cluster", "initial_voters = [1, 2, 3]");
         full.push(std::fs::read_to_string(&node.config).unwrap());
+        patch_config(node, "cluster", "initial_voters = [1, 2, 3]");
     }
-    // Nodes 1-3 start without node 4 in their address book; node 4 knows everyone.
-    for (node, text) in nodes[..3].iter().zip(&full) {
+    // Nodes 1-3 start without node 4 in their address book (every listed node votes); node 4
+    // knows everyone. The configs they are sent SIGHUP with list node 4 and name the voters.
+    for (node, text) in nodes[..3].iter().zip(&mut full) {
         let without: Vec<&str> = text.lines().filter(|l| !l.contains("{ id = 4,")).collect();
         std::fs::write(&node.config, without.join("\n")).unwrap();
+        *text = text.replacen("[cluster]\n", "[cluster]\ninitial_voters = [1, 2, 3]\n", 1);
     }
     for node in &mut nodes {
         node.start();
@@ -1433,7 +1435,26 @@ fn a_node_added_by_sighup_joins_without_restarting_the_others() {
     for node in &nodes[..3] {
         node.wait_for_log("SIGHUP: nodes added to the address book");
         node.wait_for_log("peer connected peer=4");
-        assert!(!node.log_text().contains("take effect when the node restarts"));
+    }
+    // The same file again changes nothing, and nothing waits for a restart.
+    for node in &nodes[..3] {
+        node.signal(libc::SIGHUP);
+    }
+    for node in &nodes[..3] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while node.log_text().matches("SIGHUP: re-reading").count() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no second reload:\n{}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // What the reload says, it says right after that line.
+        std::thread::sleep(Duration::from_millis(300));
+        let log = node.log_text();
+        assert_eq!(log.matches("nodes added to the address book").count(), 1, "{log}");
+        assert!(!log.contains("restart"), "{log}");
     }
     // Clients learn node 4 from any node's `CLUSTER` answer.
     let client = connect(&nodes[..1]);
