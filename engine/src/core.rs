@@ -893,6 +893,37 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
     }
 
+    /// `Err` naming a group of which one of `nodes` is a member (voter, learner, or either
+    /// side of a joint configuration) as this node applied it: such a node cannot leave the
+    /// address book yet.
+    pub fn check_removable(&self, nodes: &[u64]) -> Result<(), String> {
+        for (&group, g) in &self.groups {
+            let c = &g.conf_state;
+            let members = c
+                .voters
+                .iter()
+                .chain(&c.learners)
+                .chain(&c.voters_outgoing)
+                .chain(&c.learners_next);
+            if let Some(node) = members.copied().find(|m| nodes.contains(m)) {
+                return Err(format!(
+                    "node {node} is still a member of group {group}: remove it from the group \
+                     first (ringraft member remove)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Nodes removed from the cluster: no more beats to them.
+    pub fn remove_peers(&mut self, nodes: &[u64]) {
+        self.config.peers.retain(|p| !nodes.contains(p));
+        for node in nodes {
+            self.last_heard.remove(node);
+            self.removal_notices.remove(node);
+        }
+    }
+
     /// This node's id.
     pub fn node(&self) -> u64 {
         self.config.node

@@ -78,6 +78,13 @@ pub(crate) enum ShardInput {
         nodes: Vec<ringraft_tuning::NodeAddress>,
         done: flume::Sender<Result<(), String>>,
     },
+    /// Nodes that left it (see [`Engine::remove_nodes`]); with `apply` false, only whether
+    /// this shard would let them go.
+    RemoveNodes {
+        nodes: Vec<u64>,
+        apply: bool,
+        done: flume::Sender<Result<(), String>>,
+    },
 }
 
 impl ShardInput {
@@ -94,6 +101,7 @@ impl ShardInput {
             | ShardInput::Metrics { .. }
             | ShardInput::Status { .. }
             | ShardInput::AddNodes { .. }
+            | ShardInput::RemoveNodes { .. }
             | ShardInput::Shutdown { .. } => None,
         }
     }
@@ -757,6 +765,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Removes nodes from the cluster's address book on every shard of this running node: the
+    /// transport drops their connections and refuses their handshakes, `CLUSTER` answers no
+    /// longer list them, and the shards send them no beats. Refused (`Err`, nothing changed)
+    /// while a removed node is still a member of a group here (as this node applied its
+    /// membership): remove it from the groups first (`change_membership`). Like
+    /// [`Engine::add_nodes`], refused by a transport whose nodes are fixed.
+    pub fn remove_nodes(&self, nodes: &[u64]) -> Result<(), String> {
+        for apply in [false, true] {
+            for (shard, input) in self.inputs.iter().enumerate() {
+                let (done, rx) = flume::bounded(1);
+                let nodes = nodes.to_vec();
+                if input
+                    .send(ShardInput::RemoveNodes { nodes, apply, done })
+                    .is_err()
+                {
+                    return Err(format!("shard {shard} has stopped"));
+                }
+                rx.recv()
+                    .unwrap_or_else(|_| Err("the shard has stopped".into()))
+                    .map_err(|e| format!("shard {shard}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Stops cleanly: no new requests, in-flight ones answered, the WAL synced, state machines
     /// checkpointed, files closed. Returns the first shard error, if any.
     pub fn shutdown(self) -> Result<(), String> {
@@ -1005,6 +1038,18 @@ async fn run_shard<S: StateMachine + 'static>(
                     core.add_peers(nodes.iter().map(|n| n.id));
                 }
                 let _ = done.send(added);
+                continue;
+            }
+            if let ShardInput::RemoveNodes { nodes, apply, done } = input {
+                // Checked again when applied: a membership may have changed since the check.
+                let mut removed = core.check_removable(&nodes);
+                if removed.is_ok() && apply {
+                    removed = link.remove_nodes(&nodes);
+                    if removed.is_ok() {
+                        core.remove_peers(&nodes);
+                    }
+                }
+                let _ = done.send(removed);
                 continue;
             }
             if let ShardInput::Transfer { group, to, reply } = input {
@@ -1455,7 +1500,9 @@ fn handle_input(
             });
         }
         ShardInput::Transfer { .. } => unreachable!("the shard loop takes transfers itself"),
-        ShardInput::AddNodes { .. } => unreachable!("the shard loop adds nodes itself"),
+        ShardInput::AddNodes { .. } | ShardInput::RemoveNodes { .. } => {
+            unreachable!("the shard loop changes the address book itself")
+        }
         ShardInput::Shutdown { done } => *shutdown = Some(done),
     }
 }

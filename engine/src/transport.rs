@@ -47,6 +47,12 @@ pub trait ShardLink {
         let _ = nodes;
         Err("this transport's nodes are fixed when it starts".into())
     }
+    /// Nodes removed from the address book: connections to them close, and `send` to them
+    /// fails from now on. Unknown ids are ignored. `Err` (nothing changed) as for `add_nodes`.
+    fn remove_nodes(&mut self, nodes: &[u64]) -> Result<(), String> {
+        let _ = nodes;
+        Err("this transport's nodes are fixed when it starts".into())
+    }
 }
 
 /// What a transport gets for one shard.

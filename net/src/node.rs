@@ -3,9 +3,9 @@
 //! `node.log_level` or `RUST_LOG`), starts the engine with the TCP transport and serves until
 //! SIGTERM or SIGINT; then it stops accepting, answers what is in flight, syncs, checkpoints and
 //! exits 0. A SIGKILL at any moment loses no acknowledged write: those are in a quorum's synced
-//! WALs. SIGHUP re-reads the config file and applies `node.log_level` and nodes added to
-//! `cluster.nodes` (see [`reload`]); a file that does not load or validate changes nothing,
-//! and other changed settings wait for a restart (logged).
+//! WALs. SIGHUP re-reads the config file and applies `node.log_level` and nodes added to or
+//! removed from `cluster.nodes` (see [`reload`]); a file that does not load or validate changes
+//! nothing, and other changed settings wait for a restart (logged).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ringraft_engine::Engine;
-use ringraft_tuning::{Config, Topology};
+use ringraft_tuning::{AddressBookChange, Config, Topology};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
@@ -147,8 +147,8 @@ pub fn run(path: &std::path::Path) -> ExitCode {
 }
 
 /// SIGHUP: reads `path` again and applies to the running node its `node.log_level` (unless
-/// `RUST_LOG` decides the level) and nodes added to `cluster.nodes` (when that is the only
-/// change to the `cluster` section: [`Config::added_nodes`]). A file that does not load or
+/// `RUST_LOG` decides the level) and nodes added to or removed from `cluster.nodes` (when that
+/// is the only change to the `cluster` section: [`Config::address_book_change`]). A file that does not load or
 /// validate changes nothing (the node goes on as it runs, and says why); other settings that
 /// differ from `running` are named as taking effect at the next start.
 fn reload(
@@ -187,25 +187,18 @@ fn reload(
         }
     }
     if new.cluster != running.cluster {
-        match running.added_nodes(&new) {
-            // Written differently, meaning the same (initial voters spelled out).
-            Ok(added) if added.is_empty() => running.cluster = new.cluster.clone(),
-            Ok(added) => {
-                let ids: Vec<u64> = added.iter().map(|n| n.id).collect();
-                match engine.add_nodes(&added) {
-                    Ok(()) => {
-                        // All of it: `added_nodes` found the rest equivalent (the voters may
-                        // have been written out where they were left implicit).
-                        running.cluster = new.cluster.clone();
-                        info!(?ids, "SIGHUP: nodes added to the address book");
-                    }
-                    // Shards that took them keep them; the next SIGHUP tries again.
-                    Err(e) => error!(?ids, "SIGHUP: cannot add nodes: {e}"),
-                }
-            }
+        match running.address_book_change(&new) {
+            Ok(change) => match apply_address_book(engine, &change) {
+                // All of the section: `address_book_change` found the rest equivalent (the
+                // voters may have been written out where they were left implicit).
+                Ok(()) => running.cluster = new.cluster.clone(),
+                // What was applied stays (shards that took added nodes keep them; removals
+                // are all or nothing); the next SIGHUP tries again.
+                Err(e) => error!("SIGHUP: {e}"),
+            },
             Err(why) => warn!(
-                "SIGHUP: {why}; the node applies only added nodes to a running cluster section, \
-                 so this waits for a restart"
+                "SIGHUP: {why}; the node applies only added and removed nodes to a running \
+                 cluster section, so this waits for a restart"
             ),
         }
     }
@@ -219,4 +212,24 @@ fn reload(
             path.display()
         );
     }
+}
+
+/// Adds, then removes, the nodes of an address book change (see [`Engine::add_nodes`] and
+/// [`Engine::remove_nodes`]: a node still in a group is not removed).
+fn apply_address_book(engine: &Engine, change: &AddressBookChange) -> Result<(), String> {
+    if !change.added.is_empty() {
+        let ids: Vec<u64> = change.added.iter().map(|n| n.id).collect();
+        engine
+            .add_nodes(&change.added)
+            .map_err(|e| format!("cannot add nodes {ids:?}: {e}"))?;
+        info!(?ids, "SIGHUP: nodes added to the address book");
+    }
+    if !change.removed.is_empty() {
+        let ids = &change.removed;
+        engine
+            .remove_nodes(ids)
+            .map_err(|e| format!("cannot remove nodes {ids:?}: {e}"))?;
+        info!(?ids, "SIGHUP: nodes removed from the address book");
+    }
+    Ok(())
 }

@@ -120,16 +120,18 @@ impl Transport for TcpTransport {
         });
         info!(node = config.node.id, shard = net.shard, %peer_addr, %client_addr, "listening");
         let clients = glommio::spawn_local(server::serve(state.clone(), client_listener)).detach();
-        let mut peer_tasks = vec![glommio::spawn_local(accept_peers(state.clone(), peer_listener)).detach()];
+        let accepting = glommio::spawn_local(accept_peers(state.clone(), peer_listener)).detach();
+        let mut dialing = BTreeMap::new();
         for peer in state.peers.borrow().values() {
             if let Some(task) = dial_if_mine(&state, peer) {
-                peer_tasks.push(task);
+                dialing.insert(peer.id, task);
             }
         }
         Ok(Box::new(TcpLink {
             state,
             clients: Some(clients),
-            peer_tasks,
+            _accepting: accepting,
+            dialing,
         }))
     }
 }
@@ -251,6 +253,8 @@ struct Peer {
     connected: Cell<bool>,
     /// Bumped by each new connection; an older connection's tasks stop when they see it.
     generation: Cell<u64>,
+    /// Removed from the address book: its connection's tasks stop.
+    removed: Cell<bool>,
     signal: Signal,
 }
 
@@ -262,6 +266,7 @@ impl Peer {
             queue: RefCell::new(VecDeque::new()),
             connected: Cell::new(false),
             generation: Cell::new(0),
+            removed: Cell::new(false),
             signal: Signal::default(),
         }
     }
@@ -272,8 +277,10 @@ struct TcpLink {
     /// The client port's accept loop (cancelled at `close`).
     clients: Option<JoinHandle<()>>,
     /// Peer accept and dial loops: they live as long as the shard, so a draining shard can
-    /// still commit what it has in flight. They end with the executor.
-    peer_tasks: Vec<JoinHandle<()>>,
+    /// still commit what it has in flight. They end with the executor, or (a dial loop) when
+    /// its node is removed.
+    _accepting: JoinHandle<()>,
+    dialing: BTreeMap<u64, JoinHandle<()>>,
 }
 
 impl TcpLink {
@@ -343,13 +350,37 @@ impl ShardLink for TcpLink {
             state.local.borrow_mut().members.push(node.id);
             members.push(server::member(node));
             if let Some(task) = dial_if_mine(state, &peer) {
-                self.peer_tasks.push(task);
+                self.dialing.insert(node.id, task);
             }
             info!(node = node.id, %addr, shard = state.shard, "peer added to the address book");
         }
         let mut info = (**state.info.borrow()).clone();
         info.members = members;
         *state.info.borrow_mut() = Rc::new(info);
+        Ok(())
+    }
+
+    /// Forgets peers: their handshakes are refused from now on, a connection to one ends
+    /// (its writer sees `removed`), the dial loop stops, and `CLUSTER` no longer lists it.
+    fn remove_nodes(&mut self, nodes: &[u64]) -> Result<(), String> {
+        let state = &self.state;
+        for &node in nodes {
+            let Some(peer) = state.peers.borrow_mut().remove(&node) else {
+                continue;
+            };
+            if let Some(task) = self.dialing.remove(&node) {
+                task.cancel();
+            }
+            peer.removed.set(true);
+            peer.connected.set(false);
+            peer.queue.borrow_mut().clear();
+            peer.signal.notify();
+            state.local.borrow_mut().members.retain(|&m| m != node);
+            let mut info = (**state.info.borrow()).clone();
+            info.members.retain(|m| m.id != node);
+            *state.info.borrow_mut() = Rc::new(info);
+            info!(node, shard = state.shard, "peer removed from the address book");
+        }
         Ok(())
     }
 }
@@ -531,6 +562,9 @@ async fn write_side(
     let mut out: Vec<u8> = Vec::new();
     loop {
         loop {
+            if peer.removed.get() {
+                return "removed from the address book".into();
+            }
             if peer.generation.get() != generation {
                 return "replaced by a newer connection".into();
             }

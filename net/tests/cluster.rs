@@ -1394,7 +1394,7 @@ fn metrics_page(port: u16) -> String {
 }
 
 #[test]
-fn a_node_added_by_sighup_joins_without_restarting_the_others() {
+fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = cluster(dir.path(), &["k", "k", "k", "k"]);
     let metrics_ports = free_ports(4);
@@ -1511,8 +1511,52 @@ fn a_node_added_by_sighup_joins_without_restarting_the_others() {
         let page = metrics_page(metrics_ports[3]);
         assert!(page.contains(&asleep), "node 4 woke a group:\n{page}");
     }
-    for node in &mut nodes {
-        let id = node.id;
-        assert!(node.terminate(), "node {id} did not exit 0");
+
+    // Node 3 leaves every config. While it is a member of the groups, the others refuse to
+    // forget it; once removed from them, they do.
+    let others = [0usize, 1, 3];
+    for &i in &others {
+        let text = std::fs::read_to_string(&nodes[i].config).unwrap();
+        let without: Vec<&str> = text.lines().filter(|l| !l.contains("{ id = 3,")).collect();
+        let text = without
+            .join("\n")
+            .replace("initial_voters = [1, 2, 3]", "initial_voters = [1, 2]");
+        std::fs::write(&nodes[i].config, text).unwrap();
+        nodes[i].signal(libc::SIGHUP);
+    }
+    for &i in &others {
+        nodes[i].wait_for_log("node 3 is still a member of group");
+    }
+    ringraft(&["member", "remove", "--addr", &addr, "--node", "3"]);
+    assert!(nodes[2].terminate(), "node 3 did not exit 0");
+    for &i in &others {
+        nodes[i].signal(libc::SIGHUP);
+    }
+    for &i in &others {
+        nodes[i].wait_for_log("SIGHUP: nodes removed from the address book");
+        assert!(
+            !nodes[i].log_text().contains("restart"),
+            "{}",
+            nodes[i].log_text()
+        );
+    }
+    let client = connect(&nodes[..1]);
+    let ids: Vec<u64> = client.cluster().members.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [1, 2, 4]);
+    for group in 0..groups {
+        let key = (0u32..)
+            .map(|i| format!("after-3-{i}").into_bytes())
+            .find(|k| client.group_of(k) == group)
+            .unwrap();
+        put_until_ok(&client, &key, b"x", Duration::from_secs(30));
+    }
+    // Node 3, started again with its old config, dials node 4 (the lower id dials) and is
+    // refused: it is no longer in node 4's address book.
+    nodes[2].start();
+    nodes[3].wait_for_log("node 3 is not a member of this cluster");
+    nodes[2].kill();
+    for &i in &others {
+        let id = nodes[i].id;
+        assert!(nodes[i].terminate(), "node {id} did not exit 0");
     }
 }

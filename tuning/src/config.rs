@@ -472,14 +472,14 @@ impl Config {
         self.cluster.nodes.iter().find(|n| n.id == self.node.id)
     }
 
-    /// The nodes `new` lists that this (running) config does not, when that is the only
-    /// difference in the `cluster` section, so a running node can learn them without a
-    /// restart (SIGHUP). `Err` says which other cluster change needs one: a node removed or
-    /// readdressed, another cluster id or key, or different initial voters (with
-    /// `initial_voters` left empty, every listed node votes, so an added node would turn into
-    /// an initial voter: list the original voters there first). Settings outside `cluster`
-    /// are not compared.
-    pub fn added_nodes(&self, new: &Config) -> Result<Vec<NodeAddress>, String> {
+    /// How `new` changes this (running) config's address book, when nodes added to or removed
+    /// from `cluster.nodes` are the only change to the `cluster` section, so a running node can
+    /// apply it without a restart (SIGHUP). `Err` says which other cluster change needs one: a
+    /// node readdressed, this node removed, another cluster id or key, or initial voters other
+    /// than the old ones less the removed nodes. (With `initial_voters` left empty every listed
+    /// node votes, so an added node would turn into an initial voter: list the original voters
+    /// there first.) Settings outside `cluster` are not compared.
+    pub fn address_book_change(&self, new: &Config) -> Result<AddressBookChange, String> {
         let (old, next) = (&self.cluster, &new.cluster);
         if old.id != next.id {
             return Err(format!("cluster.id changes from {} to {}", old.id, next.id));
@@ -487,29 +487,57 @@ impl Config {
         if old.key != next.key {
             return Err("cluster.key changes".into());
         }
+        let mut removed = Vec::new();
         for node in &old.nodes {
             match next.nodes.iter().find(|n| n.id == node.id) {
-                None => return Err(format!("node {} is no longer listed in cluster.nodes", node.id)),
+                None if node.id == self.node.id => {
+                    return Err(format!(
+                        "this node ({}) is no longer listed in cluster.nodes",
+                        node.id
+                    ))
+                }
+                None => removed.push(node.id),
                 Some(n) if n != node => {
                     return Err(format!("node {}'s address changes in cluster.nodes", node.id))
                 }
                 Some(_) => {}
             }
         }
-        if self.initial_voters() != new.initial_voters() {
+        let kept: Vec<u64> = self
+            .initial_voters()
+            .into_iter()
+            .filter(|v| !removed.contains(v))
+            .collect();
+        if new.initial_voters() != kept {
             return Err(format!(
-                "the initial voters change from {:?} to {:?} (with cluster.initial_voters empty, \
-                 every listed node votes: list the original voters there)",
+                "the initial voters change from {:?} to {:?}, not just by the removed nodes (with \
+                 cluster.initial_voters empty, every listed node votes: list the original voters \
+                 there)",
                 self.initial_voters(),
                 new.initial_voters()
             ));
         }
-        Ok(next
+        let added = next
             .nodes
             .iter()
             .filter(|n| !old.nodes.iter().any(|o| o.id == n.id))
             .cloned()
-            .collect())
+            .collect();
+        Ok(AddressBookChange { added, removed })
+    }
+}
+
+/// What a reloaded config changes in a running node's address book
+/// ([`Config::address_book_change`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressBookChange {
+    pub added: Vec<NodeAddress>,
+    pub removed: Vec<u64>,
+}
+
+impl AddressBookChange {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
     }
 }
 

@@ -18,9 +18,9 @@ mod uring;
 mod validate;
 
 pub use config::{
-    AutoKeyword, BatchingConfig, ClusterConfig, Config, CpuList, GlommioConfig, IoMemory, LimitsConfig,
-    NodeAddress, NodeConfig, RaftConfig, ShardsConfig, SmConfig, SyncMode, WalConfig, ENV_DATA_DIR,
-    ENV_NODE_ID,
+    AddressBookChange, AutoKeyword, BatchingConfig, ClusterConfig, Config, CpuList, GlommioConfig, IoMemory,
+    LimitsConfig, NodeAddress, NodeConfig, RaftConfig, ShardsConfig, SmConfig, SyncMode, WalConfig,
+    ENV_DATA_DIR, ENV_NODE_ID,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use irq::{device_interrupt_cpus, interrupt_cpus_in, shards_away_from_interrupts};

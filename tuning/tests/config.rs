@@ -1,7 +1,7 @@
 //! Parsing, defaults, the examples, every validation rule (one test each, asserting the message
 //! names the key), environment overrides and the effective-config round trip.
 
-use ringraft_tuning::{validate, Config, ConfigErrors, CpuList, Topology};
+use ringraft_tuning::{validate, AddressBookChange, Config, ConfigErrors, CpuList, Topology};
 
 fn two_cpus() -> Topology {
     Topology::synthetic(2, false, 1)
@@ -76,29 +76,33 @@ fn local_cluster_helper_validates_for_every_node() {
 }
 
 #[test]
-fn added_nodes_are_the_only_cluster_change_a_running_node_takes() {
+fn added_and_removed_nodes_are_the_only_cluster_changes_a_running_node_takes() {
     let mut running = Config::local_cluster(3, 1);
     running.cluster.initial_voters = vec![1, 2, 3];
     let four = Config::local_cluster(4, 1).cluster.nodes[3].clone();
     let mut new = running.clone();
-    assert_eq!(running.added_nodes(&new), Ok(vec![]));
+    assert_eq!(
+        running.address_book_change(&new),
+        Ok(AddressBookChange::default())
+    );
     new.cluster.nodes.push(four.clone());
     new.wal.segment_bytes *= 2; // outside `cluster`: not this function's concern
-    assert_eq!(running.added_nodes(&new), Ok(vec![four.clone()]));
+    let change = running.address_book_change(&new).unwrap();
+    assert_eq!((change.added, change.removed), (vec![four.clone()], vec![]));
 
     let refused = |change: &dyn Fn(&mut Config), says: &str| {
         let mut other = new.clone();
         change(&mut other);
-        let why = running.added_nodes(&other).expect_err(says);
+        let why = running.address_book_change(&other).expect_err(says);
         assert!(why.contains(says), "{why:?} does not say {says:?}");
     };
     refused(
-        &|c| c.cluster.nodes.retain(|n| n.id != 2),
-        "node 2 is no longer listed",
-    );
-    refused(
         &|c| c.cluster.nodes[1].client_port += 1,
         "node 2's address changes",
+    );
+    refused(
+        &|c| c.cluster.nodes.retain(|n| n.id != 1),
+        "this node (1) is no longer listed",
     );
     refused(&|c| c.cluster.id = 9, "cluster.id changes from 1 to 9");
     refused(&|c| c.cluster.key = Some("k".into()), "cluster.key changes");
@@ -106,11 +110,32 @@ fn added_nodes_are_the_only_cluster_change_a_running_node_takes() {
         &|c| c.cluster.initial_voters = vec![1, 2, 3, 4],
         "initial voters change",
     );
-    // Left empty, the initial voters are every listed node: adding one changes them.
+    // A removed node leaves the initial voters with it, and only it.
+    refused(
+        &|c| c.cluster.nodes.retain(|n| n.id != 2),
+        "initial voters change",
+    );
+    let mut without_two = new.clone();
+    without_two.cluster.nodes.retain(|n| n.id != 2);
+    without_two.cluster.initial_voters = vec![1, 3];
+    let change = running.address_book_change(&without_two).unwrap();
+    assert_eq!((change.added, change.removed), (vec![four], vec![2]));
+    refused(
+        &|c| {
+            c.cluster.nodes.retain(|n| n.id != 2);
+            c.cluster.initial_voters = vec![1];
+        },
+        "initial voters change",
+    );
+    // Left empty, the initial voters are every listed node: adding one changes them, removing
+    // one changes them only by itself.
     running.cluster.initial_voters.clear();
     new.cluster.initial_voters.clear();
-    let why = running.added_nodes(&new).unwrap_err();
+    let why = running.address_book_change(&new).unwrap_err();
     assert!(why.contains("list the original voters"), "{why}");
+    let mut fewer = running.clone();
+    fewer.cluster.nodes.retain(|n| n.id != 3);
+    assert_eq!(running.address_book_change(&fewer).unwrap().removed, vec![3]);
 }
 
 #[test]
