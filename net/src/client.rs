@@ -6,7 +6,8 @@
 //! - Routes each key to its group (`crc32c(key) % groups`) and the group to the client port of
 //!   the shard owning it on the node it believes leads the group.
 //! - Follows `NotLeader` redirects, retries `Busy` and leaderless moments with exponential
-//!   backoff, and returns every other answer as it is.
+//!   backoff, and returns every other answer as it is. A redirect to a node the layout does not
+//!   list (it joined later) makes the client learn the layout again from the redirecting node.
 //! - Pipelines: any number of requests share one connection per (node, shard); each connection
 //!   has a writer thread that puts everything queued into one write, and a reader thread that
 //!   matches answers to requests by id. On a glommio executor, [`NetClient::on_executor`] gives
@@ -20,7 +21,7 @@ use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ringraft_engine::{Consistency, GroupMetrics, GroupStatus, LeaderCache, MemberChange, NodeStats};
@@ -307,7 +308,12 @@ impl Conn {
 
 struct Inner {
     config: ClientConfig,
-    info: ClusterInfo,
+    /// The cluster's layout, replaced when a redirect names a node it does not list (nodes
+    /// join and leave running clusters: SIGHUP). Its groups and shards never change; the hot
+    /// paths read those copies below instead of taking the lock.
+    info: RwLock<Arc<ClusterInfo>>,
+    groups: u64,
+    shards: u64,
     /// Open connections by (node, shard): the address is made only to open one.
     conns: Mutex<HashMap<(u64, u64), Arc<Conn>, ahash::RandomState>>,
     leaders: LeaderCache,
@@ -322,7 +328,7 @@ pub struct NetClient {
 impl std::fmt::Debug for NetClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetClient")
-            .field("cluster", &self.inner.info)
+            .field("cluster", &*self.cluster())
             .finish()
     }
 }
@@ -408,7 +414,9 @@ impl NetClient {
                         inner: Arc::new(Inner {
                             config,
                             leaders: LeaderCache::new(info.groups),
-                            info,
+                            groups: info.groups,
+                            shards: info.shards,
+                            info: RwLock::new(Arc::new(info)),
                             conns: Mutex::default(),
                         }),
                     })
@@ -423,12 +431,13 @@ impl NetClient {
         &self.inner.config
     }
 
-    pub fn cluster(&self) -> &ClusterInfo {
-        &self.inner.info
+    /// The cluster's layout as this client last learned it.
+    pub fn cluster(&self) -> Arc<ClusterInfo> {
+        self.inner.info.read().unwrap().clone()
     }
 
     pub fn group_of(&self, key: &[u8]) -> u64 {
-        self.inner.info.group_of(key)
+        ringraft_engine::group_of(key, self.inner.groups)
     }
 
     /// The node this client believes leads `group`, if any.
@@ -438,13 +447,12 @@ impl NetClient {
 
     /// Which connection carries requests for `group` to `node`: (node, shard).
     pub(crate) fn conn_key(&self, node: u64, group: u64) -> (u64, u64) {
-        (node, group % self.inner.info.shards.max(1))
+        (node, group % self.inner.shards.max(1))
     }
 
     /// `host:port` of the client port serving `group` on `node`.
     pub(crate) fn address_of(&self, node: u64, group: u64) -> Result<String, ClientError> {
-        self.inner
-            .info
+        self.cluster()
             .address(node, group)
             .ok_or_else(|| ClientError::Protocol(format!("node {node} is not in the cluster")))
     }
@@ -464,7 +472,8 @@ impl NetClient {
     }
 
     fn next_member(&self, after: u64) -> u64 {
-        let members = &self.inner.info.members;
+        let info = self.cluster();
+        let members = &info.members;
         let at = members.iter().position(|m| m.id == after).unwrap_or(0);
         members[(at + 1) % members.len()].id
     }
@@ -481,12 +490,13 @@ impl NetClient {
         node: Option<u64>,
     ) -> Result<Body, ClientError> {
         let config = &self.inner.config;
-        if group >= self.inner.info.groups {
+        if group >= self.inner.groups {
             return Err(Failure::UnknownGroup(format!("group {group}")).into());
         }
-        let mut target = node
-            .or_else(|| self.leader_of(group))
-            .unwrap_or(self.inner.info.members[group as usize % self.inner.info.members.len()].id);
+        let mut target = node.or_else(|| self.leader_of(group)).unwrap_or_else(|| {
+            let members = &self.cluster().members;
+            members[group as usize % members.len()].id
+        });
         let mut backoff = config.backoff_min;
         let mut last = None;
         for attempt in 0..config.attempts_max {
@@ -518,6 +528,19 @@ impl NetClient {
             };
             match &error {
                 ClientError::Server(Failure::NotLeader { leader, .. }) if to_leader && node.is_none() => {
+                    // A leader this client does not know joined after it learned the cluster:
+                    // learn it again from the node that named it.
+                    let unknown = leader.filter(|&l| !self.knows(l));
+                    if let Some(unknown) = unknown {
+                        self.relearn(carrier, target, group).await;
+                        if !self.knows(unknown) {
+                            // Not listed there either (yet): ask around meanwhile.
+                            self.inner.leaders.set(group, None);
+                            target = self.next_member(target);
+                            last = Some(error);
+                            continue;
+                        }
+                    }
                     match leader {
                         Some(leader) if *leader != target => {
                             self.inner.leaders.set(group, Some(*leader));
@@ -545,6 +568,26 @@ impl NetClient {
             attempts: config.attempts_max,
             last: Box::new(last.expect("at least one attempt")),
         })
+    }
+
+    fn knows(&self, node: u64) -> bool {
+        self.cluster().members.iter().any(|m| m.id == node)
+    }
+
+    /// Asks `node` for the cluster's layout and takes it, if it is the same cluster with the
+    /// same groups and shards (only members may change). A failure leaves the layout as it was.
+    async fn relearn<C: Carrier>(&self, carrier: &C, node: u64, group: u64) {
+        let timeout = self.inner.config.request_timeout;
+        if let Ok(Ok(Body::Cluster(info))) = carrier.call(node, group, &Request::Cluster, timeout).await {
+            let mut current = self.inner.info.write().unwrap();
+            let same = info.cluster == current.cluster
+                && info.groups == self.inner.groups
+                && info.shards == self.inner.shards
+                && !info.members.is_empty();
+            if same {
+                *current = Arc::new(info);
+            }
+        }
     }
 
     /// Calls made over `carrier`.

@@ -1417,6 +1417,8 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     let client = connect(&nodes[..3]);
     serve_every_group(&client);
     assert_eq!(client.cluster().members.len(), 3);
+    // A client that learned the cluster before node 4 joined.
+    let early = client.clone();
     // Nobody connects to node 4: the lower id of two dials, and nodes 1-3 do not know it.
     std::thread::sleep(Duration::from_millis(300));
     for node in &nodes {
@@ -1511,6 +1513,20 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
         let page = metrics_page(metrics_ports[3]);
         assert!(page.contains(&asleep), "node 4 woke a group:\n{page}");
     }
+
+    // Node 4 leads group 0: the early client, redirected to a node it does not know, learns
+    // the cluster again and follows.
+    let leader = leader_of(&nodes, 0).expect("group 0 has a leader");
+    let leader_addr = nodes[leader as usize - 1].addr();
+    ringraft(&["transfer", "--addr", &leader_addr, "--group", "0", "--to", "4"]);
+    assert_eq!(leader_of(&nodes[3..], 0), Some(4));
+    let key = (0u32..)
+        .map(|i| format!("early-{i}").into_bytes())
+        .find(|k| early.group_of(k) == 0)
+        .unwrap();
+    early.put_blocking(&key, b"via node 4").unwrap();
+    assert_eq!(early.leader_of(0), Some(4));
+    assert_eq!(early.cluster().members.len(), 4);
 
     // Node 3 leaves every config. While it is a member of the groups, the others refuse to
     // forget it; once removed from them, they do.
