@@ -1075,6 +1075,33 @@ fn an_idle_group_does_not_pin_the_wal() {
 }
 
 /// Runs `ringraft` with `args`; panics with its stderr unless it exits 0.
+/// Writes a key to every group and waits up to 30 s until `node` serves each locally: it
+/// caught up with every group it is a member of.
+fn catches_up_on_every_group(client: &NetClient, node: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for group in 0..client.cluster().groups {
+        let key = (0u32..)
+            .map(|i| format!("joined-{i}").into_bytes())
+            .find(|k| client.group_of(k) == group)
+            .unwrap();
+        put_until_ok(client, &key, b"x", Duration::from_secs(30));
+        while client
+            .get_from_blocking(node.id, &key, Consistency::Local)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not catch up on group {group}:\n{}",
+                node.id,
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 fn ringraft(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_ringraft"))
         .args(args)
@@ -1113,28 +1140,7 @@ fn a_node_is_replaced_under_load_and_no_acknowledged_write_is_lost() {
     nodes[3].start();
     let addr = nodes[0].addr();
     ringraft(&["member", "add", "--addr", &addr, "--node", "4"]);
-    let groups = client.cluster().groups;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for group in 0..groups {
-        let key = (0u32..)
-            .map(|i| format!("joined-{i}").into_bytes())
-            .find(|k| client.group_of(k) == group)
-            .unwrap();
-        put_until_ok(&client, &key, b"x", Duration::from_secs(30));
-        while client
-            .get_from_blocking(4, &key, Consistency::Local)
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "node 4 did not catch up on group {group}:\n{}",
-                nodes[3].log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    catches_up_on_every_group(&client, &nodes[3]);
     assert!(
         nodes[3].log_text().contains("installed a snapshot"),
         "node 4 joined without a snapshot although the log was compacted:\n{}",
@@ -1466,27 +1472,7 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     let addr = nodes[0].addr();
     ringraft(&["member", "add", "--addr", &addr, "--node", "4"]);
     ringraft(&["member", "promote", "--addr", &addr, "--node", "4"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for group in 0..client.cluster().groups {
-        let key = (0u32..)
-            .map(|i| format!("joined-{i}").into_bytes())
-            .find(|k| client.group_of(k) == group)
-            .unwrap();
-        put_until_ok(&client, &key, b"x", Duration::from_secs(30));
-        while client
-            .get_from_blocking(4, &key, Consistency::Local)
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "node 4 did not catch up on group {group}:\n{}",
-                nodes[3].log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    catches_up_on_every_group(&client, &nodes[3]);
     // Idle, every group quiesces on every node, and stays asleep on node 4: a quiesced
     // follower wakes its groups when their leader's node sends no beat for an election
     // timeout, so the others' shards must beat to node 4 too.
