@@ -119,7 +119,14 @@ impl Drop for Node {
 
 /// Writes configs for `keys.len()` nodes (one shard each, 2 groups per shard) into `dir`.
 fn cluster(dir: &Path, keys: &[&str]) -> Vec<Node> {
-    let ports = free_ports(2 * keys.len());
+    cluster_with_shards(dir, keys, 1)
+}
+
+/// Like [`cluster`], with `shards` unpinned shards per node (on CPUs 0, 1, ...).
+fn cluster_with_shards(dir: &Path, keys: &[&str], shards: u16) -> Vec<Node> {
+    let ports = ringraft_net::ports::local_port_ranges(2 * keys.len(), shards).unwrap();
+    let cpus: Vec<String> = (0..shards).map(|c| c.to_string()).collect();
+    let cpus = cpus.join(", ");
     let members: Vec<String> = (0..keys.len())
         .map(|i| {
             format!(
@@ -136,7 +143,7 @@ fn cluster(dir: &Path, keys: &[&str]) -> Vec<Node> {
             let id = i as u64 + 1;
             let text = format!(
                 "[node]\nid = {id}\ndata_dir = \"{}\"\n\n[cluster]\nid = 42\nkey = \"{key}\"\nnodes = [\n{}\n]\n\n\
-                 [shards]\ncpus = [0]\npin = false\ngroups_per_shard = 2\n\n\
+                 [shards]\ncpus = [{cpus}]\npin = false\ngroups_per_shard = 2\n\n\
                  [wal]\nsegment_bytes = 4194304\nbatch_bytes_max = 1179648\n\n[batching]\nentry_bytes_max = 1114112\n\n\
                  [glommio]\nio_memory_bytes = 1048576\n\n[raft]\nelection_timeout_ms = 300\nheartbeat_interval_ms = 30\n",
                 dir.join(format!("data-{id}")).display(),
@@ -1402,7 +1409,8 @@ fn metrics_page(port: u16) -> String {
 #[test]
 fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["k", "k", "k", "k"]);
+    // Two shards: each has its own peer connections and ports to add and remove.
+    let mut nodes = cluster_with_shards(dir.path(), &["k", "k", "k", "k"], 2);
     let metrics_ports = free_ports(4);
     let mut full = Vec::new();
     for (node, port) in nodes.iter().zip(&metrics_ports) {
@@ -1476,28 +1484,35 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     // Idle, every group quiesces on every node, and stays asleep on node 4: a quiesced
     // follower wakes its groups when their leader's node sends no beat for an election
     // timeout, so the others' shards must beat to node 4 too.
-    let groups = client.cluster().groups;
+    let cluster = client.cluster();
+    let per_shard = cluster.groups / cluster.shards;
+    let all_asleep = |node: u64, page: &str| {
+        (0..cluster.shards).all(|shard| {
+            page.contains(&format!(
+                "ringraft_groups_asleep{{node=\"{node}\",shard=\"{shard}\"}} {per_shard}\n"
+            ))
+        })
+    };
     for (node, port) in nodes.iter().zip(&metrics_ports) {
-        let asleep = format!(
-            "ringraft_groups_asleep{{node=\"{}\",shard=\"0\"}} {groups}\n",
-            node.id
-        );
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let page = metrics_page(*port);
-            if page.contains(&asleep) {
+            if all_asleep(node.id, &page) {
                 break;
             }
-            assert!(Instant::now() < deadline, "no {asleep:?} within 20 s:\n{page}");
+            let id = node.id;
+            assert!(
+                Instant::now() < deadline,
+                "node {id}'s groups not asleep within 20 s:\n{page}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let asleep = format!("ringraft_groups_asleep{{node=\"4\",shard=\"0\"}} {groups}\n");
     for _ in 0..30 {
         // 1.5 s: five election timeouts.
         std::thread::sleep(Duration::from_millis(50));
         let page = metrics_page(metrics_ports[3]);
-        assert!(page.contains(&asleep), "node 4 woke a group:\n{page}");
+        assert!(all_asleep(4, &page), "node 4 woke a group:\n{page}");
     }
 
     // Node 4 leads group 0: the early client, redirected to a node it does not know, learns
@@ -1505,7 +1520,12 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     let leader = leader_of(&nodes, 0).expect("group 0 has a leader");
     let leader_addr = nodes[leader as usize - 1].addr();
     ringraft(&["transfer", "--addr", &leader_addr, "--group", "0", "--to", "4"]);
-    assert_eq!(leader_of(&nodes[3..], 0), Some(4));
+    // The old leader answered once it stepped down; node 4 may still be winning.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leader_of(&nodes[3..], 0) != Some(4) {
+        assert!(Instant::now() < deadline, "node 4 did not take group 0 over");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let key = (0u32..)
         .map(|i| format!("early-{i}").into_bytes())
         .find(|k| early.group_of(k) == 0)
@@ -1545,7 +1565,7 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     let client = connect(&nodes[..1]);
     let ids: Vec<u64> = client.cluster().members.iter().map(|m| m.id).collect();
     assert_eq!(ids, [1, 2, 4]);
-    for group in 0..groups {
+    for group in 0..cluster.groups {
         let key = (0u32..)
             .map(|i| format!("after-3-{i}").into_bytes())
             .find(|k| client.group_of(k) == group)
