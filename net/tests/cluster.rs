@@ -1394,6 +1394,15 @@ fn sighup_applies_the_log_level_and_refuses_a_bad_config() {
     assert!(nodes[0].terminate(), "a clean stop after the reloads");
 }
 
+/// The node ids in a node's address book, as `ringraft cluster --json` shows them.
+fn book_of(node: &Node) -> Vec<u64> {
+    let out = ringraft(&["cluster", "--addr", &node.addr(), "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["cluster"], 42, "{info}");
+    let members = info["members"].as_array().unwrap();
+    members.iter().map(|m| m["id"].as_u64().unwrap()).collect()
+}
+
 /// `GET /metrics` from a node's metrics port.
 fn metrics_page(port: u16) -> String {
     let Ok(mut http) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -1472,9 +1481,18 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
         assert_eq!(log.matches("nodes added to the address book").count(), 1, "{log}");
         assert!(!log.contains("restart"), "{log}");
     }
-    // Clients learn node 4 from any node's `CLUSTER` answer.
+    // Clients learn node 4 from any node's `CLUSTER` answer; `ringraft cluster` shows it.
     let client = connect(&nodes[..1]);
     assert_eq!(client.cluster().members.len(), 4);
+    for node in &nodes {
+        assert_eq!(book_of(node), [1, 2, 3, 4], "node {}", node.id);
+    }
+    let table = ringraft(&["cluster", "--addr", &nodes[1].addr()]);
+    assert!(
+        table.starts_with("cluster 42: 4 groups on 2 shards per node") && table.contains("peer-port"),
+        "{table}"
+    );
+    assert_eq!(table.lines().count(), 2 + 4, "{table}");
 
     // Node 4 joins every group and serves its replicas.
     let addr = nodes[0].addr();
@@ -1565,6 +1583,9 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     let client = connect(&nodes[..1]);
     let ids: Vec<u64> = client.cluster().members.iter().map(|m| m.id).collect();
     assert_eq!(ids, [1, 2, 4]);
+    for &i in &others {
+        assert_eq!(book_of(&nodes[i]), [1, 2, 4], "node {}", nodes[i].id);
+    }
     for group in 0..cluster.groups {
         let key = (0u32..)
             .map(|i| format!("after-3-{i}").into_bytes())

@@ -1,5 +1,5 @@
-//! `ringraft`: one node of a cluster (`run`), and admin commands: `status`, `transfer`,
-//! `member`.
+//! `ringraft`: one node of a cluster (`run`), and admin commands: `status`, `cluster`,
+//! `transfer`, `member`.
 //!
 //! `ringraft run --config node.toml`: see [`ringraft_net::node::run`].
 
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ringraft_engine::MemberChange;
-use ringraft_net::client::{fetch_group_metrics, ClientConfig, NetClient};
+use ringraft_net::client::{fetch_cluster, fetch_group_metrics, ClientConfig, NetClient};
 
 /// jemalloc: glibc's malloc spent a fifth of a loaded leader's shard thread in `_int_malloc`
 /// and `malloc_consolidate` (see ARCHITECTURE.md).
@@ -59,6 +59,17 @@ enum Cmd {
         #[arg(long)]
         group: Option<u64>,
     },
+    /// Shows the cluster as one node knows it: cluster id, groups, shards, and its address
+    /// book (each member's id, host, peer and client ports). After a SIGHUP that added or
+    /// removed nodes, ask each node to see that it took the change.
+    Cluster {
+        /// The node's client address, host:port.
+        #[arg(long)]
+        addr: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Shows every group on one node: leader, term, commit and applied index, commit and apply
     /// lag, queued commands, waiting reads, leader changes, Busy answers.
     Status {
@@ -84,6 +95,7 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Run { config } => ringraft_net::node::run(&config),
         Cmd::Status { addr, json } => status(&addr, json),
+        Cmd::Cluster { addr, json } => cluster(&addr, json),
         Cmd::Transfer { addr, group, to } => transfer(&addr, group, to),
         Cmd::Member {
             action,
@@ -142,6 +154,47 @@ fn transfer(addr: &str, group: u64, to: Option<u64>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cluster(addr: &str, json: bool) -> ExitCode {
+    let info = match fetch_cluster(addr, &ClientConfig::new([addr])) {
+        Ok(info) => info,
+        Err(e) => {
+            eprintln!("ringraft: cluster from {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let members: Vec<serde_json::Value> = info
+            .members
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id, "host": m.host, "peer_port": m.peer_port, "client_port": m.client_port,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "cluster": info.cluster, "groups": info.groups, "shards": info.shards, "members": members,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "cluster {}: {} groups on {} shards per node",
+            info.cluster, info.groups, info.shards
+        );
+        println!(
+            "{:>6}  {:<40} {:>9} {:>11}",
+            "node", "host", "peer-port", "client-port"
+        );
+        for m in &info.members {
+            println!(
+                "{:>6}  {:<40} {:>9} {:>11}",
+                m.id, m.host, m.peer_port, m.client_port
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn status(addr: &str, json: bool) -> ExitCode {
