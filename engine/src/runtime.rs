@@ -752,17 +752,10 @@ impl Engine {
     /// `Err`: the transport cannot take nodes after start (the in-process one), or a shard has
     /// stopped; shards that answered before keep the nodes.
     pub fn add_nodes(&self, nodes: &[ringraft_tuning::NodeAddress]) -> Result<(), String> {
-        for (shard, input) in self.inputs.iter().enumerate() {
-            let (done, rx) = flume::bounded(1);
-            let nodes = nodes.to_vec();
-            if input.send(ShardInput::AddNodes { nodes, done }).is_err() {
-                return Err(format!("shard {shard} has stopped"));
-            }
-            rx.recv()
-                .unwrap_or_else(|_| Err("the shard has stopped".into()))
-                .map_err(|e| format!("shard {shard}: {e}"))?;
-        }
-        Ok(())
+        self.ask_each_shard(|done| ShardInput::AddNodes {
+            nodes: nodes.to_vec(),
+            done,
+        })
     }
 
     /// Removes nodes from the cluster's address book on every shard of this running node: the
@@ -773,19 +766,29 @@ impl Engine {
     /// [`Engine::add_nodes`], refused by a transport whose nodes are fixed.
     pub fn remove_nodes(&self, nodes: &[u64]) -> Result<(), String> {
         for apply in [false, true] {
-            for (shard, input) in self.inputs.iter().enumerate() {
-                let (done, rx) = flume::bounded(1);
-                let nodes = nodes.to_vec();
-                if input
-                    .send(ShardInput::RemoveNodes { nodes, apply, done })
-                    .is_err()
-                {
-                    return Err(format!("shard {shard} has stopped"));
-                }
-                rx.recv()
-                    .unwrap_or_else(|_| Err("the shard has stopped".into()))
-                    .map_err(|e| format!("shard {shard}: {e}"))?;
+            self.ask_each_shard(|done| ShardInput::RemoveNodes {
+                nodes: nodes.to_vec(),
+                apply,
+                done,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Hands each shard in turn the input `make` builds around an answer channel and waits for
+    /// its answer; stops at the first `Err` (shard numbered), or at a shard that has stopped.
+    fn ask_each_shard(
+        &self,
+        make: impl Fn(flume::Sender<Result<(), String>>) -> ShardInput,
+    ) -> Result<(), String> {
+        for (shard, input) in self.inputs.iter().enumerate() {
+            let (done, rx) = flume::bounded(1);
+            if input.send(make(done)).is_err() {
+                return Err(format!("shard {shard} has stopped"));
             }
+            rx.recv()
+                .unwrap_or_else(|_| Err("the shard has stopped".into()))
+                .map_err(|e| format!("shard {shard}: {e}"))?;
         }
         Ok(())
     }

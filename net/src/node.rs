@@ -147,10 +147,10 @@ pub fn run(path: &std::path::Path) -> ExitCode {
 }
 
 /// SIGHUP: reads `path` again and applies to the running node its `node.log_level` (unless
-/// `RUST_LOG` decides the level) and nodes added to or removed from `cluster.nodes` (when that
-/// is the only change to the `cluster` section: [`Config::address_book_change`]). A file that does not load or
-/// validate changes nothing (the node goes on as it runs, and says why); other settings that
-/// differ from `running` are named as taking effect at the next start.
+/// `RUST_LOG` decides the level) and nodes added to or removed from `cluster.nodes` (when
+/// that is the only change to the `cluster` section: [`Config::address_book_change`]). A file
+/// that does not load or validate changes nothing (the node goes on as it runs, and says why);
+/// other settings that differ from `running` are named as taking effect at the next start.
 fn reload(
     path: &std::path::Path,
     running: &mut Config,
@@ -207,8 +207,8 @@ fn reload(
     rest.cluster = running.cluster.clone();
     if rest != *running {
         warn!(
-            "SIGHUP: {} changes settings other than node.log_level and added nodes; they take \
-             effect when the node restarts",
+            "SIGHUP: {} changes settings other than node.log_level and the address book; they \
+             take effect when the node restarts",
             path.display()
         );
     }
