@@ -1220,6 +1220,20 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             return Err(EngineError::BadRequest("node id 0 is not a valid member".into()));
         }
         let me = raft.id;
+        // A member this node cannot reach would be one the group counts on and never hears
+        // from: a voter so added lowers how many failures the group survives.
+        let unknown = change.changes.iter().find(|c| {
+            c.change_type != raft::eraftpb::ConfChangeType::RemoveNode
+                && c.node_id != me
+                && !self.config.peers.contains(&c.node_id)
+        });
+        if let Some(c) = unknown {
+            return Err(EngineError::BadRequest(format!(
+                "node {} is not in this node's address book: list it in cluster.nodes on every \
+                 node (SIGHUP applies it) before adding it to a group",
+                c.node_id
+            )));
+        }
         let demotes_me = removes_voter(&change, me);
         if demotes_me {
             // A leader does not remove itself (raft-rs leaves that path untested): it hands

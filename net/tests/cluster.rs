@@ -1452,6 +1452,18 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
         );
     }
 
+    // Nor can it join a group: the leaders could not reach it.
+    let refused = Command::new(env!("CARGO_BIN_EXE_ringraft"))
+        .args(["member", "add", "--addr", &nodes[0].addr(), "--node", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("node 4 is not in this node's address book"),
+        "{stderr}"
+    );
+
     // Node 4 goes into every other node's config; SIGHUP: no restart.
     for (node, text) in nodes[..3].iter().zip(&full) {
         std::fs::write(&node.config, text).unwrap();
