@@ -39,7 +39,6 @@ use tracing::{debug, info, warn};
 
 use crate::frame::{self, kind, FrameError};
 use crate::handshake::{HandshakeError, Hello, Local, HELLO_BYTES, PROOF_BYTES};
-use crate::protocol::Member;
 use crate::raft_wire;
 use crate::server;
 use crate::snap_wire;
@@ -166,6 +165,14 @@ pub(crate) struct ShardState {
 impl ShardState {
     fn peer(&self, node: u64) -> Option<Rc<Peer>> {
         self.peers.borrow().get(&node).cloned()
+    }
+
+    /// Replaces the `CLUSTER` answer with `change` applied to a copy (requests being answered
+    /// keep the `Rc` they cloned).
+    fn change_info(&self, change: impl FnOnce(&mut crate::protocol::ClusterInfo)) {
+        let mut info = (**self.info.borrow()).clone();
+        change(&mut info);
+        *self.info.borrow_mut() = Rc::new(info);
     }
 }
 
@@ -342,21 +349,17 @@ impl ShardLink for TcpLink {
         if new.is_empty() {
             return Ok(());
         }
-        let mut members: Vec<Member> = state.info.borrow().members.clone();
         for node in &new {
             let addr = SocketAddr::new(node.host, node.peer_port + state.shard as u16);
             let peer = Rc::new(Peer::new(node.id, addr));
             state.peers.borrow_mut().insert(node.id, peer.clone());
             state.local.borrow_mut().members.push(node.id);
-            members.push(server::member(node));
+            state.change_info(|info| info.members.push(server::member(node)));
             if let Some(task) = dial_if_mine(state, &peer) {
                 self.dialing.insert(node.id, task);
             }
             info!(node = node.id, %addr, shard = state.shard, "peer added to the address book");
         }
-        let mut info = (**state.info.borrow()).clone();
-        info.members = members;
-        *state.info.borrow_mut() = Rc::new(info);
         Ok(())
     }
 
@@ -376,9 +379,7 @@ impl ShardLink for TcpLink {
             peer.queue.borrow_mut().clear();
             peer.signal.notify();
             state.local.borrow_mut().members.retain(|&m| m != node);
-            let mut info = (**state.info.borrow()).clone();
-            info.members.retain(|m| m.id != node);
-            *state.info.borrow_mut() = Rc::new(info);
+            state.change_info(|info| info.members.retain(|m| m.id != node));
             info!(node, shard = state.shard, "peer removed from the address book");
         }
         Ok(())

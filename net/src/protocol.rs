@@ -168,12 +168,14 @@ pub struct Response {
     pub outcome: Result<Body, Failure>,
 }
 
-/// Fields per group in body kind 4.
+/// Fields per group in body kind 4 (fixed, not on the wire).
 const GROUP_METRIC_FIELDS_V1: usize = 18;
+/// Fields per group in body kind 5 (stated on the wire).
+const GROUP_METRIC_FIELDS: usize = 20;
 
 /// The wire order of a group's metrics (docs/client-protocol.md, body kinds 4 and 5: kind 4
 /// carries the first 18).
-fn group_metric_fields(g: &GroupMetrics) -> [u64; 20] {
+fn group_metric_fields(g: &GroupMetrics) -> [u64; GROUP_METRIC_FIELDS] {
     [
         g.group,
         g.leader.unwrap_or(0),
@@ -227,11 +229,14 @@ fn group_metrics_from(v: &[u64], voters: Vec<u64>, learners: Vec<u64>) -> GroupM
     }
 }
 
-fn put_group_metrics(out: &mut Vec<u8>, groups: &[GroupMetrics], fields: usize) {
+/// Body kinds 4 (`fields` = 18, not on the wire) and 5 (`fields` = `None`: all of them, their
+/// count on the wire); the mirror of `get_group_metrics`.
+fn put_group_metrics(out: &mut Vec<u8>, groups: &[GroupMetrics], fields: Option<usize>) {
     out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
-    if fields > GROUP_METRIC_FIELDS_V1 {
-        out.extend_from_slice(&(fields as u16).to_le_bytes());
-    }
+    let fields = fields.unwrap_or_else(|| {
+        out.extend_from_slice(&(GROUP_METRIC_FIELDS as u16).to_le_bytes());
+        GROUP_METRIC_FIELDS
+    });
     for g in groups {
         for v in &group_metric_fields(g)[..fields] {
             out.extend_from_slice(&v.to_le_bytes());
@@ -533,11 +538,11 @@ pub fn encode_response(out: &mut Vec<u8>, response: &Response) {
                 }
                 Body::GroupMetrics(groups) => {
                     out.push(4);
-                    put_group_metrics(out, groups, GROUP_METRIC_FIELDS_V1);
+                    put_group_metrics(out, groups, Some(GROUP_METRIC_FIELDS_V1));
                 }
                 Body::GroupMetricsV2(groups) => {
                     out.push(5);
-                    put_group_metrics(out, groups, group_metric_fields(&GroupMetrics::default()).len());
+                    put_group_metrics(out, groups, None);
                 }
                 Body::Stats(stats) => {
                     out.push(3);
