@@ -6,8 +6,12 @@
 //! - Routes each key to its group (`crc32c(key) % groups`) and the group to the client port of
 //!   the shard owning it on the node it believes leads the group.
 //! - Follows `NotLeader` redirects, retries `Busy` and leaderless moments with exponential
-//!   backoff, and returns every other answer as it is. A redirect to a node the layout does not
-//!   list (it joined later) makes the client learn the layout again from the redirecting node.
+//!   backoff, and returns every other answer as it is.
+//! - Learns the layout again as nodes join and leave (SIGHUP): from the redirecting node when a
+//!   redirect names a node the layout does not list; from the next node that answers after one
+//!   could not be reached; and from the seeds when none of the nodes it knows can be reached
+//!   (the cluster was replaced node by node). At most once per
+//!   [`ClientConfig::relearn_interval_min`], however many calls notice.
 //! - Pipelines: any number of requests share one connection per (node, shard); each connection
 //!   has a writer thread that puts everything queued into one write, and a reader thread that
 //!   matches answers to requests by id. On a glommio executor, [`NetClient::on_executor`] gives
@@ -46,6 +50,9 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Largest frame accepted from a server.
     pub frame_bytes_max: u64,
+    /// Least time between two attempts to learn the layout again: when a node goes, every
+    /// call in flight notices, and one `CLUSTER` request serves them all.
+    pub relearn_interval_min: Duration,
 }
 
 impl ClientConfig {
@@ -58,6 +65,7 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(1),
             backoff_max: Duration::from_millis(200),
             frame_bytes_max: 64 << 20,
+            relearn_interval_min: Duration::from_millis(100),
         }
     }
 }
@@ -317,6 +325,8 @@ struct Inner {
     /// Open connections by (node, shard): the address is made only to open one.
     conns: Mutex<HashMap<(u64, u64), Arc<Conn>, ahash::RandomState>>,
     leaders: LeaderCache,
+    /// When the last attempt to learn the layout again began (see [`NetClient::relearn`]).
+    relearned_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// See the module docs.
@@ -409,22 +419,25 @@ impl NetClient {
         };
         for seed in &config.seeds {
             match fetch_cluster(seed, &config) {
-                Ok(info) => {
-                    return Ok(NetClient {
-                        inner: Arc::new(Inner {
-                            config,
-                            leaders: LeaderCache::new(info.groups),
-                            groups: info.groups,
-                            shards: info.shards,
-                            info: RwLock::new(Arc::new(info)),
-                            conns: Mutex::default(),
-                        }),
-                    })
-                }
+                Ok(info) => return Ok(NetClient::with_layout(config, info)),
                 Err(e) => last = e,
             }
         }
         Err(last)
+    }
+
+    fn with_layout(config: ClientConfig, info: ClusterInfo) -> NetClient {
+        NetClient {
+            inner: Arc::new(Inner {
+                config,
+                leaders: LeaderCache::new(info.groups),
+                groups: info.groups,
+                shards: info.shards,
+                info: RwLock::new(Arc::new(info)),
+                conns: Mutex::default(),
+                relearned_at: Mutex::default(),
+            }),
+        }
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -471,11 +484,15 @@ impl NetClient {
         Ok(conn)
     }
 
+    /// The member after `after` in the layout; the first one if `after` left it.
     fn next_member(&self, after: u64) -> u64 {
         let info = self.cluster();
         let members = &info.members;
-        let at = members.iter().position(|m| m.id == after).unwrap_or(0);
-        members[(at + 1) % members.len()].id
+        let next = members
+            .iter()
+            .position(|m| m.id == after)
+            .map_or(0, |at| (at + 1) % members.len());
+        members[next].id
     }
 
     /// Sends `request` for `group` over `carrier`: to the believed leader when `to_leader`,
@@ -499,23 +516,39 @@ impl NetClient {
         });
         let mut backoff = config.backoff_min;
         let mut last = None;
+        // Nodes in a row that could not be reached.
+        let mut unreachable = 0;
+        // A redirect to a known leader goes at once; every other retry backs off.
+        let mut at_once = false;
         for attempt in 0..config.attempts_max {
-            if attempt > 0 {
-                let pause = match &last {
-                    // A redirect to a known leader goes at once.
-                    Some(ClientError::Server(Failure::NotLeader { leader: Some(_), .. })) => Duration::ZERO,
-                    _ => backoff,
-                };
-                if !pause.is_zero() {
-                    futures_timer::Delay::new(pause).await;
-                    backoff = (backoff * 2).min(config.backoff_max);
-                }
+            if attempt > 0 && !std::mem::take(&mut at_once) {
+                futures_timer::Delay::new(backoff).await;
+                backoff = (backoff * 2).min(config.backoff_max);
             }
             // A Protocol error (`target` not in the cluster, a bad answer) ends the call below:
             // no retry helps.
             let outcome = carrier
                 .call(target, group, &request, config.request_timeout)
                 .await;
+            match &outcome {
+                _ if node.is_some() => {}
+                Err(ClientError::Unreachable { .. }) => {
+                    unreachable += 1;
+                    if unreachable >= self.cluster().members.len() {
+                        // None of the nodes this client knows: the cluster may have been
+                        // replaced node by node since. The seeds may still lead to it.
+                        unreachable = 0;
+                        self.relearn(carrier, Source::Seeds).await;
+                    }
+                }
+                Ok(_) if unreachable > 0 => {
+                    // The nodes that did not answer may have left the cluster, and others
+                    // joined: this one knows.
+                    unreachable = 0;
+                    self.relearn(carrier, Source::Node(target, group)).await;
+                }
+                _ => {}
+            }
             let error = match outcome {
                 Ok(Ok(body)) => {
                     if to_leader {
@@ -532,7 +565,7 @@ impl NetClient {
                     // learn it again from the node that named it.
                     let unknown = leader.filter(|&l| !self.knows(l));
                     if let Some(unknown) = unknown {
-                        self.relearn(carrier, target, group).await;
+                        self.relearn(carrier, Source::Node(target, group)).await;
                         if !self.knows(unknown) {
                             // Not listed there either (yet): ask around meanwhile.
                             self.inner.leaders.set(group, None);
@@ -545,6 +578,7 @@ impl NetClient {
                         Some(leader) if *leader != target => {
                             self.inner.leaders.set(group, Some(*leader));
                             target = *leader;
+                            at_once = true;
                         }
                         _ => {
                             self.inner.leaders.set(group, None);
@@ -574,20 +608,51 @@ impl NetClient {
         self.cluster().members.iter().any(|m| m.id == node)
     }
 
-    /// Asks `node` for the cluster's layout and takes it, if it is the same cluster with the
-    /// same groups and shards (only members may change). A failure leaves the layout as it was.
-    async fn relearn<C: Carrier>(&self, carrier: &C, node: u64, group: u64) {
-        let timeout = self.inner.config.request_timeout;
-        if let Ok(Ok(Body::Cluster(info))) = carrier.call(node, group, &Request::Cluster, timeout).await {
-            let mut current = self.inner.info.write().unwrap();
-            let same = info.cluster == current.cluster
-                && info.groups == self.inner.groups
-                && info.shards == self.inner.shards
-                && !info.members.is_empty();
-            if same {
-                *current = Arc::new(info);
+    /// Asks for the cluster's layout and takes it, if it is the same cluster with the same
+    /// groups and shards (only members may change); returns whether it did. A failure leaves
+    /// the layout as it was. Skipped (`false`) within [`ClientConfig::relearn_interval_min`]
+    /// of the last attempt.
+    async fn relearn<C: Carrier>(&self, carrier: &C, source: Source) -> bool {
+        let config = &self.inner.config;
+        {
+            let mut at = self.inner.relearned_at.lock().unwrap();
+            if at.is_some_and(|at| at.elapsed() < config.relearn_interval_min) {
+                return false;
+            }
+            *at = Some(std::time::Instant::now());
+        }
+        let timeout = config.request_timeout;
+        match source {
+            Source::Node(node, group) => {
+                let answer = carrier.call(node, group, &Request::Cluster, timeout).await;
+                self.take_layout(answer)
+            }
+            Source::Seeds => {
+                for seed in &config.seeds {
+                    let answer = carrier.call_addr(seed, &Request::Cluster, timeout).await;
+                    if self.take_layout(answer) {
+                        return true;
+                    }
+                }
+                false
             }
         }
+    }
+
+    /// Takes the layout in `answer` if it is this client's cluster (see [`NetClient::relearn`]).
+    fn take_layout(&self, answer: Result<Result<Body, Failure>, ClientError>) -> bool {
+        let Ok(Ok(Body::Cluster(info))) = answer else {
+            return false;
+        };
+        let mut current = self.inner.info.write().unwrap();
+        let same = info.cluster == current.cluster
+            && info.groups == self.inner.groups
+            && info.shards == self.inner.shards
+            && !info.members.is_empty();
+        if same {
+            *current = Arc::new(info);
+        }
+        same
     }
 
     /// Calls made over `carrier`.
@@ -720,6 +785,7 @@ impl NetClient {
 /// ([`crate::executor_client::ExecutorClient`]). Routing, redirects and retries above it are the
 /// same for both.
 pub(crate) trait Carrier {
+    /// Calls the shard of `node` that serves `group`.
     fn call(
         &self,
         node: u64,
@@ -727,6 +793,23 @@ pub(crate) trait Carrier {
         request: &Request,
         timeout: Duration,
     ) -> impl std::future::Future<Output = Result<Result<Body, Failure>, ClientError>>;
+
+    /// Calls `addr` (`host:port`) once, over a connection of its own closed afterwards: for
+    /// seeds, which name no node.
+    fn call_addr(
+        &self,
+        addr: &str,
+        request: &Request,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<Result<Body, Failure>, ClientError>>;
+}
+
+/// Where [`NetClient::relearn`] asks.
+enum Source {
+    /// The shard of a node serving a group.
+    Node(u64, u64),
+    /// Each seed address in turn, until one answers for this client's cluster.
+    Seeds,
 }
 
 impl Carrier for NetClient {
@@ -738,6 +821,15 @@ impl Carrier for NetClient {
         timeout: Duration,
     ) -> Result<Result<Body, Failure>, ClientError> {
         self.conn(node, group)?.call(request, timeout).await
+    }
+
+    async fn call_addr(
+        &self,
+        addr: &str,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Result<Body, Failure>, ClientError> {
+        Conn::open(addr, &self.inner.config)?.call(request, timeout).await
     }
 }
 
@@ -926,6 +1018,203 @@ mod tests {
         let mut corrupt = ok.clone();
         corrupt[0] ^= 0xff;
         assert!(protocol_error(&corrupt).contains("bad frame"));
+    }
+
+    /// A cluster as the client sees it through a [`Carrier`]: which nodes are up, what each
+    /// says the layout is, and who leads; the routing logic's seam, as the simulator's network
+    /// is the engine's.
+    #[derive(Default)]
+    struct Scripted {
+        /// Node id → the members its `CLUSTER` answer lists. A node not here is unreachable.
+        up: HashMap<u64, Vec<u64>>,
+        /// Seed address → the members its `CLUSTER` answer lists. Others are unreachable.
+        seeds: HashMap<String, Vec<u64>>,
+        /// The node leading every group.
+        leader: u64,
+        /// Every call, in order: `node N <request>` or `addr A <request>`.
+        calls: Mutex<Vec<String>>,
+    }
+
+    fn layout(members: &[u64]) -> ClusterInfo {
+        ClusterInfo {
+            cluster: 7,
+            groups: 4,
+            shards: 1,
+            members: members
+                .iter()
+                .map(|&id| Member {
+                    id,
+                    host: "127.0.0.1".into(),
+                    client_port: 1,
+                    peer_port: 2,
+                })
+                .collect(),
+        }
+    }
+
+    impl Scripted {
+        fn answer(&self, members: &[u64], me: u64, request: &Request) -> Result<Body, Failure> {
+            match request {
+                Request::Cluster => Ok(Body::Cluster(layout(members))),
+                _ if me == self.leader => Ok(Body::Results(vec![CommandResult::Ok])),
+                _ => Err(Failure::NotLeader {
+                    leader: Some(self.leader),
+                    address: None,
+                }),
+            }
+        }
+
+        fn unreachable(addr: String) -> ClientError {
+            ClientError::Unreachable {
+                addr,
+                message: "connection refused".into(),
+            }
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Carrier for Scripted {
+        async fn call(
+            &self,
+            node: u64,
+            _group: u64,
+            request: &Request,
+            _timeout: Duration,
+        ) -> Result<Result<Body, Failure>, ClientError> {
+            let name = if *request == Request::Cluster {
+                "cluster"
+            } else {
+                "put"
+            };
+            self.calls.lock().unwrap().push(format!("node {node} {name}"));
+            match self.up.get(&node) {
+                Some(members) => Ok(self.answer(members, node, request)),
+                None => Err(Scripted::unreachable(format!("node {node}"))),
+            }
+        }
+
+        async fn call_addr(
+            &self,
+            addr: &str,
+            request: &Request,
+            _timeout: Duration,
+        ) -> Result<Result<Body, Failure>, ClientError> {
+            self.calls.lock().unwrap().push(format!("addr {addr} cluster"));
+            match self.seeds.get(addr) {
+                Some(members) => Ok(self.answer(members, 0, request)),
+                None => Err(Scripted::unreachable(addr.into())),
+            }
+        }
+    }
+
+    fn scripted_client(seeds: &[&str], members: &[u64]) -> NetClient {
+        let mut config = ClientConfig::new(seeds.iter().copied());
+        config.backoff_max = Duration::from_millis(2);
+        config.relearn_interval_min = Duration::ZERO;
+        NetClient::with_layout(config, layout(members))
+    }
+
+    fn members_of(client: &NetClient) -> Vec<u64> {
+        client.cluster().members.iter().map(|m| m.id).collect()
+    }
+
+    /// Puts a key of group 0, whose first guess is the first member the client knows.
+    fn put_via(client: &NetClient, carrier: &Scripted) -> Result<(), ClientError> {
+        let key = (0..)
+            .map(|i| format!("key-{i}").into_bytes())
+            .find(|key| client.group_of(key) == 0)
+            .unwrap();
+        futures_lite::future::block_on(client.via(carrier).put(&key, b"value"))
+    }
+
+    #[test]
+    fn after_an_unreachable_node_the_client_relearns_the_layout_from_the_next_that_answers() {
+        // Node 1 left and node 4 joined; node 3 leads, so no redirect names a node the client
+        // does not know. The client knew 1, 2, 3.
+        let carrier = Scripted {
+            up: HashMap::from([(2, vec![2, 3, 4]), (3, vec![2, 3, 4]), (4, vec![2, 3, 4])]),
+            leader: 3,
+            ..Scripted::default()
+        };
+        let client = scripted_client(&[], &[1, 2, 3]);
+        put_via(&client, &carrier).unwrap();
+        assert_eq!(members_of(&client), vec![2, 3, 4]);
+        assert_eq!(client.leader_of(0), Some(3));
+        assert_eq!(
+            carrier.calls(),
+            ["node 1 put", "node 2 put", "node 2 cluster", "node 3 put"]
+        );
+    }
+
+    #[test]
+    fn when_no_known_node_answers_the_client_asks_its_seeds() {
+        // The cluster was replaced node by node: neither node 1 nor the first seed answers.
+        let carrier = Scripted {
+            up: HashMap::from([(5, vec![5, 6]), (6, vec![5, 6])]),
+            seeds: HashMap::from([("second:1".to_string(), vec![5, 6])]),
+            leader: 6,
+            ..Scripted::default()
+        };
+        let client = scripted_client(&["first:1", "second:1"], &[1]);
+        put_via(&client, &carrier).unwrap();
+        assert_eq!(members_of(&client), vec![5, 6]);
+        assert_eq!(
+            carrier.calls(),
+            [
+                "node 1 put",
+                "addr first:1 cluster",
+                "addr second:1 cluster",
+                "node 5 put",
+                "node 6 put"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_seed_of_another_cluster_is_not_taken_for_this_one() {
+        let carrier = Scripted {
+            up: HashMap::from([(9, vec![9])]),
+            leader: 9,
+            ..Scripted::default()
+        };
+        let client = scripted_client(&[], &[1]);
+        // Same id, other groups: not this cluster.
+        let mut other = layout(&[9]);
+        other.groups = 8;
+        assert!(!client.take_layout(Ok(Ok(Body::Cluster(other)))));
+        let mut other = layout(&[9]);
+        other.cluster = 8;
+        assert!(!client.take_layout(Ok(Ok(Body::Cluster(other)))));
+        assert!(!client.take_layout(Ok(Ok(Body::Cluster(layout(&[]))))));
+        assert_eq!(members_of(&client), vec![1]);
+        // With no seed to ask, the call gives up on the nodes it knows.
+        match put_via(&client, &carrier) {
+            Err(ClientError::GaveUp { last, .. }) => {
+                assert!(matches!(*last, ClientError::Unreachable { .. }), "{last:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn relearning_happens_at_most_once_per_interval() {
+        let carrier = Scripted {
+            up: HashMap::from([(2, vec![2])]),
+            leader: 2,
+            ..Scripted::default()
+        };
+        let mut client = scripted_client(&[], &[2]);
+        Arc::get_mut(&mut client.inner)
+            .unwrap()
+            .config
+            .relearn_interval_min = Duration::from_secs(3600);
+        let relearn = || futures_lite::future::block_on(client.relearn(&carrier, Source::Node(2, 0)));
+        assert!(relearn());
+        assert!(!relearn());
+        assert_eq!(carrier.calls(), ["node 2 cluster"]);
     }
 
     #[test]

@@ -199,6 +199,18 @@ impl Carrier for ExecutorClient {
     ) -> Result<Result<Body, Failure>, ClientError> {
         self.conn(node, group).await?.call(request, timeout).await
     }
+
+    async fn call_addr(
+        &self,
+        addr: &str,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Result<Body, Failure>, ClientError> {
+        let conn = LocalConn::open(addr, self.client.config()).await?;
+        let answer = conn.call(request, timeout).await;
+        conn.close();
+        answer
+    }
 }
 
 impl Drop for ExecutorClient {

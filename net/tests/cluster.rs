@@ -1615,3 +1615,52 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
         assert!(nodes[i].terminate(), "node {id} did not exit 0");
     }
 }
+
+fn members_known_to(client: &NetClient) -> Vec<u64> {
+    client.cluster().members.iter().map(|m| m.id).collect()
+}
+
+#[test]
+fn clients_find_a_replaced_cluster_through_their_seeds() {
+    // Two nodes of cluster 42 that never meet: node 1 alone, then node 2 alone in its place, as
+    // after a cluster was replaced node by node. Clients that learned only node 1 go on through
+    // their second seed.
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["k", "k"]);
+    for (node, other) in [(0, 2), (1, 1)] {
+        let text = std::fs::read_to_string(&nodes[node].config).unwrap();
+        let alone: String = text
+            .lines()
+            .filter(|line| !line.contains(&format!("{{ id = {other},")))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert_eq!(alone.lines().count() + 1, text.lines().count());
+        std::fs::write(&nodes[node].config, alone).unwrap();
+    }
+    nodes[0].start();
+    let client = connect(&nodes);
+    let on_executor = connect(&nodes);
+    assert_eq!(members_known_to(&client), [1]);
+    serve_every_group(&client);
+
+    nodes[0].kill();
+    nodes[1].start();
+    put_until_ok(&client, b"after", b"replaced", Duration::from_secs(30));
+    assert_eq!(members_known_to(&client), [2]);
+    assert_eq!(
+        client.get_blocking(b"after", Consistency::Linearizable).unwrap(),
+        Some(b"replaced".to_vec())
+    );
+
+    // The same over an executor's own connections, which ask the seeds over one of their own.
+    let known = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let calls = on_executor.on_executor();
+            calls.put(b"after-executor", b"replaced").await.unwrap();
+            members_known_to(&on_executor)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(known, [2]);
+}
