@@ -87,7 +87,8 @@ impl Redirects {
         result: Result<Vec<CommandResult>, EngineError>,
     ) -> Option<Result<Vec<CommandResult>, EngineError>> {
         match result {
-            Err(EngineError::NotLeader { leader }) if self.to_leader => {
+            // Also for a local read: a node that is no member of the group names its leader.
+            Err(EngineError::NotLeader { leader }) => {
                 if let Some(leader) = leader {
                     client.remember_leader(self.group, leader);
                     if !self.tried.contains(&leader) {
@@ -392,6 +393,25 @@ mod tests {
         // No node: nothing to ask.
         let outcome = futures_lite::future::block_on(client.put(b"k", b"v"));
         assert_eq!(outcome, Err(EngineError::NotLeader { leader: None }));
+    }
+
+    #[test]
+    fn reads_of_any_consistency_follow_a_redirect() {
+        let client = Client::new(Route {
+            nodes: BTreeMap::new(),
+            groups: 1,
+        });
+        // A local read at a node that is no member of the group is redirected to its leader,
+        // as a write or linearizable read at a follower is.
+        for to_leader in [false, true] {
+            let mut redirects = client.redirects(0, to_leader).unwrap();
+            let redirected = redirects.settle(&client, 1, Err(EngineError::NotLeader { leader: Some(3) }));
+            assert_eq!(redirected, None);
+            assert_eq!(redirects.next_node(), Some(3));
+            assert_eq!(client.inner.leaders.get(0), Some(3));
+            let served = redirects.settle(&client, 3, Ok(vec![CommandResult::NotFound]));
+            assert_eq!(served, Some(Ok(vec![CommandResult::NotFound])));
+        }
     }
 
     #[test]

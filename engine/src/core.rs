@@ -1126,7 +1126,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         Ok(())
     }
 
-    /// Queues a read. Linearizable reads need leadership; local reads are served by any replica.
+    /// Queues a read. Linearizable reads need leadership; local reads are served by any member
+    /// of the group (voter or learner). A node that is none holds no copy of the group, or a
+    /// copy from before it was removed, stale without bound: it answers `NotLeader` instead.
     pub fn read(&mut self, group: u64, request: RequestId, key: Vec<u8>, consistency: Consistency) {
         self.active.insert(group);
         let Some(g) = self.groups.get_mut(&group) else {
@@ -1146,7 +1148,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let lease_ticks = self.config.lease_ticks;
         let election = self.config.election_ticks as u64;
         match consistency {
-            Consistency::Local => g.reads_local.push(read),
+            Consistency::Local if g.raw.raft.prs().get(g.raw.raft.id).is_some() => g.reads_local.push(read),
             Consistency::Lease if g.raw.raft.state == StateRole::Leader => {
                 g.lease.wanted_at = Some(ticks);
                 if g.lease_holds(ticks, lease_ticks, election) {
@@ -1158,7 +1160,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 }
             }
             Consistency::Linearizable if g.raw.raft.state == StateRole::Leader => g.reads_unsent.push(read),
-            Consistency::Linearizable | Consistency::Lease => {
+            Consistency::Linearizable | Consistency::Lease | Consistency::Local => {
                 let leader = g.raw.raft.leader_id;
                 self.answers.push(Answer {
                     request,

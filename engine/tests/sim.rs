@@ -1722,6 +1722,24 @@ fn a_node_outside_a_group_sleeps_and_catches_up_once_added() {
         );
     }
     let group = 0;
+    // A local read there would be served from no copy of the group: it is redirected instead,
+    // without waking the group.
+    let request = sim.next_request;
+    sim.next_request += 1;
+    let core = sim.nodes[(outsider - 1) as usize].core.as_mut().unwrap();
+    core.read(group, request, b"k".to_vec(), Consistency::Local);
+    let (_, answers) = core.take_output();
+    assert!(
+        matches!(
+            answers[..],
+            [Answer {
+                request: r,
+                result: Err(EngineError::NotLeader { .. }),
+            }] if r == request
+        ),
+        "{answers:?}"
+    );
+    assert!(sim.core(outsider).is_asleep(group));
     let leader = sim.leader_of(group);
     let change = conf_change(ConfChangeType::AddLearnerNode, outsider);
     let request = sim.next_request;

@@ -560,7 +560,8 @@ impl NetClient {
                 Err(e) => e,
             };
             match &error {
-                ClientError::Server(Failure::NotLeader { leader, .. }) if to_leader && node.is_none() => {
+                // Also for a local read: a node that is no member of the group names its leader.
+                ClientError::Server(Failure::NotLeader { leader, .. }) if node.is_none() => {
                     // A leader this client does not know joined after it learned the cluster:
                     // learn it again from the node that named it.
                     let unknown = leader.filter(|&l| !self.knows(l));
@@ -1056,6 +1057,7 @@ mod tests {
         fn answer(&self, members: &[u64], me: u64, request: &Request) -> Result<Body, Failure> {
             match request {
                 Request::Cluster => Ok(Body::Cluster(layout(members))),
+                Request::Get { .. } if me == self.leader => Ok(Body::Results(vec![CommandResult::NotFound])),
                 _ if me == self.leader => Ok(Body::Results(vec![CommandResult::Ok])),
                 _ => Err(Failure::NotLeader {
                     leader: Some(self.leader),
@@ -1084,10 +1086,10 @@ mod tests {
             request: &Request,
             _timeout: Duration,
         ) -> Result<Result<Body, Failure>, ClientError> {
-            let name = if *request == Request::Cluster {
-                "cluster"
-            } else {
-                "put"
+            let name = match request {
+                Request::Cluster => "cluster",
+                Request::Get { .. } => "get",
+                _ => "put",
             };
             self.calls.lock().unwrap().push(format!("node {node} {name}"));
             match self.up.get(&node) {
@@ -1147,6 +1149,31 @@ mod tests {
             carrier.calls(),
             ["node 1 put", "node 2 put", "node 2 cluster", "node 3 put"]
         );
+    }
+
+    #[test]
+    fn a_local_read_at_a_node_outside_the_group_follows_the_redirect() {
+        // Node 1 holds no copy of the group (it answers `NotLeader`); node 2 leads it.
+        let carrier = Scripted {
+            up: HashMap::from([(1, vec![1, 2]), (2, vec![1, 2])]),
+            leader: 2,
+            ..Scripted::default()
+        };
+        let client = scripted_client(&[], &[1, 2]);
+        let key = (0..)
+            .map(|i| format!("key-{i}").into_bytes())
+            .find(|key| client.group_of(key) == 0)
+            .unwrap();
+        let read = |node| {
+            futures_lite::future::block_on(client.via(&carrier).get_at(node, &key, Consistency::Local))
+        };
+        assert_eq!(read(None), Ok(None));
+        assert_eq!(carrier.calls(), ["node 1 get", "node 2 get"]);
+        // Asked of that node only, the redirect is the answer.
+        assert!(matches!(
+            read(Some(1)),
+            Err(ClientError::Server(Failure::NotLeader { leader: Some(2), .. }))
+        ));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use porcupine_rs::{Model, Operation};
 use ringraft_engine::Consistency;
 use ringraft_net::client::{fetch_group_metrics, fetch_status, ClientConfig, ClientError, NetClient};
 use ringraft_net::frame;
+use ringraft_net::protocol::Failure;
 
 /// Free TCP ports, outside the kernel's ephemeral range (see `ringraft_net::ports`).
 fn free_ports(n: usize) -> Vec<u16> {
@@ -1496,6 +1497,16 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     // Clients learn node 4 from any node's `CLUSTER` answer; `ringraft cluster` shows it.
     let client = connect(&nodes[..1]);
     assert_eq!(client.cluster().members.len(), 4);
+    // Node 4 holds no copy of any group yet: it redirects a local read instead of answering
+    // "not found".
+    let warm = (0u32..)
+        .map(|i| format!("warm-{i}").into_bytes())
+        .find(|k| client.group_of(k) == 0)
+        .unwrap();
+    match client.get_from_blocking(4, &warm, Consistency::Local) {
+        Err(ClientError::Server(Failure::NotLeader { .. })) => {}
+        other => panic!("node 4 answered a local read of a group it has no copy of: {other:?}"),
+    }
     for node in &nodes {
         assert_eq!(book_of(node), [1, 2, 3, 4], "node {}", node.id);
     }
@@ -1511,6 +1522,10 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     ringraft(&["member", "add", "--addr", &addr, "--node", "4"]);
     ringraft(&["member", "promote", "--addr", &addr, "--node", "4"]);
     catches_up_on_every_group(&client, &nodes[3]);
+    assert_eq!(
+        client.get_from_blocking(4, &warm, Consistency::Local).unwrap(),
+        Some(b"warm".to_vec())
+    );
     // Idle, every group quiesces on every node, and stays asleep on node 4: a quiesced
     // follower wakes its groups when their leader's node sends no beat for an election
     // timeout, so the others' shards must beat to node 4 too.
