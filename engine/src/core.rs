@@ -627,6 +627,11 @@ pub struct ShardCore<D: Disk, S: StateMachine> {
     /// Groups to tell a peer node it is no member of (it asked for votes in them), with the
     /// next beat; at most every group once per peer.
     removal_notices: BTreeMap<u64, BTreeSet<u64>>,
+    /// Nodes removed from the address book while still members of a group here: they stay
+    /// reachable until they are members of none, then leave (`take_departed`).
+    leaving: BTreeSet<u64>,
+    /// The tick at which `take_departed` last looked: once per tick is soon enough.
+    leaving_checked: u64,
     /// Groups not asleep (ticked).
     awake: AwakeSet,
     /// Numbers this node's snapshot streams.
@@ -869,6 +874,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             last_heard: BTreeMap::new(),
             beat_acks: BTreeMap::new(),
             removal_notices: BTreeMap::new(),
+            leaving: BTreeSet::new(),
+            leaving_checked: u64::MAX,
             active: machines_ids,
             next_stream: 0,
             awake,
@@ -883,9 +890,10 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
     }
 
     /// Nodes added to the cluster (see `Engine::add_nodes`): beats go to them from now on, and
-    /// their silence counts from now.
+    /// their silence counts from now. A node that was leaving (see `mark_leaving`) stays.
     pub fn add_peers(&mut self, nodes: impl IntoIterator<Item = u64>) {
         for node in nodes {
+            self.leaving.remove(&node);
             if node != self.config.node && !self.config.peers.contains(&node) {
                 self.config.peers.push(node);
                 self.last_heard.insert(node, self.ticks);
@@ -893,26 +901,68 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
     }
 
-    /// `Err` naming a group of which one of `nodes` is a member (voter, learner, or either
-    /// side of a joint configuration) as this node applied it: such a node cannot leave the
-    /// address book yet.
-    pub fn check_removable(&self, nodes: &[u64]) -> Result<(), String> {
-        for (&group, g) in &self.groups {
-            let c = &g.conf_state;
-            let members = c
-                .voters
-                .iter()
-                .chain(&c.learners)
-                .chain(&c.voters_outgoing)
-                .chain(&c.learners_next);
-            if let Some(node) = members.copied().find(|m| nodes.contains(m)) {
-                return Err(format!(
-                    "node {node} is still a member of group {group}: remove it from the group \
-                     first (ringraft member remove)"
-                ));
+    /// The groups of this shard of which `node` is a member (voter, learner, or either side of
+    /// a joint configuration) as this node applied them.
+    fn groups_with_member(&self, node: u64) -> Vec<u64> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| {
+                let c = &g.conf_state;
+                c.voters
+                    .iter()
+                    .chain(&c.learners)
+                    .chain(&c.voters_outgoing)
+                    .chain(&c.learners_next)
+                    .any(|&m| m == node)
+            })
+            .map(|(&group, _)| group)
+            .collect()
+    }
+
+    /// Nodes removed from the cluster (see `Engine::remove_nodes`), split into those that can
+    /// go now, members of no group here (the caller removes them from the transport, then calls
+    /// `remove_peers`), and the others with the groups that hold them (the caller marks them
+    /// `leaving`). Nodes this shard does not know, and this node, are in neither.
+    pub fn removal_split(&self, nodes: &[u64]) -> (Vec<u64>, Vec<(u64, Vec<u64>)>) {
+        let mut free = Vec::new();
+        let mut held = Vec::new();
+        for &node in nodes {
+            if node == self.config.node || !self.config.peers.contains(&node) {
+                continue;
+            }
+            match self.groups_with_member(node) {
+                groups if groups.is_empty() => free.push(node),
+                groups => held.push((node, groups)),
             }
         }
-        Ok(())
+        (free, held)
+    }
+
+    /// Removed nodes still members of groups here (see `removal_split`): they stay reachable
+    /// while the groups need them, no group takes them again (`change_membership` refuses),
+    /// and `take_departed` hands them back once they are members of none.
+    pub fn mark_leaving(&mut self, nodes: impl IntoIterator<Item = u64>) {
+        self.leaving.extend(nodes);
+        self.leaving_checked = u64::MAX;
+    }
+
+    /// Leaving nodes that are now members of no group here (looked at once per tick): the
+    /// caller removes them from the transport, then calls `remove_peers`.
+    pub fn take_departed(&mut self) -> Vec<u64> {
+        if self.leaving.is_empty() || self.leaving_checked == self.ticks {
+            return Vec::new();
+        }
+        self.leaving_checked = self.ticks;
+        let departed: Vec<u64> = self
+            .leaving
+            .iter()
+            .copied()
+            .filter(|&node| self.groups_with_member(node).is_empty())
+            .collect();
+        for node in &departed {
+            self.leaving.remove(node);
+        }
+        departed
     }
 
     /// Nodes removed from the cluster: no more beats to them.
@@ -921,7 +971,13 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         for node in nodes {
             self.last_heard.remove(node);
             self.removal_notices.remove(node);
+            self.leaving.remove(node);
         }
+    }
+
+    /// Nodes removed from the address book that are still members of a group here.
+    pub fn leaving(&self) -> &BTreeSet<u64> {
+        &self.leaving
     }
 
     /// This node's id.
@@ -1233,6 +1289,16 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             return Err(EngineError::BadRequest(format!(
                 "node {} is not in this node's address book: list it in cluster.nodes on every \
                  node (SIGHUP applies it) before adding it to a group",
+                c.node_id
+            )));
+        }
+        let leaving = change.changes.iter().find(|c| {
+            c.change_type != raft::eraftpb::ConfChangeType::RemoveNode && self.leaving.contains(&c.node_id)
+        });
+        if let Some(c) = leaving {
+            return Err(EngineError::BadRequest(format!(
+                "node {} is leaving this node's address book (it was removed from cluster.nodes): \
+                 list it there again (SIGHUP applies it) before adding it to a group",
                 c.node_id
             )));
         }

@@ -48,7 +48,7 @@ pub use crate::core::{
 pub use crate::meta::GroupMeta;
 pub use crate::reply::{Outcome, ReplySink};
 pub use crate::runtime::{
-    Engine, GroupStatus, KvFactory, MachineFactory, NodeMetrics, NodeStats, ShardMetrics,
+    Engine, GroupStatus, KvFactory, LeavingNodes, MachineFactory, NodeMetrics, NodeStats, ShardMetrics,
 };
 pub use crate::session::Session;
 pub use crate::snapshot::{PieceKind, SnapshotPiece};

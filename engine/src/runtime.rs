@@ -78,12 +78,11 @@ pub(crate) enum ShardInput {
         nodes: Vec<ringraft_tuning::NodeAddress>,
         done: flume::Sender<Result<(), String>>,
     },
-    /// Nodes that left it (see [`Engine::remove_nodes`]); with `apply` false, only whether
-    /// this shard would let them go.
+    /// Nodes that left it (see [`Engine::remove_nodes`]); answered with those that are still
+    /// members of groups here, and which groups.
     RemoveNodes {
         nodes: Vec<u64>,
-        apply: bool,
-        done: flume::Sender<Result<(), String>>,
+        done: flume::Sender<Result<LeavingNodes, String>>,
     },
 }
 
@@ -756,41 +755,55 @@ impl Engine {
             nodes: nodes.to_vec(),
             done,
         })
+        .map(drop)
     }
 
     /// Removes nodes from the cluster's address book on every shard of this running node: the
     /// transport drops their connections and refuses their handshakes, `CLUSTER` answers no
-    /// longer list them, and the shards send them no beats. Refused (`Err`, nothing changed)
-    /// while a removed node is still a member of a group here (as this node applied its
-    /// membership): remove it from the groups first (`change_membership`). Like
-    /// [`Engine::add_nodes`], refused by a transport whose nodes are fixed.
-    pub fn remove_nodes(&self, nodes: &[u64]) -> Result<(), String> {
-        for apply in [false, true] {
-            self.ask_each_shard(|done| ShardInput::RemoveNodes {
-                nodes: nodes.to_vec(),
-                apply,
-                done,
-            })?;
+    /// longer list them, and the shards send them no beats. A node that is still a member of a
+    /// group of a shard (as this node applied its membership) is leaving there: it stays
+    /// reachable until it is a member of none of that shard's groups (remove it with
+    /// `change_membership`), then goes without another call; meanwhile no group of the shard
+    /// takes it again. Returns those nodes with their groups. Adding a leaving node
+    /// (`add_nodes`) keeps it. Like [`Engine::add_nodes`], refused by a transport whose nodes
+    /// are fixed.
+    pub fn remove_nodes(&self, nodes: &[u64]) -> Result<LeavingNodes, String> {
+        let held = self.ask_each_shard(|done| ShardInput::RemoveNodes {
+            nodes: nodes.to_vec(),
+            done,
+        })?;
+        let mut by_node: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for (node, groups) in held.into_iter().flatten() {
+            by_node.entry(node).or_default().extend(groups);
         }
-        Ok(())
+        Ok(by_node
+            .into_iter()
+            .map(|(node, mut groups)| {
+                groups.sort_unstable();
+                (node, groups)
+            })
+            .collect())
     }
 
     /// Hands each shard in turn the input `make` builds around an answer channel and waits for
     /// its answer; stops at the first `Err` (shard numbered), or at a shard that has stopped.
-    fn ask_each_shard(
+    fn ask_each_shard<T>(
         &self,
-        make: impl Fn(flume::Sender<Result<(), String>>) -> ShardInput,
-    ) -> Result<(), String> {
+        make: impl Fn(flume::Sender<Result<T, String>>) -> ShardInput,
+    ) -> Result<Vec<T>, String> {
+        let mut answers = Vec::with_capacity(self.inputs.len());
         for (shard, input) in self.inputs.iter().enumerate() {
             let (done, rx) = flume::bounded(1);
             if input.send(make(done)).is_err() {
                 return Err(format!("shard {shard} has stopped"));
             }
-            rx.recv()
+            let answer = rx
+                .recv()
                 .unwrap_or_else(|_| Err("the shard has stopped".into()))
                 .map_err(|e| format!("shard {shard}: {e}"))?;
+            answers.push(answer);
         }
-        Ok(())
+        Ok(answers)
     }
 
     /// Stops cleanly: no new requests, in-flight ones answered, the WAL synced, state machines
@@ -815,6 +828,10 @@ impl Engine {
         first
     }
 }
+
+/// Nodes removed from the address book that are leaving: each with the groups still holding
+/// it (see [`Engine::remove_nodes`]).
+pub type LeavingNodes = Vec<(u64, Vec<u64>)>;
 
 /// Wakes the shard loop from its own tasks (WAL completions, ticks).
 #[derive(Default)]
@@ -1043,16 +1060,17 @@ async fn run_shard<S: StateMachine + 'static>(
                 let _ = done.send(added);
                 continue;
             }
-            if let ShardInput::RemoveNodes { nodes, apply, done } = input {
-                // Checked again when applied: a membership may have changed since the check.
-                let mut removed = core.check_removable(&nodes);
-                if removed.is_ok() && apply {
-                    removed = link.remove_nodes(&nodes);
-                    if removed.is_ok() {
-                        core.remove_peers(&nodes);
-                    }
+            if let ShardInput::RemoveNodes { nodes, done } = input {
+                // Members of no group here go now (the transport first: when it refuses,
+                // nothing changed); the others are leaving, and go once they are members of
+                // none (`take_departed`).
+                let (free, held) = core.removal_split(&nodes);
+                let removed = link.remove_nodes(&free);
+                if removed.is_ok() {
+                    core.remove_peers(&free);
+                    core.mark_leaving(held.iter().map(|(node, _)| *node));
                 }
-                let _ = done.send(removed);
+                let _ = done.send(removed.map(|()| held));
                 continue;
             }
             if let ShardInput::Transfer { group, to, reply } = input {
@@ -1143,6 +1161,23 @@ async fn run_shard<S: StateMachine + 'static>(
         }
         for _ in 0..ticks.replace(0) {
             core.tick();
+        }
+        // Nodes removed from the address book while members of a group here go once they are
+        // members of none (`Engine::remove_nodes`).
+        let departed = core.take_departed();
+        if !departed.is_empty() {
+            match link.remove_nodes(&departed) {
+                Ok(()) => {
+                    core.remove_peers(&departed);
+                    tracing::info!(
+                        ?departed,
+                        shard,
+                        "left the address book: members of no group of this shard any more"
+                    );
+                }
+                // Only a transport that took the removal at first refuses: a bug.
+                Err(e) => panic!("the transport refused nodes it had agreed to remove: {e}"),
+            }
         }
         // Group commit for proposals too: while a WAL write is in flight, commands keep queueing
         // and go out as one entry when it completes (or once a full entry is queued). They would

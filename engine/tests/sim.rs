@@ -1763,6 +1763,101 @@ fn a_node_outside_a_group_sleeps_and_catches_up_once_added() {
     sim.settle_and_check();
 }
 
+/// A node removed from the address book while a member of a group is leaving: it stays while
+/// the group needs it, no other group takes it, and it goes once it is a member of none.
+#[test]
+fn a_removed_member_leaves_the_address_book_once_it_is_in_no_group() {
+    let mut sim = Sim::calm(12);
+    sim.a_leader_after_balancing();
+    let outsider = NODES;
+    let others: Vec<u64> = (1..=INITIAL_VOTERS).collect();
+    // Asks `group`'s leader for `change`; returns the leader's immediate answers (its messages
+    // go out as usual).
+    let ask = |sim: &mut Sim, group: u64, change: ConfChangeV2| -> Vec<Answer> {
+        let leader = sim.leader_of(group);
+        let request = sim.next_request;
+        sim.next_request += 1;
+        let core = sim.nodes[(leader - 1) as usize].core.as_mut().unwrap();
+        core.change_membership(group, request, change);
+        let (messages, answers) = core.take_output();
+        sim.send(leader, messages.into_iter().map(Packet::Raft).collect());
+        answers
+    };
+    let applied_by_all = |sim: &Sim, group: u64, member: bool| {
+        others.iter().all(|&id| {
+            let conf = sim.core(id).membership(group).unwrap();
+            conf.learners.contains(&outsider) == member
+        })
+    };
+    // Node 4 joins group 0 as a learner.
+    let since = sim.clock;
+    while !applied_by_all(&sim, 0, true) {
+        if sim.clock % 500 == since % 500 {
+            ask(&mut sim, 0, conf_change(ConfChangeType::AddLearnerNode, outsider));
+        }
+        sim.step();
+        assert!(sim.clock < since + 5_000, "node {outsider} did not join group 0");
+    }
+    // The others drop it from their address books: it is held by group 0 (node 9 they never
+    // knew, and themselves, they skip).
+    for &id in &others {
+        let core = sim.nodes[(id - 1) as usize].core.as_mut().unwrap();
+        let (free, held) = core.removal_split(&[outsider, 9, id]);
+        assert_eq!((free, held.clone()), (vec![], vec![(outsider, vec![0])]));
+        core.mark_leaving([outsider]);
+        // Listed again (a later SIGHUP), it stays; then the removal comes back.
+        core.add_peers([outsider]);
+        assert!(core.leaving().is_empty());
+        core.mark_leaving([outsider]);
+    }
+    // No group takes it meanwhile.
+    let refused = ask(&mut sim, 1, conf_change(ConfChangeType::AddLearnerNode, outsider));
+    assert!(
+        matches!(&refused[..], [Answer { result: Err(EngineError::BadRequest(why)), .. }] if why.contains("leaving")),
+        "{refused:?}"
+    );
+    // While group 0 holds it, it stays.
+    let held_since = sim.clock;
+    while sim.clock < held_since + 500 {
+        sim.step();
+        for &id in &others {
+            let core = sim.nodes[(id - 1) as usize].core.as_mut().unwrap();
+            assert_eq!(core.take_departed(), Vec::<u64>::new());
+            assert!(core.leaving().contains(&outsider));
+        }
+    }
+    // Removed from group 0, it goes on every node that applied that.
+    let since = sim.clock;
+    let mut departed: BTreeSet<u64> = BTreeSet::new();
+    while departed.len() < others.len() {
+        if sim.clock % 500 == since % 500 && !applied_by_all(&sim, 0, false) {
+            ask(&mut sim, 0, conf_change(ConfChangeType::RemoveNode, outsider));
+        }
+        sim.step();
+        for &id in &others {
+            let in_group = sim.core(id).membership(0).unwrap().learners.contains(&outsider);
+            let core = sim.nodes[(id - 1) as usize].core.as_mut().unwrap();
+            let gone = core.take_departed();
+            if !gone.is_empty() {
+                assert!(
+                    !in_group,
+                    "node {id} let node {outsider} go while it was in group 0"
+                );
+                assert_eq!(gone, [outsider]);
+                core.remove_peers(&gone);
+                departed.insert(id);
+            }
+        }
+        assert!(
+            sim.clock < since + 5_000,
+            "node {outsider} did not leave: {departed:?}"
+        );
+    }
+    for &id in &others {
+        assert!(sim.core(id).leaving().is_empty());
+    }
+}
+
 /// A quiesced follower answers the requests it cannot serve (writes, linearizable and lease
 /// reads) with `NotLeader` naming the leader, and stays asleep: a client with stale routing
 /// must not keep idle groups, and their leaders, ticking.

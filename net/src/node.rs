@@ -192,8 +192,8 @@ fn reload(
                 // All of the section: `address_book_change` found the rest equivalent (the
                 // voters may have been written out where they were left implicit).
                 Ok(()) => running.cluster = new.cluster.clone(),
-                // What was applied stays (shards that took added nodes keep them; removals
-                // are all or nothing); the next SIGHUP tries again.
+                // What was applied stays (shards that took added nodes keep them); the next
+                // SIGHUP tries the rest again.
                 Err(e) => error!("SIGHUP: {e}"),
             },
             Err(why) => warn!(
@@ -215,7 +215,7 @@ fn reload(
 }
 
 /// Adds, then removes, the nodes of an address book change (see [`Engine::add_nodes`] and
-/// [`Engine::remove_nodes`]: a node still in a group is not removed).
+/// [`Engine::remove_nodes`]: a node still in a group leaves once it is in none).
 fn apply_address_book(engine: &Engine, change: &AddressBookChange) -> Result<(), String> {
     if !change.added.is_empty() {
         let ids: Vec<u64> = change.added.iter().map(|n| n.id).collect();
@@ -226,10 +226,24 @@ fn apply_address_book(engine: &Engine, change: &AddressBookChange) -> Result<(),
     }
     if !change.removed.is_empty() {
         let ids = &change.removed;
-        engine
+        let held = engine
             .remove_nodes(ids)
             .map_err(|e| format!("cannot remove nodes {ids:?}: {e}"))?;
-        info!(?ids, "SIGHUP: nodes removed from the address book");
+        let gone: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !held.iter().any(|(node, _)| node == id))
+            .collect();
+        if !gone.is_empty() {
+            info!(ids = ?gone, "SIGHUP: nodes removed from the address book");
+        }
+        for (node, groups) in held {
+            warn!(
+                "SIGHUP: node {node} leaves the address book once it is a member of no group here; \
+                 it still is of groups {groups:?} (ringraft member remove), and no group takes it \
+                 meanwhile"
+            );
+        }
     }
     Ok(())
 }
