@@ -591,6 +591,12 @@ pub struct ShardStats {
     /// Groups this node put to sleep because a member said it is no longer in them (it was
     /// removed while down or cut off, and kept campaigning): see `beat.rs`.
     pub campaigns_stopped: u64,
+    /// Snapshot chunks and ends the transport could not take (no connection, or its queue to
+    /// the peer full): each stream goes back to such a piece after a short pause.
+    pub snapshot_pieces_unsent: u64,
+    /// Times a snapshot stream went back to its last acknowledged chunk for lack of progress
+    /// for an election timeout (pieces lost on the way, or a follower that stopped answering).
+    pub snapshot_resends: u64,
 }
 
 /// One shard's groups. See the module docs for how a runner drives it.
@@ -1625,6 +1631,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     stream.acked = next;
                     stream.last_progress_tick = ticks;
                     stream.retries = 0;
+                    stream.drops = 0;
                 } else if next < stream.acked {
                     // The follower lost its staging (it restarted): start over from there.
                     stream.acked = next;
@@ -1805,6 +1812,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             let g = self.groups.get_mut(&group).unwrap();
             let mut failed = Vec::new();
             for (&to, stream) in g.outgoing.iter_mut() {
+                if self.ticks < stream.held_until {
+                    continue;
+                }
                 // One chunk per stream per loop: producing a chunk reads and encodes up to a
                 // chunk's worth of values, and the shard's other groups wait meanwhile.
                 // A machine that produces chunks as jobs (the KV store) reads beside the loop
@@ -1865,6 +1875,37 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         let wal = self.wal.borrow();
         self.active
             .retain(|group| groups[group].has_work() || !wal.meta_durable(*group));
+    }
+
+    /// A piece of a leader's snapshot stream that the transport could not take (no
+    /// connection, or its queue to the peer full), as [`SnapshotPiece::without_data`] kept it.
+    /// The stream goes back to it at once instead of waiting out the resend timer (an election
+    /// timeout, during which the follower would only see a gap), after a pause: one tick after
+    /// the first drop, doubling with each drop in a row up to the resend timer, so a peer that
+    /// is gone costs a chunk production per pause, not per loop. A follower's acknowledgement
+    /// that could not go out is left to the leader's resend timer.
+    pub fn piece_not_sent(&mut self, piece: SnapshotPiece) {
+        let (ticks, retry_after) = (self.ticks, self.config.election_ticks as u64);
+        let Some(g) = self.groups.get_mut(&piece.group) else {
+            return;
+        };
+        let Some(stream) = g.outgoing.get_mut(&piece.to) else {
+            return;
+        };
+        let serving = &stream.serving;
+        if (serving.index, serving.term, serving.stream) != (piece.index, piece.term, piece.stream) {
+            return;
+        }
+        match piece.kind {
+            PieceKind::Chunk { number, .. } => stream.next = stream.next.min(number),
+            PieceKind::Done { .. } => stream.done_sent = false,
+            PieceKind::Ack { .. } => return,
+        }
+        stream.drops = stream.drops.saturating_add(1);
+        let pause = 1u64.checked_shl(stream.drops - 1).unwrap_or(u64::MAX);
+        stream.held_until = ticks + pause.min(retry_after.max(1));
+        self.stats.snapshot_pieces_unsent += 1;
+        self.active.insert(piece.group);
     }
 
     /// Takes a snapshot of `group`'s state machine for raft to send (its storage returns it at
@@ -2187,6 +2228,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                 } else {
                     stream.next = stream.acked;
                     stream.done_sent = false;
+                    self.stats.snapshot_resends += 1;
                 }
             }
             for to in abandoned {
@@ -2569,6 +2611,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                                 last_progress_tick: self.ticks,
                                 retries: 0,
                                 producing: None,
+                                drops: 0,
+                                held_until: 0,
                             },
                         );
                     }

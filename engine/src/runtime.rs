@@ -880,9 +880,11 @@ fn emit<S: StateMachine>(
         }
     }
     for piece in core.take_pieces() {
-        // Dropped (no connection, queue full): the stream resends after a timeout.
-        let to = piece.to;
-        let _ = link.send_piece(to, piece);
+        // Dropped (no connection, queue full): the stream goes back to it after a pause.
+        let (to, kept) = (piece.to, piece.without_data());
+        if !link.send_piece(to, piece) {
+            core.piece_not_sent(kept);
+        }
     }
     link.flush();
     let mut batch = AnswerBatch::default();

@@ -51,6 +51,21 @@ pub struct SnapshotPiece {
     pub kind: PieceKind,
 }
 
+impl SnapshotPiece {
+    /// This piece without its chunk's data: what a sender keeps to hand back a piece the
+    /// transport could not take (`ShardCore::piece_not_sent`).
+    pub fn without_data(&self) -> SnapshotPiece {
+        let kind = match &self.kind {
+            PieceKind::Chunk { number, .. } => PieceKind::Chunk {
+                number: *number,
+                data: Bytes::new(),
+            },
+            other => other.clone(),
+        };
+        SnapshotPiece { kind, ..*self }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PieceKind {
     /// Leader to follower: chunk `number` (from 0) of the state machine's snapshot stream.
@@ -104,6 +119,10 @@ pub(crate) struct Outgoing<T> {
     pub(crate) retries: u32,
     /// The chunk whose job is out (see `ShardCore::take_chunk_jobs`): one at a time per stream.
     pub(crate) producing: Option<u64>,
+    /// Pieces the transport could not take in a row (see `ShardCore::piece_not_sent`), and the
+    /// tick before which the stream sends nothing more: one tick after the first, doubling.
+    pub(crate) drops: u32,
+    pub(crate) held_until: u64,
 }
 
 impl<T> Outgoing<T> {

@@ -41,8 +41,8 @@ use ringraft_engine::raft::eraftpb::{
     ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, MessageType,
 };
 use ringraft_engine::{
-    unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, ShardConfig, ShardCore, ShardStats,
-    SnapshotChunkJob, SnapshotPiece, ValueRead,
+    unapplied_floors, Answer, Consistency, EngineError, Envelope, Fetch, PieceKind, ShardConfig, ShardCore,
+    ShardStats, SnapshotChunkJob, SnapshotPiece, ValueRead,
 };
 use ringraft_sm::{Command, CommandLimits, CommandResult, KvConfig, KvStore, MemSmDisk, StateMachine};
 use ringraft_wal::{Disk, IoDone, IoJob, MemDisk, MemFault, MemFileHandle, SplitMix64, Wal, WalConfig};
@@ -330,6 +330,11 @@ struct Sim {
     retain: u64,
     /// Milliseconds a snapshot chunk job takes at least (a slow disk under the leader's data).
     chunk_delay: u64,
+    /// Snapshot chunks the transport refuses next, as one whose queue to the peer is full
+    /// would: handed back to their core (`piece_not_sent`).
+    unsent_chunks: u64,
+    /// Every packet takes the same time, so none overtakes another (as on one TCP connection).
+    fifo: bool,
     /// Vote and pre-vote requests each node sent (campaigns), dropped ones included.
     vote_requests: BTreeMap<u64, u64>,
 }
@@ -388,6 +393,8 @@ impl Sim {
             lease_reads_total: 0,
             retain: RETAIN_ENTRIES,
             chunk_delay: 0,
+            unsent_chunks: 0,
+            fifo: false,
             vote_requests: BTreeMap::new(),
         };
         for node in &mut sim.nodes {
@@ -511,7 +518,10 @@ impl Sim {
             if self.blocked.contains(&(from, to)) || self.chance(self.drop_percent) {
                 continue;
             }
-            let delay = 1 + self.rng.below(if self.faults { 8 } else { 3 });
+            let delay = match self.fifo {
+                true => 2,
+                false => 1 + self.rng.below(if self.faults { 8 } else { 3 }),
+            };
             if self.faults && self.chance(2) {
                 self.network.push((self.clock + delay + 3, to, envelope.clone()));
             }
@@ -1005,7 +1015,14 @@ impl Sim {
             }
             let (messages, answers) = core.take_output();
             let mut packets: Vec<Packet> = messages.into_iter().map(Packet::Raft).collect();
-            packets.extend(core.take_pieces().into_iter().map(Packet::Piece));
+            for piece in core.take_pieces() {
+                if self.unsent_chunks > 0 && matches!(piece.kind, PieceKind::Chunk { .. }) {
+                    self.unsent_chunks -= 1;
+                    core.piece_not_sent(piece.without_data());
+                } else {
+                    packets.push(Packet::Piece(piece));
+                }
+            }
             let from = self.nodes[i].id;
             self.send(from, packets);
             self.answer(answers);
@@ -1476,6 +1493,57 @@ fn a_slow_snapshot_stream_keeps_the_log_it_needs_and_the_follower_catches_up() {
         let installed = sim.nodes[2].core.as_ref().unwrap().stats().snapshots_installed;
         assert!(installed > 0, "seed {seed}: caught up without a snapshot");
         sim.chunk_delay = 0;
+        sim.settle_and_check();
+    }
+}
+
+/// Snapshot chunks the transport cannot take (its queue to the follower full) are sent again
+/// after a short pause, not after the stream's resend timer (an election timeout each, while
+/// the follower only sees a gap).
+#[test]
+fn snapshot_chunks_the_transport_refused_go_again_within_ticks() {
+    for (seed, unsent) in [(30, 0), (30, 3), (31, 0), (31, 4), (32, 4)] {
+        let mut sim = Sim::calm(seed);
+        sim.a_leader_after_balancing();
+        // No piece lost or overtaken on the way: only the refused ones could need a resend.
+        sim.drop_percent = 0;
+        sim.fifo = true;
+        // The leaders' logs are compacted by now: node 4, added to group 0, needs a snapshot.
+        let newcomer = NODES;
+        let group = 0;
+        let leader = sim.leader_of(group);
+        sim.unsent_chunks = unsent;
+        let resends = |sim: &Sim| sim.total(|s| s.snapshot_resends);
+        let before = resends(&sim);
+        let request = sim.next_request;
+        sim.next_request += 1;
+        let change = conf_change(ConfChangeType::AddLearnerNode, newcomer);
+        sim.nodes[(leader - 1) as usize]
+            .core
+            .as_mut()
+            .unwrap()
+            .change_membership(group, request, change);
+        let added = sim.clock;
+        let applied = |sim: &Sim, id: u64| sim.core(id).progress(group).unwrap().2;
+        while !(sim.members(group).contains(&newcomer) && applied(&sim, newcomer) >= applied(&sim, leader)) {
+            sim.step();
+            assert!(
+                sim.clock < added + 5_000,
+                "seed {seed}: node {newcomer} did not catch up"
+            );
+        }
+        let installed = sim.core(newcomer).stats().snapshots_installed;
+        assert!(installed > 0, "seed {seed}: caught up without a snapshot");
+        assert_eq!(
+            sim.unsent_chunks, 0,
+            "seed {seed}: fewer chunks sent than refused"
+        );
+        assert_eq!(sim.total(|s| s.snapshot_pieces_unsent), unsent, "seed {seed}");
+        // No stream waited out its resend timer: a refused chunk went again within ticks
+        // (four in a row pause 1 + 2 + 4 + 8 ticks, within the timer's 20; refused for
+        // longer, the timer still counts its rounds, so a stream to a peer that is gone is
+        // abandoned as before).
+        assert_eq!(resends(&sim), before, "seed {seed}, {unsent} chunks refused");
         sim.settle_and_check();
     }
 }

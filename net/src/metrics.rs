@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 24] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 26] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -201,6 +201,18 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "counter",
             "Groups this node stopped campaigning in because a member said it had been removed from them while away.",
             |s| s.stats.campaigns_stopped as f64,
+        ),
+        (
+            "ringraft_snapshot_pieces_unsent_total",
+            "counter",
+            "Snapshot chunks and ends the transport could not take (no connection, queue full); the stream goes back to them after a pause.",
+            |s| s.stats.snapshot_pieces_unsent as f64,
+        ),
+        (
+            "ringraft_snapshot_resends_total",
+            "counter",
+            "Times a snapshot stream went back to its last acknowledged chunk after an election timeout without progress.",
+            |s| s.stats.snapshot_resends as f64,
         ),
         (
             "ringraft_requests_timed_out_total",
