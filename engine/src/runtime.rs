@@ -160,6 +160,9 @@ pub struct ShardMetrics {
     pub inbox_depth: u64,
     /// Groups asleep (not ticked): quiesced while idle, or of which this node is no member.
     pub groups_asleep: u64,
+    /// Nodes removed from the address book that are still members of a group here: they leave
+    /// once they are members of none ([`Engine::remove_nodes`]).
+    pub nodes_leaving: Vec<u64>,
     pub groups: Vec<GroupMetrics>,
 }
 
@@ -1536,6 +1539,7 @@ fn handle_input(
                 requests_timed_out: extras.requests_timed_out,
                 inbox_depth: extras.inbox_depth as u64,
                 groups_asleep: core.asleep_groups() as u64,
+                nodes_leaving: core.leaving().iter().copied().collect(),
                 groups: core.group_metrics(),
             });
         }

@@ -69,7 +69,7 @@ pub fn render(metrics: &NodeMetrics) -> String {
     let mut f = Family { out: &mut out };
     let node = metrics.node.to_string();
     type ShardField = fn(&ringraft_engine::ShardMetrics) -> f64;
-    let shard_counters: [(&str, &str, &str, ShardField); 26] = [
+    let shard_counters: [(&str, &str, &str, ShardField); 27] = [
         (
             "ringraft_proposals_total",
             "counter",
@@ -147,6 +147,12 @@ pub fn render(metrics: &NodeMetrics) -> String {
             "gauge",
             "Groups not ticked: quiesced while idle, or of which this node is no member.",
             |s| s.groups_asleep as f64,
+        ),
+        (
+            "ringraft_nodes_leaving",
+            "gauge",
+            "Nodes removed from the address book that are still members of a group of this shard (they leave once in none).",
+            |s| s.nodes_leaving.len() as f64,
         ),
         (
             "ringraft_requests_waiting",

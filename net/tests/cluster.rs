@@ -1594,8 +1594,18 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
     for &i in &others {
         nodes[i].wait_for_log("node 3 leaves the address book once it is a member of no group here");
     }
+    let leaving = |i: usize, count: u64| {
+        let page = metrics_page(metrics_ports[i]);
+        (0..cluster.shards).all(|shard| {
+            page.contains(&format!(
+                "ringraft_nodes_leaving{{node=\"{}\",shard=\"{shard}\"}} {count}\n",
+                nodes[i].id
+            ))
+        })
+    };
     for &i in &others {
         assert_eq!(book_of(&nodes[i]), [1, 2, 3, 4], "node {}", nodes[i].id);
+        assert!(leaving(i, 1), "{}", metrics_page(metrics_ports[i]));
     }
     ringraft(&["member", "remove", "--addr", &addr, "--node", "3"]);
     for &i in &others {
@@ -1615,6 +1625,7 @@ fn nodes_join_and_leave_the_address_book_by_sighup_without_restarts() {
             "{}",
             nodes[i].log_text()
         );
+        assert!(leaving(i, 0), "{}", metrics_page(metrics_ports[i]));
     }
     assert!(nodes[2].terminate(), "node 3 did not exit 0");
     let client = connect(&nodes[..1]);
