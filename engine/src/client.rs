@@ -196,7 +196,7 @@ impl Client {
             let (tx, rx) = flume::bounded(1);
             match self.shard_input(node, group).try_send(make(Reply::channel(tx))) {
                 Ok(()) => {}
-                Err(Refused::Full) => return Err(EngineError::Busy("the shard's input queue")),
+                Err(Refused::Full) => return Err(EngineError::Busy("the shard's input queue is full")),
                 Err(Refused::Stopped) => continue, // node stopped: try another
             }
             // An error from recv: the shard stopped with the request in hand.

@@ -45,7 +45,7 @@ pub type RequestId = u64;
 pub enum EngineError {
     #[error("not the leader of this group (leader: {leader:?})")]
     NotLeader { leader: Option<u64> },
-    #[error("busy: {0} is full; retry later")]
+    #[error("busy: {0}; retry later")]
     Busy(&'static str),
     /// The proposal's entry was replaced after a leader change, or the node lost track of it:
     /// it may or may not have been applied. Never a false ok.
@@ -133,6 +133,9 @@ pub struct ShardConfig {
     pub peers: Vec<u64>,
     /// Idle ticks after which a leader quiesces a group (0: never). See `beat.rs`.
     pub quiesce_after_ticks: u64,
+    /// How far behind the commit index a learner may be and still be promoted
+    /// (`raft.promote_lag_max_entries`; see `change_membership`).
+    pub promote_lag_max_entries: u64,
     /// Live WAL segments beyond which a checkpoint round compacts the groups holding the
     /// oldest ones through their checkpoints, whatever they retain (`wal.live_segments_max`).
     pub live_segments_max: usize,
@@ -172,6 +175,7 @@ impl ShardConfig {
                 .filter(|&id| id != config.node.id)
                 .collect(),
             quiesce_after_ticks: config.raft.quiesce_after_ms / config.raft.tick_interval_ms.max(1),
+            promote_lag_max_entries: config.raft.promote_lag_max_entries,
             live_segments_max: config.wal.live_segments_max as usize,
         }
     }
@@ -1174,12 +1178,12 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         }
         if g.queue_commands + commands.len() > self.config.group_queue_commands_max {
             return Err(EngineError::Busy(
-                "the group's command queue (limits.group_queue_commands_max)",
+                "the group's command queue is full (limits.group_queue_commands_max)",
             ));
         }
         if g.queue_bytes + bytes > self.config.group_queue_bytes_max {
             return Err(EngineError::Busy(
-                "the group's queue bytes (limits.group_queue_bytes_max)",
+                "the group's queue bytes are at their limit (limits.group_queue_bytes_max)",
             ));
         }
         g.queue_commands += commands.len();
@@ -1307,6 +1311,27 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                  list it there again (SIGHUP applies it) before adding it to a group",
                 c.node_id
             )));
+        }
+        // A learner becomes a voter only once it keeps up (what etcd calls a learner in sync):
+        // a voter that lags counts toward the quorum without helping to make one, so one more
+        // failure would stall the group until it caught up. `Busy`: clients retry.
+        let lag_max = self.config.promote_lag_max_entries;
+        let committed = raft.raft_log.committed;
+        let behind = change.changes.iter().any(|c| {
+            c.change_type == raft::eraftpb::ConfChangeType::AddNode
+                && g.conf_state.learners.contains(&c.node_id)
+                && !raft.prs().get(c.node_id).is_some_and(|p| {
+                    p.state == raft::ProgressState::Replicate
+                        && p.recent_active
+                        && p.matched.saturating_add(lag_max) >= committed
+                })
+        });
+        if behind {
+            return Err(EngineError::Busy(
+                "the learner is not caught up yet: promoted once its leader replicates to it \
+                 normally, it answered within an election timeout, and it is within \
+                 raft.promote_lag_max_entries of the commit index",
+            ));
         }
         let demotes_me = removes_voter(&change, me);
         if demotes_me {
@@ -2509,9 +2534,9 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         // Dropped (uncommitted bytes over raft.max_uncommitted_bytes, or a
                         // leadership transfer): nothing entered the log.
                         let error = match outcome {
-                            Err(raft::Error::ProposalDropped) => {
-                                EngineError::Busy("the group's uncommitted log (raft.max_uncommitted_bytes)")
-                            }
+                            Err(raft::Error::ProposalDropped) => EngineError::Busy(
+                                "the group's uncommitted log is full (raft.max_uncommitted_bytes)",
+                            ),
                             _ => EngineError::NotLeader { leader: None },
                         };
                         for (request, _) in parts {

@@ -94,7 +94,9 @@ impl Session {
             let tag = {
                 let mut state = self.state.borrow_mut();
                 if state.slots.len() >= self.in_flight_max {
-                    return Err(EngineError::Busy("the session's requests in flight"));
+                    return Err(EngineError::Busy(
+                        "the session's requests in flight are at their limit",
+                    ));
                 }
                 let tag = state.next_tag;
                 state.next_tag += 1;
@@ -106,7 +108,7 @@ impl Session {
             match self.client.shard_input(node, group).try_send(input) {
                 Ok(()) => {}
                 // `answer` is dropped here, freeing the slot.
-                Err(Refused::Full) => return Err(EngineError::Busy("the shard's input queue")),
+                Err(Refused::Full) => return Err(EngineError::Busy("the shard's input queue is full")),
                 Err(Refused::Stopped) => continue, // node stopped: try another
             }
             if let Some(result) = redirects.settle(&self.client, node, answer.await) {

@@ -146,7 +146,7 @@ impl NodeHandle {
         self.shard_of(group)?
             .try_send(input)
             .map_err(|refused| match refused {
-                Refused::Full => EngineError::Busy("the shard's input queue"),
+                Refused::Full => EngineError::Busy("the shard's input queue is full"),
                 Refused::Stopped => EngineError::Failed("the shard has stopped".into()),
             })
     }

@@ -97,6 +97,7 @@ fn shard_config(node: u64) -> ShardConfig {
         lease_ticks: LEASE_TICKS,
         peers: (1..=NODES).filter(|&n| n != node).collect(),
         quiesce_after_ticks: 30,
+        promote_lag_max_entries: 50,
         // Every segment but the current one is over the limit: the compaction that keeps idle
         // groups from pinning the WAL runs often (about 5 times per seed), under crashes too.
         live_segments_max: 1,
@@ -1924,6 +1925,69 @@ fn a_removed_member_leaves_the_address_book_once_it_is_in_no_group() {
     for &id in &others {
         assert!(sim.core(id).leaving().is_empty());
     }
+}
+
+/// A learner is promoted to voter only once it keeps up: cut off, its promotion is answered
+/// `Busy` (a voter that lags would count toward the quorum without helping to make one);
+/// reachable and caught up, it is promoted.
+#[test]
+fn a_learner_that_lags_is_not_promoted_until_it_caught_up() {
+    let mut sim = Sim::calm(14);
+    sim.a_leader_after_balancing();
+    let learner = NODES;
+    let group = 0;
+    // Asks the group's leader for `change`; its immediate answers (its messages go out).
+    let ask = |sim: &mut Sim, change_type| -> Vec<Answer> {
+        let leader = sim.leader_of(group);
+        let request = sim.next_request;
+        sim.next_request += 1;
+        let core = sim.nodes[(leader - 1) as usize].core.as_mut().unwrap();
+        core.change_membership(group, request, conf_change(change_type, learner));
+        let (messages, answers) = core.take_output();
+        sim.send(leader, messages.into_iter().map(Packet::Raft).collect());
+        answers
+    };
+    let conf = |sim: &Sim| sim.core(sim.leader_of(group)).membership(group).unwrap();
+    // Node 4 joins as a learner while cut off: it cannot catch up.
+    sim.isolate(learner);
+    let since = sim.clock;
+    while !conf(&sim).learners.contains(&learner) {
+        if sim.clock % 500 == since % 500 {
+            ask(&mut sim, ConfChangeType::AddLearnerNode);
+        }
+        sim.step();
+        assert!(
+            sim.clock < since + 5_000,
+            "node {learner} was not added as a learner"
+        );
+    }
+    let cut_off = sim.clock;
+    while sim.clock < cut_off + 1_000 {
+        sim.step();
+    }
+    let refused = ask(&mut sim, ConfChangeType::AddNode);
+    assert!(
+        matches!(&refused[..], [Answer { result: Err(EngineError::Busy(why)), .. }] if why.contains("not caught up")),
+        "{refused:?}"
+    );
+    // Reachable again, it catches up and is promoted.
+    sim.blocked.clear();
+    let healed = sim.clock;
+    while !conf(&sim).voters.contains(&learner) {
+        if sim.clock % 200 == healed % 200 {
+            ask(&mut sim, ConfChangeType::AddNode);
+        }
+        sim.step();
+        assert!(sim.clock < healed + 10_000, "node {learner} was never promoted");
+    }
+    let leader = sim.leader_of(group);
+    let applied = |id: u64| sim.core(id).progress(group).unwrap().2;
+    assert!(
+        applied(learner) + 50 >= applied(leader),
+        "promoted while {} entries behind",
+        applied(leader) - applied(learner)
+    );
+    sim.settle_and_check();
 }
 
 /// A quiesced follower answers the requests it cannot serve (writes, linearizable and lease

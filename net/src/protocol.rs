@@ -137,7 +137,7 @@ impl Failure {
                 leader,
                 address: leader.and_then(address),
             },
-            EngineError::Busy(what) => Failure::Busy(format!("{what} is full")),
+            EngineError::Busy(what) => Failure::Busy(what.to_string()),
             EngineError::TooLarge(m) => Failure::TooLarge(m),
             EngineError::UnknownGroup(g) => Failure::UnknownGroup(format!("group {g}")),
             e @ EngineError::UnknownOutcome => Failure::UnknownOutcome(e.to_string()),

@@ -261,6 +261,12 @@ pub struct RaftConfig {
     /// A group idle this long (everything committed, applied and acknowledged, nothing queued)
     /// quiesces: no ticks, no heartbeats until a message or request wakes it. 0: never.
     pub quiesce_after_ms: u64,
+    /// A learner becomes a voter (`ringraft member promote`) only while its leader replicates
+    /// to it normally, it answered within the last election timeout, and it is at most this
+    /// many entries behind the commit index; until then the leader answers `BUSY`. A voter
+    /// that lags counts toward the quorum without helping to make one: one more failure would
+    /// stall the group until it caught up.
+    pub promote_lag_max_entries: u64,
 }
 
 impl Default for RaftConfig {
@@ -278,6 +284,9 @@ impl Default for RaftConfig {
             leader_balance_interval_ms: 10_000,
             lease_margin_ms: 100,
             quiesce_after_ms: 1000,
+            // One entry per group per shard loop: ~1000 entries are a fraction of a second of
+            // a busy group's log, which a voter catches up on within an election timeout.
+            promote_lag_max_entries: 1000,
         }
     }
 }

@@ -5,10 +5,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ringraft_engine::MemberChange;
-use ringraft_net::client::{fetch_cluster, fetch_group_metrics, ClientConfig, NetClient};
+use ringraft_net::client::{fetch_cluster, fetch_group_metrics, ClientConfig, ClientError, NetClient};
+use ringraft_net::protocol::Failure;
 
 /// jemalloc: glibc's malloc spent a fifth of a loaded leader's shard thread in `_int_malloc`
 /// and `malloc_consolidate` (see ARCHITECTURE.md).
@@ -44,8 +46,8 @@ enum Cmd {
         to: Option<u64>,
     },
     /// Changes group membership: `add` a node as a learner (it catches up from the leader:
-    /// snapshot, then log), `promote` it to voter, `remove` it; `add-voter` adds a voter at
-    /// once. Applies to one group or, by default, every group; each change returns once applied.
+    /// snapshot, then log), `promote` it to voter (the leader answers BUSY until it has caught
+    /// up, and this waits), `remove` it; `add-voter` adds a voter at once. Applies to one group or, by default, every group; each change returns once applied.
     /// Replacing a node: add the new one, promote it, remove the old one.
     Member {
         action: MemberAction,
@@ -58,6 +60,10 @@ enum Cmd {
         /// One group; default: every group.
         #[arg(long)]
         group: Option<u64>,
+        /// How long to keep asking while a leader answers BUSY: a learner not caught up yet
+        /// (see raft.promote_lag_max_entries), or another change of the group still applying.
+        #[arg(long, default_value_t = 600)]
+        wait_s: u64,
     },
     /// Shows the cluster as one node knows it: cluster id, groups, shards, and its address
     /// book (each member's id, host, peer and client ports). After a SIGHUP that added or
@@ -102,7 +108,8 @@ fn main() -> ExitCode {
             addr,
             node,
             group,
-        } => member(&addr, action, node, group),
+            wait_s,
+        } => member(&addr, action, node, group, Duration::from_secs(wait_s)),
     }
 }
 
@@ -114,7 +121,7 @@ enum MemberAction {
     Remove,
 }
 
-fn member(addr: &str, action: MemberAction, node: u64, group: Option<u64>) -> ExitCode {
+fn member(addr: &str, action: MemberAction, node: u64, group: Option<u64>, wait: Duration) -> ExitCode {
     let client = match NetClient::connect(ClientConfig::new([addr])) {
         Ok(client) => client,
         Err(e) => {
@@ -131,14 +138,39 @@ fn member(addr: &str, action: MemberAction, node: u64, group: Option<u64>) -> Ex
         Some(group) => vec![group],
         None => (0..client.cluster().groups).collect(),
     };
+    let deadline = Instant::now() + wait;
     for group in groups {
-        if let Err(e) = client.change_membership_blocking(group, vec![change]) {
-            eprintln!("ringraft: member {action:?} node {node} in group {group}: {e}");
-            return ExitCode::FAILURE;
+        let mut said = false;
+        loop {
+            match client.change_membership_blocking(group, vec![change]) {
+                Ok(()) => break,
+                Err(e) => match busy(&e) {
+                    // The client retried for a while already; keep asking until the deadline.
+                    Some(why) if Instant::now() < deadline => {
+                        if !std::mem::replace(&mut said, true) {
+                            println!("group {group}: waiting ({why})");
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    _ => {
+                        eprintln!("ringraft: member {action:?} node {node} in group {group}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
         }
         println!("group {group}: {change:?} applied");
     }
     ExitCode::SUCCESS
+}
+
+/// The reason of a `BUSY` answer, also when the client gave up after retrying it.
+fn busy(error: &ClientError) -> Option<&str> {
+    match error {
+        ClientError::Server(Failure::Busy(why)) => Some(why),
+        ClientError::GaveUp { last, .. } => busy(last),
+        _ => None,
+    }
 }
 
 fn transfer(addr: &str, group: u64, to: Option<u64>) -> ExitCode {
