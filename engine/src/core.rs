@@ -1693,6 +1693,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                         complete_acked: false,
                         last_tick: ticks,
                         space_refusals: 0,
+                        ack_again_at: None,
                     });
                 }
                 let inc = g.incoming.as_mut().unwrap();
@@ -1805,6 +1806,21 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             let meta_durable = self.wal.borrow().meta_durable(group);
             let g = self.groups.get_mut(&group).unwrap();
             if let Some(inc) = g.incoming.as_mut() {
+                if inc.ack_again_at.is_some_and(|at| self.ticks >= at) {
+                    inc.ack_again_at = None;
+                    self.pieces.push(SnapshotPiece {
+                        group,
+                        from: node,
+                        to: inc.from,
+                        index: inc.index,
+                        term: inc.term,
+                        stream: inc.stream,
+                        kind: PieceKind::Ack {
+                            next: inc.next,
+                            complete: inc.complete && inc.complete_acked,
+                        },
+                    });
+                }
                 if inc.complete && !inc.complete_acked && meta_durable {
                     inc.complete_acked = true;
                     self.pieces.push(SnapshotPiece {
@@ -1902,18 +1918,30 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             .retain(|group| groups[group].has_work() || !wal.meta_durable(*group));
     }
 
-    /// A piece of a leader's snapshot stream that the transport could not take (no
-    /// connection, or its queue to the peer full), as [`SnapshotPiece::without_data`] kept it.
-    /// The stream goes back to it at once instead of waiting out the resend timer (an election
+    /// A snapshot piece that the transport could not take (no connection, or its queue to the
+    /// peer full), as [`SnapshotPiece::without_data`] kept it. A leader's stream goes back to
+    /// the chunk (or sends its end again) instead of waiting out the resend timer (an election
     /// timeout, during which the follower would only see a gap), after a pause: one tick after
     /// the first drop, doubling with each drop in a row up to the resend timer, so a peer that
-    /// is gone costs a chunk production per pause, not per loop. A follower's acknowledgement
-    /// that could not go out is left to the leader's resend timer.
+    /// is gone costs a chunk production per pause, not per loop. A follower sends its latest
+    /// acknowledgement again at the next tick (a lost one would hold the leader's window).
     pub fn piece_not_sent(&mut self, piece: SnapshotPiece) {
         let (ticks, retry_after) = (self.ticks, self.config.election_ticks as u64);
         let Some(g) = self.groups.get_mut(&piece.group) else {
             return;
         };
+        if let PieceKind::Ack { .. } = piece.kind {
+            let same = |inc: &&mut Incoming| {
+                (inc.index, inc.term, inc.stream, inc.from)
+                    == (piece.index, piece.term, piece.stream, piece.to)
+            };
+            if let Some(inc) = g.incoming.as_mut().filter(same) {
+                inc.ack_again_at = Some(ticks + 1);
+                self.stats.snapshot_pieces_unsent += 1;
+                self.active.insert(piece.group);
+            }
+            return;
+        }
         let Some(stream) = g.outgoing.get_mut(&piece.to) else {
             return;
         };
@@ -1924,7 +1952,7 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
         match piece.kind {
             PieceKind::Chunk { number, .. } => stream.next = stream.next.min(number),
             PieceKind::Done { .. } => stream.done_sent = false,
-            PieceKind::Ack { .. } => return,
+            PieceKind::Ack { .. } => unreachable!("handled above"),
         }
         stream.drops = stream.drops.saturating_add(1);
         let pause = 1u64.checked_shl(stream.drops - 1).unwrap_or(u64::MAX);
@@ -2215,7 +2243,8 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
                     });
                 }
             }
-            if ready || !g.outgoing.is_empty() || !g.reads_inflight.is_empty() {
+            let ack_due = g.incoming.as_ref().is_some_and(|inc| inc.ack_again_at.is_some());
+            if ready || !g.outgoing.is_empty() || !g.reads_inflight.is_empty() || ack_due {
                 self.active.insert(group);
             }
             // A stream whose follower raft no longer waits on for a snapshot (it caught up from

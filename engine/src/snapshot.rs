@@ -153,6 +153,9 @@ pub(crate) struct Incoming {
     pub(crate) last_tick: u64,
     /// Chunks and completions of this staging refused for disk space so far.
     pub(crate) space_refusals: u64,
+    /// The tick from which to send the acknowledgement again: the transport could not take
+    /// the last one (see `ShardCore::piece_not_sent`).
+    pub(crate) ack_again_at: Option<u64>,
 }
 
 impl Incoming {

@@ -331,9 +331,10 @@ struct Sim {
     retain: u64,
     /// Milliseconds a snapshot chunk job takes at least (a slow disk under the leader's data).
     chunk_delay: u64,
-    /// Snapshot chunks the transport refuses next, as one whose queue to the peer is full
-    /// would: handed back to their core (`piece_not_sent`).
+    /// Snapshot chunks and acknowledgements the transport refuses next, as one whose queue to
+    /// the peer is full would: handed back to their core (`piece_not_sent`).
     unsent_chunks: u64,
+    unsent_acks: u64,
     /// Every packet takes the same time, so none overtakes another (as on one TCP connection).
     fifo: bool,
     /// Vote and pre-vote requests each node sent (campaigns), dropped ones included.
@@ -395,6 +396,7 @@ impl Sim {
             retain: RETAIN_ENTRIES,
             chunk_delay: 0,
             unsent_chunks: 0,
+            unsent_acks: 0,
             fifo: false,
             vote_requests: BTreeMap::new(),
         };
@@ -1017,8 +1019,13 @@ impl Sim {
             let (messages, answers) = core.take_output();
             let mut packets: Vec<Packet> = messages.into_iter().map(Packet::Raft).collect();
             for piece in core.take_pieces() {
-                if self.unsent_chunks > 0 && matches!(piece.kind, PieceKind::Chunk { .. }) {
-                    self.unsent_chunks -= 1;
+                let refused = match piece.kind {
+                    PieceKind::Chunk { .. } => &mut self.unsent_chunks,
+                    PieceKind::Ack { .. } => &mut self.unsent_acks,
+                    PieceKind::Done { .. } => &mut 0,
+                };
+                if *refused > 0 {
+                    *refused -= 1;
                     core.piece_not_sent(piece.without_data());
                 } else {
                     packets.push(Packet::Piece(piece));
@@ -1500,10 +1507,10 @@ fn a_slow_snapshot_stream_keeps_the_log_it_needs_and_the_follower_catches_up() {
 
 /// Snapshot chunks the transport cannot take (its queue to the follower full) are sent again
 /// after a short pause, not after the stream's resend timer (an election timeout each, while
-/// the follower only sees a gap).
+/// the follower only sees a gap); so are the follower's acknowledgements.
 #[test]
 fn snapshot_chunks_the_transport_refused_go_again_within_ticks() {
-    for (seed, unsent) in [(30, 0), (30, 3), (31, 0), (31, 4), (32, 4)] {
+    for (seed, unsent, unsent_acks) in [(30, 0, 0), (30, 3, 0), (31, 0, 2), (31, 4, 3), (32, 4, 1)] {
         let mut sim = Sim::calm(seed);
         sim.a_leader_after_balancing();
         // No piece lost or overtaken on the way: only the refused ones could need a resend.
@@ -1514,6 +1521,7 @@ fn snapshot_chunks_the_transport_refused_go_again_within_ticks() {
         let group = 0;
         let leader = sim.leader_of(group);
         sim.unsent_chunks = unsent;
+        sim.unsent_acks = unsent_acks;
         let resends = |sim: &Sim| sim.total(|s| s.snapshot_resends);
         let before = resends(&sim);
         let request = sim.next_request;
@@ -1539,12 +1547,24 @@ fn snapshot_chunks_the_transport_refused_go_again_within_ticks() {
             sim.unsent_chunks, 0,
             "seed {seed}: fewer chunks sent than refused"
         );
-        assert_eq!(sim.total(|s| s.snapshot_pieces_unsent), unsent, "seed {seed}");
+        assert_eq!(
+            sim.unsent_acks, 0,
+            "seed {seed}: fewer acknowledgements sent than refused"
+        );
+        assert_eq!(
+            sim.total(|s| s.snapshot_pieces_unsent),
+            unsent + unsent_acks,
+            "seed {seed}"
+        );
         // No stream waited out its resend timer: a refused chunk went again within ticks
         // (four in a row pause 1 + 2 + 4 + 8 ticks, within the timer's 20; refused for
         // longer, the timer still counts its rounds, so a stream to a peer that is gone is
         // abandoned as before).
-        assert_eq!(resends(&sim), before, "seed {seed}, {unsent} chunks refused");
+        assert_eq!(
+            resends(&sim),
+            before,
+            "seed {seed}: {unsent} chunks, {unsent_acks} acks refused"
+        );
         sim.settle_and_check();
     }
 }
