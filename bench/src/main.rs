@@ -954,7 +954,12 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
             spin_before_park: Duration::from_micros(args.spin_us),
             io_memory_bytes: io_memory_bytes as usize,
         };
-        runs.push(wal_bench::run(options, probe.clone())?);
+        let mut run = wal_bench::run(options, probe.clone())?;
+        if probe.is_some() {
+            run.disk_after = Some(run_probe(common)?);
+            run.rate_against_probes();
+        }
+        runs.push(run);
     }
     let _ = std::fs::remove_dir_all(common.dir.join("wal"));
     let best = runs
@@ -997,7 +1002,7 @@ fn run_wal(args: WalArgs) -> Result<(), String> {
     }
     if let (Some(p50), Some(bandwidth)) = (best.latency_p50_vs_probe_4k_p50, best.mb_per_s_vs_probe_1m) {
         println!(
-            "  best ({}): p50 latency = {p50:.2}x the probe's 4 KiB durable write; bandwidth = {:.0}% of the probe's 1 MiB durable writes",
+            "  best ({}): p50 latency = {p50:.2}x the probe's 4 KiB durable write; bandwidth = {:.0}% of the probe's 1 MiB durable writes (probes before and after, averaged)",
             best.sync_mode,
             bandwidth * 100.0
         );

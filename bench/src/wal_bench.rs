@@ -66,6 +66,10 @@ pub struct WalResult {
     pub rss_bytes_max: u64,
     /// The same run's device probe, and the ratios against it.
     pub disk: Option<DiskProbe>,
+    /// The probe again right after this run: the device drifts over seconds (1 MiB bandwidth
+    /// by a third between two runs a minute apart), so the ratios compare against the mean of
+    /// the probes before and after.
+    pub disk_after: Option<DiskProbe>,
     pub latency_p50_vs_probe_4k_p50: Option<f64>,
     pub mb_per_s_vs_probe_1m: Option<f64>,
 }
@@ -120,13 +124,26 @@ pub fn run(options: WalBenchOptions, disk: Option<DiskProbe>) -> Result<WalResul
     let mut result = handle
         .join()
         .map_err(|e| format!("benchmark executor failed: {e:?}"))??;
-    if let Some(disk) = &disk {
-        result.latency_p50_vs_probe_4k_p50 = Some(result.latency_us_p50 / disk.write_4k_latency_us_p50);
-        result.mb_per_s_vs_probe_1m = Some(result.mb_per_s / disk.write_1m_mb_per_s);
-    }
     result.disk = disk;
+    result.rate_against_probes();
     result.rss_bytes_max = rss_bytes_max();
     Ok(result)
+}
+
+impl WalResult {
+    /// Sets the ratios against the probe before this run, and the one after it if there is
+    /// one: against the mean of both.
+    pub fn rate_against_probes(&mut self) {
+        let Some(before) = &self.disk else {
+            return;
+        };
+        let mean = |f: fn(&DiskProbe) -> f64| match &self.disk_after {
+            Some(after) => (f(before) + f(after)) / 2.0,
+            None => f(before),
+        };
+        self.latency_p50_vs_probe_4k_p50 = Some(self.latency_us_p50 / mean(|p| p.write_4k_latency_us_p50));
+        self.mb_per_s_vs_probe_1m = Some(self.mb_per_s / mean(|p| p.write_1m_mb_per_s));
+    }
 }
 
 async fn run_on_executor(options: WalBenchOptions, wal_dir: PathBuf) -> Result<WalResult, String> {
@@ -270,6 +287,7 @@ async fn run_on_executor(options: WalBenchOptions, wal_dir: PathBuf) -> Result<W
         recovery_s,
         rss_bytes_max: 0,
         disk: None,
+        disk_after: None,
         latency_p50_vs_probe_4k_p50: None,
         mb_per_s_vs_probe_1m: None,
     })

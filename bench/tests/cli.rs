@@ -193,6 +193,7 @@ fn wal_json_keys_are_stable() {
         [
             "cpu",
             "disk",
+            "disk_after",
             "duration_s",
             "entries",
             "entries_per_s",
@@ -243,6 +244,14 @@ fn wal_json_keys_are_stable() {
         wal["disk"], json["disk"],
         "the wal object carries the same run's probe"
     );
+    // Probed again after the run; the ratios are against both probes' mean.
+    let after = &wal["disk_after"];
+    assert!(after.is_object(), "no probe after the run: {after}");
+    let mean = |key: &str| (json["disk"][key].as_f64().unwrap() + after[key].as_f64().unwrap()) / 2.0;
+    let p50 = wal["latency_us_p50"].as_f64().unwrap() / mean("write_4k_latency_us_p50");
+    assert!((wal["latency_p50_vs_probe_4k_p50"].as_f64().unwrap() - p50).abs() < 1e-9);
+    let bandwidth = wal["mb_per_s"].as_f64().unwrap() / mean("write_1m_mb_per_s");
+    assert!((wal["mb_per_s_vs_probe_1m"].as_f64().unwrap() - bandwidth).abs() < 1e-9);
 }
 
 #[test]
