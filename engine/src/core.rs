@@ -1808,33 +1808,12 @@ impl<D: Disk, S: StateMachine> ShardCore<D, S> {
             if let Some(inc) = g.incoming.as_mut() {
                 if inc.ack_again_at.is_some_and(|at| self.ticks >= at) {
                     inc.ack_again_at = None;
-                    self.pieces.push(SnapshotPiece {
-                        group,
-                        from: node,
-                        to: inc.from,
-                        index: inc.index,
-                        term: inc.term,
-                        stream: inc.stream,
-                        kind: PieceKind::Ack {
-                            next: inc.next,
-                            complete: inc.complete && inc.complete_acked,
-                        },
-                    });
+                    self.pieces
+                        .push(inc.ack(group, node, inc.complete && inc.complete_acked));
                 }
                 if inc.complete && !inc.complete_acked && meta_durable {
                     inc.complete_acked = true;
-                    self.pieces.push(SnapshotPiece {
-                        group,
-                        from: node,
-                        to: inc.from,
-                        index: inc.index,
-                        term: inc.term,
-                        stream: inc.stream,
-                        kind: PieceKind::Ack {
-                            next: inc.next,
-                            complete: true,
-                        },
-                    });
+                    self.pieces.push(inc.ack(group, node, true));
                 }
             }
             if g.raw.raft.state != StateRole::Leader {

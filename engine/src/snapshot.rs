@@ -159,6 +159,23 @@ pub(crate) struct Incoming {
 }
 
 impl Incoming {
+    /// The acknowledgement of this staging from `node` for `group`: the next chunk it wants,
+    /// and `complete` once everything is staged and durable.
+    pub(crate) fn ack(&self, group: u64, node: u64, complete: bool) -> SnapshotPiece {
+        SnapshotPiece {
+            group,
+            from: node,
+            to: self.from,
+            index: self.index,
+            term: self.term,
+            stream: self.stream,
+            kind: PieceKind::Ack {
+                next: self.next,
+                complete,
+            },
+        }
+    }
+
     /// Counts a chunk or completion refused for disk space; returns the count when it is worth
     /// logging (see [`worth_logging`]).
     pub(crate) fn refused_for_space(&mut self) -> Option<u64> {
